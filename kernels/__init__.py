@@ -1,0 +1,16 @@
+"""Triton kernels for vitcompress's hot paths, importable as ``vitcompress.kernels``.
+
+This folder is shipped under ``vitcompress.kernels`` (see pyproject's package-dir): a top-level
+``kernels`` would clash with the unrelated PyPI package that bitsandbytes imports. Triton is imported
+lazily inside each kernel module, so the package imports on machines without it.
+"""
+
+
+def triton_available() -> bool:
+    """True when triton imports and a CUDA device is present (else the torch references are used)."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()

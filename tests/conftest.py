@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny ViT configs (depth 2, width 64), offline hub settings, a tiny trained artifact."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Hub access is never needed by the tests: make offline behaviour deterministic everywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+
+# Every supported family, as a timm id plus overrides that keep it tiny.
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "deit3_layerscale": ("deit3_small_patch16_224", {}),
+    "registers_gap": ("vit_base_patch16_reg4_gap_256", {}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "gap": ("vit_base_patch16_gap_224", {}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+@pytest.fixture
+def tiny_model():
+    from vitcompress import create_model
+
+    torch.manual_seed(0)
+    return create_model("vit_tiny_patch16_224", **TINY)
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory):
+    """A tiny ViT trained for 2 epochs on part of digits, saved as an artifact."""
+    from vitcompress.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    cfg = TrainConfig(model="vit_tiny_patch16_224", model_kwargs={**TINY, "pretrained_cfg_overlay": {"crop_pct": 1.0}},
+                      data="digits", eval_data="digits", epochs=2, batch_size=64, limit=256, warmup_epochs=0.5)
+    train(cfg, out)
+    return out
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``rc, out, err = cli("eval", ...)``."""
+    from vitcompress.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run

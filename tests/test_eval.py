@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+from conftest import TINY
+
+from vitcompress import create_model, data_config
+from vitcompress.bench import BenchConfig, compare, count_flops, peak_memory_mb, time_callable, time_model
+from vitcompress.bench.measure import serialized_size_mb, state_bytes
+from vitcompress.data import load_data
+from vitcompress.errors import ConfigError
+from vitcompress.evaluate import accuracy_metrics, evaluate
+
+FAST = BenchConfig(batch_sizes=(1, 4), warmup=1, warmup_s=0.0, repeat=3)
+KEYS = {"top1", "top5", "agreement", "kl", "latency_ms", "throughput", "peak_mem_mb", "params", "gflops",
+        "size_mb", "device", "dtype", "versions", "n_images"}
+
+
+def test_accuracy_metrics_by_hand():
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 4, 0, 0, 0], [0, 0, 0, 0, 0, 5.0]])
+    labels = torch.tensor([0, 2, 1])
+    m = accuracy_metrics(logits, labels, logits)
+    assert m["top1"] == pytest.approx(100 / 3) and m["top5"] == pytest.approx(200 / 3)
+    assert m["agreement"] == 100.0 and m["kl"] == pytest.approx(0.0, abs=1e-7)
+    other = logits.clone()
+    other[1] = torch.tensor([0, 4.0, 5, 0, 0, 0])
+    m = accuracy_metrics(other, labels, logits)
+    assert m["agreement"] == pytest.approx(200 / 3) and m["kl"] > 0
+    none = accuracy_metrics(logits, torch.full((3,), -1), None)
+    assert none["top1"] is None and none["agreement"] is None
+
+
+def test_eval_of_a_trained_artifact(trained_artifact):
+    model = create_model(str(trained_artifact))
+    result = evaluate(model, load_data("digits", data_config(model), limit=100), bench=FAST)
+    assert set(result) >= KEYS
+    assert result["agreement"] == 100.0 and result["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result["reference"] == "self"
+    assert set(result["latency_ms"]) == {"1", "4"} and result["latency_ms"]["4"]["p95"] >= \
+        result["latency_ms"]["4"]["median"] > 0
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert result["size_mb"] == pytest.approx((trained_artifact / "model.safetensors").stat().st_size / 2**20, rel=1e-6)
+    assert result["dtype"] == "bf16" and result["versions"]["torch"] == torch.__version__
+
+
+def test_eval_reports_every_corruption(trained_artifact):
+    model = create_model(str(trained_artifact))
+    result = evaluate(model, load_data("digits-c", data_config(model), limit=120), speed=False)
+    assert len(result["groups"]) == 6
+    assert sum(g["n_images"] for g in result["groups"].values()) == result["n_images"] == 120
+    mean = sum(g["top1"] * g["n_images"] for g in result["groups"].values()) / 120
+    assert mean == pytest.approx(result["top1"])
+
+
+def test_eval_against_another_reference_and_without_labels(tiny_model):
+    other = create_model("vit_tiny_patch16_224", **TINY)
+    data = load_data("synthetic:16", data_config(tiny_model))
+    result = evaluate(tiny_model, data, reference=other, speed=False)
+    assert result["top1"] is None and result["top5"] is None
+    assert 0 <= result["agreement"] <= 100 and result["kl"] > 0
+    assert evaluate(tiny_model, data, reference=None, speed=False)["agreement"] is None
+
+
+def test_flop_count_includes_attention(tiny_model):
+    n, d, p, depth, classes = 16 + 1, 64, 8, 2, 10
+    per_block = 2 * n * d * (3 * d + d + 8 * d) + 2 * 2 * n * n * d
+    expected = 2 * 16 * (3 * p * p) * d + depth * per_block + 2 * d * classes
+    assert count_flops(tiny_model, (3, 32, 32)) == expected
+
+
+def test_timing_harness():
+    t = time_callable(lambda: sum(range(1000)), warmup=1, repeat=7)
+    assert len(t.samples_ms) == 7 and t.p95_ms >= t.median_ms > 0
+    r = compare(lambda: sum(range(20000)), lambda: sum(range(100)), warmup=1, repeat=6)
+    assert r["speedup"] > 1 and math.isfinite(r["a_p95_ms"])
+
+
+def test_time_model_and_memory(tiny_model):
+    lat = time_model(tiny_model, (3, 32, 32), FAST)
+    assert set(lat) == {"1", "4"} and lat["4"]["throughput"] > 0
+    peak = peak_memory_mb(tiny_model, 8, (3, 32, 32), FAST)
+    assert peak is not None and peak * 2**20 > state_bytes(tiny_model)
+    assert serialized_size_mb(tiny_model) * 2**20 > state_bytes(tiny_model)
+
+
+def test_bench_config_validation():
+    with pytest.raises(ConfigError, match="batch sizes must be >= 1"):
+        BenchConfig(batch_sizes=(0,))
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        BenchConfig(dtype="int3")
+    assert BenchConfig.from_dict(BenchConfig(dtype="fp32").to_dict()).dtype == "fp32"

@@ -1,0 +1,5 @@
+"""``python -m vitcompress``: the CLI."""
+
+from .cli import run
+
+run()

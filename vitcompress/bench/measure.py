@@ -1,0 +1,89 @@
+"""Static and one-shot measurements: FLOPs (attention included), peak memory, serialized size."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .timing import BenchConfig, attention_backend, model_runner
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """FLOPs (2 x MACs) of one image's forward, counted by ``torch.utils.flop_counter``.
+
+    Counted in fp32 with SDPA on, so fused attention kernels are included.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    x = torch.randn(1, *input_size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), attention_backend(model, True):
+        model.eval()(x)
+    return int(counter.get_total_flops())
+
+
+def serialized_size_mb(model: nn.Module) -> float:
+    """Bytes of the model's state dict as the artifact stores it (safetensors), in MiB."""
+    from safetensors.torch import save
+
+    from ..artifact import WEIGHTS_METADATA, weight_tensors
+
+    return len(save(weight_tensors(model), metadata=WEIGHTS_METADATA)) / 2**20
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C++-level stderr (the profiler's kineto chatter) for the duration."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def peak_memory_mb(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig) -> float | None:
+    """Peak memory of one inference batch in MiB: weights + the high-water mark of live allocations.
+
+    CUDA: ``max_memory_allocated``. CPU: replays the profiler's allocation events in time order.
+    """
+    device = cfg.resolve_device()
+    run = model_runner(model, batch_size, input_size, cfg)
+    run()  # warm: one-time allocations (compile, caches) are not the steady state
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with _quiet_stderr(), contextlib.redirect_stdout(io.StringIO()), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except Exception:
+        return None
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return (state_bytes(model) + peak) / 2**20

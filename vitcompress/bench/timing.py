@@ -1,0 +1,193 @@
+"""Latency measurement: warm up, repeat, report median and p95; A-vs-B side by side, alternating.
+
+CUDA events on a GPU, ``time.perf_counter`` on a CPU. By default a model runs the way a user would run
+the dense baseline: bf16 autocast with timm's fused SDPA attention; ``compile=True`` adds torch.compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import Config, StrEnum
+from ..errors import ConfigError
+
+
+class Dtype(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
+
+
+@dataclasses.dataclass
+class BenchConfig(Config):
+    """How to run and time a model. device: ``auto`` (cuda if present), ``cpu``, ``cuda``, ``cuda:N``."""
+
+    NAME = "bench"
+    VERSION = 1
+    device: str = "auto"
+    dtype: Dtype = Dtype.BF16
+    sdpa: bool = True
+    compile: bool = False
+    warmup: int = 3
+    warmup_s: float = 1.0
+    repeat: int = 15
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+
+    def validate(self) -> None:
+        if self.warmup < 0 or self.warmup_s < 0 or self.repeat < 1:
+            raise ConfigError(f"warmup and warmup_s must be >= 0 and repeat >= 1 "
+                              f"(got {self.warmup}, {self.warmup_s}, {self.repeat})")
+        self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got '{self.device}'")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device '{self.device}' requested but no CUDA device is available")
+        return torch.device(self.device)
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call latencies in milliseconds."""
+
+    samples_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def p95_ms(self) -> float:
+        s = sorted(self.samples_ms)
+        return s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
+
+    def summary(self, batch_size: int | None = None) -> dict[str, float]:
+        out = {"median_ms": round(self.median_ms, 4), "p95_ms": round(self.p95_ms, 4), "n": len(self.samples_ms)}
+        if batch_size:
+            out["throughput"] = round(batch_size / (self.median_ms / 1000.0), 2)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def warm_up(fns: list[Callable[[], object]], device: torch.device, warmup: int, warmup_s: float) -> None:
+    """Call each of ``fns`` at least ``warmup`` times and until ``warmup_s`` seconds have passed.
+
+    A few calls are not enough on a CPU: allocator growth and oneDNN's first-call work made the first
+    15 timed calls of a small ViT 2-3x slower than steady state here.
+    """
+    t0, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - t0 < warmup_s:
+        for fn in fns:
+            fn()
+        _sync(device)
+        done += 1
+
+
+def time_callable(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3,
+                  warmup_s: float = 0.0, repeat: int = 15) -> Timing:
+    """Warm ``fn`` up (see :func:`warm_up`), then time ``repeat`` calls."""
+    device = torch.device(device)
+    warm_up([fn], device, warmup, warmup_s)
+    return Timing([_timed(fn, device) for _ in range(repeat)])
+
+
+@contextlib.contextmanager
+def attention_backend(model: nn.Module, sdpa: bool) -> Iterator[None]:
+    """Temporarily switch every timm attention module to fused SDPA (or the manual path)."""
+    mods = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    old = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = sdpa
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.fused_attn = o
+
+
+def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig,
+                 ) -> Callable[[], torch.Tensor]:
+    """A no-argument callable running one inference batch of random input under ``cfg``.
+
+    The model is moved to ``cfg``'s device and its timm attention modules are set to ``cfg.sdpa``;
+    input is [batch_size, *input_size].
+    """
+    device = cfg.resolve_device()
+    model = model.to(device).eval()
+    fwd = torch.compile(model) if cfg.compile else model
+    x = torch.randn(batch_size, *input_size, device=device)
+    use_amp = cfg.dtype != Dtype.FP32
+    attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
+
+    def run() -> torch.Tensor:
+        for m in attn:
+            m.fused_attn = cfg.sdpa
+        with torch.inference_mode(), torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
+            return fwd(x)
+
+    return run
+
+
+def time_model(model: nn.Module, input_size: tuple[int, ...], cfg: BenchConfig,
+               batch_sizes: tuple[int, ...] | None = None) -> dict[str, dict[str, float]]:
+    """Latency per batch size: ``{"16": {"median_ms", "p95_ms", "n", "throughput"}, ...}``."""
+    out = {}
+    for bs in batch_sizes or cfg.batch_sizes:
+        run = model_runner(model, bs, input_size, cfg)
+        out[str(bs)] = time_callable(run, device=cfg.resolve_device(), warmup=cfg.warmup, warmup_s=cfg.warmup_s,
+                                     repeat=cfg.repeat).summary(bs)
+    return out
+
+
+def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], *, device: torch.device | str = "cpu",
+            warmup: int = 3, warmup_s: float = 0.0, repeat: int = 15) -> dict[str, float]:
+    """Time A and B alternately in one process (AB, BA, AB, ...: drift hits both equally).
+
+    Returns medians, p95s and ``speedup`` = median(A) / median(B): > 1 means B is faster.
+    """
+    device = torch.device(device)
+    warm_up([fn_a, fn_b], device, warmup, warmup_s)
+    a, b = [], []
+    for i in range(repeat):
+        if i % 2 == 0:
+            a.append(_timed(fn_a, device))
+            b.append(_timed(fn_b, device))
+        else:
+            b.append(_timed(fn_b, device))
+            a.append(_timed(fn_a, device))
+    ta, tb = Timing(a), Timing(b)
+    return {"a_median_ms": ta.median_ms, "a_p95_ms": ta.p95_ms, "b_median_ms": tb.median_ms,
+            "b_p95_ms": tb.p95_ms, "speedup": ta.median_ms / tb.median_ms}

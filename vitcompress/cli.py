@@ -1,0 +1,232 @@
+"""The ``vitcompress`` command line: a thin layer over the library.
+
+Options default to None and are passed on only when given, so every default lives in the library's
+configs. User errors (:class:`~vitcompress.errors.UserError`, click usage errors) print one line on
+stderr and exit non-zero, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .errors import ConfigError, UserError
+
+try:  # typer >= 0.20 vendors click; its exceptions derive from TyperException
+    from typer import TyperException as _CliError
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import ClickException as _CliError
+
+app = typer.Typer(
+    name="vitcompress",
+    help="Compress pretrained Vision Transformers and measure what each step costs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers, got '{text}'") from None
+
+
+def _load_model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
+                patch_size: int | None, num_classes: int | None):
+    from .models import create_model
+
+    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint,
+                        **_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes))
+
+
+ModelArg = typer.Argument(..., help="timm id (e.g. deit_small_patch16_224) or a vitcompress artifact directory.")
+PretrainedOpt = typer.Option(None, "--pretrained", help="Load timm's pretrained weights (needs the hub).")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="A timm state dict (.pth/.bin/.safetensors).")
+ImgSizeOpt = typer.Option(None, "--img-size", help="Input resolution override (position embeddings adapt).")
+PatchSizeOpt = typer.Option(None, "--patch-size", help="Patch size override.")
+NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override.")
+
+
+@app.command()
+def train(
+    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (a path, or a bundled name: digits_vit)."),
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
+    seed: int | None = typer.Option(None, "--seed", help="Override the recipe's seed."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
+    limit: int | None = typer.Option(None, "--limit", help="Train on this many images."),
+) -> None:
+    """Train or fine-tune a classifier from a recipe and save it as an artifact."""
+    from .recipes import recipe_path
+    from .train import TrainConfig, load_recipe
+    from .train import train as run_train
+
+    data = load_recipe(recipe_path(recipe))
+    section = data.get("train", data)
+    cfg = TrainConfig.from_dict({**section, **_given(epochs=epochs, seed=seed, device=device, limit=limit)})
+    _, metrics = run_train(cfg, out, progress=sys.stderr.isatty(), recipe=data)
+    _print_table("train", {"artifact": str(out), **metrics})
+
+
+@app.command("eval")
+def eval_(
+    model: str = ModelArg,
+    data: str = typer.Option(..., "--data", help="digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a directory."),
+    split: str | None = typer.Option(None, "--split", help="Dataset split."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate this many images (evenly spaced)."),
+    reference: str | None = typer.Option(
+        None, "--reference", help="Model for agreement/kl; 'none' to skip. Default: the model's uncompressed base."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the accuracy pass."),
+    bench_batch_sizes: str | None = typer.Option(
+        None, "--bench-batch-sizes", help="Latency batch sizes, e.g. 1,16,64."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (autocast)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
+    compile_: bool | None = typer.Option(None, "--compile", help="Time with torch.compile."),
+    repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
+    no_speed: bool | None = typer.Option(None, "--no-speed", help="Skip latency and memory."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
+    pretrained: bool | None = PretrainedOpt,
+    checkpoint: Path | None = CheckpointOpt,
+    img_size: int | None = ImgSizeOpt,
+    patch_size: int | None = PatchSizeOpt,
+    num_classes: int | None = NumClassesOpt,
+) -> None:
+    """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data."""
+    from .bench import BenchConfig
+    from .data import load_data
+    from .errors import check_positive
+    from .evaluate import evaluate
+    from .io import atomic_write_json
+    from .models import create_model, data_config
+
+    check_positive("batch size", batch_size)
+    check_positive("limit", limit)
+    bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, repeat=repeat,
+                                 batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
+    m = _load_model(model, pretrained, checkpoint, img_size, patch_size, num_classes)
+    dataset = load_data(data, data_config(m), split=split, limit=limit)
+    ref: Any = "auto"
+    if reference is not None:
+        ref = None if reference.lower() == "none" else create_model(reference)
+    result = evaluate(m, dataset, reference=ref, bench=bench, speed=not no_speed, progress=sys.stderr.isatty(),
+                      **_given(batch_size=batch_size))
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+    _print_eval(result)
+
+
+def _not_built(issue: int) -> None:
+    raise UserError(f"this command is not built yet (tracked in issue #{issue})")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def merge(ctx: typer.Context) -> None:
+    """Token merging / pruning (ToMe, EViT) with schedules. [not built yet]"""
+    _not_built(3)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def quantize(ctx: typer.Context) -> None:
+    """Post-training quantization, W8A8 down to W4A4. [not built yet]"""
+    _not_built(4)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prune(ctx: typer.Context) -> None:
+    """Structured and block-structured pruning with distillation recovery. [not built yet]"""
+    _not_built(5)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(ctx: typer.Context) -> None:
+    """Sweep stacked compression methods and report the Pareto front. [not built yet]"""
+    _not_built(7)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def report(ctx: typer.Context) -> None:
+    """Pareto report (Markdown, PNG, CSV) from a sweep directory. [not built yet]"""
+    _not_built(7)
+
+
+@app.command()
+def demo(
+    out: Path | None = typer.Option(None, "--out", help="Where to write the report."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Baseline recipe (default: digits_vit)."),
+) -> None:
+    """The main job: train (or reuse) the digits baseline, evaluate it, write a report."""
+    from .demo import run_demo
+
+    results = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
+                       log=lambda m: typer.echo(m, err=True))
+    for r in results.values():
+        _print_eval(r)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _print_table(title: str, rows: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        table.add_row(k, _fmt(v) if v is not None else "—")
+    Console().print(table)
+
+
+def _print_eval(r: dict[str, Any]) -> None:
+    rows: dict[str, Any] = {
+        "model": r["model"]["source"] or r["model"]["arch"],
+        "data": f"{r['data']['spec']} ({r['data']['split']}, {r['n_images']} images)",
+        "top1 %": r["top1"], "top5 %": r["top5"], "agreement %": r["agreement"], "kl": r["kl"],
+    }
+    for g, m in (r.get("groups") or {}).items():
+        agreement = "—" if m["agreement"] is None else _fmt(m["agreement"])
+        rows[f"  {g} top1 / agr %"] = f"{_fmt(m['top1'])} / {agreement}"
+    for bs, lat in (r.get("latency_ms") or {}).items():
+        rows[f"latency b{bs} ms (p95)"] = f"{lat['median']:.3f} ({lat['p95']:.3f})"
+    rows.update({"throughput img/s": r.get("throughput"), "peak mem MiB": r.get("peak_mem_mb"),
+                 "params": r["params"], "GFLOPs/img": r["gflops"], "size MiB": r["size_mb"],
+                 "device": f"{r['device']}, {r['dtype']}"})
+    _print_table("eval", rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: returns the exit code (0 ok, 1 usage error, 2 user error, 130 interrupted)."""
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="vitcompress")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except _CliError as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {' '.join(message.split())} (see vitcompress --help)", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 1) or 1)
+    return rv if isinstance(rv, int) else 0
+
+
+def run() -> None:
+    """The ``vitcompress`` console script."""
+    sys.exit(main())

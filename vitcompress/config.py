@@ -1,0 +1,111 @@
+"""Config base class: dataclasses that save and load as versioned dicts.
+
+Every method config (token merging, quantization, pruning, training, ...) subclasses :class:`Config`.
+``to_dict`` gives ``{"name": ..., "version": ..., <fields>}``; ``from_dict`` checks the name, upgrades
+older versions through ``_upgrade`` and coerces str-Enum fields, so YAML and CLI strings just work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+class StrEnum(str, enum.Enum):
+    """An Enum whose members are plain strings (``Backend("torch") == "torch"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+@dataclasses.dataclass
+class Config:
+    """Base for every versioned config. Subclasses set ``NAME`` and ``VERSION`` and may override
+    ``validate`` (raise :class:`ConfigError`) and ``_upgrade`` (migrate an older dict)."""
+
+    NAME: ClassVar[str] = "config"
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(self, f.name, getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when the settings are impossible."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.NAME, "version": self.VERSION}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = dict(data)
+        name = data.pop("name", cls.NAME)
+        version = int(data.pop("version", cls.VERSION))
+        if name != cls.NAME:
+            raise ConfigError(f"config is for '{name}', expected '{cls.NAME}'")
+        if version > cls.VERSION:
+            raise ConfigError(
+                f"{cls.NAME} config version {version} is newer than this vitcompress supports ({cls.VERSION})"
+            )
+        if version < cls.VERSION:
+            data = cls._upgrade(data, version)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.NAME} setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Migrate a dict written by an older ``version`` of this config."""
+        return data
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(obj: Config, name: str, value: Any) -> Any:
+    """Turn strings into the Enum a field is annotated with (also inside Optional/Union)."""
+    hints = typing.get_type_hints(type(obj))
+    hint = hints.get(name)
+    if value is None or hint is None:
+        return value
+    candidates = typing.get_args(hint) if _is_union(hint) else (hint,)
+    for cand in candidates:
+        if isinstance(cand, type) and issubclass(cand, enum.Enum):
+            if isinstance(value, cand):
+                return value
+            try:
+                return cand(value)
+            except ValueError:
+                if len(candidates) == 1 or all(
+                    isinstance(c, type) and issubclass(c, enum.Enum) or c is type(None) for c in candidates
+                ):
+                    choices = ", ".join(str(m.value) for m in cand)
+                    raise ConfigError(f"{name} must be one of: {choices} (got {value!r})") from None
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)

@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad model id, a corrupt checkpoint, an empty dataset, impossible settings)
+raises :class:`UserError`. The CLI prints it as one line on stderr and exits non-zero, with no traceback;
+library users catch it like any other exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as a one-line message."""
+
+    exit_code: int = 2
+
+
+class ModelError(UserError):
+    """Unknown, unsupported or unloadable model."""
+
+
+class CheckpointError(ModelError):
+    """Missing, corrupt or mismatched checkpoint or artifact."""
+
+
+class DataError(UserError):
+    """Missing, empty or unreadable dataset."""
+
+
+class ConfigError(UserError):
+    """Impossible or malformed settings."""
+
+
+def check_positive(name: str, value: int | None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is None or an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,138 @@
+"""Evaluation: accuracy, fidelity to a reference, speed, memory and size of one model on one dataset.
+
+``evaluate`` returns a flat dict with at least: top1, top5 (percent, None without labels), agreement
+(percent of images whose top-1 equals the reference's), kl (mean KL(reference || model)), latency_ms per
+batch size (median, p95), throughput, peak_mem_mb, params, gflops, size_mb, device, dtype and versions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bench import BenchConfig, count_flops, peak_memory_mb, serialized_size_mb, time_model
+from .bench.timing import attention_backend
+from .data import ImageData
+from .errors import check_positive
+from .models import data_config, model_info
+from .ui import progress_bar
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: BenchConfig | None = None,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N,C] (float32, CPU), labels [N] (-1: none) and group ids [N] for every image of ``data``."""
+    check_positive("batch size", batch_size)
+    cfg = cfg or BenchConfig()
+    device = cfg.resolve_device()
+    model = model.to(device).eval()
+    logits, labels, groups = [], [], []
+    loader = data.loader(batch_size)
+    with attention_backend(model, cfg.sdpa), progress_bar(progress, len(loader), f"eval {data.name}") as tick:
+        for x, y, g in loader:
+            with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=cfg.dtype != "fp32"):
+                out = model(x.to(device))
+            logits.append(out.float().cpu())
+            labels.append(y)
+            groups.append(g)
+            tick()
+    return torch.cat(logits), torch.cat(labels), torch.cat(groups)
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None,
+                     ) -> dict[str, float | int | None]:
+    """top1/top5 (percent; None without labels), agreement and kl against ``ref_logits`` (None without)."""
+    n = len(logits)
+    out: dict[str, float | int | None] = {"n_images": n, "top1": None, "top5": None, "agreement": None, "kl": None}
+    if n and bool((labels >= 0).all()):
+        out["top1"] = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+        if logits.shape[1] >= 5:
+            out["top5"] = 100.0 * (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+    if n and ref_logits is not None:
+        out["agreement"] = 100.0 * (logits.argmax(1) == ref_logits.argmax(1)).float().mean().item()
+        log_p, log_q = F.log_softmax(ref_logits, 1), F.log_softmax(logits, 1)
+        out["kl"] = (log_p.exp() * (log_p - log_q)).sum(1).mean().item()
+    return out
+
+
+def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | None = "auto",
+             batch_size: int = 64, bench: BenchConfig | None = None, speed: bool = True,
+             progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``model`` on ``data``.
+
+    reference: a model to measure agreement/kl against; ``"auto"`` uses the model's uncompressed base when
+    known (a model with no transforms is its own reference); None skips fidelity metrics.
+    speed: also time the model at ``bench.batch_sizes`` and measure peak memory.
+    """
+    from .artifact import load_base, versions
+
+    bench = bench or BenchConfig()
+    logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress)
+    if reference == "auto":
+        reference = load_base(model)
+    ref_logits = None
+    if reference is model:
+        ref_logits = logits
+    elif isinstance(reference, nn.Module):
+        ref_logits = predict(reference, data, batch_size=batch_size, cfg=bench, progress=progress)[0]
+
+    result: dict[str, Any] = {"model": _describe_model(model), "data": data.describe(), "reference": (
+        None if ref_logits is None else "self" if reference is model else _describe_model(reference))}
+    result.update(accuracy_metrics(logits, labels, ref_logits))
+    if len(data.groups) > 1:
+        result["groups"] = {
+            name: accuracy_metrics(logits[groups == gi], labels[groups == gi],
+                                   None if ref_logits is None else ref_logits[groups == gi])
+            for gi, name in enumerate(data.groups) if bool((groups == gi).any())
+        }
+    result.update(static_metrics(model))
+    if speed:
+        result.update(speed_metrics(model, bench))
+    device = bench.resolve_device()
+    result.update({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "dtype": str(bench.dtype), "sdpa": bench.sdpa, "compile": bench.compile,
+        "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return result
+
+
+def static_metrics(model: nn.Module) -> dict[str, Any]:
+    """params, gflops/gmacs per image (attention included) and size on disk in MiB."""
+    input_size = data_config(model)["input_size"]
+    flops = count_flops(model, input_size)
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,
+            "size_mb": serialized_size_mb(model)}
+
+
+def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:
+    """latency_ms per batch size, throughput (images/s) at the largest, and its peak memory."""
+    input_size = data_config(model)["input_size"]
+    lat = time_model(model, input_size, bench)
+    largest = str(max(bench.batch_sizes))
+    return {"latency_ms": {bs: {"median": v["median_ms"], "p95": v["p95_ms"]} for bs, v in lat.items()},
+            "throughput": lat[largest]["throughput"],
+            "throughput_by_batch": {bs: v["throughput"] for bs, v in lat.items()},
+            "peak_mem_mb": peak_memory_mb(model, int(largest), input_size, bench), "peak_mem_batch": int(largest)}
+
+
+def _describe_model(model: nn.Module) -> dict[str, Any]:
+    info = model_info(model)
+    return {"arch": info.arch, "source": info.source, "transforms": [t["name"] for t in info.transforms]}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"

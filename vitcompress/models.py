@@ -1,0 +1,211 @@
+"""Model loading: a timm id (optionally pretrained or with a checkpoint) or a vitcompress artifact.
+
+Every model vitcompress returns carries a :class:`ModelInfo` (``model.vitcompress_info``): the timm id
+and kwargs it was built from, the ordered transforms applied to it, and where its uncompressed base lives.
+That is what lets an artifact rebuild exactly the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelError
+
+INFO_ATTR = "vitcompress_info"
+SUPPORTED_POOLS = ("token", "avg", "")
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """Provenance carried by every vitcompress model.
+
+    arch/kwargs: what ``timm.create_model`` is called with to rebuild the architecture.
+    transforms: ordered ``{name, version, config, state}`` records (see :mod:`vitcompress.transforms`).
+    base: how to rebuild the uncompressed model this one came from (a dict), or None when unknown.
+    source: the artifact directory this model was loaded from, if any.
+    """
+
+    arch: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    base: dict[str, Any] | None = None
+    source: str | None = None
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The model's :class:`ModelInfo`; a plain timm model gets one from its ``pretrained_cfg``."""
+    info = getattr(model, INFO_ATTR, None)
+    if info is None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not arch:
+            raise ModelError(f"{type(model).__name__} was not built by timm or vitcompress: "
+                             "use vitcompress.create_model")
+        check_supported(model, arch)
+        info = ModelInfo(arch=arch)
+        setattr(model, INFO_ATTR, info)
+    return info
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a supported ViT from a timm id, or load a vitcompress artifact directory.
+
+    ``kwargs`` (``img_size``, ``patch_size``, ``num_classes``, ``depth``, ...) pass through to
+    ``timm.create_model``; they must be JSON-serializable so the artifact can rebuild the model.
+    Returns a model in eval mode on the CPU.
+    """
+    from . import artifact
+
+    path = Path(name)
+    if artifact.is_artifact(path):
+        if pretrained or checkpoint or kwargs:
+            raise ModelError(f"{name} is an artifact; --pretrained, --checkpoint and overrides apply to timm ids only")
+        return artifact.load_artifact(path)
+    if path.is_dir():
+        raise ModelError(f"{name} is a directory but not a vitcompress artifact (no {artifact.MANIFEST})")
+    if path.suffix in CHECKPOINT_SUFFIXES and path.exists():
+        raise ModelError(f"{name} is a checkpoint file: pass a timm id as MODEL and --checkpoint {name}")
+
+    import timm
+
+    hub_id = name.startswith(("hf-hub:", "hf_hub:"))
+    if not hub_id and (os.sep in name or name.startswith(".")) and not path.exists():
+        raise ModelError(f"no such artifact directory: {name}")
+    if not hub_id and not timm.is_model(name):
+        hint = difflib.get_close_matches(name, timm.list_models(["vit_*", "deit*"]), n=1)
+        raise ModelError(f"unknown model '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if pretrained and checkpoint:
+        raise ModelError("give either --pretrained or --checkpoint, not both")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"bad model option for '{name}': {exc}") from None
+    except Exception as exc:  # hub download, offline, gated repo, ...
+        if not pretrained:
+            raise
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not fetch pretrained weights for '{name}' (offline?): {reason}; "
+            "use --checkpoint FILE with a local state dict instead"
+        ) from None
+    check_supported(model, name)
+    info = ModelInfo(arch=name, kwargs=dict(kwargs))
+    if pretrained or checkpoint:
+        info.base = {"kind": "timm", "arch": name, "kwargs": dict(kwargs), "pretrained": pretrained,
+                     "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+    setattr(model, INFO_ATTR, info)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Refuse anything but timm VisionTransformer models built from standard Block/Attention modules."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    def refuse(why: str) -> ModelError:
+        return ModelError(f"unsupported architecture '{name}' ({type(model).__name__}): {why}; "
+                          "vitcompress supports timm VisionTransformer models (vit_*, deit_*, deit3_*)")
+
+    if not isinstance(model, VisionTransformer):
+        raise refuse("not a timm VisionTransformer")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise refuse(f"block {i} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}, "
+                         "not the standard Block/Attention")
+    if model.global_pool not in SUPPORTED_POOLS:
+        raise refuse(f"global_pool='{model.global_pool}' is not supported")
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config for ``model`` (size, crop, mean/std), with the size the model really takes."""
+    from timm.data import resolve_model_data_config
+
+    cfg = dict(resolve_model_data_config(model))
+    h, w = model.patch_embed.img_size
+    cfg["input_size"] = (model.patch_embed.proj.in_channels, int(h), int(w))
+    return cfg
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """CLS + distillation + register tokens: the tokens compression must never merge or drop."""
+    return int(model.num_prefix_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch pickle (weights_only); unwrap common containers."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {p}: corrupt or truncated ({type(exc).__name__})") from None
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {p} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a timm state dict into ``model`` strictly; remap original-format checkpoints through timm."""
+    sd = read_state_dict(path)
+    if set(sd) != set(model.state_dict()):
+        try:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            sd = checkpoint_filter_fn(sd, model)
+        except Exception:
+            pass
+    load_state_dict_strict(model, sd, str(path))
+    return model
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    def few(items: list[str], n: int) -> str:
+        return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) ({few(missing, 3)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) ({few(unexpected, 3)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) ({few(shapes, 1)})")
+    if problems:
+        arch = getattr(model, INFO_ATTR, None)
+        arch_name = arch.arch if arch else type(model).__name__
+        raise CheckpointError(f"{source} does not match model '{arch_name}': " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
