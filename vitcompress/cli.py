@@ -126,38 +126,26 @@ def eval_(
     _print_eval(result)
 
 
-def _not_built(issue: int) -> None:
-    raise UserError(f"this command is not built yet (tracked in issue #{issue})")
+_PLANNED = {
+    "merge": (3, "Token merging / pruning (ToMe, EViT) with schedules."),
+    "quantize": (4, "Post-training quantization, W8A8 down to W4A4."),
+    "prune": (5, "Structured and block-structured pruning with distillation recovery."),
+    "sweep": (7, "Sweep stacked compression methods and report the Pareto front."),
+    "report": (7, "Pareto report (Markdown, PNG, CSV) from a sweep directory."),
+}
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def merge(ctx: typer.Context) -> None:
-    """Token merging / pruning (ToMe, EViT) with schedules. [not built yet]"""
-    _not_built(3)
+def _planned(issue: int, doc: str):
+    def command(ctx: typer.Context) -> None:
+        raise UserError(f"this command is not built yet (tracked in issue #{issue})")
+
+    command.__doc__ = f"(not built yet) {doc}"
+    return command
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def quantize(ctx: typer.Context) -> None:
-    """Post-training quantization, W8A8 down to W4A4. [not built yet]"""
-    _not_built(4)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def prune(ctx: typer.Context) -> None:
-    """Structured and block-structured pruning with distillation recovery. [not built yet]"""
-    _not_built(5)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sweep(ctx: typer.Context) -> None:
-    """Sweep stacked compression methods and report the Pareto front. [not built yet]"""
-    _not_built(7)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def report(ctx: typer.Context) -> None:
-    """Pareto report (Markdown, PNG, CSV) from a sweep directory. [not built yet]"""
-    _not_built(7)
+for _name, (_issue, _doc) in _PLANNED.items():
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        _planned(_issue, _doc))
 
 
 @app.command()
