@@ -115,7 +115,42 @@ def test_bad_inputs_fail_in_one_line(tmp_path, cli, ckpt, trained_artifact):
         _one_clean_line(rc, err, pattern)
 
 
-@pytest.mark.parametrize("cmd,issue", [("merge", 3), ("quantize", 4), ("prune", 5), ("sweep", 7), ("report", 7)])
+def test_merge_then_eval_against_the_base(tmp_path, cli, trained_artifact):
+    rc, out, err = cli("merge", trained_artifact, "--out", tmp_path / "m", "--target-flops", "0.7")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "m" / "vitcompress.json").read_text())
+    state = manifest["transforms"][0]["state"]
+    assert manifest["transforms"][0]["name"] == "token_merge" and state["flops_fraction"] <= 0.7
+    assert manifest["base"]["path"].endswith("tiny")
+    rc, _, err = cli("eval", tmp_path / "m", "--data", "digits", "--limit", "40", "--no-speed", "--json",
+                     tmp_path / "e.json")
+    assert rc == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["reference"]["source"] == str(trained_artifact.resolve()) and result["agreement"] is not None
+
+    rc, _, err = cli("merge", trained_artifact, "--out", tmp_path / "lowres", "--img-size", "24")
+    assert rc == 0, err
+    rc, _, err = cli("eval", tmp_path / "lowres", "--data", "digits", "--limit", "40", "--no-speed", "--json",
+                     tmp_path / "l.json")
+    assert rc == 0, err  # the reference (32 px) gets its own preprocessing
+    assert json.loads((tmp_path / "l.json").read_text())["data"]["images"] == 40
+
+
+def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
+    out = ["--out", tmp_path / "x"]
+    for args, pattern in [
+        (["--r", "99"], "cannot remove 99 tokens in layer 0"),
+        ([], "give one of --r"),
+        (["--r", "2", "--keep-rate", "0.5"], "give exactly one of"),
+        (["--keep-rate", "0.5"], "is for method evit"),
+        (["--target-flops", "0.01"], "out of reach"),
+        (["--img-size", "30"], "multiple of the patch size"),
+    ]:
+        rc, _, err = cli("merge", trained_artifact, *out, *args)
+        _one_clean_line(rc, err, pattern)
+
+
+@pytest.mark.parametrize("cmd,issue", [("quantize", 4), ("prune", 5), ("sweep", 7), ("report", 7)])
 def test_commands_not_built_yet_say_so(cli, cmd, issue):
     rc, _, err = cli(cmd, "x", "--r", "8")
     _one_clean_line(rc, err, f"not built yet (tracked in issue #{issue})")

@@ -127,7 +127,6 @@ def eval_(
 
 
 _PLANNED = {
-    "merge": (3, "Token merging / pruning (ToMe, EViT) with schedules."),
     "quantize": (4, "Post-training quantization, W8A8 down to W4A4."),
     "prune": (5, "Structured and block-structured pruning with distillation recovery."),
     "sweep": (7, "Sweep stacked compression methods and report the Pareto front."),
@@ -146,6 +145,48 @@ def _planned(issue: int, doc: str):
 for _name, (_issue, _doc) in _PLANNED.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
         _planned(_issue, _doc))
+
+
+@app.command()
+def merge(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    r: float | None = typer.Option(None, "--r", help="ToMe: tokens merged per layer (fractional r is spread)."),
+    keep_rate: float | None = typer.Option(None, "--keep-rate", help="EViT: fraction of patch tokens kept."),
+    target_flops: float | None = typer.Option(None, "--target-flops", help="Fraction of the base GFLOPs."),
+    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Measured bf16 speedup to reach."),
+    schedule: str | None = typer.Option(None, "--schedule", help="Tokens removed per layer, e.g. 8,8,4,0."),
+    method: str | None = typer.Option(None, "--method", help="tome or evit."),
+    prop_attn: str | None = typer.Option(None, "--prop-attn", help="Proportional attention: auto, on or off."),
+    inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
+    layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Also run at this resolution (baseline knob)."),
+    pretrained: bool | None = PretrainedOpt,
+    checkpoint: Path | None = CheckpointOpt,
+) -> None:
+    """Token merging (ToMe) or pruning (EViT), training-free; writes an artifact."""
+    from .artifact import save_artifact
+    from .methods import ResolutionConfig, TokenMergeConfig
+    from .methods.token_merge import tokens_per_layer
+    from .transforms import compress_
+
+    strengths = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
+                       schedule=_ints(schedule, "--schedule"))
+    if not strengths and img_size is None:
+        raise ConfigError("give one of --r, --keep-rate, --target-flops, --target-speedup, --schedule or --img-size")
+    cfg = TokenMergeConfig(**strengths, **_given(method=method, prop_attn=prop_attn, inflection=inflection,
+                                                 layers=_ints(layers, "--layers"))) if strengths else None
+    m = _load_model(model, pretrained, checkpoint, None, None, None)
+    if img_size is not None:
+        compress_(m, ResolutionConfig(img_size=img_size))
+    if cfg is not None:
+        compress_(m, cfg)
+    save_artifact(m, out)
+    from .models import model_info
+
+    state = model_info(m).transforms[-1]["state"]
+    _print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
+                           "GFLOPs fraction (blocks)": state.get("flops_fraction")})
 
 
 @app.command()

@@ -78,7 +78,9 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     if reference is model:
         ref_logits = logits
     elif isinstance(reference, nn.Module):
-        ref_logits = predict(reference, data, batch_size=batch_size, cfg=bench, progress=progress)[0]
+        ref_cfg = data_config(reference)
+        ref_data = data if ref_cfg == data_config(model) else data.for_config(ref_cfg)
+        ref_logits = predict(reference, ref_data, batch_size=batch_size, cfg=bench, progress=progress)[0]
 
     result: dict[str, Any] = {"model": _describe_model(model), "data": data.describe(), "reference": (
         None if ref_logits is None else "self" if reference is model else _describe_model(reference))}

@@ -28,6 +28,13 @@ class ImageData:
     num_classes: int | None
     groups: list[str] = dataclasses.field(default_factory=lambda: ["all"])
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reload: Callable[[dict[str, Any]], ImageData] | None = dataclasses.field(default=None, repr=False)
+
+    def for_config(self, data_cfg: dict[str, Any]) -> ImageData:
+        """The same images, in the same order, preprocessed for a model with timm data config ``data_cfg``."""
+        if self.reload is None:
+            raise ValueError(f"{self.name} cannot be re-preprocessed for another model")
+        return self.reload(data_cfg)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

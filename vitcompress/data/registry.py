@@ -16,6 +16,12 @@ def load_data(spec: str, data_cfg: dict[str, Any], *, split: str | None = None, 
     purpose: ``eval`` (default split: test/validation) or ``train``/``calib`` (default split: train).
     limit: keep this many images, evenly spaced (deterministic, covers every class and group).
     """
+    data = _load(spec, data_cfg, split, limit, purpose)
+    data.reload = lambda cfg: load_data(spec, cfg, split=split, limit=limit, purpose=purpose)
+    return data
+
+
+def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | None, purpose: str) -> ImageData:
     check_positive("limit", limit)
     if not spec:
         raise DataError("no data spec given")

@@ -1,0 +1,182 @@
+"""Token merging (ToMe) / pruning (EViT): identity at zero strength on every family, schedules, errors."""
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, TINY
+
+from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress.bench import count_flops
+from vitcompress.errors import ConfigError
+from vitcompress.methods import ResolutionConfig, TokenMergeConfig
+from vitcompress.methods import token_ops as ops
+from vitcompress.methods.token_merge import flops_fraction, tokens_per_layer
+
+# 64 patches (32 px, patch 4) and depth 4, so that schedules have room.
+WIDE = {**TINY, "patch_size": 4, "depth": 4}
+
+
+def _x(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _fwd(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _model(family, **over):
+    name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return create_model(name, **{**WIDE, **extra, **over})
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("cfg", [TokenMergeConfig(r=0), TokenMergeConfig(method="evit", keep_rate=1.0),
+                                 TokenMergeConfig(schedule=[0, 0, 0, 0])], ids=["r0", "keep1", "zeros"])
+def test_zero_strength_is_bit_exact(family, cfg):
+    model = _model(family)
+    ref = _fwd(model, _x())
+    compress_(model, cfg)
+    assert torch.equal(_fwd(model, _x()), ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_token_counts_follow_the_schedule(family):
+    model = _model(family)
+    p = model.num_prefix_tokens
+    compress_(model, TokenMergeConfig(r=5))
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.blocks]
+    out = _fwd(model, _x())
+    for h in hooks:
+        h.remove()
+    assert seen == [64 + p - 5 * i for i in range(4)] == tokens_per_layer(model)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    st = model._vc_token_state
+    assert torch.equal(st.size.sum(1)[:, 0], torch.full((3,), 64.0 + p))  # every patch accounted for once
+
+
+@pytest.mark.parametrize("family", ["deit_distilled", "registers_gap"])
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_prefix_tokens_are_never_merged(family, method):
+    model = _model(family)
+    p = model.num_prefix_tokens
+    cfg = TokenMergeConfig(r=6, trace_source=True) if method == "tome" else \
+        TokenMergeConfig(method="evit", keep_rate=0.5, layers=[1, 2], trace_source=True)
+    compress_(model, cfg)
+    _fwd(model, _x())
+    src = model._vc_token_state.source  # [B, N, N0]
+    assert torch.equal(src[:, :p, :p], torch.eye(p).expand(3, -1, -1))  # prefix tokens hold only themselves
+    assert src[:, p:, :p].sum() == 0 and src[:, :p, p:].sum() == 0
+    assert torch.equal(src.sum(1), torch.ones(3, src.shape[-1]))  # each original token is in exactly one
+
+
+def test_decreasing_schedule_and_explicit_lists():
+    assert ops.constant_schedule(4, 4) == [4, 4, 4, 4]
+    assert ops.constant_schedule(4, 5, -1) == [8, 6, 4, 2, 0]
+    assert sum(ops.constant_schedule(2.5, 4)) == 10
+    model = _model("vit")
+    compress_(model, TokenMergeConfig(schedule=[10, 0, 3, 0]))
+    assert tokens_per_layer(model) == [65, 55, 55, 52]
+
+
+def test_r_too_large_is_a_clean_error():
+    with pytest.raises(ConfigError, match="cannot remove 33 tokens in layer 0: it has 64 mergeable tokens"):
+        compress_(_model("vit"), TokenMergeConfig(r=33))
+    with pytest.raises(ConfigError, match="in layer 3: it has 22 mergeable tokens \\(at most 11"):
+        compress_(_model("vit"), TokenMergeConfig(r=14))  # patches 64 -> 50 -> 36 -> 22
+    with pytest.raises(ConfigError, match="schedule has 3 entries"):
+        compress_(_model("vit"), TokenMergeConfig(schedule=[1, 1, 1]))
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({}, "give exactly one of"),
+    ({"r": 2, "keep_rate": 0.5}, "give exactly one of"),
+    ({"keep_rate": 0.5}, "keep_rate must be in \\(0, 1\\] and is for method evit"),
+    ({"r": -1}, "r must be >= 0"),
+    ({"target_flops": 1.5}, "target_flops is a fraction"),
+    ({"r": 2, "inflection": 2}, "inflection must be in"),
+    ({"r": 2, "prop_attn": "maybe"}, "prop_attn must be one of: auto, on, off"),
+])
+def test_bad_configs(kwargs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        TokenMergeConfig(**kwargs)
+
+
+def test_applying_twice_is_refused():
+    model = _model("vit")
+    compress_(model, TokenMergeConfig(r=1))
+    with pytest.raises(ConfigError, match="already has token reduction"):
+        compress_(model, TokenMergeConfig(r=1))
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_target_flops_is_met_and_matches_the_counter(method):
+    model = _model("vit")
+    base = count_flops(model, (3, 32, 32))
+    compress_(model, TokenMergeConfig(method=method, target_flops=0.6))
+    frac = flops_fraction(model, [b._vc_drop for b in model.blocks])
+    assert 0.5 < frac <= 0.6
+    counted = count_flops(model, (3, 32, 32)) / base
+    assert counted == pytest.approx(frac, abs=0.02)  # the analytic model agrees with torch's counter
+
+
+def test_unreachable_target_is_a_clean_error():
+    with pytest.raises(ConfigError, match="out of reach"):
+        compress_(_model("vit"), TokenMergeConfig(method="evit", target_flops=0.05))
+
+
+def test_proportional_attention_stays_in_fused_sdpa():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _model("vit")
+    compress_(model, TokenMergeConfig(r=8, prop_attn="on"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _fwd(model, _x())
+    ops_run = {e.key for e in prof.key_averages()}
+    assert any("scaled_dot_product" in k for k in ops_run)
+    assert not {"aten::softmax", "aten::_softmax"} & ops_run  # no manual attention anywhere
+
+
+def test_proportional_attention_changes_the_output():
+    on, off = _model("vit"), _model("vit")
+    compress_(on, TokenMergeConfig(r=8, prop_attn="on"))
+    compress_(off, TokenMergeConfig(r=8, prop_attn="off"))
+    assert not torch.allclose(_fwd(on, _x()), _fwd(off, _x()))
+
+
+def test_gap_pooling_is_size_weighted():
+    model = _model("gap")
+    compress_(model, TokenMergeConfig(r=6))
+    feats = {}
+    model.norm.register_forward_hook(lambda m, a, out: feats.setdefault("x", out))
+    with torch.inference_mode():
+        pooled = model.forward_head(model.forward_features(_x()), pre_logits=True)
+    size = model._vc_token_state.size
+    manual = (feats["x"] * size).sum(1) / size.sum(1)
+    assert torch.allclose(pooled, model.fc_norm(manual), atol=1e-6)
+
+
+def test_merged_artifact_round_trip(tmp_path):
+    model = _model("deit3_layerscale")
+    compress_(model, TokenMergeConfig(method="evit", keep_rate=0.6))
+    save_artifact(model, tmp_path / "m")
+    loaded = load_artifact(tmp_path / "m")
+    assert tokens_per_layer(loaded) == tokens_per_layer(model)
+    assert torch.equal(_fwd(loaded, _x()), _fwd(model, _x()))
+
+
+def test_resolution_is_a_transform_that_round_trips(tmp_path):
+    model = _model("vit")
+    same = copy.deepcopy(model)
+    compress_(same, ResolutionConfig(img_size=32))
+    assert torch.equal(_fwd(same, _x()), _fwd(model, _x()))  # zero strength: same size
+    compress_(model, ResolutionConfig(img_size=24))
+    out = _fwd(model, _x(size=24))
+    assert model.patch_embed.num_patches == 36 and out.shape == (3, 10)
+    save_artifact(model, tmp_path / "r")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "r"), _x(size=24)), out)
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        compress_(_model("vit"), ResolutionConfig(img_size=30))
