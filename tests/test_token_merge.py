@@ -120,7 +120,7 @@ def test_target_flops_is_met_and_matches_the_counter(method):
     frac = flops_fraction(model, [b._vc_drop for b in model.blocks])
     assert 0.5 < frac <= 0.6
     counted = count_flops(model, (3, 32, 32)) / base
-    assert counted == pytest.approx(frac, abs=0.02)  # the analytic model agrees with torch's counter
+    assert counted == pytest.approx(frac, abs=0.01)  # analytic model vs torch counter (+ matching matmuls)
 
 
 def test_unreachable_target_is_a_clean_error():
@@ -180,3 +180,24 @@ def test_resolution_is_a_transform_that_round_trips(tmp_path):
     assert torch.equal(_fwd(load_artifact(tmp_path / "r"), _x(size=24)), out)
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         compress_(_model("vit"), ResolutionConfig(img_size=30))
+
+
+def test_target_speedup_bisects_on_measured_speed(monkeypatch):
+    """The solver's logic, with the timer replaced by a deterministic 'speedup = 1 / GFLOPs fraction'."""
+    import vitcompress.bench as bench
+
+    def fake_runner(model, batch, size, cfg):
+        return model
+
+    def fake_compare(base, trial, **kw):
+        return {"speedup": 1.0 / flops_fraction(trial, [b._vc_drop for b in trial.blocks])}
+
+    monkeypatch.setattr(bench, "model_runner", fake_runner)
+    monkeypatch.setattr(bench, "compare", fake_compare)
+    model = _model("vit")
+    compress_(model, TokenMergeConfig(target_speedup=1.5))
+    frac = flops_fraction(model, [b._vc_drop for b in model.blocks])
+    assert 1 / frac >= 1.5 and frac > 0.55  # reached, and not much further than needed
+    assert model.vitcompress_info.transforms[-1]["state"]["measured_speedup"] == pytest.approx(1 / frac, abs=1e-3)
+    with pytest.raises(ConfigError, match="target_speedup 20.0 was not reached"):
+        compress_(_model("vit"), TokenMergeConfig(target_speedup=20.0))

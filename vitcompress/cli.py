@@ -186,7 +186,8 @@ def merge(
 
     state = model_info(m).transforms[-1]["state"]
     _print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
-                           "GFLOPs fraction (blocks)": state.get("flops_fraction")})
+                           "GFLOPs fraction": state.get("flops_fraction"),
+                           "measured speedup": state.get("measured_speedup")})
 
 
 @app.command()

@@ -1,8 +1,10 @@
-"""Token-reduction speed, side by side: ``python -m vitcompress.bench.tokens --out results/tokens``.
+"""Token reduction, measured: ``python -m vitcompress.bench.tokens --out results/tokens [--accuracy ARTIFACT]``.
 
-For each batch size, every variant is timed alternately with the unreduced model in one process (bf16
-autocast + fused SDPA for both), and reported as a speedup ratio with both medians, plus GFLOPs per image.
-Weights do not change speed, so the model is randomly initialised (no download).
+Speed: for each batch size, every variant is timed alternately with the unreduced model in one process
+(bf16 autocast + fused SDPA for both) and reported as a speedup ratio with both medians, plus GFLOPs per
+image. Weights do not change speed, so the speed model is randomly initialised (no download).
+Accuracy (``--accuracy``): each variant of a trained artifact (the digits testbed) on digits and digits-c:
+top-1 and agreement with the unreduced model on the same images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ DEFAULT_VARIANTS = {
     "tome (16, -1)": {"r": 16, "inflection": -1.0},
     "tome r=13 prop-attn off": {"r": 13, "prop_attn": "off"},
     "evit @ tome r=13 GFLOPs": {"method": "evit", "target_flops": "tome r=13"},
+    "resolution 160 px": {"img_size": 160},
+}
+
+
+ACCURACY_VARIANTS = {
+    "tome @ 0.65 GFLOPs": {"target_flops": 0.65},
+    "tome (r, -1) @ 0.65": {"target_flops": 0.65, "inflection": -1.0},
+    "tome @ 0.65, prop-attn off": {"target_flops": 0.65, "prop_attn": "off"},
+    "evit @ 0.65": {"method": "evit", "target_flops": 0.65},
+    "tome @ 0.5 GFLOPs": {"target_flops": 0.5},
+    "tome (r, -1) @ 0.5": {"target_flops": 0.5, "inflection": -1.0},
+    "evit @ 0.5": {"method": "evit", "target_flops": 0.5},
+    "resolution 28 px": {"img_size": 28},
+    "resolution 24 px": {"img_size": 24},
 }
 
 
@@ -74,6 +90,50 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
+def accuracy(artifact: str, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Top-1 and agreement with the unreduced model on digits and digits-c for each variant."""
+    from ..artifact import versions
+    from ..data import load_data
+    from ..evaluate import evaluate
+    from ..models import create_model, data_config
+
+    base = create_model(artifact)
+    data = {s: load_data(s, data_config(base)) for s in ("digits", "digits-c")}
+    base_res = {s: evaluate(base, d, reference=base, speed=False) for s, d in data.items()}
+    rows = [{"variant": "unreduced", "config": {}, "gflops_fraction": 1.0, "schedule": None,
+             **{f"{s}_{k}": r[k] for s, r in base_res.items() for k in ("top1", "agreement")}}]
+    for name, spec in variants.items():
+        model = _build(base, spec, {})
+        res = {s: evaluate(model, d.for_config(data_config(model)), reference=base, speed=False)
+               for s, d in data.items()}
+        state = model.vitcompress_info.transforms[-1]["state"]
+        rows.append({"variant": name, "config": spec, "schedule": state.get("schedule"),
+                     "gflops_fraction": round(res["digits"]["gflops"] / base_res["digits"]["gflops"], 3),
+                     **{f"{s}_{k}": r[k] for s, r in res.items() for k in ("top1", "agreement")}})
+        print(f"{name:28s} GFLOPs {rows[-1]['gflops_fraction']:.3f}  digits top1 {rows[-1]['digits_top1']:.2f}  "
+              f"digits-c agreement {rows[-1]['digits-c_agreement']:.2f}", flush=True)
+    return {"artifact": artifact, "images": {s: len(d) for s, d in data.items()}, "dtype": "bf16",
+            "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "rows": rows}
+
+
+def accuracy_markdown(res: dict[str, Any]) -> str:
+    base = res["rows"][0]
+    lines = ["# Token reduction accuracy: the digits testbed", "",
+             f"Artifact trained by `recipes/digits_vit.yaml`; digits test ({res['images']['digits']} images) and "
+             f"digits-c ({res['images']['digits-c']} images); bf16; torch {res['versions']['torch']}, "
+             f"timm {res['versions']['timm']}; {res['date']}. Agreement: top-1 equal to the unreduced model's.",
+             "GFLOPs fraction: counted by torch.utils.flop_counter, attention included.", "",
+             "| variant | schedule (tokens removed per layer) | GFLOPs | top-1 | Δ top-1 | agreement | "
+             "digits-c top-1 | **digits-c agreement** |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['schedule'] if r['schedule'] is not None else '—'} | "
+                     f"{r['gflops_fraction']:.3f} | {r['digits_top1']:.2f} | "
+                     f"{r['digits_top1'] - base['digits_top1']:+.2f} | {r['digits_agreement']:.2f} | "
+                     f"{r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Token reduction speed: {res['arch']}", "",
              f"Device: {res['device']}; {res['dtype']} autocast, SDPA; torch {res['versions']['torch']}, "
@@ -96,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--variants", default=None, help="comma-separated subset of: " + "; ".join(DEFAULT_VARIANTS))
+    parser.add_argument("--accuracy", default=None, metavar="ARTIFACT", help="accuracy table for this artifact")
     args = parser.parse_args(argv)
+    if args.accuracy:
+        res = accuracy(args.accuracy, ACCURACY_VARIANTS)
+        atomic_write_json(args.out / "accuracy_digits.json", res)
+        atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(res))
+        print(f"wrote {args.out / 'accuracy_digits'}.json/.md")
+        return 0
     variants = DEFAULT_VARIANTS
     if args.variants:
         variants = {k: v for k, v in DEFAULT_VARIANTS.items() if k in args.variants.split(",")}

@@ -191,10 +191,15 @@ def check_schedule(model: nn.Module, schedule: list[int], method: TokenMethod) -
 
 
 def flops_fraction(model: nn.Module, schedule: list[int]) -> float:
-    """Analytic GFLOPs of the blocks under ``schedule`` over the unreduced blocks' (attention included)."""
+    """Analytic GFLOPs under ``schedule`` over the unreduced model's (attention, patch embedding and head
+    included), matching what ``torch.utils.flop_counter`` counts."""
     n, _, dim, hidden = _dims(model)
+    proj = model.patch_embed.proj
+    fixed = 2 * model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
+    fixed += sum(2 * h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
+                 if isinstance(h, nn.Linear))
     reduced = sum(ops.block_flops(a, m, dim, hidden) for a, m in ops.token_counts(n, schedule))
-    return reduced / (len(schedule) * ops.block_flops(n, n, dim, hidden))
+    return (fixed + reduced) / (fixed + len(schedule) * ops.block_flops(n, n, dim, hidden))
 
 
 def tome_schedule(model: nn.Module, r: float, inflection: float) -> list[int]:
@@ -275,7 +280,7 @@ def _bisect(lo: float, hi: float, ok, *, want_high: bool, steps: int = 40) -> fl
     return lo if want_high else hi
 
 
-def solve_speedup(model: nn.Module, cfg: TokenMergeConfig) -> list[int]:
+def solve_speedup(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int], float]:
     """Bisect the FLOPs target until the measured bf16 speedup at ``speed_batch`` reaches the target."""
     import copy
 
@@ -285,21 +290,25 @@ def solve_speedup(model: nn.Module, cfg: TokenMergeConfig) -> list[int]:
     bench = BenchConfig()
     size = data_config(model)["input_size"]
     base = model_runner(model, cfg.speed_batch, size, bench)
-    lo, hi, best = 0.05, 1.0, None
+    lo, hi, best, best_speed = 0.05, 1.0, None, 0.0  # GFLOPs fractions: the mildest that reaches the target
     for _ in range(6):
         mid = (lo + hi) / 2
-        schedule = solve_flops(model, cfg.replace(target_speedup=None, target_flops=mid))
+        try:
+            schedule = solve_flops(model, cfg.replace(target_speedup=None, target_flops=mid))
+        except ConfigError:  # more reduction than the model allows: go milder
+            lo = mid
+            continue
         trial = copy.deepcopy(model)
         install(trial, schedule, cfg)
         got = compare(base, model_runner(trial, cfg.speed_batch, size, bench), device=bench.resolve_device(),
                       warmup=2, warmup_s=0.5, repeat=8)["speedup"]
         if got >= cfg.target_speedup:  # type: ignore[operator]
-            best, lo = schedule, mid
+            best, best_speed, lo = schedule, got, mid
         else:
             hi = mid
     if best is None:
         raise ConfigError(f"target_speedup {cfg.target_speedup} was not reached even at {lo:.2f} of the GFLOPs")
-    return best
+    return best, best_speed
 
 
 # ---------------------------------------------------------------------------------------------- transform
@@ -318,26 +327,31 @@ def install(model: nn.Module, schedule: list[int], cfg: TokenMergeConfig) -> Non
         model.pool = types.MethodType(_weighted_pool, model)
 
 
-def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> list[int]:
+def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int], dict[str, Any]]:
+    """The per-layer schedule ``cfg`` asks for, and anything measured on the way."""
     if cfg.schedule is not None:
-        return [int(r) for r in cfg.schedule]
+        return [int(r) for r in cfg.schedule], {}
     if cfg.r is not None:
-        return tome_schedule(model, cfg.r, cfg.inflection)
+        return tome_schedule(model, cfg.r, cfg.inflection), {}
     if cfg.keep_rate is not None:
-        return evit_schedule(model, cfg.keep_rate, cfg.layers)
+        return evit_schedule(model, cfg.keep_rate, cfg.layers), {}
     if cfg.target_flops is not None:
-        return solve_flops(model, cfg)
-    return solve_speedup(model, cfg)
+        return solve_flops(model, cfg), {}
+    schedule, speedup = solve_speedup(model, cfg)
+    return schedule, {"measured_speedup": round(speedup, 3), "speed_batch": cfg.speed_batch}
 
 
 @register_transform(TokenMergeConfig)
 def token_merge_(model: nn.Module, cfg: TokenMergeConfig, ctx: TransformContext) -> dict[str, Any]:
     """Apply token merging / pruning in place; records the per-layer schedule it resolved."""
-    schedule = ctx.state["schedule"] if ctx.restore and ctx.state else resolve_schedule(model, cfg)
+    if ctx.restore and ctx.state:
+        schedule, extra = ctx.state["schedule"], {}
+    else:
+        schedule, extra = resolve_schedule(model, cfg)
     install(model, schedule, cfg)
     n, _, _, _ = _dims(model)
     return {"schedule": schedule, "tokens": [a for a, _ in ops.token_counts(n, schedule)],
-            "flops_fraction": round(flops_fraction(model, schedule), 4)}
+            "flops_fraction": round(flops_fraction(model, schedule), 4), **extra}
 
 
 def tokens_per_layer(model: nn.Module) -> list[int] | None:
