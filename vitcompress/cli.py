@@ -127,7 +127,6 @@ def eval_(
 
 
 _PLANNED = {
-    "quantize": (4, "Post-training quantization, W8A8 down to W4A4."),
     "prune": (5, "Structured and block-structured pruning with distillation recovery."),
     "sweep": (7, "Sweep stacked compression methods and report the Pareto front."),
     "report": (7, "Pareto report (Markdown, PNG, CSV) from a sweep directory."),
@@ -188,6 +187,69 @@ def merge(
     _print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
                            "GFLOPs fraction": state.get("flops_fraction"),
                            "measured speedup": state.get("measured_speedup")})
+
+
+def _bits(text: str | None, name: str) -> int | None | str:
+    if text is None:
+        return "unset"
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer from 2 to 8 or 'none', got '{text}'") from None
+
+
+@app.command()
+def quantize(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    calib_data: str | None = typer.Option(None, "--calib-data", help="Calibration images (train split is used)."),
+    w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
+    a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
+    mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (W8A8, int8 GEMM)."),
+    method: str | None = typer.Option(None, "--method", help="Observer: minmax, percentile or mse."),
+    w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
+    a_granularity: str | None = typer.Option(None, "--a-granularity", help="per_tensor (static) or per_token."),
+    layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
+    exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
+    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
+    backend: str | None = typer.Option(None, "--backend", help="auto/torch/triton/bnb (not built yet)."),
+    pretrained: bool | None = PretrainedOpt,
+    checkpoint: Path | None = CheckpointOpt,
+) -> None:
+    """Post-training quantization: simulated W2-8/A2-8, or W8A8 executed in int8 (--mode deploy)."""
+    from .artifact import save_artifact
+    from .data import load_data
+    from .methods import QuantConfig
+    from .models import data_config, model_info
+    from .transforms import compress_
+
+    if backend is not None:
+        raise ConfigError("--backend is not built yet (issue #4); simulate mode runs in floating point")
+    if method in ("repq", "gptq"):
+        raise ConfigError(f"--method {method} is not built yet (issue #4); use minmax, percentile or mse")
+    bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
+            if v != "unset"}
+    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, w_granularity=w_granularity,
+                                       group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
+                                       layers=None if layers is None else layers.split(","),
+                                       exclude=None if exclude is None else exclude.split(",")))
+    m = _load_model(model, pretrained, checkpoint, None, None, None)
+    calib = None
+    if cfg.static_acts:
+        if calib_data is None:
+            raise ConfigError("static activation quantization needs --calib-data (e.g. digits)")
+        data = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")
+        calib = data.loader(cfg.calib_size)
+        model_info(m).provenance["calibration"] = data.describe()
+    compress_(m, cfg, calib=calib)
+    save_artifact(m, out)
+    state = model_info(m).transforms[-1]["state"]
+    _print_table("quantize", {"artifact": str(out), "layers": len(state["layers"]),
+                              "calibrated": state["calibrated"],
+                              "mode": f"{cfg.mode} ({'deployable' if state.get('deployable') else 'accuracy-only'})"})
 
 
 @app.command()

@@ -13,13 +13,28 @@ from torch import nn
 from .timing import BenchConfig, attention_backend, model_runner
 
 
+def _register_int_mm() -> None:
+    """Teach the FLOP counter ``aten._int_mm`` (int8 GEMM), which it does not count out of the box."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.aten._int_mm
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        m, k = a_shape
+        return 2 * m * k * b_shape[1]
+
+
 def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """FLOPs (2 x MACs) of one image's forward, counted by ``torch.utils.flop_counter``.
 
-    Counted in fp32 with SDPA on, so fused attention kernels are included.
+    Counted in fp32 with SDPA on, so fused attention kernels are included (and int8 GEMMs).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_int_mm()
     device = next(model.parameters()).device
     x = torch.randn(1, *input_size, device=device)
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), attention_backend(model, True):

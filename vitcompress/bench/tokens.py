@@ -90,48 +90,9 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
-def accuracy(artifact: str, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Top-1 and agreement with the unreduced model on digits and digits-c for each variant."""
-    from ..artifact import versions
-    from ..data import load_data
-    from ..evaluate import evaluate
-    from ..models import create_model, data_config
-
-    base = create_model(artifact)
-    data = {s: load_data(s, data_config(base)) for s in ("digits", "digits-c")}
-    base_res = {s: evaluate(base, d, reference=base, speed=False) for s, d in data.items()}
-    rows = [{"variant": "unreduced", "config": {}, "gflops_fraction": 1.0, "schedule": None,
-             **{f"{s}_{k}": r[k] for s, r in base_res.items() for k in ("top1", "agreement")}}]
-    for name, spec in variants.items():
-        model = _build(base, spec, {})
-        res = {s: evaluate(model, d.for_config(data_config(model)), reference=base, speed=False)
-               for s, d in data.items()}
-        state = model.vitcompress_info.transforms[-1]["state"]
-        rows.append({"variant": name, "config": spec, "schedule": state.get("schedule"),
-                     "gflops_fraction": round(res["digits"]["gflops"] / base_res["digits"]["gflops"], 3),
-                     **{f"{s}_{k}": r[k] for s, r in res.items() for k in ("top1", "agreement")}})
-        print(f"{name:28s} GFLOPs {rows[-1]['gflops_fraction']:.3f}  digits top1 {rows[-1]['digits_top1']:.2f}  "
-              f"digits-c agreement {rows[-1]['digits-c_agreement']:.2f}", flush=True)
-    return {"artifact": artifact, "images": {s: len(d) for s, d in data.items()}, "dtype": "bf16",
-            "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "rows": rows}
-
-
-def accuracy_markdown(res: dict[str, Any]) -> str:
-    base = res["rows"][0]
-    lines = ["# Token reduction accuracy: the digits testbed", "",
-             f"Artifact trained by `recipes/digits_vit.yaml`; digits test ({res['images']['digits']} images) and "
-             f"digits-c ({res['images']['digits-c']} images); bf16; torch {res['versions']['torch']}, "
-             f"timm {res['versions']['timm']}; {res['date']}. Agreement: top-1 equal to the unreduced model's.",
-             "GFLOPs fraction: counted by torch.utils.flop_counter, attention included.", "",
-             "| variant | schedule (tokens removed per layer) | GFLOPs | top-1 | Δ top-1 | agreement | "
-             "digits-c top-1 | **digits-c agreement** |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['schedule'] if r['schedule'] is not None else '—'} | "
-                     f"{r['gflops_fraction']:.3f} | {r['digits_top1']:.2f} | "
-                     f"{r['digits_top1'] - base['digits_top1']:+.2f} | {r['digits_agreement']:.2f} | "
-                     f"{r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** |")
-    return "\n".join(lines) + "\n"
+def _schedule(model: torch.nn.Module) -> str:
+    state = model.vitcompress_info.transforms[-1]["state"]
+    return str(state["schedule"]) if "schedule" in state else f"{model.patch_embed.img_size[0]} px input"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -159,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", default=None, metavar="ARTIFACT", help="accuracy table for this artifact")
     args = parser.parse_args(argv)
     if args.accuracy:
-        res = accuracy(args.accuracy, ACCURACY_VARIANTS)
+        from .accuracy import accuracy_markdown, accuracy_table
+
+        res = accuracy_table(args.accuracy, {k: (lambda base, v=v: _build(base, v, {}))
+                                             for k, v in ACCURACY_VARIANTS.items()}, details=_schedule)
         atomic_write_json(args.out / "accuracy_digits.json", res)
-        atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(res))
+        atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(
+            res, "Token reduction accuracy: the digits testbed", "schedule (tokens removed per layer)"))
         print(f"wrote {args.out / 'accuracy_digits'}.json/.md")
         return 0
     variants = DEFAULT_VARIANTS

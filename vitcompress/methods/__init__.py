@@ -4,7 +4,8 @@ One method per module; each defines a ``XxxConfig`` and one function registered 
 ``@register_transform(XxxConfig)``.
 """
 
+from .quantize import QuantConfig
 from .resolution import ResolutionConfig
 from .token_merge import PropAttn, TokenMergeConfig, TokenMethod
 
-__all__ = ["PropAttn", "ResolutionConfig", "TokenMergeConfig", "TokenMethod"]
+__all__ = ["PropAttn", "QuantConfig", "ResolutionConfig", "TokenMergeConfig", "TokenMethod"]

@@ -1,0 +1,183 @@
+"""Post-training quantization (simulate mode): exact codes, round trips, identity, calibration, errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from vitcompress import compress_, load_artifact, save_artifact
+from vitcompress.data import load_data
+from vitcompress.errors import ConfigError
+from vitcompress.methods import QuantConfig
+from vitcompress.methods import quant_ops as ops
+from vitcompress.models import data_config
+
+
+def _x(n=4, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _fwd(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _calib(model, n=16):
+    return load_data("digits", data_config(model), purpose="calib", limit=n).loader(8)
+
+
+def test_weight_codes_match_a_reference_exactly():
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    scale = ops.weight_scale(w, 4)
+    ref_scale = w.abs().amax(1, keepdim=True) / 7
+    ref_codes = torch.round(w / ref_scale).clamp(-7, 7).to(torch.int8)
+    assert torch.equal(scale, ref_scale) and torch.equal(ops.weight_codes(w, scale, 4), ref_codes)
+    deq = ops.weight_dequant(ref_codes, scale)
+    assert torch.equal(ops.weight_codes(deq, ops.weight_scale(deq, 4), 4), ref_codes)  # idempotent
+    grouped = ops.weight_scale(w, 8, group_size=4)
+    assert grouped.shape == (6, 4, 1)
+    assert torch.equal(grouped[:, 1], w[:, 4:8].abs().amax(1, keepdim=True) / 127)
+    assert (ops.fake_quant_weight(w, 8, 4) - w).abs().max() <= grouped.max() / 2 + 1e-7
+
+
+def test_activation_codes_are_in_range_and_idempotent():
+    x = torch.randn(5, 7, 16) * 3 + 1
+    scale, zero = ops.act_qparams(x.min(), x.max(), 4)
+    codes = ops.act_codes(x, scale, zero, 4)
+    assert codes.min() >= 0 and codes.max() <= 15 and torch.equal(codes, codes.round())
+    fq = ops.fake_quant_act(x, scale, zero, 4)
+    assert torch.allclose(ops.fake_quant_act(fq, scale, zero, 4), fq, atol=1e-6)
+    assert (fq - x).abs().max() <= scale / 2 + 1e-6
+    per_token = ops.fake_quant_act_per_token(x, 8)
+    assert per_token.shape == x.shape and (per_token - x).abs().max() < 0.05
+
+
+def test_zero_strength_is_bit_exact(tiny_model):
+    ref = _fwd(tiny_model, _x())
+    compress_(tiny_model, QuantConfig(w_bits=None, a_bits=None))
+    assert torch.equal(_fwd(tiny_model, _x()), ref)
+
+
+def test_w8a8_is_close_to_float(tiny_model):
+    ref = _fwd(tiny_model, _x())
+    compress_(tiny_model, QuantConfig(w_bits=8, a_bits=8), calib=_calib(tiny_model))
+    out = _fwd(tiny_model, _x())
+    assert not torch.equal(out, ref)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("cfg", [
+    QuantConfig(w_bits=4, a_bits=8, observer="mse"),
+    QuantConfig(w_bits=6, a_bits=6, observer="percentile", layers=["fc1", "fc2"]),
+    QuantConfig(w_bits=4, a_bits=4, a_granularity="per_token", w_granularity="per_group", group_size=16),
+    QuantConfig(w_bits=8, a_bits=None, layers=["re:blocks\\.[01]\\.attn\\.qkv"], exclude=["blocks.1.*"]),
+])
+def test_artifact_reload_is_bit_exact(tmp_path, tiny_model, cfg):
+    compress_(tiny_model, cfg, calib=_calib(tiny_model))
+    save_artifact(tiny_model, tmp_path / "q")
+    loaded = load_artifact(tmp_path / "q")
+    assert torch.equal(_fwd(loaded, _x()), _fwd(tiny_model, _x()))
+    state = json.loads((tmp_path / "q" / "vitcompress.json").read_text())["transforms"][0]["state"]
+    assert state["layers"] == [n for n, m in loaded.named_modules() if type(m).__name__ == "FakeQuantLinear"]
+
+
+def test_calibration_changes_with_merging_active(tiny_model):
+    from vitcompress.methods import TokenMergeConfig
+
+    plain, merged = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    compress_(merged, TokenMergeConfig(r=4))
+    compress_(plain, QuantConfig(), calib=_calib(plain))
+    compress_(merged, QuantConfig(), calib=_calib(merged))
+    scales = [(a.a_scale.item(), b.a_scale.item()) for a, b in zip(plain.modules(), merged.modules())
+              if hasattr(a, "a_scale")]
+    assert any(x != y for x, y in scales)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"w_bits": 0}, "w_bits must be an integer from 2 to 8"),
+    ({"a_bits": 9}, "a_bits must be an integer from 2 to 8"),
+    ({"mode": "deploy", "w_bits": 4}, "mode deploy executes W8A8"),
+    ({"observer": "magic"}, "observer must be one of: minmax, percentile, mse"),
+    ({"percentile": 20}, "percentile must be in"),
+])
+def test_bad_settings(kwargs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        QuantConfig(**kwargs)
+
+
+def test_bad_layers_and_calibration(tiny_model):
+    with pytest.raises(ConfigError, match="layer pattern 'blocks.9.*' matches no module"):
+        compress_(copy.deepcopy(tiny_model), QuantConfig(layers=["blocks.9.*"]), calib=_calib(tiny_model))
+    with pytest.raises(ConfigError, match="only Linear layers"):
+        compress_(copy.deepcopy(tiny_model), QuantConfig(layers=["blocks.0.mlp"]), calib=_calib(tiny_model))
+    with pytest.raises(ConfigError, match="needs calibration images"):
+        compress_(copy.deepcopy(tiny_model), QuantConfig())
+    with pytest.raises(ConfigError, match="calibration set is empty"):
+        compress_(copy.deepcopy(tiny_model), QuantConfig(), calib=[])
+    with pytest.raises(ConfigError, match="group_size 48 does not divide"):
+        compress_(copy.deepcopy(tiny_model), QuantConfig(w_granularity="per_group", group_size=48, a_bits=None))
+
+
+def test_quantize_cli_end_to_end(tmp_path, cli, trained_artifact):
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "q", "--calib-data", "digits",
+                     "--w-bits", "6", "--a-bits", "6", "--calib-size", "16")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "q" / "vitcompress.json").read_text())
+    assert manifest["provenance"]["calibration"]["split"] == "train"  # never the eval split
+    assert manifest["transforms"][0]["config"]["w_bits"] == 6
+    rc, _, err = cli("eval", tmp_path / "q", "--data", "digits", "--limit", "40", "--no-speed", "--json",
+                     tmp_path / "e.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["agreement"] is not None
+    for args, pattern in [(["--w-bits", "9"], "w_bits must be an integer from 2 to 8"),
+                          (["--a-bits", "x"], "--a-bits must be an integer"),
+                          ([], "needs --calib-data"),
+                          (["--calib-data", "digits", "--layers", "nothing"], "matches no module"),
+                          (["--calib-data", "digits", "--method", "gptq"], "not built yet")]:
+        rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "x", *args)
+        assert rc != 0 and len(err.strip().splitlines()) == 1 and pattern in err, err
+
+
+def test_int8_linear_matches_an_integer_reference():
+    from vitcompress.methods.int8_linear import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 10)
+    x = torch.randn(2, 7, 24)
+    q = Int8Linear.from_linear(lin)
+    w_scale = lin.weight.abs().amax(1) / 127
+    w_codes = torch.round(lin.weight / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q.w_qt, w_codes.t()) and torch.equal(q.w_scale, w_scale)
+    x2 = x.reshape(-1, 24)
+    a_scale = x2.abs().amax(1, keepdim=True) / 127
+    a_codes = torch.round(x2 / a_scale).clamp(-127, 127)
+    ref = ((a_codes @ w_codes.float().t()) * a_scale * w_scale + lin.bias).reshape(2, 7, 10)
+    with torch.inference_mode():
+        out = q(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    with torch.inference_mode():
+        exact = lin(x)
+    sqnr = 10 * torch.log10(exact.pow(2).sum() / (out - exact).pow(2).sum())
+    assert sqnr > 30  # dB
+
+
+@pytest.mark.parametrize("a_granularity", ["per_token", "per_tensor"])
+def test_w8a8_deploy_runs_in_int8_and_round_trips(tmp_path, tiny_model, a_granularity):
+    from vitcompress.bench import count_flops
+    from vitcompress.methods.int8_linear import Int8Linear
+
+    ref = _fwd(tiny_model, _x())
+    flops = count_flops(tiny_model, (3, 32, 32))
+    save_artifact(tiny_model, tmp_path / "fp32")
+    compress_(tiny_model, QuantConfig(mode="deploy", a_granularity=a_granularity), calib=_calib(tiny_model))
+    assert sum(isinstance(m, Int8Linear) for m in tiny_model.modules()) == 8
+    out = _fwd(tiny_model, _x())
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    assert count_flops(tiny_model, (3, 32, 32)) == flops  # int8 GEMMs are counted too
+    save_artifact(tiny_model, tmp_path / "int8")
+    loaded = load_artifact(tmp_path / "int8")
+    assert torch.equal(_fwd(loaded, _x()), out)
+    ratio = (tmp_path / "int8" / "model.safetensors").stat().st_size / \
+        (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert ratio < 0.4  # tiny model: patch embedding, position embedding and head stay float

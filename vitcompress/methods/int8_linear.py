@@ -1,0 +1,64 @@
+"""W8A8 executed for real: int8 weights, int8 activations, an int32-accumulating GEMM (``torch._int_mm``).
+
+y = (q(x) @ W_q^T) * s_x * s_w + b, with W_q int8 per output channel (symmetric) and q(x) int8, symmetric,
+per token (computed on the fly) or per tensor (a calibrated static scale). The artifact stores the int8
+weights, so it is about a quarter of the float size for these layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import quant_ops as ops
+
+QMAX = 127
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for ``nn.Linear``: x [..., in] -> [..., out] in x's dtype.
+
+    Buffers: w_qt int8 [in, out] (transposed, contiguous for the GEMM), w_scale float32 [out],
+    a_scale float32 [] (static per-tensor activations; unused per token). Parameter: bias [out] or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
+        self.register_buffer("w_qt", torch.zeros(in_features, out_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, device=device))
+        self.register_buffer("a_scale", torch.ones((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
+                    clip: float = 1.0) -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale."""
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device)
+        scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
+        mod.w_qt.copy_(ops.weight_codes(linear.weight, scale, 8).t())
+        mod.w_scale.copy_(scale[:, 0])
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach().float())
+        if a_absmax is not None:
+            mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
+        return mod
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'per_token' if self.per_token else 'per_tensor'}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        s = (x2.abs().amax(1, keepdim=True).clamp_min(ops.EPS) / QMAX) if self.per_token else self.a_scale
+        q = torch.round(x2 / s).clamp(-QMAX, QMAX).to(torch.int8)
+        m = q.shape[0]
+        if q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16
+            q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
+        acc = torch._int_mm(q, self.w_qt)[:m]
+        out = acc.float() * (s * self.w_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

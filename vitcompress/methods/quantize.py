@@ -1,0 +1,248 @@
+"""Post-training quantization of a ViT's Linear layers: simulated at any bit width, or W8A8 for real.
+
+simulate: weights are rounded to nearest on a symmetric per-channel or per-group grid (the observer may
+clip them), activations on an asymmetric per-tensor grid calibrated on train-split images, or per token on
+the fly. The selected ``nn.Linear`` modules keep their weights and state-dict keys; their class is switched
+to :class:`FakeQuantLinear`, which adds the activation scale and zero point as buffers. These points are
+*accuracy-only*: they run in floating point.
+deploy: W8A8 only so far. Each selected layer is replaced by an
+:class:`~vitcompress.methods.int8_linear.Int8Linear` (int8 weights, int8 symmetric activations, an int32
+GEMM through ``torch._int_mm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, StrEnum
+from ..errors import ConfigError
+from ..transforms import TransformContext, register_transform
+from . import quant_ops as ops
+from .int8_linear import Int8Linear
+
+LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
+                 "fc2": "blocks.*.mlp.fc2", "head": "head"}
+
+
+class Mode(StrEnum):
+    SIMULATE = "simulate"
+    DEPLOY = "deploy"
+
+
+class WeightGranularity(StrEnum):
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
+
+
+class ActGranularity(StrEnum):
+    PER_TENSOR = "per_tensor"  # static, calibrated
+    PER_TOKEN = "per_token"  # dynamic
+
+
+class Observer(StrEnum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+@dataclasses.dataclass
+class QuantConfig(Config):
+    """w_bits / a_bits: 2..8, or None to leave weights / activations in floating point.
+
+    layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head), globs, or ``re:REGEX``.
+    observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
+    """
+
+    NAME = "quantize"
+    VERSION = 1
+    w_bits: int | None = 8
+    a_bits: int | None = 8
+    w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
+    group_size: int = 64
+    a_granularity: ActGranularity = ActGranularity.PER_TENSOR
+    observer: Observer = Observer.MINMAX
+    percentile: float = 99.99
+    layers: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    calib_size: int = 32
+    mode: Mode = Mode.SIMULATE
+
+    def validate(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if bits is not None and (int(bits) != bits or not 2 <= bits <= 8):
+                raise ConfigError(f"{name} must be an integer from 2 to 8 (or none), got {bits}")
+        if self.mode == Mode.DEPLOY and (self.w_bits != 8 or self.a_bits != 8
+                                         or self.w_granularity != WeightGranularity.PER_CHANNEL):
+            raise ConfigError("mode deploy executes W8A8 with per-channel weights (other widths: simulate); "
+                              f"got w_bits={self.w_bits}, a_bits={self.a_bits}, {self.w_granularity}")
+        if self.group_size < 1 or self.calib_size < 1:
+            raise ConfigError(f"group_size and calib_size must be >= 1 (got {self.group_size}, {self.calib_size})")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not self.layers:
+            raise ConfigError("no layers to quantize")
+
+    @property
+    def static_acts(self) -> bool:
+        return self.a_bits is not None and self.a_granularity == ActGranularity.PER_TENSOR
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` whose input is fake-quantized (weights were fake-quantized in place).
+
+    Buffers: a_scale, a_zero (scalars; used with static per-tensor activations).
+    """
+
+    _vc_a_bits: int | None
+    _vc_per_token: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vc_a_bits is not None:
+            x = ops.fake_quant_act_per_token(x, self._vc_a_bits) if self._vc_per_token else \
+                ops.fake_quant_act(x, self.a_scale, self.a_zero, self._vc_a_bits)
+        return F.linear(x, self.weight, self.bias)
+
+
+def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules the config names, in model order; every pattern must match something."""
+    def matcher(pattern: str):
+        pattern = LAYER_ALIASES.get(pattern, pattern)
+        if pattern.startswith("re:"):
+            rx = re.compile(pattern[3:])
+            return lambda name: rx.fullmatch(name) is not None
+        return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    chosen: dict[str, nn.Module] = {}
+    for pattern in cfg.layers:
+        hits = [(n, m) for n, m in named if matcher(pattern)(n)]
+        if not hits:
+            raise ConfigError(f"layer pattern '{pattern}' matches no module")
+        for n, m in hits:
+            if not isinstance(m, nn.Linear):
+                raise ConfigError(f"layer '{n}' is {type(m).__name__}; only Linear layers are quantized so far")
+            chosen[n] = m
+    excluders = [matcher(p) for p in cfg.exclude]
+    out = [(n, m) for n, m in named if n in chosen and not any(ex(n) for ex in excluders)]
+    if not out:
+        raise ConfigError("the exclude patterns remove every selected layer")
+    return out
+
+
+def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantConfig,
+              calib: Iterable[Any]) -> dict[str, tuple[float, float]]:
+    """Per-layer input ranges (lo, hi) over up to ``calib_size`` images, with earlier transforms active.
+
+    minmax keeps the extremes over all batches; percentile and mse average their per-batch choices.
+    """
+    seen: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in layers}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[name].append(ops.act_range(args[0], str(cfg.observer), int(cfg.a_bits), cfg.percentile))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+    device = next(model.parameters()).device
+    done = 0
+    try:
+        with torch.inference_mode():
+            for batch in calib:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x[: cfg.calib_size - done].to(device)
+                model(x)
+                done += len(x)
+                if done >= cfg.calib_size:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if done == 0:
+        raise ConfigError("the calibration set is empty")
+    out = {}
+    for name, ranges in seen.items():
+        lows, highs = zip(*ranges)
+        if cfg.observer == Observer.MINMAX:
+            out[name] = (min(lows), max(highs))
+        else:
+            out[name] = (sum(lows) / len(lows), sum(highs) / len(highs))
+    return out
+
+
+def _convert(module: nn.Linear, cfg: QuantConfig) -> None:
+    module.__class__ = FakeQuantLinear
+    module._vc_a_bits = cfg.a_bits
+    module._vc_per_token = cfg.a_granularity == ActGranularity.PER_TOKEN
+    module.register_buffer("a_scale", torch.ones((), device=module.weight.device))
+    module.register_buffer("a_zero", torch.zeros((), device=module.weight.device))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _deploy(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantConfig,
+            ranges: dict[str, tuple[float, float]], restore: bool) -> dict[str, float]:
+    per_token = cfg.a_granularity == ActGranularity.PER_TOKEN
+    clips = {}
+    for name, m in layers:
+        if restore:
+            new = Int8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device)
+        else:
+            clip = ops.mse_weight_clip(m.weight, 8) if cfg.observer == Observer.MSE else 1.0
+            absmax = max(abs(v) for v in ranges[name]) if name in ranges else None
+            new = Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip)
+            clips[name] = clip
+        _replace(model, name, new)
+    return clips
+
+
+@register_transform(QuantConfig)
+def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict[str, Any]:
+    """Quantize the selected layers in place; calibrates static activation ranges on ``ctx.calib``."""
+    layers = select_layers(model, cfg)
+    if cfg.w_bits is None and cfg.a_bits is None:
+        return {"layers": [], "calibrated": 0}
+    if ctx.restore:
+        if cfg.mode == Mode.DEPLOY:
+            _deploy(model, layers, cfg, {}, restore=True)
+        else:
+            for _, m in layers:
+                _convert(m, cfg)
+        return dict(ctx.state or {})
+    ranges: dict[str, tuple[float, float]] = {}
+    if cfg.static_acts:
+        if ctx.calib is None:
+            raise ConfigError("static per-tensor activation quantization needs calibration images (--calib-data)")
+        ranges = calibrate(model, layers, cfg, ctx.calib)
+    if cfg.mode == Mode.DEPLOY:
+        clips = _deploy(model, layers, cfg, ranges, restore=False)
+        return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": True,
+                "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
+    clips = {}
+    for name, m in layers:
+        if cfg.w_bits is not None:
+            group = cfg.group_size if cfg.w_granularity == WeightGranularity.PER_GROUP else None
+            if group and m.in_features % group:
+                raise ConfigError(f"group_size {group} does not divide {name}'s {m.in_features} input features")
+            clip = ops.mse_weight_clip(m.weight, cfg.w_bits, group) if cfg.observer == Observer.MSE else 1.0
+            with torch.no_grad():
+                m.weight.copy_(ops.fake_quant_weight(m.weight, cfg.w_bits, group, clip))
+            clips[name] = clip
+        _convert(m, cfg)
+        if name in ranges:
+            scale, zero = ops.act_qparams(torch.tensor(ranges[name][0]), torch.tensor(ranges[name][1]), cfg.a_bits)
+            m.a_scale.copy_(scale)
+            m.a_zero.copy_(zero)
+    return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": False,
+            "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
