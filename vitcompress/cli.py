@@ -208,7 +208,7 @@ def quantize(
     w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
     a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
     mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (W8A8, int8 GEMM)."),
-    method: str | None = typer.Option(None, "--method", help="Observer: minmax, percentile or mse."),
+    method: str | None = typer.Option(None, "--method", help="minmax, percentile, mse (observers) or gptq."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
     a_granularity: str | None = typer.Option(None, "--a-granularity", help="per_tensor (static) or per_token."),
@@ -228,19 +228,22 @@ def quantize(
 
     if backend is not None:
         raise ConfigError("--backend is not built yet (issue #4); simulate mode runs in floating point")
-    if method in ("repq", "gptq"):
-        raise ConfigError(f"--method {method} is not built yet (issue #4); use minmax, percentile or mse")
+    if method == "repq":
+        raise ConfigError("--method repq is not built yet (issue #4); use minmax, percentile, mse or gptq")
+    rounding = None
+    if method == "gptq":  # GPTQ weight rounding; activation ranges stay minmax
+        method, rounding = None, "gptq"
     bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
             if v != "unset"}
-    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, w_granularity=w_granularity,
+    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, w_granularity=w_granularity,
                                        group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
                                        layers=None if layers is None else layers.split(","),
                                        exclude=None if exclude is None else exclude.split(",")))
     m = _load_model(model, pretrained, checkpoint, None, None, None)
     calib = None
-    if cfg.static_acts:
+    if cfg.static_acts or cfg.rounding == "gptq":
         if calib_data is None:
-            raise ConfigError("static activation quantization needs --calib-data (e.g. digits)")
+            raise ConfigError("static activation quantization and gptq need --calib-data (e.g. digits)")
         data = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")
         calib = data.loader(cfg.calib_size)
         model_info(m).provenance["calibration"] = data.describe()

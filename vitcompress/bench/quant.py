@@ -25,6 +25,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "W6A6 mse": {"w_bits": 6, "a_bits": 6, "observer": "mse"},
     "W4A8 minmax": {"w_bits": 4, "a_bits": 8},
     "W4A8 mse": {"w_bits": 4, "a_bits": 8, "observer": "mse"},
+    "W4A8 gptq": {"w_bits": 4, "a_bits": 8, "rounding": "gptq"},
+    "W3A8 minmax": {"w_bits": 3, "a_bits": 8},
+    "W3A8 gptq": {"w_bits": 3, "a_bits": 8, "rounding": "gptq"},
     "W4A4 minmax": {"w_bits": 4, "a_bits": 4},
     "W4A4 percentile": {"w_bits": 4, "a_bits": 4, "observer": "percentile"},
     "W4A4 mse": {"w_bits": 4, "a_bits": 4, "observer": "mse"},
@@ -40,7 +43,8 @@ def _details(model: nn.Module) -> str:
     w = f"W{c['w_bits'] or 16} {c['w_granularity']}" + (f"/{c['group_size']}" if c["w_granularity"] == "per_group"
                                                          else "")
     a = f"A{c['a_bits']} {c['a_granularity']}" if c["a_bits"] else "A16"
-    return f"{w}, {a}, {c['observer']}, simulate"
+    rounding = "gptq" if c.get("rounding") == "gptq" else c["observer"]
+    return f"{w}, {a}, {rounding}, simulate"
 
 
 def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224", repeat: int = 7) -> None:

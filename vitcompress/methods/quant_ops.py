@@ -92,3 +92,38 @@ def act_range(x: torch.Tensor, observer: str, bits: int, percentile: float = 99.
                 best = (err, lo * c, hi * c)
         _, lo, hi = best
     return float(lo), float(hi)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                  damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """GPTQ: round w [O,I] column by column, pushing each column's error onto the columns not yet rounded.
+
+    hessian: [I,I] = sum of x^T x over the layer's calibration inputs. The grid is the same symmetric
+    per-channel (or per-group, its scale taken when the group starts) grid as RTN. Returns the dequantized
+    float32 weights, which lie exactly on that grid.
+    """
+    w = w.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = qmax_signed(bits)
+    out = torch.zeros_like(w)
+    scale = weight_scale(w, bits)[:, 0] if not group_size else None
+    for i1 in range(0, w.shape[1], block):
+        i2 = min(i1 + block, w.shape[1])
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size and col % group_size == 0:  # the group's scale, from the error-updated weights
+                g = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
+                scale = (g.abs().amax(1).clamp_min(EPS)) / q
+            wq = torch.round(w1[:, i] / scale).clamp(-q, q) * scale
+            out[:, col] = wq
+            err = (w1[:, i] - wq) / hinv[col, col]
+            w1[:, i:] -= err[:, None] * hinv[col, col:i2][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return out

@@ -47,6 +47,11 @@ class ActGranularity(StrEnum):
     PER_TOKEN = "per_token"  # dynamic
 
 
+class Rounding(StrEnum):
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # error-compensating, from calibration Hessians
+
+
 class Observer(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -74,6 +79,8 @@ class QuantConfig(Config):
     exclude: list[str] = dataclasses.field(default_factory=list)
     calib_size: int = 32
     mode: Mode = Mode.SIMULATE
+    rounding: Rounding = Rounding.RTN
+    gptq_damp: float = 0.01
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -90,6 +97,8 @@ class QuantConfig(Config):
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if not self.layers:
             raise ConfigError("no layers to quantize")
+        if self.rounding == Rounding.GPTQ and (self.w_bits is None or self.mode == Mode.DEPLOY):
+            raise ConfigError("gptq rounds weights in simulate mode: it needs w_bits and --mode simulate")
 
     @property
     def static_acts(self) -> bool:
@@ -139,16 +148,22 @@ def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Line
 
 
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantConfig,
-              calib: Iterable[Any]) -> dict[str, tuple[float, float]]:
-    """Per-layer input ranges (lo, hi) over up to ``calib_size`` images, with earlier transforms active.
+              calib: Iterable[Any]) -> tuple[dict[str, tuple[float, float]], dict[str, torch.Tensor]]:
+    """Per-layer input ranges (lo, hi) and, for GPTQ, input Hessians sum(x^T x) [I,I], over up to
+    ``calib_size`` images with earlier transforms active (one pass on the float model).
 
     minmax keeps the extremes over all batches; percentile and mse average their per-batch choices.
     """
     seen: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in layers}
+    hessians: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            seen[name].append(ops.act_range(args[0], str(cfg.observer), int(cfg.a_bits), cfg.percentile))
+            if cfg.static_acts:
+                seen[name].append(ops.act_range(args[0], str(cfg.observer), int(cfg.a_bits), cfg.percentile))
+            if cfg.rounding == Rounding.GPTQ:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                hessians[name] = hessians.get(name, 0) + x.t() @ x
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
@@ -170,12 +185,14 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantC
         raise ConfigError("the calibration set is empty")
     out = {}
     for name, ranges in seen.items():
+        if not ranges:
+            continue
         lows, highs = zip(*ranges)
         if cfg.observer == Observer.MINMAX:
             out[name] = (min(lows), max(highs))
         else:
             out[name] = (sum(lows) / len(lows), sum(highs) / len(highs))
-    return out
+    return out, hessians
 
 
 def _convert(module: nn.Linear, cfg: QuantConfig) -> None:
@@ -221,10 +238,11 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
                 _convert(m, cfg)
         return dict(ctx.state or {})
     ranges: dict[str, tuple[float, float]] = {}
-    if cfg.static_acts:
+    hessians: dict[str, torch.Tensor] = {}
+    if cfg.static_acts or cfg.rounding == Rounding.GPTQ:
         if ctx.calib is None:
-            raise ConfigError("static per-tensor activation quantization needs calibration images (--calib-data)")
-        ranges = calibrate(model, layers, cfg, ctx.calib)
+            raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
+        ranges, hessians = calibrate(model, layers, cfg, ctx.calib)
     if cfg.mode == Mode.DEPLOY:
         clips = _deploy(model, layers, cfg, ranges, restore=False)
         return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": True,
@@ -235,9 +253,13 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             group = cfg.group_size if cfg.w_granularity == WeightGranularity.PER_GROUP else None
             if group and m.in_features % group:
                 raise ConfigError(f"group_size {group} does not divide {name}'s {m.in_features} input features")
-            clip = ops.mse_weight_clip(m.weight, cfg.w_bits, group) if cfg.observer == Observer.MSE else 1.0
+            if cfg.rounding == Rounding.GPTQ:
+                new, clip = ops.gptq_quantize(m.weight, hessians[name], cfg.w_bits, group, cfg.gptq_damp), 1.0
+            else:
+                clip = ops.mse_weight_clip(m.weight, cfg.w_bits, group) if cfg.observer == Observer.MSE else 1.0
+                new = ops.fake_quant_weight(m.weight, cfg.w_bits, group, clip)
             with torch.no_grad():
-                m.weight.copy_(ops.fake_quant_weight(m.weight, cfg.w_bits, group, clip))
+                m.weight.copy_(new)
             clips[name] = clip
         _convert(m, cfg)
         if name in ranges:
