@@ -136,7 +136,8 @@ def test_quantize_cli_end_to_end(tmp_path, cli, trained_artifact):
                           (["--a-bits", "x"], "--a-bits must be an integer"),
                           ([], "need --calib-data"),
                           (["--calib-data", "digits", "--layers", "nothing"], "matches no module"),
-                          (["--calib-data", "digits", "--method", "repq"], "not built yet"),
+                          (["--calib-data", "digits", "--method", "repq", "--a-granularity", "per_token"],
+                           "repq reparameterizes for static per-tensor activations"),
                           (["--method", "gptq", "--a-bits", "none"], "need --calib-data")]:
         rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "x", *args)
         assert rc != 0 and len(err.strip().splitlines()) == 1 and pattern in err, err
@@ -207,3 +208,32 @@ def test_gptq_cli(tmp_path, cli, trained_artifact):
     assert rc == 0, err
     cfg = json.loads((tmp_path / "g" / "vitcompress.json").read_text())["transforms"][0]["config"]
     assert cfg["rounding"] == "gptq" and cfg["a_bits"] is None
+
+
+def test_repq_reparam_keeps_the_float_function(tiny_model):
+    from vitcompress.methods.quantize import repq_reparam_
+
+    ref = _fwd(tiny_model, _x())
+    folded = repq_reparam_(tiny_model, QuantConfig(reparam="repq"), _calib(tiny_model))
+    assert folded == ["blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert torch.allclose(_fwd(tiny_model, _x()), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_repq_makes_per_tensor_quantization_act_per_channel(tiny_model):
+    """After RepQ, qkv's inputs have one range per channel mapped onto a shared per-tensor range."""
+    from vitcompress.methods.quantize import repq_reparam_
+
+    repq_reparam_(tiny_model, QuantConfig(reparam="repq", a_bits=4), _calib(tiny_model))
+    seen = []
+    tiny_model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
+    for x, _, _ in _calib(tiny_model):
+        _fwd(tiny_model, x)
+    x = torch.cat(seen)
+    widths = x.amax(0) - x.amin(0)
+    assert (widths.max() / widths.min()).item() < 1.5  # every channel spans about the same range
+
+
+def test_w4a4_repq_runs_and_reloads(tmp_path, tiny_model):
+    compress_(tiny_model, QuantConfig(w_bits=4, a_bits=4, reparam="repq"), calib=_calib(tiny_model))
+    save_artifact(tiny_model, tmp_path / "r")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "r"), _x()), _fwd(tiny_model, _x()))

@@ -208,7 +208,7 @@ def quantize(
     w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
     a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
     mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (W8A8, int8 GEMM)."),
-    method: str | None = typer.Option(None, "--method", help="minmax, percentile, mse (observers) or gptq."),
+    method: str | None = typer.Option(None, "--method", help="minmax, percentile, mse (observers), repq or gptq."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
     a_granularity: str | None = typer.Option(None, "--a-granularity", help="per_tensor (static) or per_token."),
@@ -228,14 +228,15 @@ def quantize(
 
     if backend is not None:
         raise ConfigError("--backend is not built yet (issue #4); simulate mode runs in floating point")
-    if method == "repq":
-        raise ConfigError("--method repq is not built yet (issue #4); use minmax, percentile, mse or gptq")
-    rounding = None
+    rounding = reparam = None
     if method == "gptq":  # GPTQ weight rounding; activation ranges stay minmax
         method, rounding = None, "gptq"
+    elif method == "repq":  # RepQ-ViT reparameterization before minmax calibration
+        method, reparam = None, "repq"
     bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
             if v != "unset"}
-    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, w_granularity=w_granularity,
+    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, reparam=reparam,
+                                       w_granularity=w_granularity,
                                        group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
                                        layers=None if layers is None else layers.split(","),
                                        exclude=None if exclude is None else exclude.split(",")))

@@ -23,6 +23,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "W8A8 minmax": {"w_bits": 8, "a_bits": 8},
     "W6A6 minmax": {"w_bits": 6, "a_bits": 6},
     "W6A6 mse": {"w_bits": 6, "a_bits": 6, "observer": "mse"},
+    "W6A6 repq": {"w_bits": 6, "a_bits": 6, "reparam": "repq"},
     "W4A8 minmax": {"w_bits": 4, "a_bits": 8},
     "W4A8 mse": {"w_bits": 4, "a_bits": 8, "observer": "mse"},
     "W4A8 gptq": {"w_bits": 4, "a_bits": 8, "rounding": "gptq"},
@@ -31,6 +32,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "W4A4 minmax": {"w_bits": 4, "a_bits": 4},
     "W4A4 percentile": {"w_bits": 4, "a_bits": 4, "observer": "percentile"},
     "W4A4 mse": {"w_bits": 4, "a_bits": 4, "observer": "mse"},
+    "W4A4 repq": {"w_bits": 4, "a_bits": 4, "reparam": "repq"},
+    "W4A4 repq + gptq": {"w_bits": 4, "a_bits": 4, "reparam": "repq", "rounding": "gptq"},
     "W4A4 minmax, per-token acts": {"w_bits": 4, "a_bits": 4, "a_granularity": "per_token"},
     "W4 (group 32) A16": {"w_bits": 4, "a_bits": None, "w_granularity": "per_group", "group_size": 32},
 }
@@ -43,8 +46,9 @@ def _details(model: nn.Module) -> str:
     w = f"W{c['w_bits'] or 16} {c['w_granularity']}" + (f"/{c['group_size']}" if c["w_granularity"] == "per_group"
                                                          else "")
     a = f"A{c['a_bits']} {c['a_granularity']}" if c["a_bits"] else "A16"
-    rounding = "gptq" if c.get("rounding") == "gptq" else c["observer"]
-    return f"{w}, {a}, {rounding}, simulate"
+    how = ("repq + " if c.get("reparam") == "repq" else "") + ("gptq" if c.get("rounding") == "gptq"
+                                                                 else c["observer"])
+    return f"{w}, {a}, {how}, simulate"
 
 
 def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224", repeat: int = 7) -> None:

@@ -52,6 +52,11 @@ class Rounding(StrEnum):
     GPTQ = "gptq"  # error-compensating, from calibration Hessians
 
 
+class Reparam(StrEnum):
+    NONE = "none"
+    REPQ = "repq"  # RepQ-ViT: fold post-LayerNorm channel-wise ranges into the LayerNorm and the next Linear
+
+
 class Observer(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -81,6 +86,7 @@ class QuantConfig(Config):
     mode: Mode = Mode.SIMULATE
     rounding: Rounding = Rounding.RTN
     gptq_damp: float = 0.01
+    reparam: Reparam = Reparam.NONE
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -97,6 +103,9 @@ class QuantConfig(Config):
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if not self.layers:
             raise ConfigError("no layers to quantize")
+        if self.reparam == Reparam.REPQ and not self.static_acts:
+            raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
+                              "a_granularity per_tensor")
         if self.rounding == Rounding.GPTQ and (self.w_bits is None or self.mode == Mode.DEPLOY):
             raise ConfigError("gptq rounds weights in simulate mode: it needs w_bits and --mode simulate")
 
@@ -167,22 +176,11 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantC
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
-    device = next(model.parameters()).device
-    done = 0
     try:
-        with torch.inference_mode():
-            for batch in calib:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                x = x[: cfg.calib_size - done].to(device)
-                model(x)
-                done += len(x)
-                if done >= cfg.calib_size:
-                    break
+        _run_calibration(model, calib, cfg.calib_size)
     finally:
         for h in handles:
             h.remove()
-    if done == 0:
-        raise ConfigError("the calibration set is empty")
     out = {}
     for name, ranges in seen.items():
         if not ranges:
@@ -201,6 +199,68 @@ def _convert(module: nn.Linear, cfg: QuantConfig) -> None:
     module._vc_per_token = cfg.a_granularity == ActGranularity.PER_TOKEN
     module.register_buffer("a_scale", torch.ones((), device=module.weight.device))
     module.register_buffer("a_zero", torch.zeros((), device=module.weight.device))
+
+
+def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
+    """RepQ-ViT's scale reparameterization, in place, for each (LayerNorm -> Linear) pair: norm1 -> qkv and
+    norm2 -> fc1, when those Linears are selected and activations are quantized per tensor.
+
+    With per-channel asymmetric parameters (s, z) of the post-LayerNorm activation X and their means
+    (s~, z~): r1 = s / s~, r2 = z - z~. The LayerNorm outputs X~ = (X + s r2) / r1 (gamma / r1,
+    (beta + s r2) / r1) and the Linear takes W r1 and b - W (s r2), so the float function is unchanged while
+    one per-tensor quantizer on X~ acts like per-channel quantization of X.
+    """
+    pairs = [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv") for i in range(len(model.blocks))]
+    pairs += [(f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1") for i in range(len(model.blocks))]
+    selected = {n for n, _ in select_layers(model, cfg)}
+    pairs = [(n, lin) for n, lin in pairs if lin in selected
+             and isinstance(model.get_submodule(n), nn.LayerNorm) and model.get_submodule(n).elementwise_affine]
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            lo[name] = torch.minimum(lo[name], x.amin(0)) if name in lo else x.amin(0)
+            hi[name] = torch.maximum(hi[name], x.amax(0)) if name in hi else x.amax(0)
+        return fn
+
+    handles = [model.get_submodule(lin).register_forward_pre_hook(hook(lin)) for _, lin in pairs]
+    try:
+        _run_calibration(model, calib, cfg.calib_size)
+    finally:
+        for h in handles:
+            h.remove()
+    for norm_name, lin_name in pairs:
+        norm, lin = model.get_submodule(norm_name), model.get_submodule(lin_name)
+        s, z = ops.act_qparams(lo[lin_name], hi[lin_name], int(cfg.a_bits))
+        r1 = (s / s.mean()).clamp_min(1e-4)  # any r1 > 0 keeps the float function; avoid dead-channel blow-up
+        r2 = z - torch.round(z.mean())
+        shift = s * r2  # [C]
+        with torch.no_grad():
+            if lin.bias is not None:
+                lin.bias.sub_((lin.weight.float() @ shift).to(lin.bias.dtype))
+            lin.weight.mul_(r1.to(lin.weight.dtype)[None, :])
+            norm.bias.copy_(((norm.bias.float() + shift) / r1).to(norm.bias.dtype))
+            norm.weight.copy_((norm.weight.float() / r1).to(norm.weight.dtype))
+    return [lin for _, lin in pairs]
+
+
+def _run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int) -> int:
+    """Forward up to ``calib_size`` calibration images; returns how many ran."""
+    device = next(model.parameters()).device
+    done = 0
+    with torch.inference_mode():
+        for batch in calib:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = x[: calib_size - done].to(device)
+            model(x)
+            done += len(x)
+            if done >= calib_size:
+                break
+    if done == 0:
+        raise ConfigError("the calibration set is empty")
+    return done
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -239,13 +299,16 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         return dict(ctx.state or {})
     ranges: dict[str, tuple[float, float]] = {}
     hessians: dict[str, torch.Tensor] = {}
+    reparam: list[str] = []
     if cfg.static_acts or cfg.rounding == Rounding.GPTQ:
         if ctx.calib is None:
             raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
+        if cfg.reparam == Reparam.REPQ:
+            reparam = repq_reparam_(model, cfg, ctx.calib)
         ranges, hessians = calibrate(model, layers, cfg, ctx.calib)
     if cfg.mode == Mode.DEPLOY:
         clips = _deploy(model, layers, cfg, ranges, restore=False)
-        return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": True,
+        return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": True, "reparam": reparam,
                 "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
     clips = {}
     for name, m in layers:
@@ -266,5 +329,5 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             scale, zero = ops.act_qparams(torch.tensor(ranges[name][0]), torch.tensor(ranges[name][1]), cfg.a_bits)
             m.a_scale.copy_(scale)
             m.a_zero.copy_(zero)
-    return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": False,
+    return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": False, "reparam": reparam,
             "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
