@@ -8,7 +8,6 @@ Both files are written atomically, weights first: the manifest is the commit poi
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .io import atomic_write, atomic_write_json
+from .provenance import utc_now, versions
 
 MANIFEST = "vitcompress.json"
 WEIGHTS = "model.safetensors"
@@ -38,21 +38,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the packages that decide numbers: recorded next to every result."""
-    import timm
-
-    from . import __version__
-
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except Exception:
-        triton_version = None
-    return {"vitcompress": __version__, "torch": torch.__version__, "timm": timm.__version__, "triton": triton_version}
 
 
 def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,8 +83,7 @@ def save_artifact(
         "model": {"arch": info.arch, "kwargs": info.kwargs},
         "transforms": info.transforms,
         "base": _relative_base(info.base, out),
-        "provenance": {**info.provenance, "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       "versions": versions()},
+        "provenance": {**info.provenance, "saved": utc_now(), "versions": versions()},
         "metrics": info.metrics,
         "files": {WEIGHTS: {"bytes": (out / WEIGHTS).stat().st_size, "sha256": sha256_file(out / WEIGHTS)}},
     }

@@ -242,7 +242,7 @@ def quantize(
                                        exclude=None if exclude is None else exclude.split(",")))
     m = _load_model(model, pretrained, checkpoint, None, None, None)
     calib = None
-    if cfg.static_acts or cfg.rounding == "gptq":
+    if cfg.needs_calibration:
         if calib_data is None:
             raise ConfigError("static activation quantization and gptq need --calib-data (e.g. digits)")
         data = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")

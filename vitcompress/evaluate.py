@@ -7,7 +7,6 @@ batch size (median, p95), throughput, peak_mem_mb, params, gflops, size_mb, devi
 
 from __future__ import annotations
 
-import datetime as _dt
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from .bench.timing import attention_backend
 from .data import ImageData
 from .errors import check_positive
 from .models import data_config, model_info
+from .provenance import run_context
 from .ui import progress_bar
 
 
@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     known (a model with no transforms is its own reference); None skips fidelity metrics.
     speed: also time the model at ``bench.batch_sizes`` and measure peak memory.
     """
-    from .artifact import load_base, versions
+    from .artifact import load_base
 
     bench = bench or BenchConfig()
     logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress)
@@ -94,12 +94,8 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     result.update(static_metrics(model))
     if speed:
         result.update(speed_metrics(model, bench))
-    device = bench.resolve_device()
-    result.update({
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "dtype": str(bench.dtype), "sdpa": bench.sdpa, "compile": bench.compile,
-        "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
+    result.update({"dtype": str(bench.dtype), "sdpa": bench.sdpa, "compile": bench.compile,
+                   **run_context(bench.resolve_device())})
     return result
 
 
@@ -125,16 +121,3 @@ def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:
 def _describe_model(model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
     return {"arch": info.arch, "source": info.source, "transforms": [t["name"] for t in info.transforms]}
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"cpu: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"

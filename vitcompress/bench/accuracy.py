@@ -6,7 +6,6 @@ base model; every row is measured on the same images (digits test and digits-c),
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Callable
 from typing import Any
 
@@ -18,10 +17,10 @@ SPECS = ("digits", "digits-c")
 def accuracy_table(artifact: str, variants: dict[str, Callable[[nn.Module], nn.Module]],
                    details: Callable[[nn.Module], str] = lambda m: "") -> dict[str, Any]:
     """Evaluate ``artifact`` and each ``variants[name](base)``; returns rows with top1 / agreement per spec."""
-    from ..artifact import versions
     from ..data import load_data
     from ..evaluate import evaluate
     from ..models import create_model, data_config, model_info
+    from ..provenance import run_context
 
     base = create_model(artifact)
     data = {s: load_data(s, data_config(base)) for s in SPECS}
@@ -41,8 +40,7 @@ def accuracy_table(artifact: str, variants: dict[str, Callable[[nn.Module], nn.M
     rows = [row("uncompressed", base, None)]
     rows += [row(name, build(base), rows[0]) for name, build in variants.items()]
     return {"artifact": artifact, "images": {s: len(d) for s, d in data.items()}, "dtype": "bf16",
-            "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "rows": rows}
+            **run_context(), "rows": rows}
 
 
 def accuracy_markdown(res: dict[str, Any], title: str, details_header: str, note: str = "") -> str:

@@ -53,32 +53,25 @@ def _details(model: nn.Module) -> str:
 
 def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224", repeat: int = 7) -> None:
     """W8A8 deploy (per-token, int8 GEMM) vs the dense bf16 + SDPA model, alternately in one process."""
-    import datetime as _dt
-
-    import torch
-
-    from ..artifact import versions
     from ..bench import BenchConfig, compare, model_runner
-    from ..evaluate import _cpu_name
     from ..methods import QuantConfig
     from ..models import create_model, data_config
+    from ..provenance import run_context
     from ..transforms import compress_
 
     base = create_model(arch)
     q = copy.deepcopy(base)
     compress_(q, QuantConfig(mode="deploy", a_granularity="per_token"))
     size, cfg = data_config(base)["input_size"], BenchConfig()
+    device = cfg.resolve_device()
     rows = []
     for bs in batch_sizes:
-        r = compare(model_runner(base, bs, size, cfg), model_runner(q, bs, size, cfg), device=cfg.resolve_device(),
+        r = compare(model_runner(base, bs, size, cfg), model_runner(q, bs, size, cfg), device=device,
                     warmup=2, warmup_s=2.0, repeat=repeat)
         rows.append({"batch": bs, "speedup": round(r["speedup"], 3), "bf16_ms": round(r["a_median_ms"], 2),
                      "int8_ms": round(r["b_median_ms"], 2)})
         print(f"W8A8 deploy vs bf16, batch {bs}: {r['speedup']:.3f}x", flush=True)
-    device = cfg.resolve_device()
-    res = {"arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-           "versions": versions(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "repeat": repeat, "rows": rows}
+    res = {"arch": arch, **run_context(device), "repeat": repeat, "rows": rows}
     atomic_write_json(out / "speed_w8a8_vs_bf16.json", res)
     lines = [f"# W8A8 deploy (int8 GEMM via torch._int_mm) vs bf16 + SDPA: {arch}", "",
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. Both timed alternately "

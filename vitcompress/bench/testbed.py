@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=None, help="where to train (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    from ..artifact import versions
     from ..demo import evaluate_testbed
+    from ..provenance import versions
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact or Path(tmp) / "digits_vit"

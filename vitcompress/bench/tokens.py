@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,10 +57,9 @@ def _build(model: torch.nn.Module, spec: dict[str, Any], flops_of: dict[str, flo
 
 
 def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from ..artifact import versions
     from ..bench import BenchConfig, compare, count_flops, model_runner
-    from ..evaluate import _cpu_name
     from ..models import create_model, data_config
+    from ..provenance import run_context
 
     base = create_model(arch)
     size = data_config(base)["input_size"]
@@ -84,10 +82,8 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
                          "gflops": round(flops / 1e9, 3), "gflops_fraction": round(flops / base_flops, 3)})
             print(f"{name:28s} b{bs:<4d} speedup {r['speedup']:.3f}x  ({r['a_median_ms']:.1f} -> "
                   f"{r['b_median_ms']:.1f} ms)  GFLOPs {flops / base_flops:.3f}", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"arch": arch, "base_gflops": round(base_flops / 1e9, 3), "dtype": str(cfg.dtype), "sdpa": cfg.sdpa,
-            "device": device_name, "versions": versions(), "repeat": repeat,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+            **run_context(device), "repeat": repeat, "rows": rows}
 
 
 def _schedule(model: torch.nn.Module) -> str:

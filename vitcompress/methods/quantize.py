@@ -113,6 +113,11 @@ class QuantConfig(Config):
     def static_acts(self) -> bool:
         return self.a_bits is not None and self.a_granularity == ActGranularity.PER_TENSOR
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges, RepQ and GPTQ are all computed from calibration images."""
+        return self.static_acts or self.rounding == Rounding.GPTQ
+
 
 class FakeQuantLinear(nn.Linear):
     """``nn.Linear`` whose input is fake-quantized (weights were fake-quantized in place).
@@ -300,7 +305,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     ranges: dict[str, tuple[float, float]] = {}
     hessians: dict[str, torch.Tensor] = {}
     reparam: list[str] = []
-    if cfg.static_acts or cfg.rounding == Rounding.GPTQ:
+    if cfg.needs_calibration:
         if ctx.calib is None:
             raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
         if cfg.reparam == Reparam.REPQ:
