@@ -9,7 +9,7 @@ from pathlib import Path
 def recipe_path(name_or_path: str) -> Path:
     """A recipe path as given, or a bundled recipe by name (``digits_vit`` or ``digits_vit.yaml``)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
     bundled = resources.files(__name__) / name

@@ -148,9 +148,3 @@ def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
     ]:
         rc, _, err = cli("merge", trained_artifact, *out, *args)
         _one_clean_line(rc, err, pattern)
-
-
-@pytest.mark.parametrize("cmd,issue", [("prune", 5), ("sweep", 7), ("report", 7)])
-def test_commands_not_built_yet_say_so(cli, cmd, issue):
-    rc, _, err = cli(cmd, "x", "--r", "8")
-    _one_clean_line(rc, err, f"not built yet (tracked in issue #{issue})")

@@ -126,26 +126,6 @@ def eval_(
     _print_eval(result)
 
 
-_PLANNED = {
-    "prune": (5, "Structured and block-structured pruning with distillation recovery."),
-    "sweep": (7, "Sweep stacked compression methods and report the Pareto front."),
-    "report": (7, "Pareto report (Markdown, PNG, CSV) from a sweep directory."),
-}
-
-
-def _planned(issue: int, doc: str):
-    def command(ctx: typer.Context) -> None:
-        raise UserError(f"this command is not built yet (tracked in issue #{issue})")
-
-    command.__doc__ = f"(not built yet) {doc}"
-    return command
-
-
-for _name, (_issue, _doc) in _PLANNED.items():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _planned(_issue, _doc))
-
-
 @app.command()
 def merge(
     model: str = ModelArg,
@@ -187,6 +167,77 @@ def merge(
     _print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
                            "GFLOPs fraction": state.get("flops_fraction"),
                            "measured speedup": state.get("measured_speedup")})
+
+
+@app.command()
+def prune(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    heads: float | None = typer.Option(None, "--heads", help="Fraction of attention heads removed."),
+    mlp: float | None = typer.Option(None, "--mlp", help="Fraction of MLP hidden channels removed."),
+    block_sparsity: float | None = typer.Option(None, "--block-sparsity", help="Fraction of weight blocks removed."),
+    block_size: int | None = typer.Option(None, "--block-size", help="Block edge B (BxB tiles)."),
+    criterion: str | None = typer.Option(None, "--criterion", help="magnitude, taylor or hessian."),
+    scope: str | None = typer.Option(None, "--scope", help="Heads/MLP ranking: global or per_layer."),
+    calib_data: str | None = typer.Option(None, "--calib-data", help="Images for taylor/hessian (train split)."),
+    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
+    finetune_epochs: int | None = typer.Option(None, "--finetune-epochs", help="Recovery fine-tuning epochs."),
+    data: str | None = typer.Option(None, "--data", help="Fine-tuning data (its train split)."),
+    distill: bool | None = typer.Option(None, "--distill", help="Distil from the unpruned model while fine-tuning."),
+    distill_type: str | None = typer.Option(None, "--distill-type", help="soft (KL) or hard (DeiT)."),
+    attn_only: bool | None = typer.Option(None, "--attn-only", help="Fine-tune only the attention weights."),
+    lr: float | None = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
+    device: str | None = typer.Option(None, "--device", help="Fine-tuning device: auto, cpu or cuda[:N]."),
+    pretrained: bool | None = PretrainedOpt,
+    checkpoint: Path | None = CheckpointOpt,
+) -> None:
+    """Structured (heads, MLP width) and block-structured pruning, with optional distillation recovery."""
+    from .artifact import save_artifact
+    from .data import load_data
+    from .methods import BlockSparseConfig, PruneConfig
+    from .models import data_config, model_info
+    from .recover import RecoveryConfig, finetune_, unpruned_teacher
+    from .transforms import compress_
+
+    configs: list[Any] = []
+    if heads is not None or mlp is not None:
+        configs.append(PruneConfig(**_given(heads=heads, mlp=mlp, criterion=criterion, scope=scope,
+                                            calib_size=calib_size)))
+    if block_sparsity is not None:
+        configs.append(BlockSparseConfig(**_given(sparsity=block_sparsity, block_size=block_size,
+                                                  criterion=criterion, calib_size=calib_size)))
+    elif block_size is not None:
+        raise ConfigError("--block-size needs --block-sparsity")
+    if not configs:
+        raise ConfigError("give --heads, --mlp and/or --block-sparsity")
+    recovery = None
+    if finetune_epochs is not None:
+        if data is None:
+            raise ConfigError("--finetune-epochs needs --data (its train split is used)")
+        recovery = RecoveryConfig(data=data, epochs=finetune_epochs, distill="soft" if distill else "none",
+                                  **_given(attn_only=attn_only, lr=lr, device=device))
+        if distill and distill_type is not None:
+            recovery = RecoveryConfig.from_dict({**recovery.to_dict(), "distill": distill_type})
+    elif distill or attn_only or data is not None:
+        raise ConfigError("--distill, --attn-only and --data apply to recovery: add --finetune-epochs N")
+    m = _load_model(model, pretrained, checkpoint, None, None, None)
+    teacher = unpruned_teacher(m) if recovery is not None and recovery.distill != "none" else None
+    for cfg in configs:
+        calib = None
+        if cfg.needs_calibration:
+            if calib_data is None:
+                raise ConfigError(f"--criterion {cfg.criterion} needs --calib-data (e.g. digits)")
+            ds = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")
+            calib = ds.loader(min(cfg.calib_size, 32))
+            model_info(m).provenance["calibration"] = ds.describe()
+        compress_(m, cfg, calib=calib)
+    rec = finetune_(m, recovery, teacher=teacher, progress=sys.stderr.isatty()) if recovery is not None else None
+    save_artifact(m, out)
+    rows: dict[str, Any] = {"artifact": str(out)}
+    for t in model_info(m).transforms[-len(configs):]:
+        rows.update({f"{t['name']} {k}": v for k, v in t["state"].items() if k != "layers"})
+    rows["recovery"] = "none" if rec is None else f"{rec['level']} ({recovery.epochs} epochs, {recovery.distill})"
+    _print_table("prune", rows)
 
 
 def _bits(text: str | None, name: str) -> int | None | str:
@@ -257,17 +308,55 @@ def quantize(
 
 
 @app.command()
-def demo(
-    out: Path | None = typer.Option(None, "--out", help="Where to write the report."),
-    recipe: str | None = typer.Option(None, "--recipe", help="Baseline recipe (default: digits_vit)."),
+def sweep(
+    recipe: str = typer.Argument(..., help="Sweep recipe YAML (a path, or a bundled name: demo, vit_b16_gpu)."),
+    out: Path = typer.Option(..., "--out", help="Sweep directory (re-running resumes it)."),
+    no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
 ) -> None:
-    """The main job: train (or reuse) the digits baseline, evaluate it, write a report."""
+    """Measure compression stacks on one base model; resumable; writes the Pareto report."""
+    from .sweep import run_sweep
+
+    run_sweep(recipe, out, progress=sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True),
+              report=not no_report)
+    if not no_report:
+        _print_fronts(out)
+
+
+@app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory.")) -> None:
+    """Pareto fronts, report.md, pareto.png, points.csv and pareto.json from a sweep directory."""
+    from .report import write_report
+
+    write_report(sweep_dir)
+    _print_fronts(sweep_dir)
+
+
+@app.command()
+def demo(
+    out: Path | None = typer.Option(None, "--out", help="Where to write the report (default ./vitcompress-demo)."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Sweep recipe (default: the bundled demo)."),
+) -> None:
+    """The main job: train (or reuse) the digits baseline, sweep every method alone and stacked, report."""
     from .demo import run_demo
 
-    results = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
-                       log=lambda m: typer.echo(m, err=True))
-    for r in results.values():
-        _print_eval(r)
+    path = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
+                    log=lambda m: typer.echo(m, err=True))
+    _print_fronts(path)
+
+
+def _print_fronts(sweep_dir: Path) -> None:
+    import json
+
+    res = json.loads((Path(sweep_dir) / "pareto.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    table = {"report": str(Path(sweep_dir) / "report.md"), "picture": str(Path(sweep_dir) / "pareto.png")}
+    for name in res["front_latency"]:
+        r = rows[name]
+        table[f"★ {name}"] = (f"{res['accuracy_metric']} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
+                              f"{r['speedup']:.2f}x at b{res['reference_batch']}, {r['kind']}")
+    if res["failed"]:
+        table["failed points"] = len(res["failed"])
+    _print_table("accuracy-vs-latency front", table)
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -24,19 +24,9 @@ from .ui import progress_bar
 
 
 @dataclasses.dataclass
-class TrainConfig(Config):
-    """Everything a training run depends on; a recipe YAML is this dict (``train:`` section)."""
+class OptimConfig(Config):
+    """The optimisation settings training and recovery fine-tuning share (AdamW, warmup + cosine, bf16)."""
 
-    NAME = "train"
-    VERSION = 1
-    model: str = "vit_tiny_patch16_224"
-    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    pretrained: bool = False
-    checkpoint: str | None = None
-    data: str = "digits"
-    split: str | None = None
-    eval_data: str | None = "digits"
-    limit: int | None = None
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -52,13 +42,34 @@ class TrainConfig(Config):
     seed: int = 0
 
     def validate(self) -> None:
-        check_positive("epochs", self.epochs)
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         check_positive("batch size", self.batch_size)
-        check_positive("limit", self.limit)
         if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ConfigError("lr must be > 0, min_lr and weight_decay >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclasses.dataclass
+class TrainConfig(OptimConfig):
+    """Everything a training run depends on; a recipe YAML is this dict (``train:`` section)."""
+
+    NAME = "train"
+    VERSION = 1
+    model: str = "vit_tiny_patch16_224"
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    data: str = "digits"
+    split: str | None = None
+    eval_data: str | None = "digits"
+    limit: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("epochs", self.epochs)
+        check_positive("limit", self.limit)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -77,7 +88,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: OptimConfig, gen: torch.Generator) -> torch.Tensor:
     """Random rotation/scale/translation per image, batched. x: [B,C,H,W] -> [B,C,H,W]."""
     if not (cfg.aug_rotate or cfg.aug_scale or cfg.aug_translate):
         return x
@@ -92,11 +103,48 @@ def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Te
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: torch.device, *,
+        params: list[nn.Parameter] | None = None, progress: bool = False, desc: str = "train") -> tuple[float, float]:
+    """Optimise ``loss_fn(x [B,3,H,W], y [B]) -> scalar`` over ``loader`` for ``cfg.epochs`` epochs.
+
+    AdamW on ``params`` (default: all trainable; no weight decay on biases, norms and position embeddings),
+    per-step linear warmup + cosine decay, batched augmentation, autocast. Returns (smoothed final loss, seconds).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        ids = {id(p) for p in params}
+        named = [(n, p) for n, p in named if id(p) in ids]
+    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "pos_embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps = cfg.epochs * len(loader)
+    warmup = min(steps, int(cfg.warmup_epochs * len(loader)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    use_amp = cfg.dtype != Dtype.FP32
+    t0, step, loss_avg = time.perf_counter(), 0, float("nan")
+    with progress_bar(progress, steps, desc) as tick:
+        for epoch in range(cfg.epochs):
+            for x, y, _ in loader:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, steps, warmup, cfg)
+                x = augment(x, cfg, gen).to(device)
+                with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
+                    loss = loss_fn(x, y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+                step += 1
+                tick(description=f"{desc} epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.3f}")
+    return loss_avg, time.perf_counter() - t0
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
@@ -120,30 +168,12 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = F
                           "(set num_classes in model_kwargs)")
     model.to(device).train()
     loader = data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+
+    loss_avg, train_s = fit(model, loader, loss_fn, cfg, device, progress=progress)
     steps = cfg.epochs * len(loader)
-    warmup = min(steps, int(cfg.warmup_epochs * len(loader)))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    use_amp = cfg.dtype != Dtype.FP32
-    t0, step, loss_avg = time.perf_counter(), 0, float("nan")
-    with progress_bar(progress, steps, "train") as tick:
-        for epoch in range(cfg.epochs):
-            for x, y, _ in loader:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, steps, warmup, cfg)
-                x = augment(x, cfg, gen).to(device)
-                with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
-                    loss = F.cross_entropy(model(x).float(), y.to(device), label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
-                step += 1
-                tick(description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.3f}")
-    train_s = time.perf_counter() - t0
     model.eval()
     metrics: dict[str, Any] = {"train_seconds": round(train_s, 1), "final_loss": round(loss_avg, 4),
                                "epochs": cfg.epochs, "steps": steps, "device": str(device)}

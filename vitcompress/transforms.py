@@ -53,14 +53,20 @@ def register_transform(config_cls: type[Config]) -> Callable[[TransformFn], Tran
     return deco
 
 
+def _load_builtin() -> None:
+    from . import methods  # noqa: F401  (importing the package registers the built-in transforms)
+
+
 def registered() -> dict[str, type[Config]]:
     """Names of all registered transforms and their config classes."""
+    _load_builtin()
     return {name: cls for name, (cls, _) in _REGISTRY.items()}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a registered config from its versioned dict."""
     name = data.get("name")
+    _load_builtin()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown transform '{name}' (known: {', '.join(sorted(_REGISTRY)) or 'none'})")
     return _REGISTRY[name][0].from_dict(data)

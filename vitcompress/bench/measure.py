@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,26 +73,25 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(fd)
 
 
-def peak_memory_mb(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig) -> float | None:
-    """Peak memory of one inference batch in MiB: weights + the high-water mark of live allocations.
+def peak_alloc_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """High-water mark of memory allocated *during* ``fn()`` above what was live before it, in bytes.
 
-    CUDA: ``max_memory_allocated``. CPU: replays the profiler's allocation events in time order.
+    CUDA: ``max_memory_allocated`` after a reset, minus what was allocated at the start. CPU: replays the
+    profiler's allocation events in time order. None when the CPU profiler is unavailable.
     """
-    device = cfg.resolve_device()
-    run = model_runner(model, batch_size, input_size, cfg)
-    run()  # warm: one-time allocations (compile, caches) are not the steady state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        run()
+        fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with _quiet_stderr(), contextlib.redirect_stdout(io.StringIO()), \
                 profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
+            fn()
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                         if e.name() == "[memory]")
     except Exception:
@@ -101,4 +100,42 @@ def peak_memory_mb(model: nn.Module, batch_size: int, input_size: tuple[int, ...
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return (state_bytes(model) + peak) / 2**20
+    return peak
+
+
+def peak_memory_mb(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig) -> float | None:
+    """Peak memory of one inference batch in MiB: weights + the high-water mark of live allocations."""
+    run = model_runner(model, batch_size, input_size, cfg)
+    run()  # warm: one-time allocations (compile, caches) are not the steady state
+    extra = peak_alloc_bytes(run, cfg.resolve_device())
+    return None if extra is None else (state_bytes(model) + extra) / 2**20
+
+
+def train_step_peak_mb(model: nn.Module, params: list[nn.Parameter], batch_size: int, input_size: tuple[int, ...],
+                       cfg: BenchConfig) -> float | None:
+    """Peak memory of the first AdamW training step (forward, backward, optimizer state) updating ``params``,
+    with the other parameters frozen, in MiB: weights + the step's high-water mark."""
+    device = cfg.resolve_device()
+    model = model.to(device).train()
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    x = torch.randn(batch_size, *input_size, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=cfg.dtype.value != "fp32"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        extra = peak_alloc_bytes(step, device)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.eval()
+    return None if extra is None else (state_bytes(model) + extra) / 2**20

@@ -4,8 +4,11 @@ One method per module; each defines a ``XxxConfig`` and one function registered 
 ``@register_transform(XxxConfig)``.
 """
 
+from .block_sparse import BlockSparseConfig
+from .prune import PruneConfig
 from .quantize import QuantConfig
 from .resolution import ResolutionConfig
 from .token_merge import PropAttn, TokenMergeConfig, TokenMethod
 
-__all__ = ["PropAttn", "QuantConfig", "ResolutionConfig", "TokenMergeConfig", "TokenMethod"]
+__all__ = ["BlockSparseConfig", "PropAttn", "PruneConfig", "QuantConfig", "ResolutionConfig", "TokenMergeConfig",
+           "TokenMethod"]

@@ -13,8 +13,6 @@ GEMM through ``torch._int_mm``).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,9 +25,8 @@ from ..errors import ConfigError
 from ..transforms import TransformContext, register_transform
 from . import quant_ops as ops
 from .int8_linear import Int8Linear
-
-LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
-                 "fc2": "blocks.*.mlp.fc2", "head": "head"}
+from .layers import replace_module, run_calibration
+from .layers import select_layers as _select
 
 
 class Mode(StrEnum):
@@ -137,28 +134,7 @@ class FakeQuantLinear(nn.Linear):
 
 def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules the config names, in model order; every pattern must match something."""
-    def matcher(pattern: str):
-        pattern = LAYER_ALIASES.get(pattern, pattern)
-        if pattern.startswith("re:"):
-            rx = re.compile(pattern[3:])
-            return lambda name: rx.fullmatch(name) is not None
-        return lambda name: fnmatch.fnmatchcase(name, pattern)
-
-    named = [(n, m) for n, m in model.named_modules() if n]
-    chosen: dict[str, nn.Module] = {}
-    for pattern in cfg.layers:
-        hits = [(n, m) for n, m in named if matcher(pattern)(n)]
-        if not hits:
-            raise ConfigError(f"layer pattern '{pattern}' matches no module")
-        for n, m in hits:
-            if not isinstance(m, nn.Linear):
-                raise ConfigError(f"layer '{n}' is {type(m).__name__}; only Linear layers are quantized so far")
-            chosen[n] = m
-    excluders = [matcher(p) for p in cfg.exclude]
-    out = [(n, m) for n, m in named if n in chosen and not any(ex(n) for ex in excluders)]
-    if not out:
-        raise ConfigError("the exclude patterns remove every selected layer")
-    return out
+    return _select(model, cfg.layers, cfg.exclude, what="quantized")
 
 
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantConfig,
@@ -182,7 +158,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantC
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
     try:
-        _run_calibration(model, calib, cfg.calib_size)
+        run_calibration(model, calib, cfg.calib_size)
     finally:
         for h in handles:
             h.remove()
@@ -232,7 +208,7 @@ def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> l
 
     handles = [model.get_submodule(lin).register_forward_pre_hook(hook(lin)) for _, lin in pairs]
     try:
-        _run_calibration(model, calib, cfg.calib_size)
+        run_calibration(model, calib, cfg.calib_size)
     finally:
         for h in handles:
             h.remove()
@@ -251,28 +227,6 @@ def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> l
     return [lin for _, lin in pairs]
 
 
-def _run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int) -> int:
-    """Forward up to ``calib_size`` calibration images; returns how many ran."""
-    device = next(model.parameters()).device
-    done = 0
-    with torch.inference_mode():
-        for batch in calib:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x[: calib_size - done].to(device)
-            model(x)
-            done += len(x)
-            if done >= calib_size:
-                break
-    if done == 0:
-        raise ConfigError("the calibration set is empty")
-    return done
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _deploy(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantConfig,
             ranges: dict[str, tuple[float, float]], restore: bool) -> dict[str, float]:
     per_token = cfg.a_granularity == ActGranularity.PER_TOKEN
@@ -285,7 +239,7 @@ def _deploy(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantCon
             absmax = max(abs(v) for v in ranges[name]) if name in ranges else None
             new = Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip)
             clips[name] = clip
-        _replace(model, name, new)
+        replace_module(model, name, new)
     return clips
 
 

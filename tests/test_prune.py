@@ -1,0 +1,195 @@
+"""Structured (heads, MLP) and block-structured pruning, and distillation recovery."""
+
+import copy
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from tests.conftest import FAMILIES, TINY
+from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress.data import load_data
+from vitcompress.errors import ConfigError
+from vitcompress.methods import BlockSparseConfig, PruneConfig
+from vitcompress.methods.block_sparse_linear import BlockSparseLinear
+from vitcompress.methods.prune import keep_heads
+from vitcompress.models import data_config, model_info
+from vitcompress.recover import RecoveryConfig, distill_loss, finetune_
+
+
+def _x(n=3, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _fwd(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return create_model("vit_tiny_patch16_224", **{**TINY, "num_heads": 4, **kw})
+
+
+def _calib(model, n=8):
+    return load_data("digits", data_config(model), purpose="calib", limit=n).loader(4)
+
+
+@pytest.mark.parametrize("cfg", [PruneConfig(), BlockSparseConfig()], ids=["prune", "block_sparse"])
+def test_zero_strength_is_bit_exact(cfg):
+    m = _model()
+    ref = _fwd(m, _x())
+    compress_(m, cfg)
+    assert torch.equal(_fwd(m, _x()), ref)
+
+
+@pytest.mark.parametrize("family", ["vit", "qk_norm", "deit3_layerscale", "registers_gap"])
+def test_removed_heads_equal_zeroed_heads(family):
+    """Pruning heads h gives the same function as zeroing their proj columns; shapes and scale are consistent."""
+    arch, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    m = create_model(arch, **{**TINY, "num_heads": 4, **kw})
+    scales = [b.attn.scale for b in m.blocks]
+    ref = copy.deepcopy(m)
+    compress_(m, PruneConfig(heads=0.5, scope="per_layer"))
+    for blk, rblk in zip(m.blocks, ref.blocks):
+        a, d = blk.attn, blk.attn.head_dim
+        assert a.num_heads == 2 and a.attn_dim == 2 * d and a.qkv.out_features == 3 * 2 * d
+        assert a.proj.in_features == 2 * d
+        kept = [h for h in range(4) if torch.equal(rblk.attn.proj.weight[:, h * d:(h + 1) * d],
+                                                   a.proj.weight[:, : d]) or
+                torch.equal(rblk.attn.proj.weight[:, h * d:(h + 1) * d], a.proj.weight[:, d:])]
+        with torch.no_grad():
+            for h in set(range(4)) - set(kept):
+                rblk.attn.proj.weight[:, h * d:(h + 1) * d] = 0
+    assert [b.attn.scale for b in m.blocks] == scales
+    torch.testing.assert_close(_fwd(m, _x()), _fwd(ref, _x()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_mlp_pruning_matches_torch_pruning_group_and_zeroed_channels():
+    m = _model()
+    ref = copy.deepcopy(m)
+    compress_(m, PruneConfig(mlp=0.5))
+    for blk, rblk in zip(m.blocks, ref.blocks):
+        w = blk.mlp.fc1.weight
+        assert w.shape[0] % 8 == 0 and blk.mlp.fc2.in_features == w.shape[0]
+        kept = [int((rblk.mlp.fc1.weight == row).all(1).nonzero()[0]) for row in w]
+        drop = sorted(set(range(rblk.mlp.fc1.out_features)) - set(kept))
+        with torch.no_grad():
+            rblk.mlp.fc2.weight[:, drop] = 0
+    torch.testing.assert_close(_fwd(m, _x()), _fwd(ref, _x()), atol=1e-5, rtol=1e-5)
+    # the group torch-pruning's dependency graph builds for fc1's outputs is exactly fc1 rows + fc2 columns
+    base = _model()
+    dg = tp.DependencyGraph().build_dependency(base, example_inputs=_x(1))
+    group = dg.get_pruning_group(base.blocks[0].mlp.fc1, tp.prune_linear_out_channels, idxs=[0, 1])
+    touched = {(dep.target.module, dep.handler.__name__ if hasattr(dep.handler, "__name__") else str(dep.handler))
+               for dep, _ in group if isinstance(dep.target.module, torch.nn.Linear)}
+    assert {mod for mod, _ in touched} == {base.blocks[0].mlp.fc1, base.blocks[0].mlp.fc2}
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "hessian"])
+def test_criteria_prune_and_reload_bit_exact(criterion, tmp_path):
+    m = _model()
+    calib = None if criterion == "magnitude" else _calib(m)
+    compress_(m, PruneConfig(heads=0.25, mlp=0.5, criterion=criterion), calib=calib)
+    compress_(m, BlockSparseConfig(sparsity=0.5, block_size=16, criterion=criterion, speed_tokens=64), calib=calib)
+    state = model_info(m).transforms[-1]["state"]
+    assert 0.45 <= state["sparsity"] <= 0.55
+    assert all(isinstance(m.get_submodule(n), BlockSparseLinear) for n in state["layers"])
+    save_artifact(m, tmp_path / "a")
+    back = load_artifact(tmp_path / "a")
+    assert torch.equal(_fwd(back, _x()), _fwd(m, _x()))
+    assert [b.attn.num_heads for b in back.blocks] == [b.attn.num_heads for b in m.blocks]
+
+
+def test_global_head_ranking_keeps_a_head_per_layer():
+    scores = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 100.0])]
+    kept = keep_heads(scores, 0.5, "global")
+    assert all(len(k) >= 1 for k in kept) and sum(len(k) for k in kept) == 4
+    assert 3 in kept[1]
+
+
+def test_block_sparse_linear_matches_masked_dense_and_trains_only_kept_blocks():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    bsl = BlockSparseLinear.from_linear(lin, block_sparsity=0.5, block_size=16)
+    mask = bsl.mask()
+    full = mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    x = torch.randn(5, 7, 64)
+    ref = torch.nn.functional.linear(x, lin.weight * full, lin.bias)
+    torch.testing.assert_close(bsl(x), ref)
+    bsl.cpu_impl = "bsr"
+    with torch.no_grad():
+        torch.testing.assert_close(bsl(x), ref, atol=1e-5, rtol=1e-5)
+    bsl.cpu_impl = "dense"
+    bsl(x).sum().backward()
+    assert bsl.values.grad is not None and bsl.values.grad.shape == (int(mask.sum()), 16, 16)
+    assert abs(bsl.density - 0.5) < 1e-6
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    (lambda: PruneConfig(heads=1.0), "must be in"),
+    (lambda: PruneConfig(mlp=-0.1), "must be in"),
+    (lambda: BlockSparseConfig(sparsity=1.0), "must be in"),
+])
+def test_bad_settings_are_config_errors(cfg, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cfg()
+
+
+def test_impossible_prunes_are_clean_errors():
+    m = _model(num_heads=2)
+    with pytest.raises(ConfigError, match="removes all"):
+        compress_(m, PruneConfig(heads=0.9, scope="per_layer"))
+    with pytest.raises(ConfigError, match="does not divide"):
+        compress_(_model(), BlockSparseConfig(sparsity=0.5, block_size=48))
+    with pytest.raises(ConfigError, match="calibration"):
+        compress_(_model(), PruneConfig(mlp=0.5, criterion="taylor"))
+
+
+def test_distill_loss_and_recovery_levels():
+    s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    assert distill_loss(s, s, y, RecoveryConfig(alpha=1.0)).abs() < 1e-6  # KL(s || s) = 0
+    assert distill_loss(s, t, y, RecoveryConfig(alpha=1.0)) > 0
+    assert RecoveryConfig(epochs=0).level == "none" and RecoveryConfig(epochs=3).level == "short"
+    assert RecoveryConfig(epochs=30).level == "full"
+    with pytest.raises(ConfigError):
+        RecoveryConfig(alpha=2.0)
+
+
+def test_attn_only_recovery_changes_only_attention(trained_artifact):
+    m = create_model(str(trained_artifact))
+    compress_(m, PruneConfig(mlp=0.5))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    rec = finetune_(m, RecoveryConfig(epochs=1, limit=64, batch_size=32, attn_only=True))
+    assert rec["level"] == "short" and model_info(m).provenance["recovery"]["level"] == "short"
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".attn." in n for n in changed)
+    assert all(p.requires_grad for p in m.parameters())  # flags restored
+
+
+def test_prune_cli_end_to_end(cli, trained_artifact, tmp_path):
+    out = tmp_path / "pruned"
+    rc, stdout, err = cli("prune", trained_artifact, "--out", out, "--heads", "0.5", "--mlp", "0.5",
+                          "--criterion", "taylor", "--calib-data", "digits", "--calib-size", "8",
+                          "--finetune-epochs", "1", "--data", "digits", "--distill")
+    assert rc == 0, err
+    assert "short" in stdout
+    m = load_artifact(out)
+    assert model_info(m).provenance["recovery"]["config"]["distill"] == "soft"
+    rc, stdout, err = cli("eval", out, "--data", "digits", "--limit", "32", "--no-speed")
+    assert rc == 0, err
+    assert "agreement" in stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--heads", "1.0"], "--heads is the fraction removed"),
+    (["--mlp", "0.5", "--criterion", "taylor"], "needs --calib-data"),
+    (["--block-size", "16"], "--block-size needs --block-sparsity"),
+    ([], "give --heads"),
+    (["--mlp", "0.5", "--finetune-epochs", "1"], "needs --data"),
+])
+def test_prune_cli_errors_are_one_line(cli, trained_artifact, tmp_path, args, msg):
+    rc, _, err = cli("prune", trained_artifact, "--out", tmp_path / "x", *args)
+    assert rc == 2 and msg in err and err.count("\n") == 1

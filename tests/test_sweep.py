@@ -1,0 +1,125 @@
+"""Sweeps (resume, failures, ids), Pareto fronts and reports."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from vitcompress.errors import ConfigError
+from vitcompress.report import pareto_front
+from vitcompress.sweep import _Context, expand, load_sweep, run_sweep
+
+
+def _recipe(artifact, **extra):
+    return {"sweep": {
+        "base": {"artifact": str(artifact)}, "eval_data": ["digits"], "eval_limit": 24, "accuracy": "digits:top1",
+        "calib_size": 8, "bench": {"device": "cpu", "batch_sizes": [1, 2], "warmup": 0, "warmup_s": 0, "repeat": 1},
+        "points": [
+            {"name": "tome", "stack": [{"name": "token_merge", "r": 1}]},
+            {"name": "w8a8", "stack": [{"name": "quantize", "mode": "deploy", "a_granularity": "per_token"}]},
+            {"name": "mlp", "stack": [{"name": "prune", "mlp": 0.5}, {"name": "recovery", "epochs": 1, "limit": 32}]},
+            {"name": "impossible", "stack": [{"name": "token_merge", "r": 99}]},
+        ],
+        "grid": [{"name": "W{w_bits}A8", "stack": [{"name": "quantize", "a_bits": 8}],
+                  "product": {"0.w_bits": [4, 8]}}],
+        **extra}}
+
+
+def test_pareto_front_has_no_dominated_point():
+    rng = random.Random(0)
+    for _ in range(50):
+        xs = [rng.choice([1, 2, 3, 4]) + rng.random() * 0.1 * rng.randint(0, 1) for _ in range(12)]
+        ys = [rng.choice([90, 95, 97, 99]) for _ in range(12)]
+        front = pareto_front(xs, ys)
+        assert front
+        for i in front:
+            assert not any(xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j] < xs[i] or ys[j] > ys[i]) for j in range(12))
+        for i in set(range(12)) - set(front):  # everything off the front is dominated by someone
+            assert any(xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j] < xs[i] or ys[j] > ys[i]) for j in range(12))
+
+
+def test_expand_builds_base_points_and_grid(trained_artifact):
+    pts = expand(load_sweep(_recipe(trained_artifact)))
+    assert [p.name for p in pts] == ["base (uncompressed)", "tome", "w8a8", "mlp", "impossible", "W4A8", "W8A8"]
+    assert [p.family for p in pts][:4] == ["base", "token", "quant", "prune"]
+    assert pts[2].deployable and not pts[5].deployable and pts[3].recovery == "short"
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"accuracy": "imagenet:top1"}, "accuracy must be"),
+    ({"points": [{"name": "x", "stack": [{"name": "nope"}]}]}, "unknown transform 'nope'"),
+    ({"points": [{"name": "x", "stack": [{"name": "prune", "heads": 1.5}]}]}, "fraction removed"),
+    ({"grid": [{"name": "g", "stack": [{"name": "quantize"}], "product": {"3.w_bits": [4]}}]}, "STEP.FIELD"),
+])
+def test_bad_recipes_are_config_errors(trained_artifact, change, msg):
+    data = _recipe(trained_artifact)
+    data["sweep"].update(change)
+    with pytest.raises(ConfigError, match=msg):
+        expand(load_sweep(data))
+
+
+def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    real = _Context.measure
+    calls = []
+
+    def dies_on_third(self, point):
+        calls.append(point.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, point)
+
+    monkeypatch.setattr(_Context, "measure", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
+    finished = sorted(p.name for p in (out / "points").glob("*.json"))
+    assert len(finished) == 2 and not list((out / "points").glob(".*tmp"))
+
+    calls.clear()
+    monkeypatch.setattr(_Context, "measure", lambda self, p: (calls.append(p.name), real(self, p))[1])
+    run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
+    assert calls == ["w8a8", "mlp", "impossible", "W4A8", "W8A8"]  # the first two were not recomputed
+    records = [json.loads(p.read_text()) for p in (out / "points").glob("*.json")]
+    assert len(records) == 7
+    failed = [r for r in records if r["status"] != "ok"]
+    assert [r["name"] for r in failed] == ["impossible"] and "cannot remove 99 tokens" in failed[0]["error"]
+
+    calls.clear()  # a third run retries only the failed point
+    run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
+    assert calls == ["impossible"]
+
+    res = json.loads((out / "pareto.json").read_text())
+    rows = res["rows"]
+    front = [r for r in rows if r["front_latency"]]
+    for r in front:
+        assert not any(o["latency_ms"] <= r["latency_ms"] and o["accuracy"] >= r["accuracy"]
+                       and (o["latency_ms"] < r["latency_ms"] or o["accuracy"] > r["accuracy"]) for o in rows)
+    for name in ("report.md", "pareto.png", "points.csv"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "accuracy-only" in md and "deployable" in md and "impossible" in md
+
+
+def test_sweep_and_report_cli(cli, trained_artifact, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    data = _recipe(trained_artifact)
+    data["sweep"]["points"] = data["sweep"]["points"][:1]
+    data["sweep"]["grid"] = []
+    recipe.write_text(yaml.safe_dump(data))
+    rc, out, err = cli("sweep", recipe, "--out", tmp_path / "s")
+    assert rc == 0, err
+    assert "front" in out
+    rc, out, err = cli("report", tmp_path / "s")
+    assert rc == 0, err
+    rc, _, err = cli("report", tmp_path)
+    assert rc == 2 and "not a sweep directory" in err and err.count("\n") == 1
+    rc, _, err = cli("sweep", tmp_path / "missing.yaml", "--out", tmp_path / "t")
+    assert rc == 2 and "recipe not found" in err
+
+
+def test_bundled_demo_recipe_covers_every_family():
+    pts = expand(load_sweep("demo"))
+    fams = [p.family for p in pts]
+    assert len(pts) >= 12 and fams.count("stacked") >= 3
+    assert {"base", "token", "quant", "prune", "block-sparse"} <= set(fams)

@@ -1,0 +1,81 @@
+"""Helpers shared by the methods: pick layers by name/alias/glob/regex, replace a submodule, run calibration."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
+                 "fc2": "blocks.*.mlp.fc2", "head": "head"}
+
+
+def _matcher(pattern: str):
+    pattern = LAYER_ALIASES.get(pattern, pattern)
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda name: rx.fullmatch(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, what: str = "quantized",
+                  ) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules that ``layers`` name (names, aliases, globs, ``re:REGEX``) minus ``exclude``,
+    in model order. Every pattern must match something, and what matches must be a Linear."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    chosen: dict[str, nn.Module] = {}
+    for pattern in layers:
+        match = _matcher(pattern)
+        hits = [(n, m) for n, m in named if match(n)]
+        if not hits:
+            raise ConfigError(f"layer pattern '{pattern}' matches no module")
+        for n, m in hits:
+            if not isinstance(m, nn.Linear):
+                raise ConfigError(f"layer '{n}' is {type(m).__name__}; only Linear layers are {what} so far")
+            chosen[n] = m
+    excluders = [_matcher(p) for p in exclude]
+    out = [(n, m) for n, m in named if n in chosen and not any(ex(n) for ex in excluders)]
+    if not out:
+        raise ConfigError("the exclude patterns remove every selected layer")
+    return out
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted path ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def calib_batches(calib: Iterable[Any], limit: int, device: torch.device) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yield ``(images [b,3,H,W] on device, labels [b] or None)`` for up to ``limit`` images.
+
+    Raises a ConfigError when the calibration set yields nothing.
+    """
+    done = 0
+    for batch in calib:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = x[: limit - done].to(device)
+        y = None if y is None else torch.as_tensor(y)[: len(x)].to(device)
+        done += len(x)
+        yield x, y
+        if done >= limit:
+            break
+    if done == 0:
+        raise ConfigError("the calibration set is empty")
+
+
+def run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int) -> int:
+    """Forward up to ``calib_size`` calibration images (inference mode); returns how many ran."""
+    device = next(model.parameters()).device
+    done = 0
+    with torch.inference_mode():
+        for x, _ in calib_batches(calib, calib_size, device):
+            model(x)
+            done += len(x)
+    return done

@@ -1,0 +1,212 @@
+"""``vitcompress report DIR``: Pareto fronts, a Markdown report, a picture and a CSV from a sweep directory.
+
+Reads ``DIR/sweep.json`` (the points of the current recipe, in order) and ``DIR/points/<id>.json``.
+A point is on a front when no other point is at least as good on both axes and better on one:
+accuracy (higher) against latency at the reference batch (lower), and accuracy against size on disk.
+Writes ``report.md``, ``pareto.png``, ``points.csv`` and ``pareto.json``, atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+FAMILY_COLORS = {"base": "black", "token": "tab:blue", "quant": "tab:orange", "prune": "tab:green",
+                 "block-sparse": "tab:olive", "stacked": "tab:red"}
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+    """Indices of the non-dominated points for x lower-is-better and y higher-is-better, sorted by x."""
+    front = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        dominated = any((xj <= x and yj >= y) and (xj < x or yj > y) for j, (xj, yj) in enumerate(zip(xs, ys))
+                        if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (xs[i], -ys[i]))
+
+
+def load_points(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sweep description and the recorded points of its current recipe (missing ones left out)."""
+    out = Path(out)
+    try:
+        sweep = json.loads((out / "sweep.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"{out} is not a sweep directory (no sweep.json)") from None
+    except ValueError:
+        raise DataError(f"{out / 'sweep.json'} is corrupt") from None
+    points = []
+    for p in sweep["points"]:
+        try:
+            points.append(json.loads((out / "points" / f"{p['id']}.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            continue
+    return sweep, points
+
+
+def _metric(p: dict[str, Any], accuracy: str) -> float | None:
+    spec, _, key = accuracy.partition(":")
+    v = p.get("accuracy", {}).get(spec, {}).get(key)
+    if v is None and key == "top1":  # no labels: fall back to agreement
+        v = p.get("accuracy", {}).get(spec, {}).get("agreement")
+    return v
+
+
+def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fronts and per-point summaries (deltas and speedups against the base)."""
+    cfg = sweep["config"]
+    ref = str(cfg.get("reference_batch") or max(cfg["bench"].get("batch_sizes", [1])))
+    ok = [p for p in points if p.get("status") == "ok"]
+    base = next((p for p in ok if p["family"] == "base"), None)
+    acc = [_metric(p, cfg["accuracy"]) for p in ok]
+    # Absolute latencies drift between points (10-30 % on a busy CPU); each point's speedup was measured side by
+    # side with the base, so latency = the sweep's median base latency / speedup is drift-free.
+    base_ms = statistics.median([p["base_latency_ms"][ref] for p in ok]) if ok else 0.0
+    lat = [base_ms / p["speedup"][ref] for p in ok]
+    size = [p["size_mb"] for p in ok]
+    valid = [i for i, a in enumerate(acc) if a is not None]
+    f_lat = [valid[i] for i in pareto_front([lat[i] for i in valid], [acc[i] for i in valid])]
+    f_size = [valid[i] for i in pareto_front([size[i] for i in valid], [acc[i] for i in valid])]
+    rows = []
+    for i, p in enumerate(ok):
+        rows.append({"id": p["id"], "name": p["name"], "family": p["family"],
+                     "kind": "deployable" if p["deployable"] else "accuracy-only", "recovery": p["recovery"],
+                     "accuracy": acc[i], "delta": None if base is None or acc[i] is None
+                     else acc[i] - _metric(base, cfg["accuracy"]),
+                     **{f"{s}_{k}": m.get(k) for s, m in p["accuracy"].items() for k in ("top1", "agreement")},
+                     "latency_ms": lat[i], "measured_ms": p["latency_ms"][ref]["median"],
+                     "speedup": p["speedup"][ref], "throughput": int(ref) * 1e3 / lat[i],
+                     "peak_mem_mb": p.get("peak_mem_mb"), "size_mb": size[i],
+                     "size_ratio": None if base is None else size[i] / base["size_mb"],
+                     "gflops": p["gflops"], "params": p["params"],
+                     "front_latency": i in f_lat, "front_size": i in f_size})
+    failed = [{"name": p["name"], "error": p.get("error")} for p in points if p.get("status") != "ok"]
+    context = {k: (base or (ok[0] if ok else {})).get(k) for k in ("device", "versions", "date")}
+    return {"accuracy_metric": cfg["accuracy"], "reference_batch": int(ref), "dtype": cfg["bench"].get("dtype", "bf16"),
+            "speed_model": cfg.get("speed_model"), "context": context, "rows": rows, "failed": failed,
+            "front_latency": [ok[i]["name"] for i in f_lat], "front_size": [ok[i]["name"] for i in f_size]}
+
+
+def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
+    ctx, ref = res["context"], res["reference_batch"]
+    versions = ctx.get("versions") or {}
+    lines = [f"# {title}", "",
+             f"Device: {ctx.get('device')}; dtype {res['dtype']} autocast + SDPA; torch {versions.get('torch')}, "
+             f"timm {versions.get('timm')}, triton {versions.get('triton')}; {ctx.get('date')}.",
+             f"Accuracy axis: `{res['accuracy_metric']}`. Each point is timed alternately with the base in one "
+             f"process at batch {ref} (median); speedup = base / point, and latency = the sweep's median base "
+             "latency / speedup, which removes the drift between points (img/s follows from it). The base's own "
+             "speedup (the base timed against itself) shows the timing noise."
+             + (f" Latency, size and GFLOPs are measured on `{res['speed_model']['model']}` with the same stack "
+                "(random weights)." if res.get("speed_model") else ""),
+             "★ = on the accuracy-vs-latency front, ◆ = on the accuracy-vs-size front. *accuracy-only* points "
+             "simulate (fake-quantize) and run in floating point: their latency is not a deployment figure.", ""]
+    if not res["rows"]:
+        return "\n".join([*lines, "No finished points yet.", ""])
+    acc_cols = [k for k in res["rows"][0] if k.endswith(("_top1", "_agreement"))]
+    lines.append("| point | family | kind | recovery | front | accuracy | Δ | " + " | ".join(acc_cols)
+                 + f" | latency ms b{ref} | speedup | img/s | peak MiB | size MiB | size × | GFLOPs |")
+    lines.append("|---|---|---|---|:-:|" + "---:|" * (2 + len(acc_cols) + 7))
+    for r in sorted(res["rows"], key=lambda r: r["latency_ms"]):
+        mark = ("★" if r["front_latency"] else "") + ("◆" if r["front_size"] else "")
+        name = f"**{r['name']}**" if r["front_latency"] else r["name"]
+        accs = " | ".join(_f(r[k], 2) for k in acc_cols)
+        lines.append(f"| {name} | {r['family']} | {r['kind']} | {r['recovery']} | {mark} | {_f(r['accuracy'], 2)} | "
+                     f"{_f(r['delta'], 2, sign=True)} | {accs} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× | "
+                     f"{r['throughput']:.0f} | {_f(r['peak_mem_mb'], 1)} | {r['size_mb']:.2f} | "
+                     f"{_f(r['size_ratio'], 2)} | {r['gflops']:.3f} |")
+    lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency'])}.",
+              f"Accuracy-vs-size front: {', '.join(res['front_size'])}.", ""]
+    if res["failed"]:
+        lines += ["Failed points:", ""] + [f"- {f['name']}: {f['error']}" for f in res["failed"]] + [""]
+    return "\n".join(lines)
+
+
+def _f(v: float | None, digits: int, sign: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def plot(res: dict[str, Any]) -> bytes:
+    """PNG bytes: accuracy vs latency (left) and vs size (right), fronts drawn, families coloured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if r["accuracy"] is not None]
+    base = next((r for r in rows if r["family"] == "base"), None)
+    accs = sorted(r["accuracy"] for r in rows)
+    top = accs[-1]
+    floor = max(accs[0], (base["accuracy"] if base else top) - 12.0)  # keep the interesting band readable
+    lo = floor - 0.08 * (top - floor + 1e-9) - 0.5
+    fig, all_axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1, 1, 0.72]})
+    axes, key_ax = all_axes[:2], all_axes[2]
+    for ax, key, front, xlabel in ((axes[0], "latency_ms", "front_latency",
+                                    f"latency at batch {res['reference_batch']} (ms, lower is better)"),
+                                   (axes[1], "size_mb", "front_size", "size on disk (MiB, lower is better)")):
+        for fam, color in FAMILY_COLORS.items():
+            pts = [r for r in rows if r["family"] == fam]
+            for kind, filled in (("deployable", True), ("accuracy-only", False)):
+                sel = [r for r in pts if (r["kind"] == "deployable") == filled]
+                if not sel:
+                    continue
+                ys = [max(r["accuracy"], lo) for r in sel]
+                ax.scatter([r[key] for r in sel], ys, s=220 if fam == "base" else 60,
+                           marker="*" if fam == "base" else "o", label=fam if filled else f"{fam} ({kind})",
+                           facecolors=color if filled else "none", edgecolors=color, zorder=3)
+        fr = sorted((r for r in rows if r[front]), key=lambda r: r[key])
+        ax.step([r[key] for r in fr], [r["accuracy"] for r in fr], where="post", color="grey", lw=1.5, ls="--",
+                label="Pareto front", zorder=2)
+        if base:
+            ax.axhline(base["accuracy"], color="black", lw=0.6, alpha=0.4)
+            ax.axvline(base[key], color="black", lw=0.6, alpha=0.4)
+        for n, r in enumerate(rows, 1):
+            clipped = r["accuracy"] < lo
+            label = f"{n}" + (f" {r['name']}" if r[front] or r["family"] == "base" else "") + \
+                (f" ({r['accuracy']:.1f} %, off scale)" if clipped else "")
+            ax.annotate(label, (r[key], max(r["accuracy"], lo)), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points", fontweight="bold" if r[front] else "normal")
+        ax.set_ylim(lo - 0.3, top + 0.08 * (top - floor + 1e-9) + 0.3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{res['accuracy_metric']} (%, higher is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    key_ax.axis("off")
+    key_lines = [f"{n:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {r['speedup']:5.2f}x {r['size_mb']:6.2f}"
+                 + (" *" if r["kind"] != "deployable" else "") for n, r in enumerate(rows, 1)]
+    key_ax.text(0.0, 0.5, "\n".join([f" # {'point':<38} {'acc %':>6} {'speed':>6} {'MiB':>6}", *key_lines,
+                                     "", "* accuracy-only (simulated, not a deployment speed)"]),
+                fontsize=8.5, family="monospace", va="center", ha="left", transform=key_ax.transAxes)
+    ctx = res["context"]
+    fig.suptitle(f"{res['accuracy_metric']} vs latency and size; bold: on the Pareto front — {ctx.get('device')}, "
+                 f"{res['dtype']}, {str(ctx.get('date', ''))[:10]}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: str | Path, title: str = "vitcompress sweep") -> dict[str, Any]:
+    """Write report.md, pareto.png, points.csv and pareto.json into the sweep directory ``out``."""
+    out = Path(out)
+    res = analyse(*load_points(out))
+    atomic_write_text(out / "report.md", markdown(res, title))
+    atomic_write_json(out / "pareto.json", res)
+    if res["rows"]:
+        atomic_write_bytes(out / "pareto.png", plot(res))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(res["rows"][0]))
+        writer.writeheader()
+        writer.writerows(res["rows"])
+        atomic_write_text(out / "points.csv", buf.getvalue())
+    return res

@@ -1,0 +1,313 @@
+"""``vitcompress sweep RECIPE --out DIR``: apply compression stacks to one base model, measure each point.
+
+A sweep recipe (YAML) is a :class:`SweepConfig`: the base model, eval and calibration data, how to time,
+and the points, each an ordered stack of transform configs (``{name: token_merge, r: 4}``, ...; the step
+``{name: recovery, epochs: 3}`` fine-tunes with distillation from the base at that position), plus grids
+(``product: {"0.r": [2, 4, 8]}`` varies field ``r`` of stack entry 0). The uncompressed base is always a
+point.
+
+Each finished point is written atomically to ``DIR/points/<id>.json``; the id hashes the stack and every
+setting that changes its numbers, so a re-run skips finished points and a crash or Ctrl-C loses none. A
+point that fails is recorded with its error and the sweep goes on. The report (:mod:`.report`) is
+written at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import ConfigError
+from .io import atomic_write_json
+
+FAMILIES = {"token_merge": "token", "resolution": "token", "quantize": "quant", "prune": "prune",
+            "block_sparse": "block-sparse"}
+
+
+@dataclasses.dataclass
+class SweepConfig(Config):
+    """base: ``{recipe: NAME}`` (trained or reused from the cache), ``{artifact: DIR}`` or
+    ``{model: TIMM_ID, kwargs: {...}, pretrained: bool, checkpoint: FILE}``.
+
+    accuracy: ``DATA:top1`` or ``DATA:agreement``, the metric the Pareto fronts use.
+    speed_model: ``{model: TIMM_ID, kwargs: {...}}`` to time each stack on that architecture (random
+    weights; weights do not change speed) instead of on the base; accuracy still comes from the base.
+    """
+
+    NAME = "sweep"
+    VERSION = 1
+    base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"recipe": "digits_vit"})
+    eval_data: list[str] = dataclasses.field(default_factory=lambda: ["digits", "digits-c"])
+    eval_limit: int | None = None
+    accuracy: str = "digits:top1"
+    calib_data: str = "digits"
+    calib_size: int = 32
+    bench: dict[str, Any] = dataclasses.field(default_factory=lambda: {"batch_sizes": [1, 64], "repeat": 10})
+    reference_batch: int | None = None
+    speed_model: dict[str, Any] | None = None
+    points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    grid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.eval_data:
+            raise ConfigError("a sweep needs eval_data")
+        spec, _, metric = self.accuracy.partition(":")
+        if spec not in self.eval_data or metric not in ("top1", "agreement"):
+            raise ConfigError(f"accuracy must be DATA:top1 or DATA:agreement with DATA in eval_data, "
+                              f"got '{self.accuracy}'")
+        if not any(k in self.base for k in ("recipe", "artifact", "model")):
+            raise ConfigError("base needs one of recipe, artifact or model")
+        self.bench_config()  # validates
+        if self.reference_batch is not None and self.reference_batch not in self.bench_config().batch_sizes:
+            raise ConfigError(f"reference_batch {self.reference_batch} is not one of the bench batch sizes")
+
+    def bench_config(self):
+        from .bench import BenchConfig
+
+        return BenchConfig.from_dict(self.bench)
+
+    @property
+    def ref_batch(self) -> int:
+        return self.reference_batch or max(self.bench_config().batch_sizes)
+
+
+@dataclasses.dataclass
+class Point:
+    """One stack to measure. stack: transform config dicts (and ``recovery`` steps), in order."""
+
+    name: str
+    stack: list[dict[str, Any]]
+
+    @property
+    def family(self) -> str:
+        fams = {FAMILIES.get(s["name"], s["name"]) for s in self.stack if s["name"] != "recovery"}
+        return "base" if not fams else fams.pop() if len(fams) == 1 else "stacked"
+
+    @property
+    def deployable(self) -> bool:
+        """False when a step only simulates (fake quantization runs in floating point)."""
+        return not any(s["name"] == "quantize" and s.get("mode", "simulate") == "simulate" for s in self.stack)
+
+    @property
+    def recovery(self) -> str:
+        from .recover import RecoveryConfig
+
+        levels = [RecoveryConfig.from_dict(s).level for s in self.stack if s["name"] == "recovery"]
+        return "full" if "full" in levels else "short" if "short" in levels else "none"
+
+
+def load_sweep(path_or_dict: str | Path | dict[str, Any]) -> SweepConfig:
+    """A SweepConfig from a YAML path, a bundled recipe name, or a dict (the ``sweep:`` section if present)."""
+    from .recipes import recipe_path
+    from .train import load_recipe
+
+    data = path_or_dict if isinstance(path_or_dict, dict) else load_recipe(recipe_path(str(path_or_dict)))
+    return SweepConfig.from_dict(data.get("sweep", data))
+
+
+def expand(cfg: SweepConfig) -> list[Point]:
+    """The base, then every listed point, then every grid point; each stack validated; names unique."""
+    from .recover import RecoveryConfig
+    from .transforms import config_from_dict
+
+    points = [Point("base (uncompressed)", [])]
+    for i, p in enumerate(cfg.points):
+        if "stack" not in p:
+            raise ConfigError(f"point {i} ({p.get('name', '?')}) has no stack")
+        points.append(Point(str(p.get("name") or f"point {i}"), [dict(s) for s in p["stack"]]))
+    for g in cfg.grid:
+        fields = list((g.get("product") or {}).items())
+        if not fields:
+            raise ConfigError("a grid entry needs product: {'STEP.FIELD': [values, ...]}")
+        for values in itertools.product(*(v for _, v in fields)):
+            stack = [dict(s) for s in g["stack"]]
+            label = {}
+            for (key, _), value in zip(fields, values):
+                step, _, field = key.partition(".")
+                if not step.isdigit() or int(step) >= len(stack) or not field:
+                    raise ConfigError(f"grid key '{key}' must be STEP.FIELD with STEP an index into the stack")
+                stack[int(step)][field] = value
+                label[field] = value
+            name = str(g.get("name", "grid")).format(**label) if "{" in str(g.get("name", "")) else \
+                f"{g.get('name', 'grid')} " + " ".join(f"{k}={v}" for k, v in label.items())
+            points.append(Point(name, stack))
+    for p in points:
+        for step in p.stack:
+            if "name" not in step:
+                raise ConfigError(f"a step of point '{p.name}' has no name")
+            if step["name"] == "recovery":
+                RecoveryConfig.from_dict(step)
+            else:
+                config_from_dict(step)
+    names = [p.name for p in points]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"duplicate point names: {', '.join(dup)}")
+    return points
+
+
+def point_id(point: Point, cfg: SweepConfig, base_key: str) -> str:
+    """Hash of the stack and the settings that change a point's numbers (not its name)."""
+    key = {"stack": point.stack, "base": base_key, "eval": [cfg.eval_data, cfg.eval_limit],
+           "calib": [cfg.calib_data, cfg.calib_size], "bench": cfg.bench_config().to_dict(),
+           "speed_model": cfg.speed_model}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_base(cfg: SweepConfig, *, progress: bool = False, log=print) -> tuple[nn.Module, str]:
+    """The base model and a key identifying it (for point ids)."""
+    from .artifact import read_manifest
+    from .models import create_model
+
+    b = cfg.base
+    if "recipe" in b:
+        from .demo import baseline
+
+        path = baseline(b["recipe"], progress=progress, log=log)
+        return create_model(str(path)), f"artifact:{read_manifest(path)['files']['model.safetensors']['sha256']}"
+    if "artifact" in b:
+        model = create_model(str(b["artifact"]))
+        return model, f"artifact:{read_manifest(b['artifact'])['files']['model.safetensors']['sha256']}"
+    model = create_model(b["model"], pretrained=bool(b.get("pretrained")), checkpoint=b.get("checkpoint"),
+                         **(b.get("kwargs") or {}))
+    return model, json.dumps(b, sort_keys=True)
+
+
+def apply_stack(model: nn.Module, stack: list[dict[str, Any]], cfg: SweepConfig, teacher: nn.Module | None,
+                *, train: bool = True) -> nn.Module:
+    """Apply ``stack`` to a copy of ``model``; ``recovery`` steps fine-tune only when ``train``."""
+    from .data import load_data
+    from .models import data_config
+    from .recover import RecoveryConfig, finetune_
+    from .transforms import compress_, config_from_dict
+
+    model = copy.deepcopy(model)
+    for step in stack:
+        if step["name"] == "recovery":
+            if train:
+                finetune_(model, RecoveryConfig.from_dict(step), teacher=teacher)
+            continue
+        c = config_from_dict(step)
+        calib = None
+        if getattr(c, "needs_calibration", False):
+            n = getattr(c, "calib_size", cfg.calib_size)
+            calib = load_data(cfg.calib_data, data_config(model), limit=n, purpose="calib").loader(min(n, 32))
+        compress_(model, c, calib=calib)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- running
+class _Context:
+    """What every point is measured against: the base's data, logits and speed runners (built once)."""
+
+    def __init__(self, base: nn.Module, cfg: SweepConfig):
+        from .bench import model_runner
+        from .data import load_data
+        from .evaluate import predict
+        from .models import create_model, data_config
+
+        self.cfg, self.base, self.bench = cfg, base, cfg.bench_config()
+        dcfg = data_config(base)
+        self.data = {s: load_data(s, dcfg, limit=cfg.eval_limit) for s in cfg.eval_data}
+        self.base_logits = {s: predict(base, d, cfg=self.bench)[0] for s, d in self.data.items()}
+        sm = cfg.speed_model
+        self.speed_base = base if sm is None else create_model(sm["model"], **(sm.get("kwargs") or {}))
+        size = data_config(self.speed_base)["input_size"]
+        self.base_runs = {bs: model_runner(self.speed_base, bs, size, self.bench) for bs in self.bench.batch_sizes}
+
+    def measure(self, point: Point) -> dict[str, Any]:
+        from .bench import compare, model_runner, peak_memory_mb
+        from .evaluate import accuracy_metrics, predict, static_metrics
+        from .models import data_config
+
+        cfg, bench = self.cfg, self.bench
+        model = apply_stack(self.base, point.stack, cfg, self.base)
+        out: dict[str, Any] = {"accuracy": {}}
+        for spec, data in self.data.items():
+            d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
+            logits, labels, _ = predict(model, d, cfg=bench)
+            out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
+        fast = model if cfg.speed_model is None else apply_stack(self.speed_base, point.stack, cfg, None, train=False)
+        out.update(static_metrics(fast))
+        size = data_config(fast)["input_size"]
+        out["latency_ms"], out["base_latency_ms"], out["speedup"] = {}, {}, {}
+        for bs, base_run in self.base_runs.items():
+            r = compare(base_run, model_runner(fast, bs, size, bench), device=bench.resolve_device(),
+                        warmup=bench.warmup, warmup_s=bench.warmup_s, repeat=bench.repeat)
+            out["latency_ms"][str(bs)] = {"median": r["b_median_ms"], "p95": r["b_p95_ms"]}
+            out["base_latency_ms"][str(bs)] = r["a_median_ms"]
+            out["speedup"][str(bs)] = r["speedup"]
+        ref = cfg.ref_batch
+        out["throughput"] = ref / (out["latency_ms"][str(ref)]["median"] / 1e3)
+        out["peak_mem_mb"] = peak_memory_mb(fast, ref, size, bench)
+        out["transforms"] = [{k: v for k, v in t.items() if k != "state"} for t in model.vitcompress_info.transforms]
+        out["recovery_record"] = model.vitcompress_info.provenance.get("recovery")
+        return out
+
+
+def _finished(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path, *, progress: bool = False,
+              log=print, report: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """Run every unfinished point (those with ``index % shard[1] == shard[0]``); write the report.
+
+    Returns the records of the points run now.
+    """
+    from .errors import UserError
+    from .provenance import run_context
+    from .ui import progress_bar
+
+    cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe)
+    out = Path(out)
+    points = expand(cfg)
+    base, base_key = resolve_base(cfg, progress=progress, log=log)
+    ids = [point_id(p, cfg, base_key) for p in points]
+    pdir = out / "points"
+    if shard[0] == 0:
+        atomic_write_json(out / "sweep.json", {"config": cfg.to_dict(), "base_key": base_key, "points": [
+            {"id": i, "name": p.name, "family": p.family} for i, p in zip(ids, points)]})
+    todo = [(i, p) for k, (i, p) in enumerate(zip(ids, points))
+            if k % shard[1] == shard[0] and not _finished(pdir / f"{i}.json")]
+    log(f"sweep: {len(points)} points, {len(points) - len(todo)} finished or on other ranks, {len(todo)} to run")
+    records = []
+    if todo:
+        ctx = _Context(base, cfg)
+        with progress_bar(progress, len(todo), "sweep") as tick:
+            for pid, p in todo:
+                tick(0, description=f"sweep: {p.name}")
+                t0 = time.perf_counter()
+                rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
+                                       "recovery": p.recovery, "stack": p.stack}
+                try:
+                    rec.update(ctx.measure(p))
+                    rec["status"] = "ok"
+                except (UserError, RuntimeError, ValueError, TypeError, AssertionError, torch.cuda.OutOfMemoryError,
+                        NotImplementedError) as exc:
+                    rec.update({"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                                if str(exc) else type(exc).__name__})
+                    log(f"sweep: point '{p.name}' failed: {rec['error']}")
+                rec["seconds"] = round(time.perf_counter() - t0, 2)
+                rec.update(run_context(ctx.bench.resolve_device()))
+                atomic_write_json(pdir / f"{pid}.json", rec)
+                records.append(rec)
+                tick()
+    if report and shard[0] == 0:
+        from .report import write_report
+
+        write_report(out)
+    return records
