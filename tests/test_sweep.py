@@ -118,8 +118,9 @@ def test_sweep_and_report_cli(cli, trained_artifact, tmp_path):
     assert rc == 2 and "recipe not found" in err
 
 
-def test_bundled_demo_recipe_covers_every_family():
-    pts = expand(load_sweep("demo"))
+@pytest.mark.parametrize("recipe", ["demo", "vit_b16_gpu"])
+def test_bundled_recipes_cover_every_family(recipe):
+    pts = expand(load_sweep(recipe))
     fams = [p.family for p in pts]
     assert len(pts) >= 12 and fams.count("stacked") >= 3
     assert {"base", "token", "quant", "prune", "block-sparse"} <= set(fams)

@@ -96,6 +96,7 @@ def eval_(
     repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
     no_speed: bool | None = typer.Option(None, "--no-speed", help="Skip latency and memory."),
     json_out: Path | None = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
+    workers: int | None = typer.Option(None, "--workers", help="Data-loading worker processes."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
     img_size: int | None = ImgSizeOpt,
@@ -114,13 +115,20 @@ def eval_(
     check_positive("limit", limit)
     bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
+    from . import distributed
+
     m = _load_model(model, pretrained, checkpoint, img_size, patch_size, num_classes)
     dataset = load_data(data, data_config(m), split=split, limit=limit)
     ref: Any = "auto"
     if reference is not None:
         ref = None if reference.lower() == "none" else create_model(reference)
-    result = evaluate(m, dataset, reference=ref, bench=bench, speed=not no_speed, progress=sys.stderr.isatty(),
-                      **_given(batch_size=batch_size))
+    with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
+        result = evaluate(m, dataset, reference=ref, bench=bench, speed=not no_speed,
+                          progress=sys.stderr.isatty() and distributed.is_main(),
+                          **_given(batch_size=batch_size, workers=workers))
+        result["world_size"] = distributed.shard()[1]
+        if not distributed.is_main():
+            return
     if json_out is not None:
         atomic_write_json(json_out, result)
     _print_eval(result)
@@ -314,11 +322,14 @@ def sweep(
     no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
 ) -> None:
     """Measure compression stacks on one base model; resumable; writes the Pareto report."""
+    from . import distributed
     from .sweep import run_sweep
 
-    run_sweep(recipe, out, progress=sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True),
-              report=not no_report)
-    if not no_report:
+    with distributed.session():  # under torchrun the points are split across ranks
+        rank, size = distributed.world()
+        run_sweep(recipe, out, progress=sys.stderr.isatty() and rank == 0, log=lambda m: typer.echo(m, err=True),
+                  report=not no_report, shard=(rank, size))
+    if not no_report and rank == 0:
         _print_fronts(out)
 
 

@@ -24,23 +24,32 @@ from .ui import progress_bar
 
 @torch.inference_mode()
 def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: BenchConfig | None = None,
-            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [N,C] (float32, CPU), labels [N] (-1: none) and group ids [N] for every image of ``data``."""
+            progress: bool = False, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N,C] (float32, CPU), labels [N] (-1: none) and group ids [N] for every image of ``data``.
+
+    Under torchrun each rank runs whole batches of the single-process partition and the results are
+    gathered back into order on every rank (see :mod:`vitcompress.distributed`).
+    """
+    from . import distributed
+
     check_positive("batch size", batch_size)
     cfg = cfg or BenchConfig()
     device = cfg.resolve_device()
     model = model.to(device).eval()
-    logits, labels, groups = [], [], []
-    loader = data.loader(batch_size)
+    rank, size = distributed.shard()
+    batch_ids, items = distributed.batch_indices(len(data), batch_size, rank, size) if size > 1 else (None, None)
+    loader = data.loader(batch_size, workers=workers, indices=items)
+    outs = []
     with attention_backend(model, cfg.sdpa), progress_bar(progress, len(loader), f"eval {data.name}") as tick:
         for x, y, g in loader:
             with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=cfg.dtype != "fp32"):
                 out = model(x.to(device))
-            logits.append(out.float().cpu())
-            labels.append(y)
-            groups.append(g)
+            outs.append(torch.cat([out.float().cpu(), y[:, None].float(), g[:, None].float()], 1))
             tick()
-    return torch.cat(logits), torch.cat(labels), torch.cat(groups)
+    if size > 1:
+        outs = distributed.reassemble(distributed.gather((batch_ids, outs)))
+    merged = torch.cat(outs) if outs else torch.zeros(0, 3)
+    return merged[:, :-2].contiguous(), merged[:, -2].long(), merged[:, -1].long()
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None,
@@ -61,17 +70,19 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: tor
 
 def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | None = "auto",
              batch_size: int = 64, bench: BenchConfig | None = None, speed: bool = True,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, workers: int = 0) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``.
 
     reference: a model to measure agreement/kl against; ``"auto"`` uses the model's uncompressed base when
     known (a model with no transforms is its own reference); None skips fidelity metrics.
     speed: also time the model at ``bench.batch_sizes`` and measure peak memory.
     """
+    from . import distributed
     from .artifact import load_base
 
     bench = bench or BenchConfig()
-    logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress)
+    logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress,
+                                     workers=workers)
     if reference == "auto":
         reference = load_base(model)
     ref_logits = None
@@ -80,7 +91,8 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     elif isinstance(reference, nn.Module):
         ref_cfg = data_config(reference)
         ref_data = data if ref_cfg == data_config(model) else data.for_config(ref_cfg)
-        ref_logits = predict(reference, ref_data, batch_size=batch_size, cfg=bench, progress=progress)[0]
+        ref_logits = predict(reference, ref_data, batch_size=batch_size, cfg=bench, progress=progress,
+                             workers=workers)[0]
 
     result: dict[str, Any] = {"model": _describe_model(model), "data": data.describe(), "reference": (
         None if ref_logits is None else "self" if reference is model else _describe_model(reference))}
@@ -92,7 +104,7 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
             for gi, name in enumerate(data.groups) if bool((groups == gi).any())
         }
     result.update(static_metrics(model))
-    if speed:
+    if speed and distributed.is_main():  # under torchrun only rank 0 times (the others would contend)
         result.update(speed_metrics(model, bench))
     result.update({"dtype": str(bench.dtype), "sdpa": bench.sdpa, "compile": bench.compile,
                    **run_context(bench.resolve_device())})

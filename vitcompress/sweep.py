@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import Config
@@ -213,10 +212,11 @@ class _Context:
     def __init__(self, base: nn.Module, cfg: SweepConfig):
         from .bench import model_runner
         from .data import load_data
+        from .distributed import world
         from .evaluate import predict
         from .models import create_model, data_config
 
-        self.cfg, self.base, self.bench = cfg, base, cfg.bench_config()
+        self.cfg, self.base, self.bench, self.rank = cfg, base, cfg.bench_config(), world()[0]
         dcfg = data_config(base)
         self.data = {s: load_data(s, dcfg, limit=cfg.eval_limit) for s in cfg.eval_data}
         self.base_logits = {s: predict(base, d, cfg=self.bench)[0] for s, d in self.data.items()}
@@ -262,20 +262,52 @@ def _finished(path: Path) -> bool:
         return False
 
 
+def _run_points(ctx: _Context, todo: list[tuple[str, Point]], pdir: Path, progress: bool, log,
+                ) -> list[dict[str, Any]]:
+    """Measure each point; write its record atomically as soon as it is done (failures included)."""
+    from .errors import UserError
+    from .provenance import run_context
+    from .ui import progress_bar
+
+    records = []
+    with progress_bar(progress, len(todo), "sweep") as tick:
+        for pid, p in todo:
+            tick(0, description=f"sweep: {p.name}")
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
+                                   "recovery": p.recovery, "stack": p.stack, "rank": ctx.rank}
+            try:
+                rec.update(ctx.measure(p))
+                rec["status"] = "ok"
+            except (UserError, RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else ""
+                rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}" if msg
+                            else type(exc).__name__})
+                log(f"sweep: point '{p.name}' failed: {rec['error']}")
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
+            rec.update(run_context(ctx.bench.resolve_device()))
+            atomic_write_json(pdir / f"{pid}.json", rec)
+            records.append(rec)
+            tick()
+    return records
+
+
 def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path, *, progress: bool = False,
               log=print, report: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
     """Run every unfinished point (those with ``index % shard[1] == shard[0]``); write the report.
 
     Returns the records of the points run now.
     """
-    from .errors import UserError
-    from .provenance import run_context
-    from .ui import progress_bar
+    from . import distributed
 
     cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe)
     out = Path(out)
     points = expand(cfg)
+    if shard[0] != 0:
+        distributed.barrier()  # rank 0 trains or loads the base first, so the cache is filled once
     base, base_key = resolve_base(cfg, progress=progress, log=log)
+    if shard[0] == 0 and shard[1] > 1:
+        distributed.barrier()
     ids = [point_id(p, cfg, base_key) for p in points]
     pdir = out / "points"
     if shard[0] == 0:
@@ -284,28 +316,11 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
     todo = [(i, p) for k, (i, p) in enumerate(zip(ids, points))
             if k % shard[1] == shard[0] and not _finished(pdir / f"{i}.json")]
     log(f"sweep: {len(points)} points, {len(points) - len(todo)} finished or on other ranks, {len(todo)} to run")
-    records = []
+    records: list[dict[str, Any]] = []
     if todo:
-        ctx = _Context(base, cfg)
-        with progress_bar(progress, len(todo), "sweep") as tick:
-            for pid, p in todo:
-                tick(0, description=f"sweep: {p.name}")
-                t0 = time.perf_counter()
-                rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
-                                       "recovery": p.recovery, "stack": p.stack}
-                try:
-                    rec.update(ctx.measure(p))
-                    rec["status"] = "ok"
-                except (UserError, RuntimeError, ValueError, TypeError, AssertionError, torch.cuda.OutOfMemoryError,
-                        NotImplementedError) as exc:
-                    rec.update({"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                                if str(exc) else type(exc).__name__})
-                    log(f"sweep: point '{p.name}' failed: {rec['error']}")
-                rec["seconds"] = round(time.perf_counter() - t0, 2)
-                rec.update(run_context(ctx.bench.resolve_device()))
-                atomic_write_json(pdir / f"{pid}.json", rec)
-                records.append(rec)
-                tick()
+        with distributed.local():  # each rank evaluates its own points alone
+            records = _run_points(_Context(base, cfg), todo, pdir, progress, log)
+    distributed.barrier()  # under torchrun: every rank's points are on disk before the report
     if report and shard[0] == 0:
         from .report import write_report
 

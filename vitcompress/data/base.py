@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import check_positive
 
@@ -39,10 +39,14 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def loader(self, batch_size: int, *, shuffle: bool = False, workers: int = 0, seed: int = 0) -> DataLoader:
+    def loader(self, batch_size: int, *, shuffle: bool = False, workers: int = 0, seed: int = 0,
+               indices: Sequence[int] | None = None) -> DataLoader:
+        """Batches ``(images [B,3,H,W], labels [B], groups [B])``; ``indices`` restricts to a subset, in order."""
         check_positive("batch size", batch_size)
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen)
+        ds = self.dataset if indices is None else Subset(self.dataset, list(indices))
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+                          persistent_workers=False)
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.name, "split": self.split, "images": len(self), "labels": self.has_labels,
