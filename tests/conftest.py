@@ -10,6 +10,10 @@ import torch
 # Hub access is never needed by the tests: make offline behaviour deterministic everywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Triton kernels run through Triton's interpreter on a CPU-only machine. This must be set before anything
+# imports triton (its standard library is compiled or interpreted at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 

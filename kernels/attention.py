@@ -1,0 +1,172 @@
+"""Fused attention forward with a per-key bias, per-sample valid lengths and block sparsity.
+
+    out = softmax(q k^T * scale + key_bias[:, None, None, :] + masks) v       q, k, v: [B, H, N, D]
+
+- ``key_bias`` [B, N]: added to every query's logit for that key (ToMe's proportional attention, log size);
+- ``seq_lens`` [B] int: keys at positions >= len are ignored and output rows >= len are zero (pruned or
+  padded tokens);
+- ``block_mask`` bool, broadcastable to [B, H, ceil(N/bs), ceil(N/bs)]: only the (query block, key block)
+  tiles that are True are computed. Skipped tiles are never loaded, not masked after the fact. A query row
+  whose keys are all masked outputs zeros.
+
+bf16/fp16 (or fp32) inputs, fp32 accumulation (online softmax in base 2), output in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._triton import autotune_configs, builder, usable
+
+tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,
+                  seq_lens: torch.Tensor | None = None, block_mask: torch.Tensor | None = None,
+                  block_size: int = 64, scale: float | None = None) -> torch.Tensor:
+    """The same attention in fp32 with explicit masks -> [B, H, N, D] in q's dtype."""
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    s = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if key_bias is not None:
+        s = s + key_bias.float()[:, None, None, :]
+    allowed = torch.ones(b, 1, n, n, dtype=torch.bool, device=q.device)
+    if seq_lens is not None:
+        allowed = allowed & (torch.arange(n, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
+    if block_mask is not None:
+        nb = math.ceil(n / block_size)
+        bm = block_mask.to(torch.bool).expand(b, h, nb, nb)
+        allowed = allowed & bm.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)[:, :, :n, :n]
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    out = p @ v.float()
+    if seq_lens is not None:
+        out = out * (torch.arange(n, device=q.device)[None, :] < seq_lens[:, None])[:, None, :, None]
+    return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+           {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
+           {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}]
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N,
+                s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+                s_kbb, s_bmb, s_bmh, s_bmq, s_bmk,
+                HAS_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M queries of one (batch, head): online softmax over the key blocks that are run."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, D_PAD)
+    dmask = rd < D
+    q = tl.load(Q + b * s_qb + h * s_qh + rm[:, None] * s_qn + rd[None, :],
+                mask=(rm[:, None] < N) & dmask[None, :], other=0.0)
+    n_valid = N
+    if HAS_LENS:
+        n_valid = tl.load(SL + b).to(tl.int32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        run = start < n_valid
+        if HAS_BLOCKS:
+            run = run & (tl.load(BM + b * s_bmb + h * s_bmh + pid_m * s_bmq + (start // BLOCK_N) * s_bmk) != 0)
+        if run:
+            rn = start + tl.arange(0, BLOCK_N)
+            kt = tl.load(K + b * s_kb + h * s_kh + rn[None, :] * s_kn + rd[:, None],
+                         mask=(rn[None, :] < N) & dmask[:, None], other=0.0)
+            s = tl.dot(q, kt) * qk_scale
+            if HAS_BIAS:
+                kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32)
+                s += kb[None, :] * 1.4426950408889634
+            s = tl.where((rn < n_valid)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            vt = tl.load(V + b * s_vb + h * s_vh + rn[:, None] * s_vn + rd[None, :],
+                         mask=(rn[:, None] < N) & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    out = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    out = tl.where((rm < n_valid)[:, None], out, 0.0)
+    tl.store(Out + b * s_ob + h * s_oh + rm[:, None] * s_on + rd[None, :], out.to(Out.dtype.element_ty),
+             mask=(rm[:, None] < N) & dmask[None, :])
+
+
+@builder
+def _kernels():
+    global tl
+    import triton
+    import triton.language
+
+    from ._triton import interpreting
+
+    tl = triton.language
+    fwd = triton.jit(_fwd_kernel)
+    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS)
+    return fwd, triton.autotune(configs=configs, key=["N", "D", "HAS_BIAS", "HAS_LENS"])(fwd)
+
+def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
+    import triton
+
+    fwd, tuned = _kernels()
+    b, h, n, d = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)
+    d_pad = max(16, triton.next_power_of_2(d))
+    bias = key_bias.float().contiguous() if key_bias is not None else out
+    lens = seq_lens.to(torch.int32).contiguous() if seq_lens is not None else out
+    common = (q, k, v, bias, lens)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+               bias.stride(0) if key_bias is not None else 0)
+    flags = dict(HAS_BIAS=key_bias is not None, HAS_LENS=seq_lens is not None, D=d, D_PAD=d_pad)
+    if block_mask is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+        tuned[grid](*common, out, out, scale * LOG2E, h, n, *strides, 0, 0, 0, 0, HAS_BLOCKS=False, **flags)
+        return out
+    nb = triton.cdiv(n, block_size)
+    bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)
+    fwd[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, *strides, *bm.stride(), HAS_BLOCKS=True,
+                     BLOCK_M=block_size, BLOCK_N=block_size, num_warps=4, **flags)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+@torch.library.custom_op("vitcompress::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None,
+                  seq_lens: torch.Tensor | None, block_mask: torch.Tensor | None, block_size: int,
+                  scale: float) -> torch.Tensor:
+    return _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
+    return torch.empty_like(q)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,
+              seq_lens: torch.Tensor | None = None, block_mask: torch.Tensor | None = None, *,
+              block_size: int = 64, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """See :func:`attention_ref`. block_size: the granularity of ``block_mask`` (16..128, a power of 2)."""
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    if block_mask is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of 2 >= 16, got {block_size}")
+    if backend == "torch" or (backend == "auto" and not usable(q)):
+        return attention_ref(q, k, v, key_bias, seq_lens, block_mask, block_size, scale)
+    return _attention_op(q, k, v, key_bias, seq_lens, block_mask, block_size, scale)

@@ -1,0 +1,117 @@
+"""Block-sparse GEMM: activations @ a BSR weight (BxB blocks, B in {16, 32, 64, 128}), plus bias.
+
+    out[M, N] = x[M, K] @ W[N, K]^T + bias[N],   W stored as BSR: crow [N/B + 1], col [nnzb], values [nnzb, B, B]
+
+(the layout of :class:`~vitcompress.methods.block_sparse_linear.BlockSparseLinear`). Each program owns a
+BLOCK_M x B output tile of one block row and loops over that row's stored blocks only, so the work is
+proportional to the density. fp32 accumulation; the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import autotune_configs, builder, usable
+
+tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def bsr_dense(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The dense [N, K] weight of a BSR (crow [N/B+1], col [nnzb], values [nnzb,B,B])."""
+    b = values.shape[-1]
+    rows = torch.repeat_interleave(torch.arange(n // b, device=values.device), crow.diff())
+    w = values.new_zeros(n // b, k // b, b, b)
+    w[rows, col] = values
+    return w.permute(0, 2, 1, 3).reshape(n, k)
+
+
+def bsr_gemm_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [M,K] @ W^T + bias in fp32, returned in x's dtype -> [M,N]."""
+    w = bsr_dense(crow, col, values.float(), n, x.shape[1])
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}]
+INTERPRET_CONFIG = {"BLOCK_M": 32}
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_xk, s_om, s_on,
+                HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A BLOCK_M x B output tile of block row ``program_id(1)``: loops over that row's stored blocks only."""
+    pid_m, row = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rb = tl.arange(0, B)
+    start = tl.load(crow_ptr + row)
+    end = tl.load(crow_ptr + row + 1)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for j in range(start, end):
+        kb = tl.load(col_ptr + j)
+        kk = kb * B + rb
+        a = tl.load(x_ptr + rm[:, None] * s_xm + kk[None, :] * s_xk, mask=rm[:, None] < M, other=0.0)
+        w = tl.load(v_ptr + j * B * B + rb[:, None] * B + rb[None, :])  # [out, in] of this block
+        acc += tl.dot(a, tl.trans(w).to(a.dtype))
+    rn = row * B + rb
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(o_ptr.dtype.element_ty),
+             mask=rm[:, None] < M)
+
+
+@builder
+def _kernel():
+    global tl
+    import triton
+    import triton.language
+
+    from ._triton import interpreting
+
+    tl = triton.language
+    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS)
+    return triton.autotune(configs=configs, key=["M", "N", "K", "B"])(triton.jit(_bsr_kernel))
+
+def _bsr_triton(x, crow, col, values, bias, n):
+    import triton
+
+    kernel = _kernel()
+    m, k = x.shape
+    b = values.shape[-1]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    values = values.to(x.dtype).contiguous()
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n // b)  # noqa: E731
+    kernel[grid](x, crow, col, values, bias if bias is not None else out, out, m, n, k, x.stride(0), x.stride(1),
+                 out.stride(0), out.stride(1), HAS_BIAS=bias is not None, B=b)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+@torch.library.custom_op("vitcompress::bsr_gemm", mutates_args=())
+def _bsr_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+            bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    return _bsr_triton(x, crow, col, values, bias, n)
+
+
+@_bsr_op.register_fake
+def _(x, crow, col, values, bias, n):
+    return x.new_empty(x.shape[0], n)
+
+
+def bsr_gemm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+             bias: torch.Tensor | None = None, n: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """See :func:`bsr_gemm_ref`. n: output features (default: (len(crow) - 1) x B)."""
+    b = values.shape[-1]
+    if b not in BLOCK_SIZES:
+        raise ValueError(f"block size {b} is not one of {BLOCK_SIZES}")
+    n = n if n is not None else (crow.numel() - 1) * b
+    if backend == "torch" or (backend == "auto" and not usable(x)):
+        return bsr_gemm_ref(x, crow, col, values, bias, n)
+    return _bsr_op(x.contiguous(), crow.contiguous(), col.contiguous(), values, bias, n)

@@ -1,0 +1,210 @@
+"""int8 GEMM with a fused dequant epilogue, per-token activation quantization, and LayerNorm + quantize.
+
+    out[M, N] = gelu?((a_q[M, K] @ w_q[K, N]) * a_scale[M, None] * w_scale[None, N] + bias[N])
+
+int32 accumulation; the epilogue (per-token x per-channel dequant, bias, exact-erf GELU) runs in fp32 and
+stores bf16/fp16. ``quantize_per_token`` gives symmetric int8 codes (round half to even, +-127) and the
+fp32 scale ``absmax / 127`` per row; ``layernorm_quantize`` does LayerNorm first in the same pass, so
+quantizing the activations of ``qkv`` and ``fc1`` costs no extra read of the tensor.
+
+Layout: torch references first (same argument names), then autotune configs, then the kernels, then the
+wrappers, registered as ``torch.ops.vitcompress.*`` custom ops with fake implementations (torch.compile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import autotune_configs, builder, usable
+
+tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+
+EPS = 1e-8
+QMAX = 127
+
+
+# ---------------------------------------------------------------------------------------------- references
+def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None, gelu: bool = False,
+                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """a_q int8 [M,K], w_q int8 [K,N], a_scale fp32 [M], w_scale fp32 [N], bias [N] -> [M,N] ``out_dtype``."""
+    acc = (a_q.to(torch.int32) @ w_q.to(torch.int32)) if a_q.device.type == "cpu" else \
+        torch._int_mm(a_q, w_q)
+    out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()[None, :]
+    if gelu:
+        out = F.gelu(out)
+    return out.to(out_dtype)
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M,K] -> (codes int8 [M,K], scale fp32 [M]); symmetric, round half to even."""
+    x = x.float()
+    scale = x.abs().amax(1).clamp_min(EPS) / QMAX
+    return torch.round(x / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def layernorm_quantize_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of x [M,K] in fp32, then :func:`quantize_per_token_ref`."""
+    return quantize_per_token_ref(F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+GEMM_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 5},
+]
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def _gemm_kernel(a_ptr, w_ptr, o_ptr, sa_ptr, sw_ptr, b_ptr, M, N, K, s_am, s_ak, s_wk, s_wn, s_om, s_on,
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of the int8 GEMM (grouped launch order for L2 reuse) + fused epilogue."""
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * n_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        w = tl.load(w_ptr + kk[:, None] * s_wk + rn[None, :] * s_wn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
+        acc += tl.dot(a, w, out_dtype=tl.int32)
+    sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(o_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, K, s_xm, s_qm, eps, LN: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """One row: optional LayerNorm, then symmetric int8 codes (ties to even) and the row's scale."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * s_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if LN:
+        mean = tl.sum(x, 0) / K
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, d * rstd * w + b, 0.0)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-8), 127.0)
+    v = tl.div_rn(x, scale)
+    r = tl.floor(v + 0.5)
+    r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    tl.store(q_ptr + row * s_qm + cols, r.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@builder
+def _kernels():
+    global tl
+    import triton
+    import triton.language
+
+    from ._triton import interpreting
+
+    tl = triton.language
+    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else GEMM_CONFIGS)
+    gemm = triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_gemm_kernel))
+    return gemm, triton.jit(_quant_rows_kernel)
+
+def _int8_gemm_triton(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
+    import triton
+
+    gemm, _ = _kernels()
+    m, k = a_q.shape
+    n = w_q.shape[1]
+    out = torch.empty(m, n, device=a_q.device, dtype=out_dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    gemm[grid](a_q, w_q, out, a_scale.float().contiguous(), w_scale.float().contiguous(),
+               bias if bias is not None else out, m, n, k, a_q.stride(0), a_q.stride(1), w_q.stride(0),
+               w_q.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, GELU=gelu)
+    return out
+
+
+def _quant_rows_triton(x, weight, bias, eps, ln):
+    import triton
+
+    _, quant_rows = _kernels()
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=torch.int8)
+    s = torch.empty(m, device=x.device, dtype=torch.float32)
+    quant_rows[(m,)](x, q, s, weight if ln else x, bias if ln else x, k, x.stride(0), q.stride(0), eps,
+                     LN=ln, BLOCK_K=triton.next_power_of_2(k))
+    return q, s
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+@torch.library.custom_op("vitcompress::int8_gemm", mutates_args=())
+def _int8_gemm_op(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _int8_gemm_triton(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
+
+
+@_int8_gemm_op.register_fake
+def _(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
+    return a_q.new_empty(a_q.shape[0], w_q.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("vitcompress::quantize_rows", mutates_args=())
+def _quant_rows_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quant_rows_triton(x, weight, bias, eps, weight is not None)
+
+
+@_quant_rows_op.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
+              backend: str = "auto") -> torch.Tensor:
+    """See :func:`int8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
+    if backend == "torch" or (backend == "auto" and not usable(a_q, w_q)):
+        return int8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
+    return _int8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
+
+
+def quantize_per_token(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`quantize_per_token_ref`."""
+    if backend == "torch" or (backend == "auto" and not usable(x)):
+        return quantize_per_token_ref(x)
+    return _quant_rows_op(x, None, None, 0.0)
+
+
+def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`layernorm_quantize_ref`."""
+    if backend == "torch" or (backend == "auto" and not usable(x)):
+        return layernorm_quantize_ref(x, weight, bias, eps)
+    return _quant_rows_op(x, weight, bias, eps)

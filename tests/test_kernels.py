@@ -1,0 +1,128 @@
+"""Triton kernels against their torch references, on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+Odd shapes throughout: 197 and 577 tokens, batch 1, K not a multiple of the block, head_dim not a power
+of 2. Quantizer codes and scales must match exactly; GEMMs meet an SQNR floor; attention is within the
+stated tolerance. GPU runs of the same checks are marked ``gpu``.
+"""
+
+import pytest
+import torch
+from vitcompress.kernels import attention as attn_mod
+from vitcompress.kernels import bsr_gemm as bsr_mod
+from vitcompress.kernels import int8_gemm as i8
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.float(), out.float()
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-30)))
+
+
+@pytest.mark.parametrize("m, k", [(197, 64), (577, 96), (1, 40), (3, 130)])
+def test_quantize_per_token_codes_and_scales_are_exact(m, k):
+    g = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(_dev())
+    x[0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]) * x[0].abs().max() / 127 * 2  # exact ties on the grid
+    q, s = i8.quantize_per_token(x, backend="triton")
+    q_ref, s_ref = i8.quantize_per_token_ref(x)
+    assert q.dtype == torch.int8 and torch.equal(s.cpu(), s_ref.cpu()) and torch.equal(q.cpu(), q_ref.cpu())
+
+
+@pytest.mark.parametrize("m, k", [(197, 64), (1, 40)])
+def test_layernorm_quantize_matches_reference(m, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).to(_dev()) * 2 + 1
+    w, b = torch.randn(k, generator=g).to(_dev()), torch.randn(k, generator=g).to(_dev())
+    q, s = i8.layernorm_quantize(x, w, b, backend="triton")
+    q_ref, s_ref = i8.layernorm_quantize_ref(x, w, b)
+    torch.testing.assert_close(s.cpu(), s_ref.cpu(), rtol=1e-5, atol=0)  # LayerNorm reductions differ in order
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("m, k, n", [(197, 64, 48), (1, 40, 80), (577, 96, 32)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int8_gemm_matches_reference_and_sqnr(m, k, n, gelu):
+    g = torch.Generator().manual_seed(m * n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    a_q, a_s = i8.quantize_per_token_ref(x)
+    w_s = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_s[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()  # [K, N]
+    dev = _dev()
+    args = (a_q.to(dev), w_q.to(dev), a_s.to(dev), w_s.to(dev), bias.to(dev), gelu, torch.bfloat16)
+    out = i8.int8_gemm(*args, backend="triton")
+    ref = i8.int8_gemm_ref(*args)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    torch.testing.assert_close(out.cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
+    exact = x @ w.t() + bias
+    exact = torch.nn.functional.gelu(exact) if gelu else exact
+    assert _sqnr_db(exact, out.cpu()) > 30  # int8 W8A8 vs the float GEMM
+
+
+@pytest.mark.parametrize("m, b", [(197, 16), (1, 32), (577, 16)])
+def test_bsr_gemm_matches_dense(m, b):
+    g = torch.Generator().manual_seed(m + b)
+    n, k = 4 * b, 3 * b
+    mask = torch.rand(n // b, k // b, generator=g) < 0.5
+    mask[0] = False  # an empty block row: output is the bias
+    w = torch.randn(n, k, generator=g) * mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    bsr = w.to_sparse_bsr((b, b))
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    dev = _dev()
+    crow, col, vals = (t.to(dev) for t in (bsr.crow_indices(), bsr.col_indices(), bsr.values()))
+    out = bsr_mod.bsr_gemm(x.to(dev), crow, col, vals, bias.to(dev), n, backend="triton")
+    ref = bsr_mod.bsr_gemm_ref(x, *(t.cpu() for t in (crow, col, vals)), bias, n)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref, x @ w.t() + bias, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out.cpu()[:, :b], bias[:b].expand(m, b))
+
+
+@pytest.mark.parametrize("bsz, n, d", [(1, 197, 32), (2, 65, 40)])
+@pytest.mark.parametrize("bias, lens, blocks", [(False, False, False), (True, False, False), (True, True, False),
+                                                (False, False, True), (True, True, True)])
+def test_attention_matches_reference(bsz, n, d, bias, lens, blocks):
+    """fp32 inputs; tolerance 2e-4 absolute (online softmax vs one-shot softmax)."""
+    g = torch.Generator().manual_seed(n + d)
+    h, bs = 2, 32
+    q, k, v = (torch.randn(bsz, h, n, d, generator=g) for _ in range(3))
+    key_bias = torch.randn(bsz, n, generator=g).abs().log1p() if bias else None
+    seq_lens = torch.tensor([n - 7, n][:bsz]) if lens else None
+    nb = (n + bs - 1) // bs
+    block_mask = None
+    if blocks:
+        block_mask = torch.rand(1, h, nb, nb, generator=g) < 0.5
+        block_mask[..., 0] = True
+        block_mask[0, 0, 1] = False  # a query block with no keys: zeros
+    dev = _dev()
+    mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    out = attn_mod.attention(q.to(dev), k.to(dev), v.to(dev), mv(key_bias), mv(seq_lens), mv(block_mask),
+                             block_size=bs, backend="triton")
+    ref = attn_mod.attention_ref(q, k, v, key_bias, seq_lens, block_mask, block_size=bs)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=2e-4)
+    if not (bias or lens or blocks):  # the reference itself is SDPA
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(ref, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_have_fake_implementations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.empty(197, 64, dtype=torch.int8)
+        w = torch.empty(64, 48, dtype=torch.int8)
+        out = torch.ops.vitcompress.int8_gemm(a, w, torch.empty(197), torch.empty(48), None, True, torch.float16)
+        assert out.shape == (197, 48) and out.dtype == torch.float16
+        q = torch.empty(1, 2, 577, 40)
+        assert torch.ops.vitcompress.attention(q, q, q, None, None, None, 64, 0.1).shape == q.shape
+        x = torch.empty(5, 32)
+        crow, col, vals = torch.empty(3, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(2, 16, 16)
+        assert torch.ops.vitcompress.bsr_gemm(x, crow, col, vals, None, 32).shape == (5, 32)
+        qq, ss = torch.ops.vitcompress.quantize_rows(x, None, None, 0.0)
+        assert qq.dtype == torch.int8 and ss.shape == (5,)
