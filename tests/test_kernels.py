@@ -126,3 +126,12 @@ def test_custom_ops_have_fake_implementations():
         assert torch.ops.vitcompress.bsr_gemm(x, crow, col, vals, None, 32).shape == (5, 32)
         qq, ss = torch.ops.vitcompress.quantize_rows(x, None, None, 0.0)
         assert qq.dtype == torch.int8 and ss.shape == (5,)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kernel_benchmark_script_runs(tmp_path):
+    from vitcompress.bench.kernels import main
+
+    assert main(["--out", str(tmp_path), "--smoke"]) == 0
+    md = (tmp_path / "kernels.md").read_text()
+    assert "not speed figures" in md and "bsr gemm (ours)" in md and "ours + key bias" in md

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import FAMILIES, TINY
 
-from tests.conftest import FAMILIES, TINY
 from vitcompress import compress_, create_model, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError

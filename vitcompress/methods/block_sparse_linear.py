@@ -5,8 +5,9 @@ Storage (the artifact keeps exactly this): ``values`` [nnzb, B, B] (trainable), 
 
 Execution (``backend``): ``torch`` runs the fastest CPU implementation measured for the layer's shape,
 ``dense`` (the blocks scattered into a dense weight, one GEMM in the input dtype; cached at inference) or
-``bsr`` (``torch.sparse`` BSR matmul, fp32 only on the CPU). ``triton`` is the block-sparse GEMM of the
-kernels issue (not built yet). ``auto`` picks triton on CUDA once it exists, torch otherwise.
+``bsr`` (``torch.sparse`` BSR matmul, fp32 only on the CPU). ``triton`` runs
+:func:`vitcompress.kernels.bsr_gemm.bsr_gemm` (inference; training steps use dense-masked, which has a
+backward). ``auto`` picks triton on CUDA when it is installed, torch otherwise.
 """
 
 from __future__ import annotations
@@ -107,19 +108,38 @@ class BlockSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
                 f"density={self.density:.3f}, backend={self.backend}, cpu_impl={self.cpu_impl}")
 
+    def _triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        from ..kernels._triton import available, usable
+
+        if self.backend == "triton":
+            if not available():
+                raise ConfigError("backend 'triton' needs triton installed")
+            return True
+        return x.is_cuda and usable(x) and self.block_size in (16, 32, 64, 128)
+
     def _cached_dense(self, dtype: torch.dtype) -> torch.Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.dense_weight(dtype)
-        key = (self.values._version, self.values.data_ptr(), dtype, self.values.device)
+        try:
+            key = (self.values._version, self.values.data_ptr(), dtype, self.values.device)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return self.dense_weight(dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, self.dense_weight(dtype))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            raise ConfigError("the triton block-sparse GEMM is not built yet (issue #6): use backend torch")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        training = torch.is_grad_enabled() and self.values.requires_grad
+        if self._triton(x) and not training:  # the kernel has no backward: training uses dense-masked
+            from ..kernels.bsr_gemm import bsr_gemm
+
+            y = bsr_gemm(x.reshape(-1, self.in_features).to(dtype), self.crow_indices, self.col_indices,
+                         self.values, self.bias, self.out_features, backend="triton")
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.cpu_impl == "bsr" and not x.is_cuda and not (torch.is_grad_enabled() and self.values.requires_grad):
             with warnings.catch_warnings():  # "BSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)

@@ -23,9 +23,12 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got '{backend}'")
         self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
+        self.backend = backend
         self.register_buffer("w_qt", torch.zeros(in_features, out_features, dtype=torch.int8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, device=device))
         self.register_buffer("a_scale", torch.ones((), device=device))
@@ -33,9 +36,14 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
-                    clip: float = 1.0) -> Int8Linear:
-        """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale."""
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device)
+                    clip: float = 1.0, backend: str = "auto") -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale.
+
+        backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
+        (``torch._int_mm``), or ``auto`` (triton on CUDA when it is installed).
+        """
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
+                  backend)
         scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
         mod.w_qt.copy_(ops.weight_codes(linear.weight, scale, 8).t())
         mod.w_scale.copy_(scale[:, 0])
@@ -49,8 +57,30 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activations={'per_token' if self.per_token else 'per_tensor'}")
 
+    def _triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        from ..kernels._triton import available, usable
+
+        if self.backend == "triton":
+            if not available():
+                raise RuntimeError("backend 'triton' needs triton installed")
+            return True
+        return x.is_cuda and usable(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self._triton(x):
+            from ..kernels.int8_gemm import int8_gemm, quantize_per_token
+
+            x2 = x.reshape(-1, shape[-1])
+            if self.per_token:
+                q, s = quantize_per_token(x2, backend="triton")
+            else:
+                s = self.a_scale.expand(x2.shape[0]).contiguous()
+                q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
+            out = int8_gemm(q, self.w_qt, s, self.w_scale, self.bias, out_dtype=x.dtype, backend="triton")
+            return out.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1]).float()
         s = (x2.abs().amax(1, keepdim=True).clamp_min(ops.EPS) / QMAX) if self.per_token else self.a_scale
         q = torch.round(x2 / s).clamp(-QMAX, QMAX).to(torch.int8)
