@@ -67,3 +67,27 @@ def test_fused_attention_rejects_dense_masks():
     fa = FusedAttention.from_timm(m.blocks[0].attn)
     with pytest.raises(ValueError, match="not a dense attn_mask"):
         fa(torch.randn(1, 5, TINY["embed_dim"]), attn_mask=torch.zeros(5, 5))
+
+
+def test_quantize_deploy_runs_on_the_triton_int8_gemm():
+    import copy
+
+    from vitcompress import compress_
+    from vitcompress.methods import QuantConfig
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch16_224", **TINY)
+    t = copy.deepcopy(m)
+    compress_(m, QuantConfig(mode="deploy", a_granularity="per_token", backend="torch"))
+    compress_(t, QuantConfig(mode="deploy", a_granularity="per_token", backend="triton"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(t(x), m(x), rtol=1e-3, atol=1e-3)
+
+
+def test_quantize_backend_errors(cli, trained_artifact, tmp_path):
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "q", "--mode", "deploy", "--backend", "bnb")
+    assert rc == 2 and "bitsandbytes is not built yet" in err and err.count("\n") == 1
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "q", "--backend", "triton",
+                     "--calib-data", "digits")
+    assert rc == 2 and "simulate runs in floating point" in err

@@ -274,7 +274,7 @@ def quantize(
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
-    backend: str | None = typer.Option(None, "--backend", help="auto/torch/triton/bnb (not built yet)."),
+    backend: str | None = typer.Option(None, "--backend", help="Deploy GEMM: auto, torch (_int_mm) or triton."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
 ) -> None:
@@ -285,8 +285,6 @@ def quantize(
     from .models import data_config, model_info
     from .transforms import compress_
 
-    if backend is not None:
-        raise ConfigError("--backend is not built yet (issue #4); simulate mode runs in floating point")
     rounding = reparam = None
     if method == "gptq":  # GPTQ weight rounding; activation ranges stay minmax
         method, rounding = None, "gptq"
@@ -294,7 +292,7 @@ def quantize(
         method, reparam = None, "repq"
     bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
             if v != "unset"}
-    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, reparam=reparam,
+    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, reparam=reparam, backend=backend,
                                        w_granularity=w_granularity,
                                        group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
                                        layers=None if layers is None else layers.split(","),

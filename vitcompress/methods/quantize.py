@@ -84,8 +84,14 @@ class QuantConfig(Config):
     rounding: Rounding = Rounding.RTN
     gptq_damp: float = 0.01
     reparam: Reparam = Reparam.NONE
+    backend: str = "auto"
 
     def validate(self) -> None:
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"backend must be auto, torch or triton (bitsandbytes is not built yet), "
+                              f"got '{self.backend}'")
+        if self.backend != "auto" and self.mode != Mode.DEPLOY:
+            raise ConfigError("--backend selects the int8 GEMM of --mode deploy; simulate runs in floating point")
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits is not None and (int(bits) != bits or not 2 <= bits <= 8):
@@ -233,11 +239,12 @@ def _deploy(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfg: QuantCon
     clips = {}
     for name, m in layers:
         if restore:
-            new = Int8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device)
+            new = Int8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device,
+                             backend=cfg.backend)
         else:
             clip = ops.mse_weight_clip(m.weight, 8) if cfg.observer == Observer.MSE else 1.0
             absmax = max(abs(v) for v in ranges[name]) if name in ranges else None
-            new = Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip)
+            new = Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend)
             clips[name] = clip
         replace_module(model, name, new)
     return clips
