@@ -193,3 +193,13 @@ def test_prune_cli_end_to_end(cli, trained_artifact, tmp_path):
 def test_prune_cli_errors_are_one_line(cli, trained_artifact, tmp_path, args, msg):
     rc, _, err = cli("prune", trained_artifact, "--out", tmp_path / "x", *args)
     assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+def test_recovery_leaves_the_teacher_trainable_and_trains_every_student_weight(trained_artifact):
+    base = create_model(str(trained_artifact))
+    m = copy.deepcopy(base)
+    compress_(m, PruneConfig(mlp=0.5))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    finetune_(m, RecoveryConfig(epochs=1, limit=64, batch_size=32), teacher=base)
+    assert all(p.requires_grad for p in base.parameters())
+    assert not torch.equal(m.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])

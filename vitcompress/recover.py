@@ -106,10 +106,8 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     data = load_data(cfg.data, data_config(model), limit=cfg.limit, purpose="train")
     if not data.has_labels:
         raise ConfigError(f"cannot fine-tune on '{cfg.data}': it has no labels")
-    if teacher is not None:
+    if teacher is not None:  # the caller's teacher is left as it is (its forward runs under no_grad)
         teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     trainable = attention_params(model) if cfg.attn_only else [p for p in model.parameters() if p.requires_grad]
     saved = {id(p): p.requires_grad for p in model.parameters()}
     keep = {id(p) for p in trainable}
