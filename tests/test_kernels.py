@@ -135,3 +135,24 @@ def test_kernel_benchmark_script_runs(tmp_path):
     assert main(["--out", str(tmp_path), "--smoke"]) == 0
     md = (tmp_path / "kernels.md").read_text()
     assert "not speed figures" in md and "bsr gemm (ours)" in md and "ours + key bias" in md
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_on_gpu_at_vit_b_shapes():
+    """Real compiled kernels (not the interpreter) at ViT-B shapes, bf16."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(197 * 8, 768, device="cuda", generator=g)
+    w = torch.randn(3072, 768, device="cuda", generator=g)
+    a_q, a_s = i8.quantize_per_token(x)
+    q_ref, s_ref = i8.quantize_per_token_ref(x)
+    assert torch.equal(a_q, q_ref) and torch.equal(a_s, s_ref)
+    w_s = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_s[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()
+    out = i8.int8_gemm(a_q, w_q, a_s, w_s, None, True)
+    torch.testing.assert_close(out.float(), i8.int8_gemm_ref(a_q, w_q, a_s, w_s, None, True).float(),
+                               rtol=1e-2, atol=1e-2)
+    q, k, v = (torch.randn(8, 12, 577, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    bias = torch.rand(8, 577, device="cuda", generator=g).log1p()
+    ref = attn_mod.attention_ref(q, k, v, key_bias=bias)
+    torch.testing.assert_close(attn_mod.attention(q, k, v, key_bias=bias).float(), ref.float(), rtol=2e-2, atol=2e-2)
