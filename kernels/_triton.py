@@ -32,6 +32,18 @@ def usable(*tensors: torch.Tensor) -> bool:
     return available() and (interpreting() or all(t.is_cuda for t in tensors))
 
 
+def wants(backend: str, x: torch.Tensor) -> bool:
+    """Whether a drop-in module with ``backend`` runs its Triton kernel on ``x``: always for ``triton`` (an
+    error without triton), on CUDA tensors with triton installed for ``auto``, never for ``torch``."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not available():
+            raise RuntimeError("backend 'triton' needs triton installed (or use backend='torch')")
+        return True
+    return x.is_cuda and usable(x)
+
+
 def builder(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Cache a function that imports triton and returns jitted kernels (per interpreter mode)."""
     cache: dict[bool, Any] = {}

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from .cli_output import print_eval, print_fronts, print_table
 from .errors import ConfigError, UserError
 
 try:  # typer >= 0.20 vendors click; its exceptions derive from TyperException
@@ -76,7 +77,7 @@ def train(
     section = data.get("train", data)
     cfg = TrainConfig.from_dict({**section, **_given(epochs=epochs, seed=seed, device=device, limit=limit)})
     _, metrics = run_train(cfg, out, progress=sys.stderr.isatty(), recipe=data)
-    _print_table("train", {"artifact": str(out), **metrics})
+    print_table("train", {"artifact": str(out), **metrics})
 
 
 @app.command("eval")
@@ -131,7 +132,7 @@ def eval_(
             return
     if json_out is not None:
         atomic_write_json(json_out, result)
-    _print_eval(result)
+    print_eval(result)
 
 
 @app.command()
@@ -172,7 +173,7 @@ def merge(
     from .models import model_info
 
     state = model_info(m).transforms[-1]["state"]
-    _print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
+    print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
                            "GFLOPs fraction": state.get("flops_fraction"),
                            "measured speedup": state.get("measured_speedup")})
 
@@ -245,7 +246,7 @@ def prune(
     for t in model_info(m).transforms[-len(configs):]:
         rows.update({f"{t['name']} {k}": v for k, v in t["state"].items() if k != "layers"})
     rows["recovery"] = "none" if rec is None else f"{rec['level']} ({recovery.epochs} epochs, {recovery.distill})"
-    _print_table("prune", rows)
+    print_table("prune", rows)
 
 
 def _bits(text: str | None, name: str) -> int | None | str:
@@ -308,7 +309,7 @@ def quantize(
     compress_(m, cfg, calib=calib)
     save_artifact(m, out)
     state = model_info(m).transforms[-1]["state"]
-    _print_table("quantize", {"artifact": str(out), "layers": len(state["layers"]),
+    print_table("quantize", {"artifact": str(out), "layers": len(state["layers"]),
                               "calibrated": state["calibrated"],
                               "mode": f"{cfg.mode} ({'deployable' if state.get('deployable') else 'accuracy-only'})"})
 
@@ -328,7 +329,7 @@ def sweep(
         run_sweep(recipe, out, progress=sys.stderr.isatty() and rank == 0, log=lambda m: typer.echo(m, err=True),
                   report=not no_report, shard=(rank, size))
     if not no_report and rank == 0:
-        _print_fronts(out)
+        print_fronts(out)
 
 
 @app.command()
@@ -337,7 +338,7 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory.")) -> 
     from .report import write_report
 
     write_report(sweep_dir)
-    _print_fronts(sweep_dir)
+    print_fronts(sweep_dir)
 
 
 @app.command()
@@ -350,58 +351,7 @@ def demo(
 
     path = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
                     log=lambda m: typer.echo(m, err=True))
-    _print_fronts(path)
-
-
-def _print_fronts(sweep_dir: Path) -> None:
-    import json
-
-    res = json.loads((Path(sweep_dir) / "pareto.json").read_text())
-    rows = {r["name"]: r for r in res["rows"]}
-    table = {"report": str(Path(sweep_dir) / "report.md"), "picture": str(Path(sweep_dir) / "pareto.png")}
-    for name in res["front_latency"]:
-        r = rows[name]
-        table[f"★ {name}"] = (f"{res['accuracy_metric']} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
-                              f"{r['speedup']:.2f}x at b{res['reference_batch']}, {r['kind']}")
-    if res["failed"]:
-        table["failed points"] = len(res["failed"])
-    _print_table("accuracy-vs-latency front", table)
-
-
-# ---------------------------------------------------------------------------------------------- output
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def _print_table(title: str, rows: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for k, v in rows.items():
-        table.add_row(k, _fmt(v) if v is not None else "—")
-    Console().print(table)
-
-
-def _print_eval(r: dict[str, Any]) -> None:
-    rows: dict[str, Any] = {
-        "model": r["model"]["source"] or r["model"]["arch"],
-        "data": f"{r['data']['spec']} ({r['data']['split']}, {r['n_images']} images)",
-        "top1 %": r["top1"], "top5 %": r["top5"], "agreement %": r["agreement"], "kl": r["kl"],
-    }
-    for g, m in (r.get("groups") or {}).items():
-        agreement = "—" if m["agreement"] is None else _fmt(m["agreement"])
-        rows[f"  {g} top1 / agr %"] = f"{_fmt(m['top1'])} / {agreement}"
-    for bs, lat in (r.get("latency_ms") or {}).items():
-        rows[f"latency b{bs} ms (p95)"] = f"{lat['median']:.3f} ({lat['p95']:.3f})"
-    rows.update({"throughput img/s": r.get("throughput"), "peak mem MiB": r.get("peak_mem_mb"),
-                 "params": r["params"], "GFLOPs/img": r["gflops"], "size MiB": r["size_mb"],
-                 "device": f"{r['device']}, {r['dtype']}"})
-    _print_table("eval", rows)
+    print_fronts(path)
 
 
 def main(argv: list[str] | None = None) -> int:

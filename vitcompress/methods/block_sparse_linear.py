@@ -108,17 +108,6 @@ class BlockSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
                 f"density={self.density:.3f}, backend={self.backend}, cpu_impl={self.cpu_impl}")
 
-    def _triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        from ..kernels._triton import available, usable
-
-        if self.backend == "triton":
-            if not available():
-                raise ConfigError("backend 'triton' needs triton installed")
-            return True
-        return x.is_cuda and usable(x) and self.block_size in (16, 32, 64, 128)
-
     def _cached_dense(self, dtype: torch.dtype) -> torch.Tensor:
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.dense_weight(dtype)
@@ -134,7 +123,11 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         training = torch.is_grad_enabled() and self.values.requires_grad
-        if self._triton(x) and not training:  # the kernel has no backward: training uses dense-masked
+        from ..kernels._triton import wants
+
+        # the kernel has no backward (training uses dense-masked) and takes B in 16..128 (auto falls back)
+        kernel_block = self.backend == "triton" or self.block_size in (16, 32, 64, 128)
+        if wants(self.backend, x) and not training and kernel_block:
             from ..kernels.bsr_gemm import bsr_gemm
 
             y = bsr_gemm(x.reshape(-1, self.in_features).to(dtype), self.crow_indices, self.col_indices,

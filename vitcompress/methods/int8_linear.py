@@ -57,20 +57,11 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activations={'per_token' if self.per_token else 'per_tensor'}")
 
-    def _triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        from ..kernels._triton import available, usable
-
-        if self.backend == "triton":
-            if not available():
-                raise RuntimeError("backend 'triton' needs triton installed")
-            return True
-        return x.is_cuda and usable(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self._triton(x):
+        from ..kernels._triton import wants
+
+        if wants(self.backend, x):
             from ..kernels.int8_gemm import int8_gemm, quantize_per_token
 
             x2 = x.reshape(-1, shape[-1])

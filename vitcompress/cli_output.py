@@ -1,0 +1,57 @@
+"""What the CLI prints: rich tables for metrics, evaluations and sweep fronts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def fmt(v: Any) -> str:
+    """A number as a table cell: 4 significant digits, thousands separators for large values."""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def print_table(title: str, rows: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        table.add_row(k, fmt(v) if v is not None else "—")
+    Console().print(table)
+
+
+def print_eval(r: dict[str, Any]) -> None:
+    rows: dict[str, Any] = {
+        "model": r["model"]["source"] or r["model"]["arch"],
+        "data": f"{r['data']['spec']} ({r['data']['split']}, {r['n_images']} images)",
+        "top1 %": r["top1"], "top5 %": r["top5"], "agreement %": r["agreement"], "kl": r["kl"],
+    }
+    for g, m in (r.get("groups") or {}).items():
+        agreement = "—" if m["agreement"] is None else fmt(m["agreement"])
+        rows[f"  {g} top1 / agr %"] = f"{fmt(m['top1'])} / {agreement}"
+    for bs, lat in (r.get("latency_ms") or {}).items():
+        rows[f"latency b{bs} ms (p95)"] = f"{lat['median']:.3f} ({lat['p95']:.3f})"
+    rows.update({"throughput img/s": r.get("throughput"), "peak mem MiB": r.get("peak_mem_mb"),
+                 "params": r["params"], "GFLOPs/img": r["gflops"], "size MiB": r["size_mb"],
+                 "device": f"{r['device']}, {r['dtype']}"})
+    print_table("eval", rows)
+
+
+def print_fronts(sweep_dir: Path) -> None:
+    """The accuracy-vs-latency front of a written sweep report, one row per point."""
+    res = json.loads((Path(sweep_dir) / "pareto.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    table = {"report": str(Path(sweep_dir) / "report.md"), "picture": str(Path(sweep_dir) / "pareto.png")}
+    for name in res["front_latency"]:
+        r = rows[name]
+        table[f"★ {name}"] = (f"{res['accuracy_metric']} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
+                              f"{r['speedup']:.2f}x at b{res['reference_batch']}, {r['kind']}")
+    if res["failed"]:
+        table["failed points"] = len(res["failed"])
+    print_table("accuracy-vs-latency front", table)
