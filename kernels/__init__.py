@@ -8,9 +8,8 @@ lazily inside each kernel module, so the package imports on machines without it.
 
 def triton_available() -> bool:
     """True when triton imports and a CUDA device is present (else the torch references are used)."""
-    try:
-        import torch
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+    import torch
+
+    from ._triton import available
+
+    return available() and torch.cuda.is_available()

@@ -223,10 +223,9 @@ def prune(
     if finetune_epochs is not None:
         if data is None:
             raise ConfigError("--finetune-epochs needs --data (its train split is used)")
-        recovery = RecoveryConfig(data=data, epochs=finetune_epochs, distill="soft" if distill else "none",
+        recovery = RecoveryConfig(data=data, epochs=finetune_epochs,
+                                  distill=(distill_type or "soft") if distill else "none",
                                   **_given(attn_only=attn_only, lr=lr, device=device))
-        if distill and distill_type is not None:
-            recovery = RecoveryConfig.from_dict({**recovery.to_dict(), "distill": distill_type})
     elif distill or attn_only or data is not None:
         raise ConfigError("--distill, --attn-only and --data apply to recovery: add --finetune-epochs N")
     m = _load_model(model, pretrained, checkpoint, None, None, None)

@@ -64,9 +64,7 @@ def select_blocks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str,
     """Global selection: bool masks [out/B, in/B] per layer keeping the top ``1 - sparsity`` of all tiles
     by layer-normalized score, at least one per layer."""
     norm = {n: imp.normalized(s) for n, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in norm.values()])
-    n_drop = round(sparsity * len(flat))
-    cut = flat.sort().values[n_drop - 1] if n_drop else -float("inf")
+    cut = imp.global_cut(list(scores.values()), sparsity)
     masks = {}
     for n, s in norm.items():
         m = s > cut

@@ -97,12 +97,10 @@ class BlockSparseLinear(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] with zeros outside the stored blocks (differentiable in ``values``)."""
-        b, nbo, nbi = self.block_size, self.out_features // self.block_size, self.in_features // self.block_size
-        rows = torch.repeat_interleave(torch.arange(nbo, device=self.values.device), self.crow_indices.diff())
+        from ..kernels.bsr_gemm import bsr_dense
+
         vals = self.values if dtype is None else self.values.to(dtype)
-        w = vals.new_zeros(nbo, nbi, b, b)
-        w = w.index_put((rows, self.col_indices), vals)
-        return w.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+        return bsr_dense(self.crow_indices, self.col_indices, vals, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

@@ -132,3 +132,11 @@ def scores(model: nn.Module, criterion: Criterion, score_fn: Callable[[Term], di
 def normalized(score: torch.Tensor) -> torch.Tensor:
     """Scores divided by their layer mean, so layers compete on relative importance in a global ranking."""
     return score / score.mean().clamp_min(1e-30)
+
+
+def global_cut(scores: list[torch.Tensor], frac: float) -> float:
+    """The threshold on layer-normalized scores below which the lowest ``frac`` of all entries fall
+    (-inf when nothing is dropped): entries with ``normalized(s) > cut`` are kept."""
+    flat = torch.cat([normalized(s).flatten() for s in scores])
+    n_drop = round(frac * len(flat))
+    return float(flat.sort().values[n_drop - 1]) if n_drop else -float("inf")

@@ -106,9 +106,7 @@ def keep_heads(scores: list[torch.Tensor], frac: float, scope: Scope) -> list[li
     if scope == Scope.PER_LAYER:
         counts = [len(s) - round(frac * len(s)) for s in scores]
     else:
-        flat = torch.cat([imp.normalized(s) for s in scores])
-        n_drop = round(frac * len(flat))
-        cut = flat.sort().values[n_drop - 1] if n_drop else -float("inf")
+        cut = imp.global_cut(scores, frac)
         counts = [int((imp.normalized(s) > cut).sum()) for s in scores]
     out = []
     for i, (s, n) in enumerate(zip(scores, counts)):
@@ -125,9 +123,7 @@ def keep_channels(scores: list[torch.Tensor], frac: float, scope: Scope, round_t
     if scope == Scope.PER_LAYER:
         counts = [(1 - frac) * len(s) for s in scores]
     else:
-        flat = torch.cat([imp.normalized(s) for s in scores])
-        n_drop = round(frac * len(flat))
-        cut = flat.sort().values[n_drop - 1] if n_drop else -float("inf")
+        cut = imp.global_cut(scores, frac)
         counts = [float((imp.normalized(s) > cut).sum()) for s in scores]
     out = []
     for s, n in zip(scores, counts):
