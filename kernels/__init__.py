@@ -5,6 +5,9 @@ This folder is shipped under ``vitcompress.kernels`` (see pyproject's package-di
 lazily inside each kernel module, so the package imports on machines without it.
 """
 
+if __name__ == "kernels":  # imported from a checkout's root as a top-level package: that name is not ours
+    raise ImportError("this folder is vitcompress.kernels, not the PyPI package 'kernels'")
+
 
 def triton_available() -> bool:
     """True when triton imports and a CUDA device is present (else the torch references are used)."""

@@ -68,9 +68,10 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 # ---------------------------------------------------------------------------------------------- kernels
 def _gemm_kernel(a_ptr, w_ptr, o_ptr, sa_ptr, sw_ptr, b_ptr, M, N, K, s_am, s_ak, s_wk, s_wn, s_om, s_on,
-                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One BLOCK_M x BLOCK_N tile of the int8 GEMM (grouped launch order for L2 reuse) + fused epilogue."""
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACC_TYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of a scaled low-precision GEMM (grouped launch order for L2 reuse) + fused
+    epilogue. ACC_TYPE: int32 for int8 operands; fp32 for fp8 ones (shared with :mod:`.fp8_gemm`)."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * n_n
@@ -81,14 +82,14 @@ def _gemm_kernel(a_ptr, w_ptr, o_ptr, sa_ptr, sw_ptr, b_ptr, M, N, K, s_am, s_ak
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(w_ptr + kk[:, None] * s_wk + rn[None, :] * s_wn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
-        acc += tl.dot(a, w, out_dtype=tl.int32)
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a, w, out_dtype=ACC_TYPE)
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
@@ -136,17 +137,17 @@ def _kernels():
     gemm = triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_gemm_kernel))
     return gemm, triton.jit(_quant_rows_kernel)
 
-def _int8_gemm_triton(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
+def launch_gemm(gemm, a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, acc_type):
+    """Run an autotuned build of :func:`_gemm_kernel` (int8 here, e4m3 in :mod:`.fp8_gemm`)."""
     import triton
 
-    gemm, _ = _kernels()
     m, k = a_q.shape
     n = w_q.shape[1]
     out = torch.empty(m, n, device=a_q.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     gemm[grid](a_q, w_q, out, a_scale.float().contiguous(), w_scale.float().contiguous(),
                bias if bias is not None else out, m, n, k, a_q.stride(0), a_q.stride(1), w_q.stride(0),
-               w_q.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, GELU=gelu)
+               w_q.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, GELU=gelu, ACC_TYPE=acc_type)
     return out
 
 
@@ -167,7 +168,7 @@ def _quant_rows_triton(x, weight, bias, eps, ln):
 @torch.library.custom_op("vitcompress::int8_gemm", mutates_args=())
 def _int8_gemm_op(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_gemm_triton(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
+    return launch_gemm(_kernels()[0], a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, tl.int32)
 
 
 @_int8_gemm_op.register_fake

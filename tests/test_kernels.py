@@ -9,6 +9,7 @@ import pytest
 import torch
 from vitcompress.kernels import attention as attn_mod
 from vitcompress.kernels import bsr_gemm as bsr_mod
+from vitcompress.kernels import fp8_gemm as f8
 from vitcompress.kernels import int8_gemm as i8
 
 pytest.importorskip("triton")
@@ -46,24 +47,43 @@ def test_layernorm_quantize_matches_reference(m, k):
     assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999
 
 
+def _int8_operands(x, w):
+    a_q, a_s = i8.quantize_per_token_ref(x)
+    w_s = w.abs().amax(1) / 127
+    return a_q, torch.round(w / w_s[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous(), a_s, w_s  # w [K,N]
+
+
+def _fp8_operands(x, w):
+    a_q, a_s = f8.quantize_per_token_fp8_ref(x)
+    assert torch.equal(a_s, x.abs().amax(1) / 448)
+    assert torch.equal(a_q, (x / a_s[:, None]).to(torch.float8_e4m3fn))  # exact codes
+    w_s = w.abs().amax(1) / 448
+    return a_q, (w / w_s[:, None]).to(torch.float8_e4m3fn).t(), a_s, w_s  # w [K,N] column-major (_scaled_mm)
+
+
+GEMMS = {"int8": (i8.int8_gemm, i8.int8_gemm_ref, _int8_operands, 30),  # SQNR floor (dB) vs the float GEMM
+         "fp8": (f8.fp8_gemm, f8.fp8_gemm_ref, _fp8_operands, 25)}  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("kind", list(GEMMS))
 @pytest.mark.parametrize("m, k, n", [(197, 64, 48), (1, 40, 80), (577, 96, 32)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_int8_gemm_matches_reference_and_sqnr(m, k, n, gelu):
+def test_quantized_gemm_matches_reference_and_sqnr(kind, m, k, n, gelu):
+    gemm, gemm_ref, operands, floor = GEMMS[kind]
     g = torch.Generator().manual_seed(m * n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g)
-    a_q, a_s = i8.quantize_per_token_ref(x)
-    w_s = w.abs().amax(1) / 127
-    w_q = torch.round(w / w_s[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()  # [K, N]
     dev = _dev()
-    args = (a_q.to(dev), w_q.to(dev), a_s.to(dev), w_s.to(dev), bias.to(dev), gelu, torch.bfloat16)
-    out = i8.int8_gemm(*args, backend="triton")
-    ref = i8.int8_gemm_ref(*args)
+    args = (*(t.to(dev) for t in operands(x, w)), bias.to(dev), gelu, torch.bfloat16)
+    out = gemm(*args, backend="triton")
+    ref = gemm_ref(*args)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     torch.testing.assert_close(out.cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
     exact = x @ w.t() + bias
     exact = torch.nn.functional.gelu(exact) if gelu else exact
-    assert _sqnr_db(exact, out.cpu()) > 30  # int8 W8A8 vs the float GEMM
+    assert _sqnr_db(exact, out.cpu()) > floor
+    if kind == "fp8" and not gelu and k % 16 == 0 and n % 16 == 0:  # torch._scaled_mm: the same product
+        torch.testing.assert_close(f8.scaled_mm(*args[:5]).cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("m, b", [(197, 16), (1, 32), (577, 16)])
@@ -124,6 +144,10 @@ def test_custom_ops_have_fake_implementations():
         x = torch.empty(5, 32)
         crow, col, vals = torch.empty(3, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(2, 16, 16)
         assert torch.ops.vitcompress.bsr_gemm(x, crow, col, vals, None, 32).shape == (5, 32)
+        a8 = torch.empty(197, 64, dtype=torch.float8_e4m3fn)
+        w8 = torch.empty(64, 48, dtype=torch.float8_e4m3fn)
+        out = torch.ops.vitcompress.fp8_gemm(a8, w8, torch.empty(197), torch.empty(48), None, False, torch.bfloat16)
+        assert out.shape == (197, 48) and out.dtype == torch.bfloat16
         qq, ss = torch.ops.vitcompress.quantize_rows(x, None, None, 0.0)
         assert qq.dtype == torch.int8 and ss.shape == (5,)
 
@@ -152,6 +176,15 @@ def test_kernels_on_gpu_at_vit_b_shapes():
     out = i8.int8_gemm(a_q, w_q, a_s, w_s, None, True)
     torch.testing.assert_close(out.float(), i8.int8_gemm_ref(a_q, w_q, a_s, w_s, None, True).float(),
                                rtol=1e-2, atol=1e-2)
+    if torch.cuda.get_device_capability() >= (8, 9):  # e4m3 tensor cores: Ada / Hopper
+        a8, as8 = f8.quantize_per_token_fp8_ref(x)
+        w_s8 = w.abs().amax(1) / 448
+        w8 = (w / w_s8[:, None]).to(torch.float8_e4m3fn).t()
+        ref8 = f8.fp8_gemm_ref(a8, w8, as8, w_s8, None, True)
+        torch.testing.assert_close(f8.fp8_gemm(a8, w8, as8, w_s8, None, True).float(), ref8.float(),
+                                   rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(f8.scaled_mm(a8, w8, as8, w_s8).float(), f8.fp8_gemm_ref(a8, w8, as8, w_s8).float(),
+                                   rtol=2e-2, atol=2e-2)
     q, k, v = (torch.randn(8, 12, 577, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     bias = torch.rand(8, 577, device="cuda", generator=g).log1p()
     ref = attn_mod.attention_ref(q, k, v, key_bias=bias)

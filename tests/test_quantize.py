@@ -98,10 +98,17 @@ def test_calibration_changes_with_merging_active(tiny_model):
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"w_bits": 0}, "w_bits must be an integer from 2 to 8"),
     ({"a_bits": 9}, "a_bits must be an integer from 2 to 8"),
-    ({"mode": "deploy", "w_bits": 4}, "mode deploy executes W8A8"),
+    ({"mode": "deploy", "w_bits": 4}, "mode deploy executes int W8A8"),
+    ({"mode": "deploy", "w_bits": 6, "a_bits": None}, "mode deploy executes"),
+    ({"dtype": "fp8_e4m3", "w_bits": 4}, "fp8_e4m3 is 8-bit"),
+    ({"backend": "bnb", "mode": "deploy", "w_bits": 4, "a_bits": 8}, "mode deploy executes"),
+    ({"backend": "triton", "mode": "deploy", "a_bits": None}, "--backend triton runs the int8 and fp8"),
+    ({"softmax": "log2", "a_bits": None}, "the softmax quantizer uses a_bits"),
+    ({"softmax": "log2", "mode": "deploy"}, "simulate-only"),
+    ({"softmax": "cubic"}, "softmax must be one of"),
     ({"observer": "magic"}, "observer must be one of: minmax, percentile, mse"),
     ({"percentile": 20}, "percentile must be in"),
-    ({"rounding": "gptq", "mode": "deploy"}, "gptq rounds weights in simulate mode"),
+    ({"rounding": "gptq", "mode": "deploy"}, "gptq is deployed weight-only"),
 ])
 def test_bad_settings(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -111,7 +118,7 @@ def test_bad_settings(kwargs, pattern):
 def test_bad_layers_and_calibration(tiny_model):
     with pytest.raises(ConfigError, match="layer pattern 'blocks.9.*' matches no module"):
         compress_(copy.deepcopy(tiny_model), QuantConfig(layers=["blocks.9.*"]), calib=_calib(tiny_model))
-    with pytest.raises(ConfigError, match="only Linear layers"):
+    with pytest.raises(ConfigError, match="only Linear, Conv2d, Attention layers"):
         compress_(copy.deepcopy(tiny_model), QuantConfig(layers=["blocks.0.mlp"]), calib=_calib(tiny_model))
     with pytest.raises(ConfigError, match="need calibration images"):
         compress_(copy.deepcopy(tiny_model), QuantConfig())
@@ -194,7 +201,8 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(group):
     x = torch.randn(512, 32, generator=gen) @ mix  # correlated inputs: where error compensation pays
     w = torch.randn(16, 32, generator=gen)
     rtn = ops.fake_quant_weight(w, 3, group)
-    gptq = ops.gptq_quantize(w, x.t() @ x, 3, group)
+    gptq, scale = ops.gptq_quantize(w, x.t() @ x, 3, group)
+    assert torch.equal(ops.weight_dequant(ops.weight_codes(gptq, scale, 3), scale), gptq)  # on its own grid
     err = lambda q: (x @ (q - w).t()).norm().item()  # noqa: E731
     assert err(gptq) < 0.8 * err(rtn)
     if group is None:  # on the same per-channel grid as RTN

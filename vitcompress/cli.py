@@ -266,7 +266,7 @@ def quantize(
     calib_data: str | None = typer.Option(None, "--calib-data", help="Calibration images (train split is used)."),
     w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
     a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
-    mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (W8A8, int8 GEMM)."),
+    mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (runs low precision)."),
     method: str | None = typer.Option(None, "--method", help="minmax, percentile, mse (observers), repq or gptq."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
@@ -274,11 +274,13 @@ def quantize(
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
-    backend: str | None = typer.Option(None, "--backend", help="Deploy GEMM: auto, torch (_int_mm) or triton."),
+    backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
+    softmax: str | None = typer.Option(None, "--softmax", help="Softmax quantizer: uniform, log2, logsqrt2."),
+    dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
 ) -> None:
-    """Post-training quantization: simulated W2-8/A2-8, or W8A8 executed in int8 (--mode deploy)."""
+    """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb)."""
     from .artifact import save_artifact
     from .data import load_data
     from .methods import QuantConfig
@@ -293,7 +295,7 @@ def quantize(
     bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
             if v != "unset"}
     cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, reparam=reparam, backend=backend,
-                                       w_granularity=w_granularity,
+                                       w_granularity=w_granularity, softmax=softmax, dtype=dtype,
                                        group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
                                        layers=None if layers is None else layers.split(","),
                                        exclude=None if exclude is None else exclude.split(",")))

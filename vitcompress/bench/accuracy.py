@@ -15,8 +15,12 @@ SPECS = ("digits", "digits-c")
 
 
 def accuracy_table(artifact: str, variants: dict[str, Callable[[nn.Module], nn.Module]],
-                   details: Callable[[nn.Module], str] = lambda m: "") -> dict[str, Any]:
-    """Evaluate ``artifact`` and each ``variants[name](base)``; returns rows with top1 / agreement per spec."""
+                   details: Callable[[nn.Module], str] = lambda m: "",
+                   keep: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Evaluate ``artifact`` and each ``variants[name](base)``; returns rows with top1 / agreement per spec.
+
+    keep: filled with the models evaluated (``uncompressed`` and each variant), for further measurements.
+    """
     from ..data import load_data
     from ..evaluate import evaluate
     from ..models import create_model, data_config, model_info
@@ -37,8 +41,12 @@ def accuracy_table(artifact: str, variants: dict[str, Callable[[nn.Module], nn.M
               f"digits-c agreement {out['digits-c_agreement']:.2f}", flush=True)
         return out
 
+    keep = {} if keep is None else keep
+    keep["uncompressed"] = base
     rows = [row("uncompressed", base, None)]
-    rows += [row(name, build(base), rows[0]) for name, build in variants.items()]
+    for name, build in variants.items():
+        keep[name] = build(base)
+        rows.append(row(name, keep[name], rows[0]))
     return {"artifact": artifact, "images": {s: len(d) for s, d in data.items()}, "dtype": "bf16",
             **run_context(), "rows": rows}
 

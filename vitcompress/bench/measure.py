@@ -13,18 +13,28 @@ from torch import nn
 from .timing import BenchConfig, attention_backend, model_runner
 
 
-def _register_int_mm() -> None:
-    """Teach the FLOP counter ``aten._int_mm`` (int8 GEMM), which it does not count out of the box."""
+def _register_gemms() -> None:
+    """Teach the FLOP counter the GEMMs it does not count out of the box: ``aten._int_mm`` (int8), a
+    non-decomposed ``aten.linear``, and bitsandbytes' int8 and 4-bit GEMM / GEMV custom ops."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    op = torch.ops.aten._int_mm
-    if op in flop_registry or op.default in flop_registry:
-        return
+    def rows(shape) -> int:
+        return int(torch.Size(shape[:-1]).numel())
 
-    @register_flop_formula(op)
-    def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-        m, k = a_shape
-        return 2 * m * k * b_shape[1]
+    def add(op, formula) -> None:
+        if op not in flop_registry and op.default not in flop_registry:
+            register_flop_formula(op)(formula)
+
+    add(torch.ops.aten._int_mm, lambda a, b, *args, out_shape=None, **kw: 2 * a[0] * a[1] * b[1])
+    add(torch.ops.aten.linear, lambda x, w, *args, out_shape=None, **kw: 2 * rows(x) * x[-1] * w[0])
+    bnb = getattr(torch.ops, "bitsandbytes", None)  # its ops exist once bitsandbytes is imported
+    for name in ("int8_linear_matmul", "int8_scaled_mm", "int8_mixed_scaled_mm"):  # B / CB: [N, K]
+        if bnb is not None and hasattr(bnb, name):
+            weight = 2 if name == "int8_mixed_scaled_mm" else 1
+            add(getattr(bnb, name), lambda *a, w=weight, out_shape=None, **kw: 2 * rows(a[0]) * a[0][-1] * a[w][0])
+    for name in ("gemm_4bit", "gemv_4bit"):  # shapeB: [N, K]
+        if bnb is not None and hasattr(bnb, name):
+            add(getattr(bnb, name), lambda a, b, shape_b, *args, out_shape=None, **kw: 2 * rows(a) * a[-1] * shape_b[0])
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
@@ -34,7 +44,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    _register_int_mm()
+    _register_gemms()
     device = next(model.parameters()).device
     x = torch.randn(1, *input_size, device=device)
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), attention_backend(model, True):

@@ -37,6 +37,8 @@ def block_mask(weight: torch.Tensor, block: int, keep: int) -> torch.Tensor:
 class BlockSparseLinear(nn.Module):
     """x [..., in] -> [..., out], with ``nnzb`` nonzero BxB weight blocks."""
 
+    _vc_compressed = True
+
     def __init__(self, in_features: int, out_features: int, block_size: int, nnzb: int, bias: bool = True,
                  backend: str = "auto", cpu_impl: str = "dense", device: torch.device | str | None = None):
         super().__init__()

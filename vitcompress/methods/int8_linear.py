@@ -15,7 +15,32 @@ from . import quant_ops as ops
 QMAX = 127
 
 
-class Int8Linear(nn.Module):
+class ScaledLinear(nn.Module):
+    """Base of the W8A8 drop-ins: x [..., in] -> [..., out], low-precision weights with a per-channel scale.
+
+    Buffers: w_scale float32 [out], a_scale float32 [] (static per-tensor activations; unused per token);
+    the subclass registers its weight buffer. Parameter: bias [out] or None. backend: auto, torch or triton.
+    """
+
+    _vc_compressed = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, per_token: bool,
+                 device: torch.device | str | None, backend: str):
+        super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got '{backend}'")
+        self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
+        self.backend = backend
+        self.register_buffer("w_scale", torch.ones(out_features, device=device))
+        self.register_buffer("a_scale", torch.ones((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'per_token' if self.per_token else 'per_tensor'}, backend={self.backend}")
+
+
+class Int8Linear(ScaledLinear):
     """Drop-in for ``nn.Linear``: x [..., in] -> [..., out] in x's dtype.
 
     Buffers: w_qt int8 [in, out] (transposed, contiguous for the GEMM), w_scale float32 [out],
@@ -24,15 +49,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto"):
-        super().__init__()
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got '{backend}'")
-        self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
-        self.backend = backend
+        super().__init__(in_features, out_features, bias, per_token, device, backend)
         self.register_buffer("w_qt", torch.zeros(in_features, out_features, dtype=torch.int8, device=device))
-        self.register_buffer("w_scale", torch.ones(out_features, device=device))
-        self.register_buffer("a_scale", torch.ones((), device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
@@ -52,10 +70,6 @@ class Int8Linear(nn.Module):
         if a_absmax is not None:
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"activations={'per_token' if self.per_token else 'per_tensor'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

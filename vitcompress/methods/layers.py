@@ -13,7 +13,8 @@ from torch import nn
 from ..errors import ConfigError
 
 LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
-                 "fc2": "blocks.*.mlp.fc2", "head": "head"}
+                 "fc2": "blocks.*.mlp.fc2", "head": "head", "attn_matmul": "blocks.*.attn",
+                 "patch_embed": "patch_embed.proj"}
 
 
 def _matcher(pattern: str):
@@ -25,9 +26,9 @@ def _matcher(pattern: str):
 
 
 def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, what: str = "quantized",
-                  ) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` modules that ``layers`` name (names, aliases, globs, ``re:REGEX``) minus ``exclude``,
-    in model order. Every pattern must match something, and what matches must be a Linear."""
+                  types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[tuple[str, nn.Module]]:
+    """The modules that ``layers`` name (names, aliases, globs, ``re:REGEX``) minus ``exclude``, in model
+    order. Every pattern must match something, and what matches must be one of ``types``."""
     named = [(n, m) for n, m in model.named_modules() if n]
     chosen: dict[str, nn.Module] = {}
     for pattern in layers:
@@ -36,8 +37,9 @@ def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, wh
         if not hits:
             raise ConfigError(f"layer pattern '{pattern}' matches no module")
         for n, m in hits:
-            if not isinstance(m, nn.Linear):
-                raise ConfigError(f"layer '{n}' is {type(m).__name__}; only Linear layers are {what} so far")
+            if not isinstance(m, types):
+                kinds = ", ".join(t.__name__ for t in types)
+                raise ConfigError(f"layer '{n}' is {type(m).__name__}; only {kinds} layers are {what}")
             chosen[n] = m
     excluders = [_matcher(p) for p in exclude]
     out = [(n, m) for n, m in named if n in chosen and not any(ex(n) for ex in excluders)]

@@ -134,7 +134,8 @@ def keep_channels(scores: list[torch.Tensor], frac: float, scope: Scope, round_t
 
 def _check_prunable(model: nn.Module) -> None:
     for name, mod in model.named_modules():
-        if name.startswith("blocks.") and type(mod).__name__ in ("FakeQuantLinear", "Int8Linear", "BlockSparseLinear"):
+        if name.startswith("blocks.") and (getattr(mod, "_vc_compressed", False)
+                                           or type(mod).__module__.startswith("bitsandbytes")):
             raise ConfigError(f"'{name}' is already {type(mod).__name__}: prune before quantizing or "
                               "block-sparsifying")
 

@@ -95,7 +95,7 @@ def act_range(x: torch.Tensor, observer: str, bits: int, percentile: float = 99.
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128) -> torch.Tensor:
+                  damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: round w [O,I] column by column, pushing each column's error onto the columns not yet rounded.
 
     hessian: [I,I] = sum of x^T x over the layer's calibration inputs. The grid is the same symmetric
@@ -112,6 +112,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     q = qmax_signed(bits)
     out = torch.zeros_like(w)
     scale = weight_scale(w, bits)[:, 0] if not group_size else None
+    scales = [] if group_size else [scale]
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
         w1, err1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
@@ -120,10 +121,63 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             if group_size and col % group_size == 0:  # the group's scale, from the error-updated weights
                 g = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
                 scale = (g.abs().amax(1).clamp_min(EPS)) / q
+                scales.append(scale)
             wq = torch.round(w1[:, i] / scale).clamp(-q, q) * scale
             out[:, col] = wq
             err = (w1[:, i] - wq) / hinv[col, col]
             w1[:, i:] -= err[:, None] * hinv[col, col:i2][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return out
+    return out, torch.stack(scales, 1)[..., None] if group_size else scales[0][:, None]
+
+
+def softmax_codes(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
+    """Codes (float32) of attention probabilities p [..., N] in [0, scale], for the softmax quantizers.
+
+    uniform: round(p / (scale / (2^b - 1))) in [0, 2^b - 1].
+    log2: round(-log2(p / scale)); logsqrt2: round(-2 log2(p / scale)), i.e. a base-sqrt(2) grid (RepQ-ViT).
+    On the log grids, codes 0 .. 2^b - 2 are powers and the top code 2^b - 1 stands for 0 (values too small
+    to reach the grid, and exact zeros), so a b-bit code holds every level.
+    """
+    top = 2**bits - 1
+    p = p.float()
+    if kind == "uniform":
+        return torch.round(p / (torch.as_tensor(scale, dtype=torch.float32) / top)).clamp(0, top)
+    per_octave = 2.0 if kind == "logsqrt2" else 1.0
+    codes = torch.round(-per_octave * torch.log2(p / scale)).clamp_min(0)  # p = 0 gives +inf
+    return torch.where(codes >= top, torch.full_like(codes, top), codes)
+
+
+def softmax_dequant(codes: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
+    """float32 probabilities from :func:`softmax_codes`' codes."""
+    top = 2**bits - 1
+    if kind == "uniform":
+        return codes * (torch.as_tensor(scale, dtype=torch.float32) / top)
+    per_octave = 2.0 if kind == "logsqrt2" else 1.0
+    return torch.where(codes == top, torch.zeros_like(codes), scale * torch.exp2(-codes / per_octave))
+
+
+def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
+    return softmax_dequant(softmax_codes(p, scale, bits, kind), scale, bits, kind).to(p.dtype)
+
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def fp8_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """Scale mapping ``absmax`` onto the e4m3 range (shape kept: per tensor, channel or token)."""
+    return absmax.float().clamp_min(EPS) / FP8_MAX
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3fn values of x / scale (saturated, round to nearest even)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (fp8_codes(x, scale).float() * scale).to(x.dtype)
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token e4m3 fake quantization of x [..., C]."""
+    return fake_quant_fp8(x, fp8_scale(x.detach().abs().amax(-1, keepdim=True)))

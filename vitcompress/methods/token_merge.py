@@ -14,7 +14,6 @@ import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -22,6 +21,7 @@ from ..config import Config, StrEnum
 from ..errors import ConfigError
 from ..transforms import TransformContext, register_transform
 from . import token_ops as ops
+from .attn import attention
 
 
 class TokenMethod(StrEnum):
@@ -94,31 +94,6 @@ class TokenState:
 
     def reset(self) -> None:
         self.size, self.source = None, None
-
-
-def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, cls_row: bool,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """timm ``Attention`` from its own submodules, fused SDPA with an optional per-key bias [B,1,1,N].
-
-    Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS attention over heads [B,N] or None).
-    """
-    b, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if bias is None else bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    cls = None
-    if cls_row:  # EViT needs only the CLS row of the attention matrix: [B,H,1,N]
-        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            logits = logits + mask
-        cls = logits.float().softmax(-1).mean(1)[:, 0]
-    out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(1), cls
 
 
 class ReducibleBlock(Block):

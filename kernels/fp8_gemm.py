@@ -1,0 +1,95 @@
+"""FP8 (e4m3) GEMM with the int8 GEMM's fused epilogue, and per-token e4m3 quantization.
+
+    out[M, N] = gelu?((a_q[M, K] @ w_q[K, N]) * a_scale[M, None] * w_scale[None, N] + bias[N])
+
+a_q, w_q: float8_e4m3fn, fp32 accumulation (Hopper / Ada tensor cores; Triton's interpreter on the CPU).
+The epilogue (per-token x per-channel dequant, bias, exact-erf GELU) runs in fp32 and stores bf16/fp16. The
+tile kernel is :mod:`.int8_gemm`'s, compiled with an fp32 accumulator, autotuned separately. The baseline
+to beat is ``torch._scaled_mm`` (cuBLASLt), which the reference calls where it can run.
+
+Layout: torch references first (same argument names), then configs, then the kernel build, then the
+wrappers, registered as ``torch.ops.vitcompress.fp8_gemm`` with a fake implementation (torch.compile).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import int8_gemm as _i8
+from ._triton import autotune_configs, builder, usable
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------------------- references
+def fp8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, gelu: bool = False,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """a_q e4m3 [M,K], w_q e4m3 [K,N], a_scale fp32 [M], w_scale fp32 [N], bias [N] -> [M,N] ``out_dtype``.
+
+    Exact products of the e4m3 values accumulated in fp32 (``torch._scaled_mm`` accumulates the same way).
+    """
+    out = (a_q.float() @ w_q.float()) * a_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()[None, :]
+    if gelu:
+        out = F.gelu(out)
+    return out.to(out_dtype)
+
+
+def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The same product through ``torch._scaled_mm`` (row-wise scales; w_q must be column-major [K,N])."""
+    return torch._scaled_mm(a_q, w_q, scale_a=a_scale.float()[:, None].contiguous(),
+                            scale_b=w_scale.float()[None, :].contiguous(), bias=None if bias is None else
+                            bias.to(out_dtype), out_dtype=out_dtype)
+
+
+def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M,K] -> (e4m3 [M,K], scale fp32 [M] = absmax / 448); round to nearest even, saturating."""
+    x = x.float()
+    scale = x.abs().amax(1).clamp_min(EPS) / FP8_MAX
+    return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+# ---------------------------------------------------------------------------------------------- configs
+GEMM_CONFIGS = _i8.GEMM_CONFIGS  # the same tile shapes; e4m3 tiles are the size of int8 ones
+INTERPRET_CONFIG = _i8.INTERPRET_CONFIG
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+@builder
+def _kernel():
+    import triton
+
+    from ._triton import interpreting
+
+    _i8._kernels()  # binds triton.language for the shared tile kernel
+    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else GEMM_CONFIGS)
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_i8._gemm_kernel))
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+@torch.library.custom_op("vitcompress::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    import triton.language as tl
+
+    return _i8.launch_gemm(_kernel(), a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, tl.float32)
+
+
+@_fp8_gemm_op.register_fake
+def _(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
+    return a_q.new_empty(a_q.shape[0], w_q.shape[1], dtype=out_dtype)
+
+
+def fp8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
+             backend: str = "auto") -> torch.Tensor:
+    """See :func:`fp8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
+    if backend == "torch" or (backend == "auto" and not usable(a_q, w_q)):
+        return fp8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
+    return _fp8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)

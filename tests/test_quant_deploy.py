@@ -1,0 +1,138 @@
+"""Deployed quantization besides int8 W8A8: weight-only int8/int4, FP8 e4m3 W8A8, bitsandbytes LLM.int8 / NF4."""
+
+import pytest
+import torch
+
+from vitcompress import compress_, load_artifact, save_artifact
+from vitcompress.data import load_data
+from vitcompress.methods import QuantConfig
+from vitcompress.methods import quant_ops as ops
+from vitcompress.methods.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
+from vitcompress.models import data_config
+
+
+def _x(n=4, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _fwd(model):
+    with torch.inference_mode():
+        return model(_x())
+
+
+def _calib(model, n=16):
+    return load_data("digits", data_config(model), purpose="calib", limit=n).loader(8)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _size(path):
+    return (path / "model.safetensors").stat().st_size
+
+
+def test_int4_packing_round_trips():
+    codes = torch.randint(-8, 8, (5, 12), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 6)
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 8)])
+def test_weight_only_linear_matches_the_reference_grid(bits, group):
+    lin = torch.nn.Linear(24, 10)
+    q = WeightOnlyLinear.from_linear(lin, bits, group)
+    scale = ops.weight_scale(lin.weight, bits, group)
+    assert torch.equal(q.codes(), ops.weight_codes(lin.weight, scale, bits))
+    ref_w = ops.fake_quant_weight(lin.weight, bits, group)
+    assert torch.equal(q.dequantized_weight(), ref_w.float())
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        assert torch.allclose(q(x), torch.nn.functional.linear(x, ref_w, lin.bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group,max_ratio", [(8, None, 0.45), (4, 16, 0.35)])
+def test_weight_only_deploy_is_small_and_reloads(tmp_path, tiny_model, bits, group, max_ratio):
+    ref = _fwd(tiny_model)
+    save_artifact(tiny_model, tmp_path / "fp32")
+    cfg = QuantConfig(mode="deploy", w_bits=bits, a_bits=None, w_granularity="per_group" if group else "per_channel",
+                      group_size=group or 64)
+    compress_(tiny_model, cfg)
+    assert sum(isinstance(m, WeightOnlyLinear) for m in tiny_model.modules()) == 8
+    assert _rel(_fwd(tiny_model), ref) < (0.02 if bits == 8 else 0.2)
+    save_artifact(tiny_model, tmp_path / "q")
+    assert _size(tmp_path / "q") / _size(tmp_path / "fp32") < max_ratio  # tiny model: embeddings stay float
+    assert torch.equal(_fwd(load_artifact(tmp_path / "q")), _fwd(tiny_model))
+
+
+def test_gptq_deploys_the_simulated_weights_exactly(tiny_model):
+    import copy
+
+    sim, dep = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    kw = {"w_bits": 4, "a_bits": None, "rounding": "gptq", "w_granularity": "per_group", "group_size": 16}
+    compress_(sim, QuantConfig(**kw), calib=_calib(sim))
+    compress_(dep, QuantConfig(mode="deploy", **kw), calib=_calib(dep))
+    assert torch.equal(dep.blocks[0].mlp.fc1.dequantized_weight(), sim.blocks[0].mlp.fc1.weight.detach())
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_fp8_linear_matches_an_e4m3_reference(per_token):
+    lin = torch.nn.Linear(32, 48)
+    x = torch.randn(2, 9, 32)
+    q = Fp8Linear.from_linear(lin, per_token=per_token, a_absmax=None if per_token else x.abs().max().item())
+    w_scale = lin.weight.abs().amax(1) / 448
+    assert torch.equal(q.w_fp8, (lin.weight / w_scale[:, None]).to(torch.float8_e4m3fn))
+    x2 = x.reshape(-1, 32)
+    s = x2.abs().amax(1, keepdim=True) / 448 if per_token else q.a_scale
+    ref = ((x2 / s).to(torch.float8_e4m3fn).float() @ q.w_fp8.float().t()) * s * w_scale + lin.bias
+    with torch.inference_mode():
+        out = q(x).reshape(-1, 48)
+        exact = lin(x).reshape(-1, 48)
+    assert q.uses_scaled_mm(x)  # torch._scaled_mm runs on the CPU too
+    assert torch.allclose(out, ref, rtol=1e-2, atol=1e-2)  # _scaled_mm returns bf16
+    q.backend = "triton"  # the fp8 Triton kernel (interpreted on the CPU)
+    with torch.inference_mode():
+        assert torch.allclose(q(x).reshape(-1, 48), ref, rtol=1e-2, atol=1e-2)
+    assert 10 * torch.log10(exact.pow(2).sum() / (out - exact).pow(2).sum()) > 25  # SQNR, dB
+
+
+@pytest.mark.parametrize("a_granularity,tol", [("per_token", 0.1), ("per_tensor", 0.12)])
+def test_fp8_deploy_round_trips(tmp_path, tiny_model, a_granularity, tol):
+    ref = _fwd(tiny_model)  # e4m3 keeps 3 mantissa bits; static scales (from digits) also clip random inputs
+    compress_(tiny_model, QuantConfig(mode="deploy", dtype="fp8_e4m3", a_granularity=a_granularity),
+              calib=_calib(tiny_model))
+    assert sum(isinstance(m, Fp8Linear) for m in tiny_model.modules()) == 8
+    assert _rel(_fwd(tiny_model), ref) < tol
+    save_artifact(tiny_model, tmp_path / "q")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "q")), _fwd(tiny_model))
+
+
+@pytest.mark.parametrize("w_bits,a_bits,cls", [(8, 8, "BnbInt8Linear"), (4, None, "BnbNf4Linear")])
+def test_bitsandbytes_backend_runs_counts_and_reloads(tmp_path, tiny_model, w_bits, a_bits, cls):
+    from vitcompress.bench import count_flops
+
+    ref = _fwd(tiny_model)
+    flops = count_flops(tiny_model, (3, 32, 32))
+    save_artifact(tiny_model, tmp_path / "fp32")
+    compress_(tiny_model, QuantConfig(mode="deploy", backend="bnb", w_bits=w_bits, a_bits=a_bits))
+    assert sum(type(m).__name__ == cls for m in tiny_model.modules()) == 8
+    assert _rel(_fwd(tiny_model), ref) < (0.05 if w_bits == 8 else 0.3)
+    assert count_flops(tiny_model, (3, 32, 32)) == flops  # bitsandbytes' GEMMs are counted
+    save_artifact(tiny_model, tmp_path / "q")
+    assert _size(tmp_path / "q") < 0.5 * _size(tmp_path / "fp32")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "q")), _fwd(tiny_model))
+
+
+def test_deploy_cli_formats(tmp_path, cli, trained_artifact):
+    for name, extra in {"w4": ["--w-bits", "4", "--a-bits", "none", "--w-granularity", "per_group",
+                               "--group-size", "32"],
+                        "fp8": ["--dtype", "fp8_e4m3", "--a-granularity", "per_token"],
+                        "nf4": ["--backend", "bnb", "--w-bits", "4", "--a-bits", "none"]}.items():
+        rc, out, err = cli("quantize", trained_artifact, "--out", tmp_path / name, "--mode", "deploy", *extra)
+        assert rc == 0, err
+        assert "deployable" in out
+        load_artifact(tmp_path / name)
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "bad", "--mode", "deploy", "--backend", "bnb",
+                     "--w-bits", "6")
+    assert rc != 0 and "mode deploy executes" in err and "Traceback" not in err
