@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -72,12 +72,19 @@ def calib_batches(calib: Iterable[Any], limit: int, device: torch.device) -> Ite
         raise ConfigError("the calibration set is empty")
 
 
-def run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int) -> int:
-    """Forward up to ``calib_size`` calibration images (inference mode); returns how many ran."""
+def run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int,
+                    pre_hooks: list[tuple[nn.Module, Callable[..., None]]] = ()) -> int:
+    """Forward up to ``calib_size`` calibration images (inference mode) with ``pre_hooks`` (module, forward
+    pre-hook) registered for the duration; returns how many images ran."""
     device = next(model.parameters()).device
     done = 0
-    with torch.inference_mode():
-        for x, _ in calib_batches(calib, calib_size, device):
-            model(x)
-            done += len(x)
+    handles = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks]
+    try:
+        with torch.inference_mode():
+            for x, _ in calib_batches(calib, calib_size, device):
+                model(x)
+                done += len(x)
+    finally:
+        for h in handles:
+            h.remove()
     return done

@@ -58,18 +58,16 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
                 hessians[name] = hessians.get(name, 0) + x.t() @ x
         return fn
 
-    handles = []
+    hooks = []
     for name, m in layers:
         if isinstance(m, QuantAttention):  # runs in float while observed
             m._vc_observer = (lambda key, t, name=name: record(name, key, t)) if cfg.static_acts else \
                 (lambda key, t: None)
         else:
-            handles.append(m.register_forward_pre_hook(hook(name)))
+            hooks.append((m, hook(name)))
     try:
-        run_calibration(model, calib, cfg.calib_size)
+        run_calibration(model, calib, cfg.calib_size, hooks)
     finally:
-        for h in handles:
-            h.remove()
         for _, m in layers:
             if isinstance(m, QuantAttention):
                 m._vc_observer = None
@@ -108,12 +106,7 @@ def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> l
             hi[name] = torch.maximum(hi[name], x.amax(0)) if name in hi else x.amax(0)
         return fn
 
-    handles = [model.get_submodule(lin).register_forward_pre_hook(hook(lin)) for _, lin in pairs]
-    try:
-        run_calibration(model, calib, cfg.calib_size)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, calib, cfg.calib_size, [(model.get_submodule(lin), hook(lin)) for _, lin in pairs])
     for norm_name, lin_name in pairs:
         norm, lin = model.get_submodule(norm_name), model.get_submodule(lin_name)
         s, z = ops.act_qparams(lo[lin_name], hi[lin_name], int(cfg.a_bits))
