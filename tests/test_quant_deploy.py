@@ -136,3 +136,11 @@ def test_deploy_cli_formats(tmp_path, cli, trained_artifact):
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "bad", "--mode", "deploy", "--backend", "bnb",
                      "--w-bits", "6")
     assert rc != 0 and "mode deploy executes" in err and "Traceback" not in err
+
+
+def test_int4_deploy_refuses_an_odd_fan_in(tiny_model):
+    from vitcompress.errors import ConfigError
+
+    tiny_model.blocks[0].mlp.fc2 = torch.nn.Linear(63, 64)  # odd input features cannot be packed two a byte
+    with pytest.raises(ConfigError, match="int4 packs two codes a byte"):
+        compress_(tiny_model, QuantConfig(mode="deploy", w_bits=4, a_bits=None, layers=["fc2"]))

@@ -106,6 +106,7 @@ def test_calibration_changes_with_merging_active(tiny_model):
     ({"softmax": "log2", "a_bits": None}, "the softmax quantizer uses a_bits"),
     ({"softmax": "log2", "mode": "deploy"}, "simulate-only"),
     ({"softmax": "cubic"}, "softmax must be one of"),
+    ({"backend": "bnb", "mode": "deploy", "w_bits": 4, "a_bits": None, "group_size": 48}, "NF4 takes blocks"),
     ({"observer": "magic"}, "observer must be one of: minmax, percentile, mse"),
     ({"percentile": 20}, "percentile must be in"),
     ({"rounding": "gptq", "mode": "deploy"}, "gptq is deployed weight-only"),

@@ -47,13 +47,15 @@ def _classes() -> tuple[type[nn.Module], type[nn.Module]]:
                                   unexpected_keys, error_msgs):
             key = prefix + "weight"
             stats = {k[len(key) + 1:]: state_dict[k] for k in list(state_dict) if k.startswith(key + ".")}
-            if key in state_dict and stats:
+            loaded = key in state_dict and bool(stats)
+            if loaded:
                 device = self.weight.device
                 self.weight = bnb.nn.Params4bit.from_prequantized(state_dict[key], stats, device=device, module=self)
                 state_dict = {k: v for k, v in state_dict.items() if not k.startswith(key)}
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
-            missing_keys[:] = [k for k in missing_keys if k != key]
+            if loaded:  # read above, so not missing
+                missing_keys[:] = [k for k in missing_keys if k != key]
 
     return BnbInt8Linear, BnbNf4Linear
 
@@ -71,9 +73,9 @@ def to_bnb(linear: nn.Linear, kind: str, blocksize: int = 64, threshold: float =
 
     Both load an artifact's state dict afterwards (an artifact restore quantizes the fresh weights first).
     """
+    int8_cls, nf4_cls = _classes()  # a one-line error where bitsandbytes does not import
     import bitsandbytes as bnb
 
-    int8_cls, nf4_cls = _classes()
     device = linear.weight.device
     w, b = linear.weight.detach().float().clone(), None if linear.bias is None else linear.bias.detach().float()
     if kind == "int8":

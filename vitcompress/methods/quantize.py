@@ -67,6 +67,9 @@ class Observer(StrEnum):
     MSE = "mse"
 
 
+NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' 4-bit quantizer takes
+
+
 class SoftmaxQuant(StrEnum):
     NONE = "none"
     UNIFORM = "uniform"
@@ -146,6 +149,9 @@ class QuantConfig(Config):
                               f"a_bits={self.a_bits}, {self.w_granularity}, {self.dtype} (other widths: simulate)")
         if self.rounding == Rounding.GPTQ and kind != "weight_only":
             raise ConfigError("gptq is deployed weight-only (a_bits none); with activations, use --mode simulate")
+        if kind == "bnb_nf4" and self.group_size not in NF4_BLOCKS:
+            raise ConfigError(f"bitsandbytes NF4 takes blocks (--group-size) of {', '.join(map(str, NF4_BLOCKS))}; "
+                              f"got {self.group_size}")
         if self.backend == "triton" and kind not in ("int8", "fp8"):
             raise ConfigError(f"--backend triton runs the int8 and fp8 W8A8 GEMMs; {kind} runs through torch")
         if self.softmax != SoftmaxQuant.NONE:
@@ -189,6 +195,8 @@ def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Modu
                               "matmuls and the patch embedding are simulate-only)")
         if cfg.group and not isinstance(m, Attention) and _fan_in(m) % cfg.group:
             raise ConfigError(f"group_size {cfg.group} does not divide {name}'s {_fan_in(m)} input features")
+        if linear_only and cfg.deploy_kind == "weight_only" and cfg.w_bits == 4 and m.in_features % 2:
+            raise ConfigError(f"int4 packs two codes a byte: {name}'s {m.in_features} input features must be even")
     if cfg.softmax != SoftmaxQuant.NONE and not any(isinstance(m, Attention) for _, m in layers):
         raise ConfigError("a softmax quantizer needs the attention matmuls: add attn_matmul to the layers")
     return layers
@@ -196,6 +204,11 @@ def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Modu
 
 def _fan_in(m: nn.Module) -> int:
     return m.weight[0].numel()
+
+
+def _weight_clip(w: torch.Tensor, cfg: QuantConfig) -> float:
+    """The clip ratio of the weight grid: searched by the mse observer, else 1 (the absmax)."""
+    return ops.mse_weight_clip(w, cfg.w_bits, cfg.group) if cfg.observer == Observer.MSE else 1.0
 
 
 def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]] | None,
@@ -216,7 +229,7 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     absmax = max(abs(v) for v in rng[""]) if "" in rng else None
     if kind == "fp8":
         return Fp8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, backend=cfg.backend), 1.0
-    clip = ops.mse_weight_clip(m.weight, cfg.w_bits, cfg.group) if cfg.observer == Observer.MSE else 1.0
+    clip = _weight_clip(m.weight, cfg)
     if kind == "int8":
         return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend), clip
     if hessian is not None:
@@ -233,7 +246,7 @@ def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None)
     elif hessian is not None:
         new, clip = ops.gptq_quantize(w, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp)[0], 1.0
     else:
-        clip = ops.mse_weight_clip(w, cfg.w_bits, cfg.group) if cfg.observer == Observer.MSE else 1.0
+        clip = _weight_clip(w, cfg)
         new = ops.fake_quant_weight(w, cfg.w_bits, cfg.group, clip)
     with torch.no_grad():
         m.weight.copy_(new.reshape(m.weight.shape))
