@@ -157,8 +157,7 @@ def markdown(res: dict[str, Any]) -> str:
              "**digits-c agreement** | latency vs bf16 |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lat = f"{r['latency']['speedup']:.2f}x" if r.get("latency") else "—"
-        details = _details(r["transforms"][-1]) if r["transforms"] else "—"
-        lines.append(f"| {r.get('target', '—')} | {r['variant']} | {details} | "
+        lines.append(f"| {r.get('target', '—')} | {r['variant']} | {r['details'] or '—'} | "
                      f"{'deploy' if r.get('deployable') else ('float' if r is base else 'simulate')} | "
                      f"{r['size_mb']:.2f} | {r['digits_top1']:.2f} | {r['digits_top1'] - base['digits_top1']:+.2f} | "
                      f"{r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** | {lat} |")
@@ -188,31 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     from ..transforms import compress_
     from .accuracy import accuracy_table
 
-    targets: dict[str, str] = {}
+    calib: list[Any] = []  # the same 32 train-split images for every variant, loaded once
 
     def build(spec: dict[str, Any]):
         def fn(base: nn.Module) -> nn.Module:
             model = copy.deepcopy(base)
-            calib = load_data("digits", data_config(model), purpose="calib", limit=args.calib_size)
-            compress_(model, QuantConfig(**spec, calib_size=args.calib_size), calib=calib.loader(args.calib_size))
+            if not calib:
+                calib.append(load_data("digits", data_config(model), purpose="calib", limit=args.calib_size))
+            compress_(model, QuantConfig(**spec, calib_size=args.calib_size), calib=calib[0].loader(args.calib_size))
             return model
         return fn
 
-    variants = {}
-    for target, rows in VARIANTS.items():
-        for name, spec in rows.items():
-            variants[f"{target}: {name}"] = build(spec)
-            targets[f"{target}: {name}"] = target
+    labels = {f"{target}: {name}": (target, name) for target, rows in VARIANTS.items() for name in rows}
+    variants = {key: build(VARIANTS[target][name]) for key, (target, name) in labels.items()}
     built: dict[str, nn.Module] = {}
 
     def details(model: nn.Module) -> str:
-        return _details(model_info(model).transforms[-1]["config"])  # the same string markdown() prints
+        return _details(model_info(model).transforms[-1]["config"])
 
     res = accuracy_table(args.artifact, variants, details=details, keep=built)
     base = built.pop("uncompressed")
     for row in res["rows"][1:]:
-        row["target"], row["variant"] = targets[row["variant"]], row["variant"].split(": ", 1)[1]
-        model = built[f"{row['target']}: {row['variant']}"]
+        model = built[row["variant"]]
+        row["target"], row["variant"] = labels[row["variant"]]
         state = model_info(model).transforms[-1]["state"]
         row["deployable"] = bool(state.get("deployable"))
         if row["deployable"]:

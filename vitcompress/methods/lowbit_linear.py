@@ -128,17 +128,17 @@ class Fp8Linear(ScaledLinear):
         s = ops.fp8_scale(x2.detach().abs().amax(1, keepdim=True)) if self.per_token else \
             self.a_scale.expand(x2.shape[0], 1)
         q = ops.fp8_codes(x2, s)
-        if self.backend == "triton":
+        if self.backend == "triton":  # bias fused into the kernel's epilogue
             from ..kernels.fp8_gemm import fp8_gemm
 
             out = fp8_gemm(q, self.w_fp8.t(), s[:, 0].contiguous(), self.w_scale, self.bias, out_dtype=torch.bfloat16,
-                           backend="triton").float()
-            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        if self.uses_scaled_mm(x):
-            out = torch._scaled_mm(q, self.w_fp8.t(), scale_a=s.float().contiguous(),
-                                   scale_b=self.w_scale[None, :].contiguous(), out_dtype=torch.bfloat16).float()
+                           backend="triton")
         else:
-            out = (q.float() @ self.w_fp8.float().t()) * (s * self.w_scale)
-        if self.bias is not None:
-            out = out + self.bias
+            if self.uses_scaled_mm(x):
+                out = torch._scaled_mm(q, self.w_fp8.t(), scale_a=s.float().contiguous(),
+                                       scale_b=self.w_scale[None, :].contiguous(), out_dtype=torch.bfloat16).float()
+            else:
+                out = (q.float() @ self.w_fp8.float().t()) * (s * self.w_scale)
+            if self.bias is not None:
+                out = out + self.bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

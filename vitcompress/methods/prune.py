@@ -72,13 +72,18 @@ def prune_heads_(attn: nn.Module, keep: list[int]) -> None:
     tp.prune_linear_out_channels(attn.qkv, [part * a + c for part in range(3) for c in channels])
     if getattr(attn, "gate", None) is not None:
         tp.prune_linear_out_channels(attn.gate, channels)
-    if isinstance(attn.norm, nn.LayerNorm):
-        tp.prune_layernorm_out_channels(attn.norm, channels)
-    elif not isinstance(attn.norm, nn.Identity):
-        raise ConfigError(f"cannot prune heads through a {type(attn.norm).__name__} scale-norm")
+    _prune_norm(attn.norm, channels, f"cannot prune heads through a {type(attn.norm).__name__} scale-norm")
     tp.prune_linear_in_channels(attn.proj, channels)
     attn.num_heads = len(keep)
     attn.attn_dim = len(keep) * d
+
+
+def _prune_norm(norm: nn.Module, channels: list[int], refusal: str) -> None:
+    """Drop ``channels`` from a LayerNorm between pruned layers; Identity needs nothing; anything else is refused."""
+    if isinstance(norm, nn.LayerNorm):
+        tp.prune_layernorm_out_channels(norm, channels)
+    elif not isinstance(norm, nn.Identity):
+        raise ConfigError(refusal)
 
 
 def prune_mlp_(mlp: nn.Module, keep: list[int]) -> None:
@@ -87,10 +92,7 @@ def prune_mlp_(mlp: nn.Module, keep: list[int]) -> None:
     if not drop:
         return
     tp.prune_linear_out_channels(mlp.fc1, drop)
-    if isinstance(mlp.norm, nn.LayerNorm):
-        tp.prune_layernorm_out_channels(mlp.norm, drop)
-    elif not isinstance(mlp.norm, nn.Identity):
-        raise ConfigError(f"cannot prune MLP channels through a {type(mlp.norm).__name__}")
+    _prune_norm(mlp.norm, drop, f"cannot prune MLP channels through a {type(mlp.norm).__name__}")
     tp.prune_linear_in_channels(mlp.fc2, drop)
 
 
