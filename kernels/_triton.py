@@ -18,8 +18,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing, as a constant
 def available() -> bool:
+    """Whether triton imports (probed once)."""
+    return _probe()
+
+
+@functools.cache
+def _probe() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:

@@ -53,19 +53,28 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 
 # ---------------------------------------------------------------------------------------------- configs
 CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+           {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
            {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}]
+SPARSE_CONFIGS = [{"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 3},
+                  {"num_warps": 4, "num_stages": 2}, {"num_warps": 4, "num_stages": 4}]  # tiles = block_size
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
 # ---------------------------------------------------------------------------------------------- kernel
-def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N,
+def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
                 s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
                 s_kbb, s_bmb, s_bmh, s_bmq, s_bmk,
-                HAS_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_BLOCKS: tl.constexpr, NK_PAD: tl.constexpr,
                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M queries of one (batch, head): online softmax over the key blocks that are run."""
+    """BLOCK_M queries of one (batch, head): online softmax over the key blocks that are run.
+
+    The key loop has no branch (so Triton pipelines its loads): it runs over ``cdiv(len, BLOCK_N)`` blocks, or,
+    with a block mask, over the compacted list of this query block's active key blocks below ``len`` (built in
+    registers from the mask row with a prefix sum; NK = key blocks, NK_PAD its next power of 2).
+    """
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,31 +85,40 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N,
     n_valid = N
     if HAS_LENS:
         n_valid = tl.load(SL + b).to(tl.int32)
+    if HAS_BLOCKS:
+        kbs = tl.arange(0, NK_PAD)
+        row = tl.load(BM + b * s_bmb + h * s_bmh + pid_m * s_bmq + kbs * s_bmk, mask=kbs < NK, other=0)
+        active = (row != 0) & (kbs * BLOCK_N < n_valid)
+        rank = tl.cumsum(active.to(tl.int32), 0)  # rank[i] = j + 1 for the j-th active key block i
+        n_iter = tl.sum(active.to(tl.int32), 0)
+    else:
+        n_iter = tl.cdiv(n_valid, BLOCK_N)
+    n_iter = tl.where(pid_m * BLOCK_M < n_valid, n_iter, 0)  # a query block past len outputs zeros
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        run = start < n_valid
-        if HAS_BLOCKS:
-            run = run & (tl.load(BM + b * s_bmb + h * s_bmh + pid_m * s_bmq + (start // BLOCK_N) * s_bmk) != 0)
-        if run:
-            rn = start + tl.arange(0, BLOCK_N)
-            kt = tl.load(K + b * s_kb + h * s_kh + rn[None, :] * s_kn + rd[:, None],
-                         mask=(rn[None, :] < N) & dmask[:, None], other=0.0)
-            s = tl.dot(q, kt) * qk_scale
-            if HAS_BIAS:
-                kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32)
-                s += kb[None, :] * 1.4426950408889634
-            s = tl.where((rn < n_valid)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            vt = tl.load(V + b * s_vb + h * s_vh + rn[:, None] * s_vn + rd[None, :],
-                         mask=(rn[:, None] < N) & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+    for j in range(0, n_iter):
+        if HAS_BLOCKS:  # noqa: SIM108  (a compile-time branch; the other arm's names do not exist)
+            start = tl.sum(tl.where(active & (rank == j + 1), kbs, 0), 0) * BLOCK_N
+        else:
+            start = j * BLOCK_N
+        rn = start + tl.arange(0, BLOCK_N)
+        kt = tl.load(K + b * s_kb + h * s_kh + rn[None, :] * s_kn + rd[:, None],
+                     mask=(rn[None, :] < N) & dmask[:, None], other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        if HAS_BIAS:
+            kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32)
+            s += kb[None, :] * 1.4426950408889634
+        s = tl.where((rn < n_valid)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        vt = tl.load(V + b * s_vb + h * s_vh + rn[:, None] * s_vn + rd[None, :],
+                     mask=(rn[:, None] < N) & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
     out = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     out = tl.where((rm < n_valid)[:, None], out, 0.0)
     tl.store(Out + b * s_ob + h * s_oh + rm[:, None] * s_on + rd[None, :], out.to(Out.dtype.element_ty),
@@ -117,13 +135,16 @@ def _kernels():
 
     tl = triton.language
     fwd = triton.jit(_fwd_kernel)
-    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS)
-    return fwd, triton.autotune(configs=configs, key=["N", "D", "HAS_BIAS", "HAS_LENS"])(fwd)
+    key = ["N", "D", "HAS_BIAS", "HAS_LENS"]
+    dense = triton.autotune(configs=autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS), key=key)
+    sparse = triton.autotune(configs=autotune_configs(SPARSE_CONFIGS), key=[*key, "BLOCK_M"])
+    return dense(fwd), sparse(fwd)
+
 
 def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
     import triton
 
-    fwd, tuned = _kernels()
+    dense, sparse = _kernels()
     b, h, n, d = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
@@ -137,12 +158,13 @@ def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale
     flags = dict(HAS_BIAS=key_bias is not None, HAS_LENS=seq_lens is not None, D=d, D_PAD=d_pad)
     if block_mask is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-        tuned[grid](*common, out, out, scale * LOG2E, h, n, *strides, 0, 0, 0, 0, HAS_BLOCKS=False, **flags)
+        dense[grid](*common, out, out, scale * LOG2E, h, n, 1, *strides, 0, 0, 0, 0, HAS_BLOCKS=False, NK_PAD=1,
+                    **flags)
         return out
     nb = triton.cdiv(n, block_size)
-    bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)
-    fwd[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, *strides, *bm.stride(), HAS_BLOCKS=True,
-                     BLOCK_M=block_size, BLOCK_N=block_size, num_warps=4, **flags)
+    bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)  # broadcast dims keep stride 0
+    sparse[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, nb, *strides, *bm.stride(), HAS_BLOCKS=True,
+                        NK_PAD=triton.next_power_of_2(nb), BLOCK_M=block_size, BLOCK_N=block_size, **flags)
     return out
 
 
@@ -156,7 +178,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 
 @_attention_op.register_fake
 def _(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel's output (q itself may be a permuted view)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,

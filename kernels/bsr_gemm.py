@@ -39,15 +39,20 @@ def bsr_gemm_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
 
 # ---------------------------------------------------------------------------------------------- configs
 CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3},
-           {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}]
+           {"BLOCK_M": 128, "num_warps": 4, "num_stages": 5}, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4},
+           {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 4}]
 INTERPRET_CONFIG = {"BLOCK_M": 32}
 
 
 # ---------------------------------------------------------------------------------------------- kernel
 def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_xk, s_om, s_on,
                 HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A BLOCK_M x B output tile of block row ``program_id(1)``: loops over that row's stored blocks only."""
-    pid_m, row = tl.program_id(0), tl.program_id(1)
+    """A BLOCK_M x B output tile of one block row: loops over that row's stored blocks only.
+
+    Block rows vary fastest in the launch order, so the programs running at once share one BLOCK_M x K tile of x
+    (read from HBM once, then from L2) rather than each streaming a different one."""
+    n_rows = N // B
+    row, pid_m = tl.program_id(0) % n_rows, tl.program_id(0) // n_rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rb = tl.arange(0, B)
     start = tl.load(crow_ptr + row)
@@ -86,7 +91,7 @@ def _bsr_triton(x, crow, col, values, bias, n):
     b = values.shape[-1]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     values = values.to(x.dtype).contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n // b)  # noqa: E731
+    grid = lambda meta: (n // b * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     kernel[grid](x, crow, col, values, bias if bias is not None else out, out, m, n, k, x.stride(0), x.stride(1),
                  out.stride(0), out.stride(1), HAS_BIAS=bias is not None, B=b)
     return out

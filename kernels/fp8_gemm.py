@@ -13,6 +13,8 @@ wrappers, registered as ``torch.ops.vitcompress.fp8_gemm`` with a fake implement
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,22 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
     return torch._scaled_mm(a_q, w_q, scale_a=a_scale.float()[:, None].contiguous(),
                             scale_b=w_scale.float()[None, :].contiguous(), bias=None if bias is None else
                             bias.to(out_dtype), out_dtype=out_dtype)
+
+
+@functools.cache
+def scaled_mm_rowwise(device: str) -> bool:
+    """Whether ``torch._scaled_mm`` takes row-wise scales on this device ("cpu" or "cuda:0"): it needs CUDA
+    capability >= 8.9, and on the CPU a recent torch (2.11's CPU kernel takes per-tensor scales only). Probed once."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        return False
+    try:
+        a = torch.ones(16, 16, device=dev).to(FP8)
+        one = torch.ones(16, 1, device=dev)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,3 +92,37 @@ def test_quantize_backend_errors(cli, trained_artifact, tmp_path):
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "q", "--backend", "triton",
                      "--calib-data", "digits")
     assert rc == 2 and "simulate runs in floating point" in err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_drop_ins_compile_as_one_graph():
+    """The kernels are torch custom ops with fake implementations: torch.compile captures the block without a
+    graph break (aot_eager traces with fake tensors, then runs the ops) and gives the eager result."""
+    torch.manual_seed(0)
+    blk = PlainBlock()
+    blk.fc1 = Int8Linear.from_linear(blk.fc1, backend="triton")
+    blk.fc2 = BlockSparseLinear.from_linear(blk.fc2, block_sparsity=0.5, block_size=16, backend="triton")
+    blk.backend = "triton"
+    x, bias = torch.randn(1, 197, 64), torch.rand(1, 197).log1p()
+    torch._dynamo.reset()
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x, bias), blk(x, bias), rtol=1e-3, atol=1e-3)
+
+
+def test_flop_counter_counts_the_kernels_custom_ops():
+    """A model running our Triton ops reports the GFLOPs of its torch-backend twin (bsr: the stored blocks)."""
+    from vitcompress.bench.measure import count_flops
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch16_224", **TINY)
+    dense = count_flops(m, (3, 32, 32))
+    use_fused_attention_(m, backend="triton")
+    assert count_flops(m, (3, 32, 32)) == dense
+    blk = m.blocks[0]
+    blk.mlp.fc1 = Int8Linear.from_linear(blk.mlp.fc1, backend="triton")
+    assert count_flops(m, (3, 32, 32)) == dense
+    blk.mlp.fc2 = BlockSparseLinear.from_linear(blk.mlp.fc2, mask=torch.tensor([[1, 0] * 8] * 4),
+                                                block_size=16, backend="triton")  # fc2: 256 -> 64, half the blocks
+    tokens = (32 // TINY["patch_size"]) ** 2 + 1
+    assert count_flops(m, (3, 32, 32)) == dense - tokens * 256 * 64  # 2 x tokens x (half of 256 x 64) fewer

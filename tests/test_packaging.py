@@ -31,3 +31,17 @@ def test_package_imports_without_triton(monkeypatch):
     from vitcompress.kernels import triton_available
 
     assert triton_available() is False
+
+
+def test_a_source_checkout_runs_without_install(tmp_path):
+    """`python -m vitcompress...` from an uninstalled checkout finds kernels/ and recipes/ under vitcompress.*
+    (how the GPU machine runs the benchmarks: its Python has no registry to install from)."""
+    import shutil
+    import subprocess
+
+    for name in ("vitcompress", "kernels", "recipes"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import vitcompress.kernels.attention as a, vitcompress.recipes as r; print(a.__file__, *r.__path__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    kernels, recipes = out.stdout.split()
+    assert Path(kernels).parent == tmp_path / "kernels" and Path(recipes) == tmp_path / "recipes"

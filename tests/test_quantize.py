@@ -151,6 +151,16 @@ def test_quantize_cli_end_to_end(tmp_path, cli, trained_artifact):
         assert rc != 0 and len(err.strip().splitlines()) == 1 and pattern in err, err
 
 
+def test_int8_linear_loads_the_old_transposed_weight_key():
+    from vitcompress.methods.int8_linear import Int8Linear
+
+    q = Int8Linear.from_linear(torch.nn.Linear(24, 10))
+    old = {("w_qt" if k == "w_int8" else k): (v.t() if k == "w_int8" else v) for k, v in q.state_dict().items()}
+    fresh = Int8Linear(24, 10)
+    fresh.load_state_dict(old)  # strict: the [in, out] key of older artifacts maps onto w_int8 [out, in]
+    assert torch.equal(fresh.w_int8, q.w_int8)
+
+
 def test_int8_linear_matches_an_integer_reference():
     from vitcompress.methods.int8_linear import Int8Linear
 
@@ -160,7 +170,7 @@ def test_int8_linear_matches_an_integer_reference():
     q = Int8Linear.from_linear(lin)
     w_scale = lin.weight.abs().amax(1) / 127
     w_codes = torch.round(lin.weight / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
-    assert torch.equal(q.w_qt, w_codes.t()) and torch.equal(q.w_scale, w_scale)
+    assert torch.equal(q.w_int8, w_codes) and torch.equal(q.w_scale, w_scale)
     x2 = x.reshape(-1, 24)
     a_scale = x2.abs().amax(1, keepdim=True) / 127
     a_codes = torch.round(x2 / a_scale).clamp(-127, 127)

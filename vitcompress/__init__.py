@@ -2,6 +2,16 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Installed, kernels/ and recipes/ ship as vitcompress.kernels and vitcompress.recipes (pyproject's package-dir).
+# Run from a source checkout that is not installed (e.g. `python -m vitcompress.bench.kernels` on a machine
+# whose Python has no registry access), the same names resolve to the folders beside this package.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
+        _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
+    __path__.append(_root)
+
 from .artifact import load_artifact, save_artifact  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .models import create_model, data_config, model_info  # noqa: E402

@@ -16,6 +16,7 @@ against the baseline a user would otherwise run, timed in the same process with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -48,11 +49,12 @@ def _quant_gemm(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, bias: tor
 
 def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: dict[str, tuple[int, int]],
               repeat: int) -> list[dict[str, Any]]:
-    from ..kernels.fp8_gemm import fp8_gemm, quantize_per_token_fp8_ref, scaled_mm
+    from ..kernels.fp8_gemm import fp8_gemm, quantize_per_token_fp8_ref, scaled_mm, scaled_mm_rowwise
     from ..kernels.int8_gemm import int8_gemm, quantize_per_token
 
     out = []
     fp8 = device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)  # cpu: --smoke only
+    rowwise = scaled_mm_rowwise(str(device))
     for name, (k, n) in shapes.items():
         for r in rows:
             m = tokens * r
@@ -61,7 +63,7 @@ def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: 
             wt = w.t()
             a_q, a_s = quantize_per_token(x)
             w_s = w.float().abs().amax(1) / 127
-            w_q = torch.round(w.float() / w_s[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()
+            w_q = torch.round(w.float() / w_s[:, None]).clamp(-127, 127).to(torch.int8).t()  # [K,N] column-major
             bias = torch.randn(n, device=device, dtype=torch.bfloat16)
             t = {"bf16 matmul": _time(lambda: x @ wt, device, repeat),
                  "int8 gemm (ours, fused epilogue)": _time(lambda: int8_gemm(a_q, w_q, a_s, w_s, bias), device,
@@ -76,9 +78,22 @@ def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: 
                 t["fp8 gemm (ours, fused epilogue)"] = _time(lambda: fp8_gemm(x8, w8, xs8, ws8, bias), device,
                                                              repeat)
                 t["fp8 torch._scaled_mm (row-wise)"] = _time(lambda: scaled_mm(x8, w8, xs8, ws8, bias), device,
-                                                             repeat)
+                                                             repeat) if rowwise else None
             out.append({"shape": name, "M": m, "K": k, "N": n, "ms": t})
     return out
+
+
+def _exact_mask(rows: int, cols: int, density: float, device: torch.device, keep_first: bool = False,
+                ) -> torch.Tensor:
+    """bool [rows, cols]: ``keep_first`` -> exactly round(density x cols) True per row, column 0 among them;
+    else exactly round(density x rows x cols) True anywhere (a pruned layer's blocks)."""
+    if keep_first:
+        score = torch.rand(rows, cols, device=device)
+        score[:, 0] = -1.0
+        idx = score.argsort(1)[:, :max(1, round(density * cols))]
+        return torch.zeros(rows, cols, dtype=torch.bool, device=device).scatter_(1, idx, True)
+    keep = torch.randperm(rows * cols, device=device)[:round(density * rows * cols)]
+    return torch.zeros(rows * cols, dtype=torch.bool, device=device).index_fill_(0, keep, True).view(rows, cols)
 
 
 def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: dict[str, tuple[int, int]],
@@ -88,7 +103,7 @@ def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: d
     out = []
     for name, (k, n) in shapes.items():
         for density in (0.5, 0.25):
-            mask = torch.rand(n // block, k // block, device=device) < density
+            mask = _exact_mask(n // block, k // block, density, device)
             w = (torch.randn(n, k, device=device) * mask.repeat_interleave(block, 0).repeat_interleave(block, 1))
             bsr = w.to_sparse_bsr((block, block))
             crow, col, vals = bsr.crow_indices(), bsr.col_indices(), bsr.values().to(torch.bfloat16)
@@ -97,9 +112,9 @@ def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: d
                 x = torch.randn(tokens * r, k, device=device, dtype=torch.bfloat16)
                 t = {"dense bf16": _time(lambda: x @ wb.t(), device, repeat),
                      "bsr gemm (ours)": _time(lambda: bsr_gemm(x, crow, col, vals, None, n), device, repeat)}
-                try:
+                try:  # fewer repeats: torch's BSR kernels can be orders of magnitude slower
                     tb = torch.sparse_bsr_tensor(crow, col, vals, (n, k))
-                    t["torch BSR"] = _time(lambda: (tb @ x.t()).t(), device, repeat)
+                    t["torch BSR"] = _time(lambda: (tb @ x.t()).t(), device, min(repeat, 10))
                 except (RuntimeError, NotImplementedError):
                     t["torch BSR"] = None
                 out.append({"shape": name, "M": tokens * r, "density": float(mask.float().mean()), "ms": t})
@@ -119,14 +134,13 @@ def attention_rows(device: torch.device, tokens: int, batches: tuple[int, ...], 
             bias = torch.rand(b, tokens, device=device).log1p()
             mask = bias[:, None, None, :].to(torch.bfloat16).expand(b, h, tokens, tokens)
             nb = (tokens + block - 1) // block
-            blocks = torch.rand(1, 1, nb, nb, device=device) < 0.5
-            blocks[..., 0] = True
+            blocks = _exact_mask(nb, nb, 0.5, device, keep_first=True)[None, None]  # half of each query row
             t = {"SDPA flash (no bias)": _time(lambda: F.scaled_dot_product_attention(q, k, v), device, repeat),
                  "SDPA + float mask (bias)": _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                                    device, repeat),
                  "ours (no bias)": _time(lambda: attention(q, k, v), device, repeat),
                  "ours + key bias": _time(lambda: attention(q, k, v, key_bias=bias), device, repeat),
-                 "ours dense, block_size 64": _time(lambda: attention(q, k, v, block_mask=torch.ones_like(blocks),
+                 "ours dense (all blocks on)": _time(lambda: attention(q, k, v, block_mask=torch.ones_like(blocks),
                                                                       block_size=block), device, repeat),
                  "ours block-sparse 50 %": _time(lambda: attention(q, k, v, block_mask=blocks, block_size=block),
                                                  device, repeat)}
@@ -149,44 +163,119 @@ def _md_table(rows: list[dict[str, Any]], keys: list[str], base: str) -> list[st
     return lines
 
 
+INT8, BSR, BIAS = "int8 gemm (ours, fused epilogue)", "bsr gemm (ours)", "ours + key bias"
+
+
+def _ratio(ms: dict[str, float | None], slow: str, fast: str) -> float | None:
+    """time(slow) / time(fast): > 1 means ``fast`` is faster."""
+    return ms[slow] / ms[fast] if ms.get(slow) and ms.get(fast) else None
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #6's speed criteria, each as a measured ratio against its floor (at the largest M measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(what: str, ratio: float | None, floor: float) -> None:
+        out.append({"target": what, "ratio": None if ratio is None else round(ratio, 3), "floor": floor,
+                     "met": None if ratio is None else ratio >= floor})
+
+    gemm = [r for r in res.get("gemm", []) if r["shape"] in ("ViT-B fc1", "ViT-B fc2", "tiny")]
+    for r in (r for r in gemm if r["M"] == max(g["M"] for g in gemm)):
+        where = f"{r['shape']}, M = {r['M']}"
+        add(f"int8 GEMM vs bf16 matmul, {where}", _ratio(r["ms"], "bf16 matmul", INT8), 1.6)
+        add(f"int8 GEMM vs torch._int_mm (no dequant), {where}", _ratio(r["ms"], "torch._int_mm (no dequant)", INT8),
+            0.95)
+    for r in res.get("attention", []):
+        where = f"{r['model']}, batch {r['batch']}, {r['tokens']} tokens"
+        add(f"attention + key bias vs SDPA + float mask, {where}", _ratio(r["ms"], "SDPA + float mask (bias)", BIAS),
+            1.5)
+        add(f"attention + key bias vs SDPA flash without bias, {where}", _ratio(r["ms"], "SDPA flash (no bias)", BIAS),
+            0.85)
+        add(f"block-sparse attention ({r['block_density']:.0%} of blocks) vs our dense, {where}",
+            _ratio(r["ms"], "ours dense (all blocks on)", "ours block-sparse 50 %"), 1.6)
+    bsr = res.get("bsr", [])
+    for r in (r for r in bsr if r["M"] == max(b["M"] for b in bsr)):
+        add(f"bsr GEMM {res['block']}-blocks at {r['density']:.0%} density vs dense bf16, {r['shape']}, M = {r['M']}",
+            _ratio(r["ms"], "dense bf16", BSR), 1.5 if r["density"] > 0.3 else 2.5)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of whichever parts ``res`` holds, then the targets."""
+    title = "# Kernel smoke run (Triton interpreter on the CPU: these are not speed figures)" if res["smoke"] \
+        else "# Kernel speed"
+    lines = [title, "", f"Device: {res['device']}; torch {res['versions']['torch']}, triton "
+             f"{res['versions']['triton']}; {res['date']}. CUDA events, median of {res['repeat']} after warm-up "
+             "(torch BSR: 10); bf16. Ratios: the baseline's time / the row's (> 1: faster than the baseline)."]
+    if res.get("gemm"):
+        lines += ["", "## int8 / fp8 GEMM (ratio = bf16 matmul time / row time)", ""]
+        lines += _md_table(res["gemm"], ["shape", "M", "K", "N"], "bf16 matmul")
+    if res.get("bsr"):
+        lines += ["", f"## Block-sparse GEMM, {res['block']}x{res['block']} blocks", ""]
+        lines += _md_table(res["bsr"], ["shape", "M", "density"], "dense bf16")
+    if res.get("attention"):
+        lines += ["", f"## Attention, {res['attention'][0]['tokens']} tokens (block mask: {res['block']}-blocks)", ""]
+        lines += _md_table(res["attention"], ["model", "batch", "block_density"], "SDPA + float mask (bias)")
+    lines += ["", "## Targets (issue #6)", "", "| target | measured | floor | met |", "|---|---:|---:|---|"]
+    for t in targets(res):
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        lines.append(f"| {t['target']} | {ratio} | {t['floor']}x | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+PARTS = ("gemm", "bsr", "attention")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="no timing: merge the parts of earlier runs' kernels.json (same device) into --out")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter (CPU)")
     args = parser.parse_args(argv)
     from ..provenance import run_context
 
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        if len({r["device"] for r in runs}) != 1:
+            print("error: --merge takes runs from one device", file=sys.stderr)
+            return 2
+        res = {k: v for r in runs for k, v in r.items()}
+        return _write(args.out, res)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - set(PARTS):
+        print(f"error: --parts takes a subset of {', '.join(PARTS)}, got '{args.parts}'", file=sys.stderr)
+        return 2
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device, tokens, rows, repeat = torch.device("cpu"), 17, (1,), 1
-        shapes, attn = {"tiny": (64, 32)}, {"tiny": (2, 16)}
-        block = 16
+        shapes, attn, attn_tokens, batches, block = {"tiny": (64, 32)}, {"tiny": (2, 16)}, 40, (1,), 16
     else:
         if not torch.cuda.is_available():
             print("error: the kernel benchmark needs a CUDA device (use --smoke to check the script)", file=sys.stderr)
             return 2
-        device, tokens, rows, repeat, shapes, attn, block = torch.device("cuda"), 197, ROWS, args.repeat, GEMMS, \
-            ATTN, 64
-    res = {**run_context(device), "repeat": repeat,
-           "gemm": gemm_rows(device, tokens, rows, shapes, repeat),
-           "bsr": bsr_rows(device, tokens, rows, {k: v for k, v in shapes.items() if "fc" in k or k == "tiny"},
-                           block, repeat),
-           "attention": attention_rows(device, 577 if not args.smoke else 40, (1, 8, 64) if not args.smoke else (1,),
-                                       attn, repeat, block)}
-    atomic_write_json(args.out / "kernels.json", res)
-    title = "# Kernel smoke run (Triton interpreter on the CPU: these are not speed figures)" if args.smoke \
-        else "# Kernel speed"
-    lines = [title, "", f"Device: {res['device']}; torch {res['versions']['torch']}, triton "
-             f"{res['versions']['triton']}; {res['date']}. CUDA events, median of {repeat} after warm-up; bf16.", "",
-             "## int8 / fp8 GEMM (ratio = bf16 matmul time / row time)", ""]
-    lines += _md_table(res["gemm"], ["shape", "M", "K", "N"], "bf16 matmul")
-    lines += ["", f"## Block-sparse GEMM, {block}x{block} blocks", ""]
-    lines += _md_table(res["bsr"], ["shape", "M", "density"], "dense bf16")
-    lines += ["", f"## Attention, {res['attention'][0]['tokens']} tokens", ""]
-    lines += _md_table(res["attention"], ["model", "batch", "block_density"], "SDPA + float mask (bias)")
-    atomic_write_text(args.out / "kernels.md", "\n".join(lines) + "\n")
+        device, tokens, rows, repeat = torch.device("cuda"), 197, ROWS, args.repeat
+        shapes, attn, attn_tokens, batches, block = GEMMS, ATTN, 577, (1, 8, 64), 64
+    res: dict[str, Any] = {**run_context(device), "repeat": repeat, "block": block, "smoke": args.smoke}
+    for part in parts:  # written after each part: a run cut short keeps what it finished
+        if part == "gemm":
+            res["gemm"] = gemm_rows(device, tokens, rows, shapes, repeat)
+        elif part == "bsr":
+            res["bsr"] = bsr_rows(device, tokens, rows, {k: v for k, v in shapes.items() if "fc" in k or k == "tiny"},
+                                  block, repeat)
+        else:
+            res["attention"] = attention_rows(device, attn_tokens, batches, attn, repeat, block)
+        _write(args.out, res)
     print(f"wrote {args.out / 'kernels.md'}")
+    return 0
+
+
+def _write(out: Path, res: dict[str, Any]) -> int:
+    atomic_write_json(out / "kernels.json", res)
+    atomic_write_text(out / "kernels.md", markdown(res))
     return 0
 
 

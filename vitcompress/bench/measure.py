@@ -14,9 +14,13 @@ from .timing import BenchConfig, attention_backend, model_runner
 
 
 def _register_gemms() -> None:
-    """Teach the FLOP counter the GEMMs it does not count out of the box: ``aten._int_mm`` (int8), a
-    non-decomposed ``aten.linear``, and bitsandbytes' int8 and 4-bit GEMM / GEMV custom ops."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    """Teach the FLOP counter the ops it does not count out of the box: ``aten._int_mm`` (int8), a
+    non-decomposed ``aten.linear``, the CPU flash attention of torch < 2.12, our Triton kernels' custom ops
+    (``vitcompress::*``: block-sparse GEMM counts its stored blocks, attention its dense work), and
+    bitsandbytes' int8 and 4-bit GEMM / GEMV custom ops."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    from ..kernels import attention, bsr_gemm, fp8_gemm, int8_gemm  # noqa: F401  (defines torch.ops.vitcompress)
 
     def rows(shape) -> int:
         return int(torch.Size(shape[:-1]).numel())
@@ -27,6 +31,16 @@ def _register_gemms() -> None:
 
     add(torch.ops.aten._int_mm, lambda a, b, *args, out_shape=None, **kw: 2 * a[0] * a[1] * b[1])
     add(torch.ops.aten.linear, lambda x, w, *args, out_shape=None, **kw: 2 * rows(x) * x[-1] * w[0])
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        add(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+            lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+    vc = torch.ops.vitcompress
+    gemm = lambda a, w, *args, out_shape=None, **kw: 2 * a[0] * a[1] * w[1]  # noqa: E731
+    add(vc.int8_gemm, gemm)
+    add(vc.fp8_gemm, gemm)
+    add(vc.bsr_gemm, lambda x, crow, col, values, *args, out_shape=None, **kw: 2 * x[0] * values[0] * values[1]
+        * values[2])
+    add(vc.attention, lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
     bnb = getattr(torch.ops, "bitsandbytes", None)  # its ops exist once bitsandbytes is imported
     for name in ("int8_linear_matmul", "int8_scaled_mm", "int8_mixed_scaled_mm"):  # B / CB: [N, K]
         if bnb is not None and hasattr(bnb, name):

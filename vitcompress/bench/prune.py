@@ -145,13 +145,15 @@ def memory(out: Path, artifact: str, arch: str = "vit_base_patch16_224", batch: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact")
+    parser.add_argument("artifact", nargs="?", help="the digits testbed (not needed for --speed --no-accuracy)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--speed", action="store_true", help="time pruned vs dense ViT-B/16")
     parser.add_argument("--memory", action="store_true", help="attn-only vs full fine-tuning peak memory")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--batch-sizes", default="1,16")
     args = parser.parse_args(argv)
+    if args.artifact is None and (args.memory or not args.no_accuracy):
+        parser.error("ARTIFACT is required for the accuracy table and --memory")
     if args.speed:
         speed(args.out, [int(b) for b in args.batch_sizes.split(",")])
     if args.memory:

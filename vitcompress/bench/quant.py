@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 
 ATTN = ["qkv", "proj", "fc1", "fc2", "attn_matmul"]
@@ -119,17 +120,25 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
     from .measure import serialized_size_mb
 
     base = create_model(arch)
-    rows = []
-    for name, spec in SPEED.items():
+    rows, skipped = [], {}
+    formats = dict(SPEED)
+    if BenchConfig().resolve_device().type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
+        formats["int8 W8A8 (per-token, torch._int_mm)"] = {**SPEED["int8 W8A8 (per-token)"], "backend": "torch"}
+    for name, spec in formats.items():
         q = copy.deepcopy(base)
-        compress_(q, QuantConfig(**spec))
+        try:
+            compress_(q, QuantConfig(**spec))
+        except ConfigError as e:  # e.g. bitsandbytes not installed on this machine: say so in the table
+            skipped[name] = str(e)
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
         for bs in batch_sizes:
             r = _latency(base, q, bs, repeat)
             rows.append({"format": name, "batch": bs, **r, "throughput": round(1000 * bs / r["ms"], 1),
                          "size_mb": round(serialized_size_mb(q), 1)})
             print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
     res = {"arch": arch, **run_context(BenchConfig().resolve_device()), "repeat": repeat,
-           "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows}
+           "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows, "skipped": skipped}
     atomic_write_json(out / "speed_deploy_vs_bf16.json", res)
     lines = [f"# Deployed quantization vs bf16 + SDPA: {arch}", "",
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. Each format is timed "
@@ -139,6 +148,7 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['format']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['bf16_ms']} | {r['ms']} | "
               f"{r['throughput']} | {r['size_mb']} |" for r in rows]
+    lines += [f"| {name} | — | skipped: {why} | | | | |" for name, why in skipped.items()]
     atomic_write_text(out / "speed_deploy_vs_bf16.md", "\n".join(lines) + "\n")
 
 
@@ -166,7 +176,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact")
+    parser.add_argument("artifact", nargs="?", help="the digits testbed (not needed with --speed-only)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--latency-batch", type=int, default=64)
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         speed(args.out, [int(b) for b in args.batch_sizes.split(",")], args.arch, args.repeat)
     if args.speed_only:
         return 0
+    if args.artifact is None:
+        parser.error("ARTIFACT is required unless --speed-only")
 
     from ..data import load_data
     from ..methods import QuantConfig

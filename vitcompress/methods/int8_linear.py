@@ -43,14 +43,21 @@ class ScaledLinear(nn.Module):
 class Int8Linear(ScaledLinear):
     """Drop-in for ``nn.Linear``: x [..., in] -> [..., out] in x's dtype.
 
-    Buffers: w_qt int8 [in, out] (transposed, contiguous for the GEMM), w_scale float32 [out],
-    a_scale float32 [] (static per-tensor activations; unused per token). Parameter: bias [out] or None.
+    Buffers: w_int8 int8 [out, in] (row-major, so the GEMM's [in, out] operand ``w_int8.t()`` is column-major:
+    the layout cuBLASLt's int8 GEMM and Hopper's 8-bit wgmma want), w_scale float32 [out], a_scale float32 []
+    (static per-tensor activations; unused per token). Parameter: bias [out] or None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__(in_features, out_features, bias, per_token, device, backend)
-        self.register_buffer("w_qt", torch.zeros(in_features, out_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        old = state_dict.pop(prefix + "w_qt", None)  # artifacts from before 2026-11-22 stored [in, out]
+        if old is not None:
+            state_dict[prefix + "w_int8"] = old.t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
@@ -63,7 +70,7 @@ class Int8Linear(ScaledLinear):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
                   backend)
         scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
-        mod.w_qt.copy_(ops.weight_codes(linear.weight, scale, 8).t())
+        mod.w_int8.copy_(ops.weight_codes(linear.weight, scale, 8))
         mod.w_scale.copy_(scale[:, 0])
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().float())
@@ -84,7 +91,7 @@ class Int8Linear(ScaledLinear):
             else:
                 s = self.a_scale.expand(x2.shape[0]).contiguous()
                 q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
-            out = int8_gemm(q, self.w_qt, s, self.w_scale, self.bias, out_dtype=x.dtype, backend="triton")
+            out = int8_gemm(q, self.w_int8.t(), s, self.w_scale, self.bias, out_dtype=x.dtype, backend="triton")
             return out.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1]).float()
         s = (x2.abs().amax(1, keepdim=True).clamp_min(ops.EPS) / QMAX) if self.per_token else self.a_scale
@@ -92,7 +99,7 @@ class Int8Linear(ScaledLinear):
         m = q.shape[0]
         if q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16
             q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
-        acc = torch._int_mm(q, self.w_qt)[:m]
+        acc = torch._int_mm(q, self.w_int8.t())[:m]
         out = acc.float() * (s * self.w_scale)
         if self.bias is not None:
             out = out + self.bias

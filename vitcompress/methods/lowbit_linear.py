@@ -117,10 +117,11 @@ class Fp8Linear(ScaledLinear):
         return mod
 
     def uses_scaled_mm(self, x: torch.Tensor) -> bool:
-        """torch._scaled_mm runs on the CPU and on CUDA devices of capability >= 8.9, for K, N multiples of 16."""
-        if self.in_features % 16 or self.out_features % 16:
-            return False
-        return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9)
+        """Whether torch._scaled_mm with row-wise scales runs here (CUDA capability >= 8.9 or a recent torch on
+        the CPU), for K, N multiples of 16."""
+        from ..kernels.fp8_gemm import scaled_mm_rowwise
+
+        return not (self.in_features % 16 or self.out_features % 16) and scaled_mm_rowwise(str(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..config import Config, StrEnum
@@ -61,6 +60,13 @@ class PruneConfig(Config):
 
 
 # ---------------------------------------------------------------------------------------------- surgery
+def _tp() -> Any:
+    """torch-pruning, imported when a layer is pruned (a dependency, but the kernels and drop-ins run without it)."""
+    import torch_pruning
+
+    return torch_pruning
+
+
 def prune_heads_(attn: nn.Module, keep: list[int]) -> None:
     """Keep only heads ``keep`` (sorted indices) of a timm ``Attention``, in place."""
     h, d = attn.num_heads, attn.head_dim
@@ -68,7 +74,7 @@ def prune_heads_(attn: nn.Module, keep: list[int]) -> None:
     if not drop:
         return
     channels = [c for head in drop for c in range(head * d, (head + 1) * d)]
-    a = attn.attn_dim
+    a, tp = attn.attn_dim, _tp()
     tp.prune_linear_out_channels(attn.qkv, [part * a + c for part in range(3) for c in channels])
     if getattr(attn, "gate", None) is not None:
         tp.prune_linear_out_channels(attn.gate, channels)
@@ -81,7 +87,7 @@ def prune_heads_(attn: nn.Module, keep: list[int]) -> None:
 def _prune_norm(norm: nn.Module, channels: list[int], refusal: str) -> None:
     """Drop ``channels`` from a LayerNorm between pruned layers; Identity needs nothing; anything else is refused."""
     if isinstance(norm, nn.LayerNorm):
-        tp.prune_layernorm_out_channels(norm, channels)
+        _tp().prune_layernorm_out_channels(norm, channels)
     elif not isinstance(norm, nn.Identity):
         raise ConfigError(refusal)
 
@@ -91,6 +97,7 @@ def prune_mlp_(mlp: nn.Module, keep: list[int]) -> None:
     drop = sorted(set(range(mlp.fc1.out_features)) - set(keep))
     if not drop:
         return
+    tp = _tp()
     tp.prune_linear_out_channels(mlp.fc1, drop)
     _prune_norm(mlp.norm, drop, f"cannot prune MLP channels through a {type(mlp.norm).__name__}")
     tp.prune_linear_in_channels(mlp.fc2, drop)

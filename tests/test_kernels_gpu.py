@@ -1,0 +1,107 @@
+"""The compiled kernels (not the interpreter) at ViT-B/L shapes in bf16, on a CUDA device.
+
+Marked ``gpu``: skipped without CUDA, run by ``pytest -m gpu`` on the GPU machine. Same references and
+tolerances as the interpreter tests in test_kernels.py; these check what only a real GPU exercises: Triton's
+code generation for each tile shape the autotuner may pick, wgmma layouts, and torch.compile with inductor.
+"""
+
+import pytest
+import torch
+from vitcompress.kernels import attention as attn_mod
+from vitcompress.kernels import bsr_gemm as bsr_mod
+from vitcompress.kernels import fp8_gemm as f8
+from vitcompress.kernels import int8_gemm as i8
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+@pytest.mark.parametrize("m", [197, 197 * 8])
+def test_int8_quantize_and_gemm(m):
+    g = _gen(m)
+    x = torch.randn(m, 768, device="cuda", generator=g)
+    w = torch.randn(3072, 768, device="cuda", generator=g)
+    a_q, a_s = i8.quantize_per_token(x)
+    q_ref, s_ref = i8.quantize_per_token_ref(x)
+    assert torch.equal(a_q, q_ref) and torch.equal(a_s, s_ref)
+    ln_w, ln_b = torch.randn(768, device="cuda", generator=g), torch.randn(768, device="cuda", generator=g)
+    q_ln, _ = i8.layernorm_quantize(x, ln_w, ln_b)
+    assert ((q_ln.int() - i8.layernorm_quantize_ref(x, ln_w, ln_b)[0].int()).abs() <= 1).all()
+    w_s = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_s[:, None]).clamp(-127, 127).to(torch.int8)
+    bias = torch.randn(3072, device="cuda", generator=g)
+    ref = i8.int8_gemm_ref(a_q, w_q.t(), a_s, w_s, bias, True)
+    for operand in (w_q.t(), w_q.t().contiguous()):  # column-major (as deployed) and row-major
+        torch.testing.assert_close(i8.int8_gemm(a_q, operand, a_s, w_s, bias, True).float(), ref.float(),
+                                   rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="e4m3 tensor cores: Ada / Hopper")
+def test_fp8_gemm_matches_reference_and_scaled_mm():
+    g = _gen(1)
+    x, w = torch.randn(197 * 8, 768, device="cuda", generator=g), torch.randn(3072, 768, device="cuda", generator=g)
+    a8, as8 = f8.quantize_per_token_fp8_ref(x)
+    w_s8 = w.abs().amax(1) / 448
+    w8 = (w / w_s8[:, None]).to(torch.float8_e4m3fn).t()
+    bias = torch.randn(3072, device="cuda", generator=g).bfloat16()
+    ref = f8.fp8_gemm_ref(a8, w8, as8, w_s8, bias)
+    torch.testing.assert_close(f8.fp8_gemm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert f8.scaled_mm_rowwise("cuda")
+    torch.testing.assert_close(f8.scaled_mm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("b", [32, 64, 128])
+def test_bsr_gemm_at_vit_b_fc1(b):
+    g = _gen(b)
+    n, k, m = 3072, 768, 197 * 8
+    mask = torch.rand(n // b, k // b, device="cuda", generator=g) < 0.5
+    w = torch.randn(n, k, device="cuda", generator=g) * mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    bsr = w.to_sparse_bsr((b, b))
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    vals = bsr.values().bfloat16()
+    out = bsr_mod.bsr_gemm(x, bsr.crow_indices(), bsr.col_indices(), vals, bias, n)
+    ref = bsr_mod.bsr_gemm_ref(x, bsr.crow_indices(), bsr.col_indices(), vals, bias, n)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-1)  # bf16 output, K = 768
+
+
+@pytest.mark.parametrize("heads", [12, 16])
+def test_attention_577_tokens(heads):
+    g = _gen(heads)
+    b, n, d, bs = 8, 577, 64, 64
+    q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    bias = torch.rand(b, n, device="cuda", generator=g).log1p()
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(attn_mod.attention(q, k, v, key_bias=bias).float(),
+                               attn_mod.attention_ref(q, k, v, key_bias=bias).float(), **tol)
+    lens = torch.randint(300, n + 1, (b,), device="cuda", generator=g)
+    nb = (n + bs - 1) // bs
+    blocks = torch.rand(b, heads, nb, nb, device="cuda", generator=g) < 0.5
+    blocks[..., 0] = True
+    out = attn_mod.attention(q, k, v, key_bias=bias, seq_lens=lens, block_mask=blocks, block_size=bs)
+    ref = attn_mod.attention_ref(q, k, v, key_bias=bias, seq_lens=lens, block_mask=blocks, block_size=bs)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+def test_drop_ins_under_inductor():
+    """A ViT-B-sized block with all three drop-ins, compiled by inductor (the custom ops stay opaque)."""
+    from vitcompress.kernels.modules import BlockSparseLinear, Int8Linear, use_fused_attention_
+
+    from vitcompress import create_model
+
+    torch.manual_seed(0)
+    m = create_model("vit_base_patch16_224", num_classes=10).cuda().eval()
+    assert use_fused_attention_(m) == 12
+    blk = m.blocks[0]
+    blk.mlp.fc1 = Int8Linear.from_linear(blk.mlp.fc1)
+    blk.mlp.fc2 = BlockSparseLinear.from_linear(blk.mlp.fc2, block_sparsity=0.5, block_size=64)
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=5e-2, atol=5e-2)
