@@ -105,11 +105,12 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
         rn = start + tl.arange(0, BLOCK_N)
         kt = tl.load(K + b * s_kb + h * s_kh + rn[None, :] * s_kn + rd[:, None],
                      mask=(rn[None, :] < N) & dmask[:, None], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        if HAS_BIAS:
-            kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32)
-            s += kb[None, :] * 1.4426950408889634
-        s = tl.where((rn < n_valid)[None, :], s, float("-inf"))
+        if HAS_BIAS:  # the bias and the key mask as one [BLOCK_N] vector, so the tile costs one FMA
+            kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32) * 1.4426950408889634
+            kb = tl.where(rn < n_valid, kb, float("-inf"))
+        else:
+            kb = tl.where(rn < n_valid, 0.0, float("-inf"))
+        s = tl.dot(q, kt) * qk_scale + kb[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import int8_gemm as _i8
-from ._triton import autotune_configs, builder, usable
+from ._triton import builder, usable
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -74,20 +74,25 @@ def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------- configs
-GEMM_CONFIGS = _i8.GEMM_CONFIGS  # the same tile shapes; e4m3 tiles are the size of int8 ones
+# Narrower than int8's list: Triton keeps e4m3 products exact by accumulating each wgmma into a fresh fp32
+# tile and adding it to the running one, so the accumulator costs twice the registers; 128 x 256 tiles spill
+# (python -m vitcompress.bench.codegen shows it for sm_90).
+GEMM_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 5},
+]
 INTERPRET_CONFIG = _i8.INTERPRET_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------- kernel
 @builder
 def _kernel():
-    import triton
-
-    from ._triton import interpreting
-
     _i8._kernels()  # binds triton.language for the shared tile kernel
-    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else GEMM_CONFIGS)
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_i8._gemm_kernel))
+    return _i8.build_gemm(GEMM_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------- wrappers

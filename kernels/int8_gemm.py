@@ -71,9 +71,12 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 # ---------------------------------------------------------------------------------------------- kernels
 def _gemm_kernel(a_ptr, w_ptr, o_ptr, sa_ptr, sw_ptr, b_ptr, M, N, K, s_am, s_ak, s_wk, s_wn, s_om, s_on,
                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACC_TYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """One BLOCK_M x BLOCK_N tile of a scaled low-precision GEMM (grouped launch order for L2 reuse) + fused
-    epilogue. ACC_TYPE: int32 for int8 operands; fp32 for fp8 ones (shared with :mod:`.fp8_gemm`)."""
+    epilogue. ACC_TYPE: int32 for int8 operands; fp32 for fp8 ones (shared with :mod:`.fp8_gemm`).
+
+    Edge tiles load wrapped rows / columns (``% M``, ``% N``: in bounds, discarded by the store mask), so with
+    EVEN_K (K % BLOCK_K == 0, as in every ViT layer) the main loop's loads carry no mask at all."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * n_n
@@ -84,14 +87,19 @@ def _gemm_kernel(a_ptr, w_ptr, o_ptr, sa_ptr, sw_ptr, b_ptr, M, N, K, s_am, s_ak
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rm % M)[:, None] * s_am + rk[None, :] * s_ak
+    w_ptrs = w_ptr + rk[:, None] * s_wk + (rn % N)[None, :] * s_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * s_wk + rn[None, :] * s_wn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs, mask=(k0 + rk)[:, None] < K, other=0.0)
         acc += tl.dot(a, w, out_dtype=ACC_TYPE)
+        a_ptrs += BLOCK_K * s_ak
+        w_ptrs += BLOCK_K * s_wk
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
@@ -132,12 +140,20 @@ def _kernels():
     import triton
     import triton.language
 
+    tl = triton.language
+    return build_gemm(GEMM_CONFIGS), triton.jit(_quant_rows_kernel)
+
+
+def build_gemm(configs: list[dict[str, int]]) -> Any:
+    """Autotuned :func:`_gemm_kernel` (EVEN_K derived from each config's BLOCK_K)."""
+    import triton
+
     from ._triton import interpreting
 
-    tl = triton.language
-    configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else GEMM_CONFIGS)
-    gemm = triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_gemm_kernel))
-    return gemm, triton.jit(_quant_rows_kernel)
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    tuned = autotune_configs([INTERPRET_CONFIG] if interpreting() else configs)
+    return triton.autotune(configs=tuned, key=["M", "N", "K"])(even_k(triton.jit(_gemm_kernel)))
+
 
 def launch_gemm(gemm, a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, acc_type):
     """Run an autotuned build of :func:`_gemm_kernel` (int8 here, e4m3 in :mod:`.fp8_gemm`)."""
