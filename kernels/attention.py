@@ -147,8 +147,8 @@ def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale
 
     dense, sparse = _kernels()
     b, h, n, d = q.shape
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # views of qkv's output are fine
+    out = q.new_empty(b, n, h, d).transpose(1, 2)  # SDPA's layout: merging the heads afterwards is free
     d_pad = max(16, triton.next_power_of_2(d))
     bias = key_bias.float().contiguous() if key_bias is not None else out
     lens = seq_lens.to(torch.int32).contiguous() if seq_lens is not None else out
@@ -179,7 +179,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 
 @_attention_op.register_fake
 def _(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
-    return q.new_empty(q.shape)  # contiguous, as the kernel's output (q itself may be a permuted view)
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)  # the kernel's output layout, whatever q's strides
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,

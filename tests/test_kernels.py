@@ -155,6 +155,21 @@ def test_block_sparse_attention_at_577_tokens_per_sample_masks():
     assert out[1, :, 2 * bs:3 * bs].abs().max() == 0 and out[0, :, n - 150:].abs().max() == 0
 
 
+def test_attention_reads_qkv_views_in_place_and_writes_sdpa_layout():
+    """q, k, v as a ViT block makes them (views of qkv's [B, N, 3, H, D] output, not copied); the output's memory
+    is [B, N, H, D], so merging the heads is a free view, as after SDPA."""
+    g = torch.Generator().manual_seed(5)
+    b, n, h, d = 2, 197, 3, 32
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(_dev())
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    key_bias = torch.rand(b, n, generator=g).log1p().to(_dev())
+    out = attn_mod.attention(q, k, v, key_bias=key_bias, backend="triton")
+    ref = attn_mod.attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), key_bias)
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=0, atol=2e-4)
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def test_custom_ops_have_fake_implementations():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -165,8 +180,8 @@ def test_custom_ops_have_fake_implementations():
         assert out.shape == (197, 48) and out.dtype == torch.float16
         q = torch.empty(1, 2, 577, 40)
         assert torch.ops.vitcompress.attention(q, q, q, None, None, None, 64, 0.1).shape == q.shape
-        qp = torch.empty(1, 577, 2, 40).transpose(1, 2)  # a permuted view, as in a ViT block: the kernel's output
-        assert torch.ops.vitcompress.attention(qp, qp, qp, None, None, None, 64, 0.1).is_contiguous()  # is dense
+        qp = torch.empty(1, 2, 577, 40)  # [B,H,N,D]: the output is laid out [B,N,H,D], as SDPA's is (and the kernel's)
+        assert torch.ops.vitcompress.attention(qp, qp, qp, None, None, None, 64, 0.1).transpose(1, 2).is_contiguous()
         x = torch.empty(5, 32)
         crow, col, vals = torch.empty(3, dtype=torch.long), torch.empty(2, dtype=torch.long), torch.empty(2, 16, 16)
         assert torch.ops.vitcompress.bsr_gemm(x, crow, col, vals, None, 32).shape == (5, 32)

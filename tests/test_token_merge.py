@@ -99,6 +99,7 @@ def test_r_too_large_is_a_clean_error():
     ({"target_flops": 1.5}, "target_flops is a fraction"),
     ({"r": 2, "inflection": 2}, "inflection must be in"),
     ({"r": 2, "prop_attn": "maybe"}, "prop_attn must be one of: auto, on, off"),
+    ({"r": 2, "attention": "cuda"}, "attention must be one of: auto, torch, triton"),
 ])
 def test_bad_configs(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -145,6 +146,26 @@ def test_proportional_attention_changes_the_output():
     compress_(on, TokenMergeConfig(r=8, prop_attn="on"))
     compress_(off, TokenMergeConfig(r=8, prop_attn="off"))
     assert not torch.allclose(_fwd(on, _x()), _fwd(off, _x()))
+
+
+@pytest.mark.parametrize("family", ["vit", "deit3_layerscale", "qk_norm"])
+def test_proportional_attention_through_the_fused_kernel(family):
+    """attention=triton: merged layers run vitcompress.kernels.attention with log(size) as a per-key bias
+    (Triton's interpreter here), and give SDPA-with-a-float-mask's logits."""
+    pytest.importorskip("triton")
+    sdpa, fused = _model(family), _model(family)
+    compress_(sdpa, TokenMergeConfig(r=8, prop_attn="on", attention="torch"))
+    compress_(fused, TokenMergeConfig(r=8, prop_attn="on", attention="triton"))
+    calls = []
+    import vitcompress.kernels.attention as kernel
+
+    real = kernel.attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "attention", lambda *a, **k: calls.append(k["key_bias"].shape) or real(*a, **k))
+        out = _fwd(fused, _x())
+    assert len(calls) == WIDE["depth"] - 1  # every layer after the first merge has a size bias
+    torch.testing.assert_close(out, _fwd(sdpa, _x()), rtol=1e-4, atol=1e-4)
+    assert TokenMergeConfig.from_dict({"name": "token_merge", "version": 1, "r": 2}).attention == "auto"
 
 
 def test_gap_pooling_is_size_weighted():

@@ -146,6 +146,8 @@ def merge(
     schedule: str | None = typer.Option(None, "--schedule", help="Tokens removed per layer, e.g. 8,8,4,0."),
     method: str | None = typer.Option(None, "--method", help="tome or evit."),
     prop_attn: str | None = typer.Option(None, "--prop-attn", help="Proportional attention: auto, on or off."),
+    attention: str | None = typer.Option(None, "--attention",
+                                         help="Merged layers' attention kernel: auto, torch or triton."),
     inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
     layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
     img_size: int | None = typer.Option(None, "--img-size", help="Also run at this resolution (baseline knob)."),
@@ -162,8 +164,9 @@ def merge(
                        schedule=_ints(schedule, "--schedule"))
     if not strengths and img_size is None:
         raise ConfigError("give one of --r, --keep-rate, --target-flops, --target-speedup, --schedule or --img-size")
-    cfg = TokenMergeConfig(**strengths, **_given(method=method, prop_attn=prop_attn, inflection=inflection,
-                                                 layers=_ints(layers, "--layers"))) if strengths else None
+    cfg = TokenMergeConfig(**strengths, **_given(method=method, prop_attn=prop_attn, attention=attention,
+                                                 inflection=inflection, layers=_ints(layers, "--layers"))) \
+        if strengths else None
     m = _load_model(model, pretrained, checkpoint, None, None, None)
     if img_size is not None:
         compress_(m, ResolutionConfig(img_size=img_size))

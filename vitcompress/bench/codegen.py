@@ -59,8 +59,10 @@ def specs() -> list[Spec]:
                      "o_ptr": "*bf16"}, dict(M=M, N=N, K=K, s_xm=K, s_xk=1, s_om=N, s_on=1), (),
                     dict(HAS_BIAS=True, B=64), bsr_gemm.CONFIGS))
     n, d, h = TOKENS, HEAD_DIM, HEADS
-    strides = dict(s_qb=h * n * d, s_qh=n * d, s_qn=d, s_kb=h * n * d, s_kh=n * d, s_kn=d, s_vb=h * n * d, s_vh=n * d,
-                   s_vn=d, s_ob=h * n * d, s_oh=n * d, s_on=d, s_kbb=n)
+    c = h * d  # q, k, v are views of qkv's [B, N, 3, H, D] output; the output is [B, N, H, D] memory
+    qkv = dict(b=n * 3 * c, h=d, n=3 * c)
+    strides = {**{f"s_{t}{a}": v for t in "qkv" for a, v in qkv.items()}, "s_ob": n * c, "s_oh": d, "s_on": c,
+               "s_kbb": n}
     attn_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KB": "*fp32", "Out": "*bf16"}
     flags = dict(HAS_BIAS=True, D=d, D_PAD=d)
     nb = -(-n // 64)

@@ -23,6 +23,7 @@ DEFAULT_VARIANTS = {
     "tome r=13": {"r": 13},
     "tome (16, -1)": {"r": 16, "inflection": -1.0},
     "tome r=13 prop-attn off": {"r": 13, "prop_attn": "off"},
+    "tome r=13 SDPA mask": {"r": 13, "attention": "torch"},  # on CUDA, tome r=13 runs our fused kernel
     "evit @ tome r=13 GFLOPs": {"method": "evit", "target_flops": "tome r=13"},
     "resolution 160 px": {"img_size": 160},
 }

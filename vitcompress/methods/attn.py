@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels._triton import wants
+
 
 def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B,N,C] -> q, k, v [B,H,N,Dh], with timm's q_norm / k_norm applied."""
@@ -20,10 +22,13 @@ def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, cls_row: bool = False,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              kernel: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Self-attention x [B,N,C] with an optional per-key bias [B,1,1,N].
 
-    Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS attention over heads [B,N] or None).
+    kernel: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
+    :func:`vitcompress.kernels.attention.attention` with it as a per-key bias (inference); ``auto`` picks triton
+    on CUDA tensors when it is installed. Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS
+    attention over heads [B,N] or None).
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -32,6 +37,10 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     attend = getattr(attn, "_vc_attend", None)
     if attend is not None:
         out = attend(q, k, v, mask)
+    elif mask is not None and not attn.training and wants(kernel, q):
+        from ..kernels.attention import attention as fused
+
+        out = fused(q, k, v, key_bias=bias[:, 0, 0, :], scale=attn.scale, backend="triton")
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)

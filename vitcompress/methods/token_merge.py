@@ -35,6 +35,12 @@ class PropAttn(StrEnum):
     OFF = "off"
 
 
+class AttnKernel(StrEnum):
+    AUTO = "auto"  # triton on CUDA when it is installed, torch elsewhere
+    TORCH = "torch"  # SDPA, the size bias as a float mask
+    TRITON = "triton"  # vitcompress.kernels.attention, the size bias as a per-key bias
+
+
 @dataclasses.dataclass
 class TokenMergeConfig(Config):
     """Reduce tokens inside the blocks. Give exactly one strength:
@@ -44,10 +50,12 @@ class TokenMergeConfig(Config):
     keep_rate: EViT fraction of patch tokens kept at each of ``layers`` (default depth x 1/4, 1/2, 3/4);
     target_flops: fraction of the unreduced GFLOPs, solved analytically;
     target_speedup: measured speedup at batch ``speed_batch`` in bf16 (solved by timing candidates).
+    attention: how merged layers run proportional attention (inference): ``triton`` our fused kernel with
+    ``log size`` as a per-key bias, ``torch`` SDPA with it as a float mask, ``auto`` triton on CUDA.
     """
 
     NAME = "token_merge"
-    VERSION = 1
+    VERSION = 2  # 2: attention (the merged layers' kernel); v1 dicts load with attention=auto
     method: TokenMethod = TokenMethod.TOME
     r: float | None = None
     inflection: float = 0.0
@@ -58,6 +66,7 @@ class TokenMergeConfig(Config):
     target_speedup: float | None = None
     speed_batch: int = 16
     prop_attn: PropAttn = PropAttn.AUTO
+    attention: AttnKernel = AttnKernel.AUTO
     trace_source: bool = False
 
     def validate(self) -> None:
@@ -89,6 +98,7 @@ class TokenState:
     prop_attn: bool
     method: TokenMethod
     trace_source: bool = False
+    kernel: str = "auto"  # AttnKernel of the merged layers' proportional attention
     size: torch.Tensor | None = None  # [B,N,1] patches per token; None until the first reduction
     source: torch.Tensor | None = None  # [B,N,N0] when tracing
 
@@ -114,7 +124,7 @@ class ReducibleBlock(Block):
             return Block.forward(self, x)
         evit = st.method == TokenMethod.EVIT and self._vc_drop > 0
         bias = ops.size_bias(st.size, x.dtype) if st.prop_attn else None
-        h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit)
+        h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit, kernel=st.kernel)
         x = x + self.drop_path1(self.ls1(h))
         if self._vc_drop > 0:
             x = self._reduce(x, keys, cls)
@@ -293,7 +303,7 @@ def install(model: nn.Module, schedule: list[int], cfg: TokenMergeConfig) -> Non
         raise ConfigError("this model already has token reduction; apply token_merge once")
     check_schedule(model, schedule, cfg.method)
     state = TokenState(protected=model.num_prefix_tokens, prop_attn=cfg.prop_attn != PropAttn.OFF,
-                       method=cfg.method, trace_source=cfg.trace_source)
+                       method=cfg.method, trace_source=cfg.trace_source, kernel=str(cfg.attention))
     for i, (blk, r) in enumerate(zip(model.blocks, schedule)):
         blk.__class__ = ReducibleBlock
         blk._vc_state, blk._vc_drop, blk._vc_first = state, int(r), i == 0
