@@ -165,7 +165,7 @@ def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale
     nb = triton.cdiv(n, block_size)
     bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)  # broadcast dims keep stride 0
     sparse[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, nb, *strides, *bm.stride(), HAS_BLOCKS=True,
-                        NK_PAD=triton.next_power_of_2(nb), BLOCK_M=block_size, BLOCK_N=block_size, **flags)
+                        NK_PAD=max(2, triton.next_power_of_2(nb)), BLOCK_M=block_size, BLOCK_N=block_size, **flags)
     return out
 
 
