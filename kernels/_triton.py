@@ -38,6 +38,12 @@ def usable(*tensors: torch.Tensor) -> bool:
     return available() and (interpreting() or all(t.is_cuda for t in tensors))
 
 
+def runs_kernel(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether a kernel wrapper (``int8_gemm(..., backend=)`` etc.) runs Triton rather than its torch reference:
+    always unless ``torch``; for ``auto`` only where :func:`usable` (CUDA tensors, or the interpreter)."""
+    return backend != "torch" and (backend != "auto" or usable(*tensors))
+
+
 def wants(backend: str, x: torch.Tensor) -> bool:
     """Whether a drop-in module with ``backend`` runs its Triton kernel on ``x``: always for ``triton`` (an
     error without triton), on CUDA tensors with triton installed for ``auto``, never for ``torch``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._triton import autotune_configs, builder, usable
+from ._triton import autotune_configs, builder, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -191,6 +191,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     scale = d**-0.5 if scale is None else float(scale)
     if block_mask is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of 2 >= 16, got {block_size}")
-    if backend == "torch" or (backend == "auto" and not usable(q)):
+    if not runs_kernel(backend, q):
         return attention_ref(q, k, v, key_bias, seq_lens, block_mask, block_size, scale)
     return _attention_op(q, k, v, key_bias, seq_lens, block_mask, block_size, scale)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._triton import autotune_configs, builder, usable
+from ._triton import autotune_configs, builder, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -116,6 +116,6 @@ def bsr_gemm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     if b not in BLOCK_SIZES:
         raise ValueError(f"block size {b} is not one of {BLOCK_SIZES}")
     n = n if n is not None else (crow.numel() - 1) * b
-    if backend == "torch" or (backend == "auto" and not usable(x)):
+    if not runs_kernel(backend, x):
         return bsr_gemm_ref(x, crow, col, values, bias, n)
     return _bsr_op(x.contiguous(), crow.contiguous(), col.contiguous(), values, bias, n)

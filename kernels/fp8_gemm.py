@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import int8_gemm as _i8
-from ._triton import builder, usable
+from ._triton import builder, runs_kernel
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -113,6 +113,6 @@ def fp8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scal
              bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
              backend: str = "auto") -> torch.Tensor:
     """See :func:`fp8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
-    if backend == "torch" or (backend == "auto" and not usable(a_q, w_q)):
+    if not runs_kernel(backend, a_q, w_q):
         return fp8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
     return _fp8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._triton import autotune_configs, builder, usable
+from ._triton import autotune_configs, builder, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -209,14 +209,14 @@ def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
               bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
               backend: str = "auto") -> torch.Tensor:
     """See :func:`int8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
-    if backend == "torch" or (backend == "auto" and not usable(a_q, w_q)):
+    if not runs_kernel(backend, a_q, w_q):
         return int8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
     return _int8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
 
 
 def quantize_per_token(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`quantize_per_token_ref`."""
-    if backend == "torch" or (backend == "auto" and not usable(x)):
+    if not runs_kernel(backend, x):
         return quantize_per_token_ref(x)
     return _quant_rows_op(x, None, None, 0.0)
 
@@ -224,6 +224,6 @@ def quantize_per_token(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Te
 def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`layernorm_quantize_ref`."""
-    if backend == "torch" or (backend == "auto" and not usable(x)):
+    if not runs_kernel(backend, x):
         return layernorm_quantize_ref(x, weight, bias, eps)
     return _quant_rows_op(x, weight, bias, eps)
