@@ -82,7 +82,8 @@ def specs() -> list[Spec]:
 
 
 def compile_sm90(spec: Spec, config: dict[str, int]) -> Any:
-    """Compile one config of ``spec`` for sm_90a (no device needed): Triton's CompiledKernel."""
+    """Compile one config of ``spec`` for sm_90a (no device needed): Triton's CompiledKernel. Needs a process
+    without TRITON_INTERPRET (set, it turns triton.language's own jit helpers into interpreter functions)."""
     import importlib
 
     import triton
@@ -170,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from ..kernels._triton import interpreting
     from ..provenance import run_context
 
+    if interpreting():  # triton.language's own jit helpers were built for the interpreter at import
+        print("error: unset TRITON_INTERPRET: code generation compiles for the GPU", file=sys.stderr)
+        return 2
     rows = [inspect(s, c) for s in specs() for c in s.configs]
     res = {**run_context(torch.device("cpu")), "target": "sm_90a", "rows": rows}  # compiled here, for sm_90a
     atomic_write_json(args.out / "codegen_sm90.json", res)
