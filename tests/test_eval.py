@@ -89,3 +89,13 @@ def test_bench_config_validation():
     with pytest.raises(ConfigError, match="dtype must be one of"):
         BenchConfig(dtype="int3")
     assert BenchConfig.from_dict(BenchConfig(dtype="fp32").to_dict()).dtype == "fp32"
+
+
+@pytest.mark.parametrize("bench", ["quant", "prune"])
+def test_benches_without_an_artifact_fail_in_one_line(bench, capsys):
+    import importlib
+
+    main = importlib.import_module(f"vitcompress.bench.{bench}").main
+    assert main(["--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ARTIFACT is required" in err

@@ -205,3 +205,4 @@ def test_kernel_benchmark_script_runs(tmp_path):
     assert "not speed figures" in md and "bsr gemm (ours)" in md and "ours + key bias" in md
     assert "int8 GEMM vs bf16 matmul" in md and "bsr GEMM 16-blocks at 25% density" in md  # the targets table
     assert main(["--out", str(tmp_path), "--smoke", "--parts", "gemm,nope"]) == 2
+

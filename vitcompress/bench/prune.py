@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,16")
     args = parser.parse_args(argv)
     if args.artifact is None and (args.memory or not args.no_accuracy):
-        parser.error("ARTIFACT is required for the accuracy table and --memory")
+        print("error: ARTIFACT is required for the accuracy table and --memory", file=sys.stderr)
+        return 2
     if args.speed:
         speed(args.out, [int(b) for b in args.batch_sizes.split(",")])
     if args.memory:

@@ -122,7 +122,8 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
     base = create_model(arch)
     rows, skipped = [], {}
     formats = dict(SPEED)
-    if BenchConfig().resolve_device().type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
+    device = BenchConfig().resolve_device()
+    if device.type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
         formats["int8 W8A8 (per-token, torch._int_mm)"] = {**SPEED["int8 W8A8 (per-token)"], "backend": "torch"}
     for name, spec in formats.items():
         q = copy.deepcopy(base)
@@ -137,7 +138,7 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
             rows.append({"format": name, "batch": bs, **r, "throughput": round(1000 * bs / r["ms"], 1),
                          "size_mb": round(serialized_size_mb(q), 1)})
             print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
-    res = {"arch": arch, **run_context(BenchConfig().resolve_device()), "repeat": repeat,
+    res = {"arch": arch, **run_context(device), "repeat": repeat,
            "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows, "skipped": skipped}
     atomic_write_json(out / "speed_deploy_vs_bf16.json", res)
     lines = [f"# Deployed quantization vs bf16 + SDPA: {arch}", "",
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_only:
         return 0
     if args.artifact is None:
-        parser.error("ARTIFACT is required unless --speed-only")
+        print("error: ARTIFACT is required unless --speed-only", file=sys.stderr)
+        return 2
 
     from ..data import load_data
     from ..methods import QuantConfig
