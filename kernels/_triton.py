@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -82,3 +82,57 @@ def autotune_configs(configs: list[dict[str, int]], num_warps: int = 4, num_stag
         out.append(triton.Config(meta, num_warps=c.get("num_warps", num_warps),
                                  num_stages=c.get("num_stages", num_stages)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- launch limits
+INDEX_LIMIT = 2**31 - 1
+"""Kernels compute element offsets in int32 (program ids and integer arguments that fit are i32, and so are their
+products), so one launch must address fewer elements than this in every tensor. Wrappers split bigger inputs
+along their rows (GEMMs) or batch (attention) into launches that fit, keeping the fast int32 arithmetic."""
+GRID_Y_LIMIT = 65535  # CUDA's limit on the second and third grid dimensions
+
+
+def span(t: torch.Tensor, skip: int | None = None) -> int:
+    """Elements from t's first to its last addressed element, inclusive (optionally ignoring dimension ``skip``)."""
+    return 1 + sum((size - 1) * abs(stride) for i, (size, stride) in enumerate(zip(t.shape, t.stride()))
+                   if i != skip and size > 0)
+
+
+def per_launch(*tensors: torch.Tensor, dim: int = 0, cap: int | None = None) -> int:
+    """How many items along ``dim`` (shared by all ``tensors``) one launch may take so that each tensor's int32
+    element offsets stay below :data:`INDEX_LIMIT` (and at most ``cap``). Raises ValueError when not even one fits."""
+    best = cap if cap is not None else INDEX_LIMIT
+    for t in tensors:
+        rest = span(t, skip=dim)
+        if rest > INDEX_LIMIT:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} addresses {rest} elements per item along dim {dim}; "
+                             f"the Triton kernels index in int32 (at most {INDEX_LIMIT})")
+        if t.stride(dim) != 0:
+            best = min(best, (INDEX_LIMIT - rest) // abs(t.stride(dim)) + 1)
+    return max(1, best)
+
+
+def check_fits(t: torch.Tensor, what: str) -> None:
+    """ValueError unless a tensor that is not split (a weight) fits int32 offsets."""
+    if span(t) > INDEX_LIMIT:
+        raise ValueError(f"{what} of shape {tuple(t.shape)} spans more than {INDEX_LIMIT} elements: too large "
+                         "for the Triton kernels' int32 offsets")
+
+
+def _reach(t: torch.Tensor) -> int:
+    """Elements from t's first element to the end of its storage: an O(1) upper bound on :func:`span`."""
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+def chunks(*tensors: torch.Tensor | None, cap: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """The tensors (None passes through), split along their shared dim 0 into launches whose int32 offsets fit
+    (:func:`per_launch`), at most ``cap`` items each. Yields the tensors themselves when one launch does."""
+    given = [t for t in tensors if t is not None]
+    total = given[0].shape[0]
+    if (cap is None or total <= cap) and all(_reach(t) <= INDEX_LIMIT for t in given):  # the usual case, O(1)
+        yield tensors
+        return
+    per = per_launch(*given, cap=cap)
+    for start in range(0, total, per):
+        rows = slice(start, min(start + per, total))
+        yield tuple(None if t is None else t[rows] for t in tensors)

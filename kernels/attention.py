@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._triton import autotune_configs, builder, runs_kernel
+from ._triton import GRID_Y_LIMIT, autotune_configs, builder, chunks, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -149,24 +149,37 @@ def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale
     b, h, n, d = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # views of qkv's output are fine
     out = q.new_empty(b, n, h, d).transpose(1, 2)  # SDPA's layout: merging the heads afterwards is free
-    d_pad = max(16, triton.next_power_of_2(d))
-    bias = key_bias.float().contiguous() if key_bias is not None else out
-    lens = seq_lens.to(torch.int32).contiguous() if seq_lens is not None else out
-    common = (q, k, v, bias, lens)
+    bias = key_bias.float().contiguous() if key_bias is not None else None
+    lens = seq_lens.to(torch.int32).contiguous() if seq_lens is not None else None
+    bm = None
+    if block_mask is not None:
+        nb = triton.cdiv(n, block_size)
+        bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)  # broadcast dims keep stride 0
+    kernel = dense if bm is None else sparse
+    for qc, kc, vc, bc, lc, mc, oc in chunks(q, k, v, bias, lens, bm, out, cap=GRID_Y_LIMIT // h):  # batch chunks
+        _launch(qc, kc, vc, bc, lc, mc, oc, scale, kernel, block_size)
+    return out
+
+
+def _launch(q, k, v, bias, lens, bm, out, scale, kernel, block_size):
+    """One launch over q's batch: grid (query blocks, batch x heads)."""
+    import triton
+
+    b, h, n, d = q.shape
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-               bias.stride(0) if key_bias is not None else 0)
-    flags = dict(HAS_BIAS=key_bias is not None, HAS_LENS=seq_lens is not None, D=d, D_PAD=d_pad)
-    if block_mask is None:
+               bias.stride(0) if bias is not None else 0)
+    flags = dict(HAS_BIAS=bias is not None, HAS_LENS=lens is not None, D=d,
+                 D_PAD=max(16, triton.next_power_of_2(d)))
+    common = (q, k, v, bias if bias is not None else out, lens if lens is not None else out)
+    if bm is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-        dense[grid](*common, out, out, scale * LOG2E, h, n, 1, *strides, 0, 0, 0, 0, HAS_BLOCKS=False, NK_PAD=1,
-                    **flags)
-        return out
-    nb = triton.cdiv(n, block_size)
-    bm = block_mask.to(torch.uint8).expand(b, h, nb, nb)  # broadcast dims keep stride 0
-    sparse[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, nb, *strides, *bm.stride(), HAS_BLOCKS=True,
+        kernel[grid](*common, out, out, scale * LOG2E, h, n, 1, *strides, 0, 0, 0, 0, HAS_BLOCKS=False, NK_PAD=1,
+                     **flags)
+        return
+    nb = bm.shape[-1]
+    kernel[(nb, b * h)](*common, bm, out, scale * LOG2E, h, n, nb, *strides, *bm.stride(), HAS_BLOCKS=True,
                         NK_PAD=max(2, triton.next_power_of_2(nb)), BLOCK_M=block_size, BLOCK_N=block_size, **flags)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- wrapper

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._triton import autotune_configs, builder, runs_kernel
+from ._triton import autotune_configs, builder, check_fits, chunks, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -91,9 +91,12 @@ def _bsr_triton(x, crow, col, values, bias, n):
     b = values.shape[-1]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     values = values.to(x.dtype).contiguous()
-    grid = lambda meta: (n // b * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](x, crow, col, values, bias if bias is not None else out, out, m, n, k, x.stride(0), x.stride(1),
-                 out.stride(0), out.stride(1), HAS_BIAS=bias is not None, B=b)
+    check_fits(values, "block values")
+    for xc, oc in chunks(x, out):  # row chunks whose int32 offsets fit
+        mc = xc.shape[0]
+        grid = lambda meta, mc=mc: (n // b * triton.cdiv(mc, meta["BLOCK_M"]),)  # noqa: E731
+        kernel[grid](xc, crow, col, values, bias if bias is not None else oc, oc, mc, n, k, xc.stride(0),
+                     xc.stride(1), oc.stride(0), oc.stride(1), HAS_BIAS=bias is not None, B=b)
     return out
 
 

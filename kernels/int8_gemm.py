@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._triton import autotune_configs, builder, runs_kernel
+from ._triton import autotune_configs, builder, check_fits, chunks, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -156,16 +156,21 @@ def build_gemm(configs: list[dict[str, int]]) -> Any:
 
 
 def launch_gemm(gemm, a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, acc_type):
-    """Run an autotuned build of :func:`_gemm_kernel` (int8 here, e4m3 in :mod:`.fp8_gemm`)."""
+    """Run an autotuned build of :func:`_gemm_kernel` (int8 here, e4m3 in :mod:`.fp8_gemm`), in row chunks
+    whose int32 offsets fit (:func:`._triton.chunks`)."""
     import triton
 
     m, k = a_q.shape
     n = w_q.shape[1]
+    check_fits(w_q, "weight")
     out = torch.empty(m, n, device=a_q.device, dtype=out_dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    gemm[grid](a_q, w_q, out, a_scale.float().contiguous(), w_scale.float().contiguous(),
-               bias if bias is not None else out, m, n, k, a_q.stride(0), a_q.stride(1), w_q.stride(0),
-               w_q.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, GELU=gelu, ACC_TYPE=acc_type)
+    w_scale = w_scale.float().contiguous()
+    for a, o, sa in chunks(a_q, out, a_scale.float().contiguous()):
+        mc = a.shape[0]
+        grid = lambda meta, mc=mc: (triton.cdiv(mc, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        gemm[grid](a, w_q, o, sa, w_scale, bias if bias is not None else o, mc, n, k, a.stride(0), a.stride(1),
+                   w_q.stride(0), w_q.stride(1), o.stride(0), o.stride(1), HAS_BIAS=bias is not None, GELU=gelu,
+                   ACC_TYPE=acc_type)
     return out
 
 
@@ -177,8 +182,9 @@ def _quant_rows_triton(x, weight, bias, eps, ln):
     m, k = x.shape
     q = torch.empty(m, k, device=x.device, dtype=torch.int8)
     s = torch.empty(m, device=x.device, dtype=torch.float32)
-    quant_rows[(m,)](x, q, s, weight if ln else x, bias if ln else x, k, x.stride(0), q.stride(0), eps,
-                     LN=ln, BLOCK_K=triton.next_power_of_2(k))
+    for xc, qc, sc in chunks(x, q, s):
+        quant_rows[(xc.shape[0],)](xc, qc, sc, weight if ln else xc, bias if ln else xc, k, xc.stride(0),
+                                   qc.stride(0), eps, LN=ln, BLOCK_K=triton.next_power_of_2(k))
     return q, s
 
 

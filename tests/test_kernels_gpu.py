@@ -105,3 +105,31 @@ def test_drop_ins_under_inductor():
         eager = m(x)
         compiled = torch.compile(m, fullgraph=True)(x)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_attention_past_int32_offsets():
+    """ViT-B's packed qkv at 577 tokens spans 2^31 elements from batch 1616: the wrapper splits the launch (a
+    kernel offset would wrap otherwise). 4.6 GB of qkv; the last samples, past the split, match SDPA."""
+    g = _gen(7)
+    b, n, h, d = 1700, 577, 12, 64
+    qkv = torch.empty(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16).normal_(generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    out = attn_mod.attention(q, k, v)
+    tail = slice(b - 4, b)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[tail], k[tail], v[tail])
+    torch.testing.assert_close(out[tail].float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[:2].float(), torch.nn.functional.scaled_dot_product_attention(
+        q[:2], k[:2], v[:2]).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_gemm_past_int32_offsets():
+    """fc2's input at 577 tokens x batch 1212 (K = 3072) spans 2^31 elements: split by rows."""
+    g = _gen(8)
+    m, k, n = 577 * 1212, 3072, 768
+    a_q = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
+    w_q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g).t()
+    a_s, w_s = torch.rand(m, device="cuda", generator=g) / 100, torch.rand(n, device="cuda", generator=g) / 100
+    out = i8.int8_gemm(a_q, w_q, a_s, w_s)
+    for rows in (slice(0, 256), slice(m - 256, m)):
+        ref = i8.int8_gemm_ref(a_q[rows], w_q, a_s[rows], w_s)
+        torch.testing.assert_close(out[rows].float(), ref.float(), rtol=1e-2, atol=1e-2)
