@@ -9,7 +9,8 @@
   tiles that are True are computed. Skipped tiles are never loaded, not masked after the fact. A query row
   whose keys are all masked outputs zeros.
 
-bf16/fp16 (or fp32) inputs, fp32 accumulation (online softmax in base 2), output in q's dtype.
+bf16/fp16 (or fp32, which the GPU multiplies in TF32, Triton's default) inputs, fp32 accumulation (online softmax
+in base 2), output in q's dtype.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 (the layout of :class:`~vitcompress.methods.block_sparse_linear.BlockSparseLinear`). Each program owns a
 BLOCK_M x B output tile of one block row and loops over that row's stored blocks only, so the work is
-proportional to the density. fp32 accumulation; the output has x's dtype.
+proportional to the density. fp32 accumulation (fp32 x is multiplied in TF32 on the GPU); the output has x's dtype.
 """
 
 from __future__ import annotations

@@ -133,3 +133,15 @@ def test_int8_gemm_past_int32_offsets():
     for rows in (slice(0, 256), slice(m - 256, m)):
         ref = i8.int8_gemm_ref(a_q[rows], w_q, a_s[rows], w_s)
         torch.testing.assert_close(out[rows].float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_attention_past_the_grid_y_limit():
+    """batch x heads > 65,535 (CUDA's grid y limit): 6000 merged 50-token sequences of ViT-B, split by batch."""
+    g = _gen(9)
+    b, n, h, d = 6000, 50, 12, 64
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    bias = torch.rand(b, n, device="cuda", generator=g).log1p()
+    out = attn_mod.attention(q, k, v, key_bias=bias)
+    for rows in (slice(0, 4), slice(b - 4, b)):
+        ref = attn_mod.attention_ref(q[rows], k[rows], v[rows], key_bias=bias[rows])
+        torch.testing.assert_close(out[rows].float(), ref.float(), rtol=2e-2, atol=2e-2)
