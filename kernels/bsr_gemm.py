@@ -38,9 +38,13 @@ def bsr_gemm_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3},
-           {"BLOCK_M": 128, "num_warps": 4, "num_stages": 5}, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4},
-           {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 4}]
+# x's tile address depends on a loaded column index, and for such a chain Triton's pipeliner keeps only
+# 1 + (num_stages - 1) // 2 tile buffers (results/kernels/codegen_sm90.md): stages 3 / 5 / 7 give 2 / 3 / 4 deep
+CONFIGS = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 7},
+           {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 128, "num_warps": 4, "num_stages": 5},
+           {"BLOCK_M": 128, "num_warps": 4, "num_stages": 7}, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 5},
+           {"BLOCK_M": 128, "num_warps": 8, "num_stages": 7}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3},
+           {"BLOCK_M": 256, "num_warps": 8, "num_stages": 5}, {"BLOCK_M": 256, "num_warps": 8, "num_stages": 7}]
 INTERPRET_CONFIG = {"BLOCK_M": 32}
 
 

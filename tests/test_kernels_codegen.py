@@ -2,7 +2,8 @@
 
 What this proves without a device: each autotune config fits in a block's shared memory, the GEMMs and attention
 lower to Hopper's warpgroup MMA (``wgmma``, not the Ampere path; for 8-bit operands that needs the column-major
-weights Int8Linear stores), and each kernel's first config does not spill registers. Speed is only measured on
+weights Int8Linear stores), each kernel's first config does not spill registers, and the loads are software
+pipelined (tile buffers in shared memory). Speed is only measured on
 the GPU (``python -m vitcompress.bench.kernels``). The compiler runs in a child process: the test session sets
 TRITON_INTERPRET, under which Triton can only interpret.
 """
@@ -28,6 +29,9 @@ def test_every_config_compiles_for_sm90(tmp_path):
     assert {r["mma"] for r in rows if "quantize" not in r["kernel"]} == {"wgmma"}, rows
     firsts = [next(r for r in rows if r["kernel"] == k) for k in kernels]
     assert all(r["spill_bytes"] == 0 for r in firsts), firsts
+    # software pipelining: every tiled kernel keeps loads in flight; bsr_gemm's index-dependent loads reach 4 deep
+    assert all(r["tile_buffers"] >= 2 for r in rows if "quantize" not in r["kernel"]), rows
+    assert max(r["tile_buffers"] for r in rows if r["kernel"].startswith("bsr_gemm")) >= 4, rows
     md = (tmp_path / "codegen_sm90.md").read_text()
     assert "sm_90a" in md and "| bsr_gemm, 64-blocks | BLOCK_M=64" in md and "none of it is a speed figure" in md
 

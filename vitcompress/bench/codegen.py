@@ -140,7 +140,15 @@ def inspect(spec: Spec, config: dict[str, int]) -> dict[str, Any]:
     regs, spill = ptxas_usage(ptx)
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
     return {"kernel": spec.name, "config": config, "mma": mma, "smem_bytes": int(k.metadata.shared),
-            "fits_smem": int(k.metadata.shared) <= SMEM_LIMIT, "registers": regs, "spill_bytes": spill}
+            "fits_smem": int(k.metadata.shared) <= SMEM_LIMIT, "registers": regs, "spill_bytes": spill,
+            "tile_buffers": tile_buffers(k.asm["ttgir"])}
+
+
+def tile_buffers(ttgir: str) -> int:
+    """How many copies of a 2-D tile the software pipeliner keeps in shared memory (the leading dimension of the
+    multi-buffered allocations in the TTGIR): loads in flight while a tile is multiplied. 1 = not pipelined."""
+    depths = [int(d) for d in re.findall(r"local_alloc\b[^\n]*?memdesc<(\d+)x\d+x\d+x", ttgir)]
+    return max(depths, default=1)
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -149,11 +157,11 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['device']}. Compiler output only: nothing here was run, and none of it is a speed figure. ViT-B "
              f"shapes: GEMMs M = {M}, K = {K}, N = {N} (int8 / e4m3 weights column-major); attention {HEADS} heads x "
              f"{TOKENS} tokens x {HEAD_DIM}. The GPU's own Triton may differ.", "",
-             "| kernel | config | tensor cores | shared memory KiB | fits | registers | spill bytes |",
-             "|---|---|---|---:|---|---:|---:|"]
+             "| kernel | config | tensor cores | tile buffers | shared memory KiB | fits | registers | spill bytes |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
     for r in res["rows"]:
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "default"
-        lines.append(f"| {r['kernel']} | {cfg} | {r['mma']} | {r['smem_bytes'] / 1024:.0f} | "
+        lines.append(f"| {r['kernel']} | {cfg} | {r['mma']} | {r['tile_buffers']} | {r['smem_bytes'] / 1024:.0f} | "
                      f"{'yes' if r['fits_smem'] else '**no**'} | {r['registers']} | {r['spill_bytes']} |")
     spills: dict[str, int] = {}
     for r in res["rows"]:
@@ -161,7 +169,11 @@ def markdown(res: dict[str, Any]) -> str:
             spills[r["kernel"]] = spills.get(r["kernel"], 0) + 1
     listed = "; ".join(f"{k} ({n} of its configs)" for k, n in spills.items()) or "none"
     lines += ["", f"Configs that spill: {listed}. The autotuner times every config on the GPU, so one that spills "
-              "is only picked if it is still the fastest."]
+              "is only picked if it is still the fastest.", "",
+              "Tile buffers: the copies of each operand tile the software pipeliner keeps in shared memory (loads in "
+              "flight while one tile is multiplied). In bsr_gemm, x's tile address depends on a loaded column index, "
+              "and for such a chain the pipeliner keeps 1 + (num_stages - 1) // 2 buffers, so its configs use "
+              "num_stages 3, 5 and 7 for 2, 3 and 4 buffers."]
     return "\n".join(lines) + "\n"
 
 
