@@ -18,6 +18,7 @@ from torch import nn
 from vitcompress.methods.block_sparse_linear import BlockSparseLinear
 from vitcompress.methods.int8_linear import Int8Linear
 
+from ._triton import wants
 from .attention import attention
 
 __all__ = ["BlockSparseLinear", "FusedAttention", "Int8Linear", "use_fused_attention_"]
@@ -57,7 +58,7 @@ class FusedAttention(nn.Module):
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        backend = self.backend if self.backend != "auto" else ("triton" if x.is_cuda else "torch")
+        backend = "triton" if wants(self.backend, x) else "torch"
         if backend == "torch" and key_bias is None and seq_lens is None and self.block_mask is None:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)  # fused, no masks
         else:
