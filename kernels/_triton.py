@@ -98,17 +98,17 @@ def span(t: torch.Tensor, skip: int | None = None) -> int:
                    if i != skip and size > 0)
 
 
-def per_launch(*tensors: torch.Tensor, dim: int = 0, cap: int | None = None) -> int:
-    """How many items along ``dim`` (shared by all ``tensors``) one launch may take so that each tensor's int32
+def per_launch(*tensors: torch.Tensor, cap: int | None = None) -> int:
+    """How many items along dim 0 (shared by all ``tensors``) one launch may take so that each tensor's int32
     element offsets stay below :data:`INDEX_LIMIT` (and at most ``cap``). Raises ValueError when not even one fits."""
     best = cap if cap is not None else INDEX_LIMIT
     for t in tensors:
-        rest = span(t, skip=dim)
+        rest = span(t, skip=0)
         if rest > INDEX_LIMIT:
-            raise ValueError(f"a tensor of shape {tuple(t.shape)} addresses {rest} elements per item along dim {dim}; "
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} addresses {rest} elements per item along dim 0; "
                              f"the Triton kernels index in int32 (at most {INDEX_LIMIT})")
-        if t.stride(dim) != 0:
-            best = min(best, (INDEX_LIMIT - rest) // abs(t.stride(dim)) + 1)
+        if t.stride(0) != 0:
+            best = min(best, (INDEX_LIMIT - rest) // abs(t.stride(0)) + 1)
     return max(1, best)
 
 
