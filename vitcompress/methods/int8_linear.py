@@ -79,28 +79,26 @@ class Int8Linear(ScaledLinear):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         from ..kernels._triton import wants
+        from ..kernels.int8_gemm import int8_gemm, quantize_per_token
 
-        if wants(self.backend, x):
-            from ..kernels.int8_gemm import int8_gemm, quantize_per_token
-
-            x2 = x.reshape(-1, shape[-1])
-            if self.per_token:
-                q, s = quantize_per_token(x2, backend="triton")
-            else:
-                s = self.a_scale.expand(x2.shape[0]).contiguous()
-                q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
-            out = int8_gemm(q, self.w_int8.t(), s, self.w_scale, self.bias, out_dtype=x.dtype, backend="triton")
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        kernel = wants(self.backend, x)
+        if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference
+            q, s = quantize_per_token(x2, backend="triton" if kernel else "torch")
+        else:
+            s = self.a_scale.expand(x2.shape[0])
+            q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
+        if kernel:
+            out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, self.bias, out_dtype=x.dtype,
+                            backend="triton")
             return out.reshape(*shape[:-1], self.out_features)
-        x2 = x.reshape(-1, shape[-1]).float()
-        s = (x2.abs().amax(1, keepdim=True).clamp_min(ops.EPS) / QMAX) if self.per_token else self.a_scale
-        q = torch.round(x2 / s).clamp(-QMAX, QMAX).to(torch.int8)
         m = q.shape[0]
         if q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16
             q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
         acc = torch._int_mm(q, self.w_int8.t())[:m]
-        out = acc.float() * (s * self.w_scale)
+        out = acc.float() * (s[:, None] * self.w_scale)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
