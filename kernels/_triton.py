@@ -18,6 +18,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether a kernel must widen its bf16 ``tl.dot`` operands to fp32: only in Triton's interpreter, which stores
+    bf16 as uint16 and multiplies the bit patterns (triton-lang/triton#11584, "not supported yet"). The widened
+    dot is what the GPU computes: a product of two bf16 values is exact in fp32, and both accumulate in fp32."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing, as a constant
 def available() -> bool:
     """Whether triton imports (probed once)."""

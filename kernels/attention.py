@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._triton import GRID_Y_LIMIT, autotune_configs, builder, chunks, runs_kernel
+from ._triton import GRID_Y_LIMIT, autotune_configs, builder, chunks, dot_in_fp32, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -68,7 +68,8 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
                 s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
                 s_kbb, s_bmb, s_bmh, s_bmq, s_bmk,
-                HAS_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_BLOCKS: tl.constexpr, NK_PAD: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
+                NK_PAD: tl.constexpr,
                 D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """BLOCK_M queries of one (batch, head): online softmax over the key blocks that are run.
 
@@ -83,6 +84,8 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
     dmask = rd < D
     q = tl.load(Q + b * s_qb + h * s_qh + rm[:, None] * s_qn + rd[None, :],
                 mask=(rm[:, None] < N) & dmask[None, :], other=0.0)
+    if DOT_F32:  # only in the interpreter, for bf16 (see _triton.dot_in_fp32)
+        q = q.to(tl.float32)
     n_valid = N
     if HAS_LENS:
         n_valid = tl.load(SL + b).to(tl.int32)
@@ -106,6 +109,8 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
         rn = start + tl.arange(0, BLOCK_N)
         kt = tl.load(K + b * s_kb + h * s_kh + rn[None, :] * s_kn + rd[:, None],
                      mask=(rn[None, :] < N) & dmask[:, None], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
         if HAS_BIAS:  # the bias and the key mask as one [BLOCK_N] vector, so the tile costs one FMA
             kb = tl.load(KB + b * s_kbb + rn, mask=rn < N, other=0.0).to(tl.float32) * 1.4426950408889634
             kb = tl.where(rn < n_valid, kb, float("-inf"))
@@ -118,7 +123,10 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
         alpha = tl.math.exp2(m_i - m_safe)
         vt = tl.load(V + b * s_vb + h * s_vh + rn[:, None] * s_vn + rd[None, :],
                      mask=(rn[:, None] < N) & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        if DOT_F32:  # P is rounded to the inputs' dtype first, as on the GPU
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -170,7 +178,7 @@ def _launch(q, k, v, bias, lens, bm, out, scale, kernel, block_size):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                bias.stride(0) if bias is not None else 0)
-    flags = dict(HAS_BIAS=bias is not None, HAS_LENS=lens is not None, D=d,
+    flags = dict(HAS_BIAS=bias is not None, HAS_LENS=lens is not None, DOT_F32=dot_in_fp32(q.dtype), D=d,
                  D_PAD=max(16, triton.next_power_of_2(d)))
     common = (q, k, v, bias if bias is not None else out, lens if lens is not None else out)
     if bm is None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._triton import autotune_configs, builder, check_fits, chunks, runs_kernel
+from ._triton import autotune_configs, builder, check_fits, chunks, dot_in_fp32, runs_kernel
 
 tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
 
@@ -50,7 +50,7 @@ INTERPRET_CONFIG = {"BLOCK_M": 32}
 
 # ---------------------------------------------------------------------------------------------- kernel
 def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_xk, s_om, s_on,
-                HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr):
     """A BLOCK_M x B output tile of one block row: loops over that row's stored blocks only.
 
     Block rows vary fastest in the launch order, so the programs running at once share one BLOCK_M x K tile of x
@@ -66,8 +66,10 @@ def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_
         kb = tl.load(col_ptr + j)
         kk = kb * B + rb
         a = tl.load(x_ptr + (rm % M)[:, None] * s_xm + kk[None, :] * s_xk)  # edge rows wrap; store drops them
-        w = tl.load(v_ptr + j * B * B + rb[:, None] * B + rb[None, :])  # [out, in] of this block
-        acc += tl.dot(a, tl.trans(w).to(a.dtype))
+        w = tl.trans(tl.load(v_ptr + j * B * B + rb[:, None] * B + rb[None, :]))  # [in, out] of this block
+        if DOT_F32:  # only in the interpreter, for bf16 (see _triton.dot_in_fp32)
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(a, w)
     rn = row * B + rb
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
@@ -100,7 +102,8 @@ def _bsr_triton(x, crow, col, values, bias, n):
         mc = xc.shape[0]
         grid = lambda meta, mc=mc: (n // b * triton.cdiv(mc, meta["BLOCK_M"]),)  # noqa: E731
         kernel[grid](xc, crow, col, values, bias if bias is not None else oc, oc, mc, n, k, xc.stride(0),
-                     xc.stride(1), oc.stride(0), oc.stride(1), HAS_BIAS=bias is not None, B=b)
+                     xc.stride(1), oc.stride(0), oc.stride(1), HAS_BIAS=bias is not None,
+                     DOT_F32=dot_in_fp32(x.dtype), B=b)
     return out
 
 

@@ -48,18 +48,22 @@ class PlainBlock(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
 
 
-def test_drop_ins_work_in_a_plain_pytorch_block():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_drop_ins_work_in_a_plain_pytorch_block(autocast):
+    """fp32, and bf16 autocast (the setup users run: every kernel then sees bf16 activations); tolerance 1e-3 and
+    1e-2 (bf16 rounds to 8 bits) between the Triton kernels and their torch references."""
     torch.manual_seed(0)
     blk = PlainBlock()
     x, bias = torch.randn(1, 197, 64), torch.rand(1, 197).log1p()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         dense = blk(x, bias)
         blk.fc1 = Int8Linear.from_linear(blk.fc1, backend="torch")
         blk.fc2 = BlockSparseLinear.from_linear(blk.fc2, block_sparsity=0.5, block_size=16, backend="torch")
         torch_out = blk(x, bias)
         blk.fc1.backend = blk.fc2.backend = blk.backend = "triton"
         triton_out = blk(x, bias)
-    torch.testing.assert_close(triton_out, torch_out, rtol=1e-3, atol=1e-3)
+    tol = 1e-2 if autocast else 1e-3
+    torch.testing.assert_close(triton_out, torch_out, rtol=tol, atol=tol)
     assert (torch_out - dense).abs().mean() < 0.2 * dense.abs().mean()  # compressed, still the same function
 
 

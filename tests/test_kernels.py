@@ -1,7 +1,7 @@
 """Triton kernels against their torch references, on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 Odd shapes throughout: 197 and 577 tokens, batch 1, K not a multiple of the block, head_dim not a power
-of 2. Quantizer codes and scales must match exactly; GEMMs meet an SQNR floor; attention is within the
+of 2; fp32, bf16 and fp16 activations. Quantizer codes and scales must match exactly; GEMMs meet an SQNR floor; attention is within the
 stated tolerance. GPU runs of the same checks are marked ``gpu``.
 """
 
@@ -25,21 +25,26 @@ def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-30)))
 
 
+HALF = [torch.bfloat16, torch.float16]  # activations as autocast gives them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
 @pytest.mark.parametrize("m, k", [(197, 64), (577, 96), (1, 40), (3, 130)])
-def test_quantize_per_token_codes_and_scales_are_exact(m, k):
+def test_quantize_per_token_codes_and_scales_are_exact(m, k, dtype):
     g = torch.Generator().manual_seed(m + k)
-    x = (torch.randn(m, k, generator=g) * 3).to(_dev())
+    x = (torch.randn(m, k, generator=g) * 3).to(_dev(), dtype)
     x[0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]) * x[0].abs().max() / 127 * 2  # exact ties on the grid
     q, s = i8.quantize_per_token(x, backend="triton")
     q_ref, s_ref = i8.quantize_per_token_ref(x)
     assert q.dtype == torch.int8 and torch.equal(s.cpu(), s_ref.cpu()) and torch.equal(q.cpu(), q_ref.cpu())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
 @pytest.mark.parametrize("m, k", [(197, 64), (1, 40)])
-def test_layernorm_quantize_matches_reference(m, k):
+def test_layernorm_quantize_matches_reference(m, k, dtype):
     g = torch.Generator().manual_seed(k)
-    x = torch.randn(m, k, generator=g).to(_dev()) * 2 + 1
-    w, b = torch.randn(k, generator=g).to(_dev()), torch.randn(k, generator=g).to(_dev())
+    x = (torch.randn(m, k, generator=g) * 2 + 1).to(_dev(), dtype)
+    w, b = (torch.randn(k, generator=g).to(_dev(), dtype) for _ in range(2))
     q, s = i8.layernorm_quantize(x, w, b, backend="triton")
     q_ref, s_ref = i8.layernorm_quantize_ref(x, w, b)
     torch.testing.assert_close(s.cpu(), s_ref.cpu(), rtol=1e-5, atol=0)  # LayerNorm reductions differ in order
@@ -91,7 +96,7 @@ def test_quantized_gemm_matches_reference_and_sqnr(kind, m, k, n, gelu):
         torch.testing.assert_close(gemm(*rowmajor, backend="triton").float(), out.float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m, b", [(197, 16), (1, 32), (577, 16)])
+@pytest.mark.parametrize("m, b", [(197, 16), (1, 32), (577, 16), (197, 64), (1, 128)])
 def test_bsr_gemm_matches_dense(m, b):
     g = torch.Generator().manual_seed(m + b)
     n, k = 4 * b, 3 * b
@@ -107,6 +112,47 @@ def test_bsr_gemm_matches_dense(m, b):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ref, x @ w.t() + bias, rtol=1e-4, atol=1e-4)
     assert torch.allclose(out.cpu()[:, :b], bias[:b].expand(m, b))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m, b", [(197, 64), (577, 128)])
+def test_bsr_gemm_half_inputs(m, b, dtype):
+    """bf16 / fp16 activations and blocks (the 64- and 128-blocks of ViT pruning): fp32 accumulation, output in
+    x's dtype; within one rounding of the reference (fp32 math from the same inputs): rtol 2e-2, atol 5e-2."""
+    g = torch.Generator().manual_seed(b)
+    n, k = 3 * b, 2 * b
+    mask = torch.rand(n // b, k // b, generator=g) < 0.5
+    mask[0], mask[1, 0] = False, True
+    w = torch.randn(n, k, generator=g) * mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    bsr = w.to_sparse_bsr((b, b))
+    x, bias = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    dev = _dev()
+    crow, col, vals = (t.to(dev) for t in (bsr.crow_indices(), bsr.col_indices(), bsr.values().to(dtype)))
+    out = bsr_mod.bsr_gemm(x.to(dev), crow, col, vals, bias.to(dev), n, backend="triton")
+    ref = bsr_mod.bsr_gemm_ref(x, *(t.cpu() for t in (crow, col, vals)), bias, n)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention_half_inputs_at_577_tokens(dtype):
+    """ViT-B/16 at 384 px (577 tokens, head_dim 64), batch 1, a key bias: dense, then 64-block sparse with a length.
+    bf16 / fp16 inputs with fp32 accumulation; tolerance 2e-2 (P is rounded to the inputs' dtype, as in flash
+    attention) against the fp32-math reference on the same inputs."""
+    g = torch.Generator().manual_seed(577)
+    h, n, d, bs = 2, 577, 64, 64
+    q, k, v = (torch.randn(1, h, n, d, generator=g).to(dtype) for _ in range(3))
+    key_bias = torch.rand(1, n, generator=g).log1p()
+    nb = (n + bs - 1) // bs
+    block_mask = torch.rand(1, h, nb, nb, generator=g) < 0.5
+    block_mask[..., 0] = True
+    dev = _dev()
+    for extra in ({}, {"seq_lens": torch.tensor([n - 100]), "block_mask": block_mask, "block_size": bs}):
+        out = attn_mod.attention(*(t.to(dev) for t in (q, k, v, key_bias)), backend="triton",
+                                 **{key: t if isinstance(t, int) else t.to(dev) for key, t in extra.items()})
+        ref = attn_mod.attention_ref(q.float(), k.float(), v.float(), key_bias, **extra)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.cpu().float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("bsz, n, d", [(1, 197, 32), (2, 65, 40)])

@@ -57,14 +57,14 @@ def specs() -> list[Spec]:
     out.append(Spec("bsr_gemm, 64-blocks", "bsr_gemm", "_bsr_kernel",
                     {"x_ptr": "*bf16", "crow_ptr": "*i64", "col_ptr": "*i64", "v_ptr": "*bf16", "b_ptr": "*bf16",
                      "o_ptr": "*bf16"}, dict(M=M, N=N, K=K, s_xm=K, s_xk=1, s_om=N, s_on=1), (),
-                    dict(HAS_BIAS=True, B=64), bsr_gemm.CONFIGS))
+                    dict(HAS_BIAS=True, DOT_F32=False, B=64), bsr_gemm.CONFIGS))
     n, d, h = TOKENS, HEAD_DIM, HEADS
     c = h * d  # q, k, v are views of qkv's [B, N, 3, H, D] output; the output is [B, N, H, D] memory
     qkv = dict(b=n * 3 * c, h=d, n=3 * c)
     strides = {**{f"s_{t}{a}": v for t in "qkv" for a, v in qkv.items()}, "s_ob": n * c, "s_oh": d, "s_on": c,
                "s_kbb": n}
     attn_ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KB": "*fp32", "Out": "*bf16"}
-    flags = dict(HAS_BIAS=True, D=d, D_PAD=d)
+    flags = dict(HAS_BIAS=True, DOT_F32=False, D=d, D_PAD=d)
     nb = -(-n // 64)
     out.append(Spec("attention + key bias, 577 tokens", "attention", "_fwd_kernel",
                     {**attn_ptrs, "SL": "*bf16", "BM": "*bf16"},
