@@ -1,8 +1,8 @@
 """Triton kernels against their torch references, on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 Odd shapes throughout: 197 and 577 tokens, batch 1, K not a multiple of the block, head_dim not a power
-of 2; fp32, bf16 and fp16 activations. Quantizer codes and scales must match exactly; GEMMs meet an SQNR floor; attention is within the
-stated tolerance. GPU runs of the same checks are marked ``gpu``.
+of 2; fp32, bf16 and fp16 activations. Quantizer codes and scales must match exactly; GEMMs meet an SQNR floor;
+attention is within the stated tolerance. GPU runs of the same checks are marked ``gpu``.
 """
 
 import pytest
@@ -74,18 +74,19 @@ GEMMS = {"int8": (i8.int8_gemm, i8.int8_gemm_ref, _int8_operands, 30),  # SQNR f
 @pytest.mark.parametrize("kind", list(GEMMS))
 @pytest.mark.parametrize("m, k, n", [(197, 64, 48), (1, 40, 80), (577, 96, 32)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_quantized_gemm_matches_reference_and_sqnr(kind, m, k, n, gelu):
+@pytest.mark.parametrize("out_dtype", HALF)
+def test_quantized_gemm_matches_reference_and_sqnr(kind, m, k, n, gelu, out_dtype):
     gemm, gemm_ref, operands, floor = GEMMS[kind]
     g = torch.Generator().manual_seed(m * n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    bias = torch.randn(n, generator=g)
+    bias = torch.randn(n, generator=g).to(out_dtype)  # the layer's bias, in the model's dtype
     dev = _dev()
-    args = (*(t.to(dev) for t in operands(x, w)), bias.to(dev), gelu, torch.bfloat16)
+    args = (*(t.to(dev) for t in operands(x, w)), bias.to(dev), gelu, out_dtype)
     out = gemm(*args, backend="triton")
     ref = gemm_ref(*args)
-    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert out.dtype == out_dtype and out.shape == (m, n)
     torch.testing.assert_close(out.cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
-    exact = x @ w.t() + bias
+    exact = x @ w.t() + bias.float()
     exact = torch.nn.functional.gelu(exact) if gelu else exact
     assert _sqnr_db(exact, out.cpu()) > floor
     if kind == "fp8" and not gelu and k % 16 == 0 and n % 16 == 0 and f8.scaled_mm_rowwise(str(dev)):
