@@ -128,7 +128,8 @@ def test_merge_then_eval_against_the_base(tmp_path, cli, trained_artifact):
                      tmp_path / "e.json")
     assert rc == 0, err
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["reference"]["source"] == str(trained_artifact.resolve()) and result["agreement"] is not None
+    assert result["reference"]["source"] == str(trained_artifact.resolve())
+    assert result["agreement"] >= 80  # bf16 autocast through the fused kernel (100 here; 0 when bf16 was wrong)
 
     rc, _, err = cli("merge", trained_artifact, "--out", tmp_path / "lowres", "--img-size", "24")
     assert rc == 0, err
