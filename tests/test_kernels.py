@@ -5,12 +5,16 @@ of 2; fp32, bf16 and fp16 activations. Quantizer codes and scales must match exa
 attention is within the stated tolerance. GPU runs of the same checks are marked ``gpu``.
 """
 
+import json
+
 import pytest
 import torch
 from vitcompress.kernels import attention as attn_mod
 from vitcompress.kernels import bsr_gemm as bsr_mod
 from vitcompress.kernels import fp8_gemm as f8
 from vitcompress.kernels import int8_gemm as i8
+
+from vitcompress.bench import kernels as kb
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")
@@ -251,5 +255,20 @@ def test_kernel_benchmark_script_runs(tmp_path):
     md = (tmp_path / "kernels.md").read_text()
     assert "not speed figures" in md and "bsr gemm (ours)" in md and "ours + key bias" in md
     assert "int8 GEMM vs bf16 matmul" in md and "bsr GEMM 16-blocks at 25% density" in md  # the targets table
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    kinds = {"gemm": lambda c: "fp8" if "fp8" in c else "int8", "bsr": lambda c: "bsr",
+             "attention": lambda c: "attention"}
+    for part, kind in kinds.items():  # every kernel's output on the timed inputs is checked against the exact one
+        for row in res[part]:
+            assert row["sqnr_db"] and all(v >= kb.SQNR_FLOOR_DB[kind(c)] for c, v in row["sqnr_db"].items())
     assert main(["--out", str(tmp_path), "--smoke", "--parts", "gemm,nope"]) == 2
+
+
+def test_kernel_benchmark_targets_need_accuracy_too():
+    """A target is met only when the kernel is both fast enough and accurate: a fast, wrong kernel fails."""
+    ms = {"bf16 matmul": 2.0, kb.INT8: 1.0, "torch._int_mm (no dequant)": 0.5}
+    row = {"shape": "ViT-B fc1", "M": 50432, "ms": ms, "sqnr_db": {kb.INT8: 41.0}}
+    assert [t["met"] for t in kb.targets({"gemm": [row]})] == [True, False]  # 2x bf16 matmul; 0.5x _int_mm
+    row["sqnr_db"][kb.INT8] = 12.0
+    assert [t["met"] for t in kb.targets({"gemm": [row]})] == [False, False]
 
