@@ -82,7 +82,7 @@ def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: 
             w_q = torch.round(w.float() / w_s[:, None]).clamp(-127, 127).to(torch.int8).t()  # [K,N] column-major
             bias = torch.randn(n, device=device, dtype=torch.bfloat16)
             exact = torch.addmm(bias.float(), x.float(), wt.float())
-            acc = {"int8 gemm (ours, fused epilogue)": sqnr_db(exact, int8_gemm(a_q, w_q, a_s, w_s, bias)),
+            acc = {INT8: sqnr_db(exact, int8_gemm(a_q, w_q, a_s, w_s, bias)),
                    "int8 quantize + gemm (ours)": sqnr_db(exact, _quant_gemm(x, w_q, w_s, bias))}
             t = {"bf16 matmul": _time(lambda: x @ wt, device, repeat),
                  "int8 gemm (ours, fused epilogue)": _time(lambda: int8_gemm(a_q, w_q, a_s, w_s, bias), device,
