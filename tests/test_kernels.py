@@ -24,11 +24,6 @@ def _dev():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.float(), out.float()
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-30)))
-
-
 HALF = [torch.bfloat16, torch.float16]  # activations as autocast gives them
 
 
@@ -92,7 +87,7 @@ def test_quantized_gemm_matches_reference_and_sqnr(kind, m, k, n, gelu, out_dtyp
     torch.testing.assert_close(out.cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
     exact = x @ w.t() + bias.float()
     exact = torch.nn.functional.gelu(exact) if gelu else exact
-    assert _sqnr_db(exact, out.cpu()) > floor
+    assert kb.sqnr_db(exact, out.cpu()) > floor
     if kind == "fp8" and not gelu and k % 16 == 0 and n % 16 == 0 and f8.scaled_mm_rowwise(str(dev)):
         # torch._scaled_mm (row-wise scales: CUDA >= 8.9, or the CPU on torch >= 2.12) computes the same product
         torch.testing.assert_close(f8.scaled_mm(*args[:5]).cpu().float(), ref.cpu().float(), rtol=1e-2, atol=1e-2)
