@@ -85,8 +85,7 @@ def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: 
             acc = {INT8: sqnr_db(exact, int8_gemm(a_q, w_q, a_s, w_s, bias)),
                    "int8 quantize + gemm (ours)": sqnr_db(exact, _quant_gemm(x, w_q, w_s, bias))}
             t = {"bf16 matmul": _time(lambda: x @ wt, device, repeat),
-                 "int8 gemm (ours, fused epilogue)": _time(lambda: int8_gemm(a_q, w_q, a_s, w_s, bias), device,
-                                                           repeat),
+                 INT8: _time(lambda: int8_gemm(a_q, w_q, a_s, w_s, bias), device, repeat),
                  "int8 quantize + gemm (ours)": _time(lambda: _quant_gemm(x, w_q, w_s, bias), device, repeat)}
             if device.type == "cuda":
                 t["torch._int_mm (no dequant)"] = _time(lambda: torch._int_mm(a_q, w_q), device, repeat)
@@ -132,7 +131,7 @@ def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: d
                 x = torch.randn(tokens * r, k, device=device, dtype=torch.bfloat16)
                 acc = {BSR: sqnr_db(x.float() @ wb.float().t(), bsr_gemm(x, crow, col, vals, None, n))}
                 t = {"dense bf16": _time(lambda: x @ wb.t(), device, repeat),
-                     "bsr gemm (ours)": _time(lambda: bsr_gemm(x, crow, col, vals, None, n), device, repeat)}
+                     BSR: _time(lambda: bsr_gemm(x, crow, col, vals, None, n), device, repeat)}
                 try:  # fewer repeats: torch's BSR kernels can be orders of magnitude slower
                     tb = torch.sparse_bsr_tensor(crow, col, vals, (n, k))
                     t["torch BSR"] = _time(lambda: (tb @ x.t()).t(), device, min(repeat, 10))
@@ -167,7 +166,7 @@ def attention_rows(device: torch.device, tokens: int, batches: tuple[int, ...], 
                  "SDPA + float mask (bias)": _time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                                    device, repeat),
                  "ours (no bias)": _time(lambda: attention(q, k, v), device, repeat),
-                 "ours + key bias": _time(lambda: attention(q, k, v, key_bias=bias), device, repeat),
+                 BIAS: _time(lambda: attention(q, k, v, key_bias=bias), device, repeat),
                  "ours dense (all blocks on)": _time(lambda: attention(q, k, v, block_mask=torch.ones_like(blocks),
                                                                       block_size=block), device, repeat),
                  SPARSE: _time(lambda: attention(q, k, v, block_mask=blocks, block_size=block), device, repeat)}
