@@ -1,17 +1,41 @@
-"""Lazy Triton access shared by the kernel files: nothing imports triton until a kernel is first built.
+"""Triton access shared by the kernel files, and the one predicate that decides whether a kernel runs.
 
-``TRITON_INTERPRET=1`` (read by triton when a kernel is built) runs every kernel on the CPU through
+Triton is optional: where it does not import, ``triton`` and ``tl`` are None and every wrapper runs its torch
+reference. ``TRITON_INTERPRET=1`` (read by triton when a kernel is built) runs every kernel on the CPU through
 Triton's interpreter, which is how the tests check them without a GPU.
+
+:class:`Backend` is the one kernel-preference enum (``vitcompress`` re-exports it): ``auto`` runs a kernel where it
+can (CUDA tensors with triton installed), ``torch`` never, ``triton`` always (an error without triton). ``bnb``
+(bitsandbytes) applies to quantized layers only. :func:`runs_kernel` is the one predicate.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+try:  # optional: the torch references run without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA torch wheels on Linux
+    triton = tl = None
+
+
+class Backend(str, enum.Enum):
+    """Where a kernel-backed op runs. A str-Enum: ``Backend.AUTO == "auto"``."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+    BNB = "bnb"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def interpreting() -> bool:
@@ -31,36 +55,24 @@ def available() -> bool:
     return _probe()
 
 
-@functools.cache
 def _probe() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when a Triton kernel can run on these tensors: CUDA tensors, or any tensor when interpreting."""
-    return available() and (interpreting() or all(t.is_cuda for t in tensors))
+    return triton is not None
 
 
 def runs_kernel(backend: str, *tensors: torch.Tensor) -> bool:
-    """Whether a kernel wrapper (``int8_gemm(..., backend=)`` etc.) runs Triton rather than its torch reference:
-    always unless ``torch``; for ``auto`` only where :func:`usable` (CUDA tensors, or the interpreter)."""
-    return backend != "torch" and (backend != "auto" or usable(*tensors))
-
-
-def wants(backend: str, x: torch.Tensor) -> bool:
-    """Whether a drop-in module with ``backend`` runs its Triton kernel on ``x``: always for ``triton`` (an
-    error without triton), on CUDA tensors with triton installed for ``auto``, never for ``torch``."""
-    if backend == "torch":
+    """Whether an op (``int8_gemm(..., backend=)`` etc.) or a drop-in layer runs its Triton kernel on ``tensors``
+    rather than its torch reference: never for ``torch`` (or ``bnb``, not ours); always for ``triton`` (an error
+    without triton; on CPU tensors only under ``TRITON_INTERPRET=1``); for ``auto`` only on CUDA tensors with
+    triton installed. The one such predicate in vitcompress."""
+    if backend in (Backend.TORCH, Backend.BNB):
         return False
-    if backend == "triton":
+    if backend == Backend.TRITON:
         if not available():
             raise RuntimeError("backend 'triton' needs triton installed (or use backend='torch')")
         return True
-    return x.is_cuda and usable(x)
+    if backend != Backend.AUTO:
+        raise ValueError(f"backend must be one of {', '.join(b.value for b in Backend)}, got '{backend}'")
+    return available() and all(t.is_cuda for t in tensors)
 
 
 def builder(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -81,8 +93,6 @@ def builder(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 def autotune_configs(configs: list[dict[str, int]], num_warps: int = 4, num_stages: int = 3) -> list[Any]:
     """``triton.Config`` list; the interpreter gets only the first (autotuning there is pointless)."""
-    import triton
-
     out = []
     for c in configs[:1] if interpreting() else configs:
         meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}

@@ -16,13 +16,11 @@ in base 2), output in q's dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
-from ._triton import GRID_Y_LIMIT, autotune_configs, builder, chunks, dot_in_fp32, runs_kernel
-
-tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+from ._triton import GRID_Y_LIMIT, autotune_configs, builder, chunks, dot_in_fp32, interpreting, runs_kernel, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -137,13 +135,6 @@ def _fwd_kernel(Q, K, V, KB, SL, BM, Out, qk_scale, H, N, NK,
 
 @builder
 def _kernels():
-    global tl
-    import triton
-    import triton.language
-
-    from ._triton import interpreting
-
-    tl = triton.language
     fwd = triton.jit(_fwd_kernel)
     key = ["N", "D", "HAS_BIAS", "HAS_LENS"]
     dense = triton.autotune(configs=autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS), key=key)
@@ -152,8 +143,6 @@ def _kernels():
 
 
 def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
-    import triton
-
     dense, sparse = _kernels()
     b, h, n, d = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # views of qkv's output are fine
@@ -172,8 +161,6 @@ def _attention_triton(q, k, v, key_bias, seq_lens, block_mask, block_size, scale
 
 def _launch(q, k, v, bias, lens, bm, out, scale, kernel, block_size):
     """One launch over q's batch: grid (query blocks, batch x heads)."""
-    import triton
-
     b, h, n, d = q.shape
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -203,6 +190,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 def _(q, k, v, key_bias, seq_lens, block_mask, block_size, scale):
     b, h, n, d = q.shape
     return q.new_empty(b, n, h, d).transpose(1, 2)  # the kernel's output layout, whatever q's strides
+
+
+@register_flop_formula(torch.ops.vitcompress.attention)
+def _attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """The dense work of q [B,H,N,D] attending to k, v (as SDPA counts it; skipped blocks are not discounted)."""
+    return sdpa_flop_count(q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,

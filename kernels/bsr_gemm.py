@@ -9,14 +9,11 @@ proportional to the density. fp32 accumulation (fp32 x is multiplied in TF32 on 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
-from ._triton import autotune_configs, builder, check_fits, chunks, dot_in_fp32, runs_kernel
-
-tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+from ._triton import autotune_configs, builder, check_fits, chunks, dot_in_fp32, interpreting, runs_kernel, tl, triton
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -79,19 +76,10 @@ def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_
 
 @builder
 def _kernel():
-    global tl
-    import triton
-    import triton.language
-
-    from ._triton import interpreting
-
-    tl = triton.language
     configs = autotune_configs([INTERPRET_CONFIG] if interpreting() else CONFIGS)
     return triton.autotune(configs=configs, key=["M", "N", "K", "B"])(triton.jit(_bsr_kernel))
 
 def _bsr_triton(x, crow, col, values, bias, n):
-    import triton
-
     kernel = _kernel()
     m, k = x.shape
     b = values.shape[-1]
@@ -117,6 +105,12 @@ def _bsr_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torc
 @_bsr_op.register_fake
 def _(x, crow, col, values, bias, n):
     return x.new_empty(x.shape[0], n)
+
+
+@register_flop_formula(torch.ops.vitcompress.bsr_gemm)
+def _bsr_gemm_flops(x, crow, col, values, *args, out_shape=None, **kwargs) -> int:
+    """x [M,K] times the stored blocks only (values [nnz, B, B]): 2 M nnz B^2."""
+    return 2 * x[0] * values[0] * values[1] * values[2]
 
 
 def bsr_gemm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,

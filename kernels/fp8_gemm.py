@@ -17,9 +17,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
-from . import int8_gemm as _i8
-from ._triton import builder, runs_kernel
+from ._triton import builder, runs_kernel, tl
+from .int8_gemm import build_gemm, launch_gemm
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -69,7 +70,8 @@ def scaled_mm_rowwise(device: str) -> bool:
 def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M,K] -> (e4m3 [M,K], scale fp32 [M] = absmax / 448); round to nearest even, saturating."""
     x = x.float()
-    scale = x.abs().amax(1).clamp_min(EPS) / FP8_MAX
+    amax = x.abs().amax(1).clamp_min(EPS)
+    scale = amax / torch.full_like(amax, FP8_MAX)  # IEEE division on CUDA too (see quantize_per_token_ref)
     return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -85,28 +87,30 @@ GEMM_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 5},
 ]
-INTERPRET_CONFIG = _i8.INTERPRET_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------- kernel
 @builder
 def _kernel():
-    _i8._kernels()  # binds triton.language for the shared tile kernel
-    return _i8.build_gemm(GEMM_CONFIGS)
+    return build_gemm(GEMM_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------- wrappers
 @torch.library.custom_op("vitcompress::fp8_gemm", mutates_args=())
 def _fp8_gemm_op(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    import triton.language as tl
-
-    return _i8.launch_gemm(_kernel(), a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, tl.float32)
+    return launch_gemm(_kernel(), a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, tl.float32)
 
 
 @_fp8_gemm_op.register_fake
 def _(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
     return a_q.new_empty(a_q.shape[0], w_q.shape[1], dtype=out_dtype)
+
+
+@register_flop_formula(torch.ops.vitcompress.fp8_gemm)
+def _fp8_gemm_flops(a_q, w_q, *args, out_shape=None, **kwargs) -> int:
+    """a_q [M,K] x w_q [K,N]: 2 M K N."""
+    return 2 * a_q[0] * a_q[1] * w_q[1]
 
 
 def fp8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
-from ._triton import autotune_configs, builder, check_fits, chunks, runs_kernel
-
-tl: Any = None  # triton.language, bound when the kernels are first built (triton is imported lazily)
+from ._triton import autotune_configs, builder, check_fits, chunks, interpreting, runs_kernel, tl, triton
 
 EPS = 1e-8
 QMAX = 127
@@ -44,7 +43,10 @@ def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M,K] -> (codes int8 [M,K], scale fp32 [M]); symmetric, round half to even."""
     x = x.float()
-    scale = x.abs().amax(1).clamp_min(EPS) / QMAX
+    amax = x.abs().amax(1).clamp_min(EPS)
+    # A tensor divisor, not a Python scalar: CUDA torch turns `t / scalar` into `t * (1 / scalar)`, which is 1 ulp
+    # off the kernel's IEEE division (tl.div_rn) for some rows. On the CPU both forms give the same bits.
+    scale = amax / torch.full_like(amax, QMAX)
     return torch.round(x / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 
@@ -136,20 +138,11 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, K, s_xm, s_qm, eps, LN
 
 @builder
 def _kernels():
-    global tl
-    import triton
-    import triton.language
-
-    tl = triton.language
     return build_gemm(GEMM_CONFIGS), triton.jit(_quant_rows_kernel)
 
 
 def build_gemm(configs: list[dict[str, int]]) -> Any:
     """Autotuned :func:`_gemm_kernel` (EVEN_K derived from each config's BLOCK_K)."""
-    import triton
-
-    from ._triton import interpreting
-
     even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     tuned = autotune_configs([INTERPRET_CONFIG] if interpreting() else configs)
     return triton.autotune(configs=tuned, key=["M", "N", "K"])(even_k(triton.jit(_gemm_kernel)))
@@ -158,8 +151,6 @@ def build_gemm(configs: list[dict[str, int]]) -> Any:
 def launch_gemm(gemm, a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, acc_type):
     """Run an autotuned build of :func:`_gemm_kernel` (int8 here, e4m3 in :mod:`.fp8_gemm`), in row chunks
     whose int32 offsets fit (:func:`._triton.chunks`)."""
-    import triton
-
     m, k = a_q.shape
     n = w_q.shape[1]
     check_fits(w_q, "weight")
@@ -175,8 +166,6 @@ def launch_gemm(gemm, a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype, acc_typ
 
 
 def _quant_rows_triton(x, weight, bias, eps, ln):
-    import triton
-
     _, quant_rows = _kernels()
     x = x.contiguous()
     m, k = x.shape
@@ -198,6 +187,12 @@ def _int8_gemm_op(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w
 @_int8_gemm_op.register_fake
 def _(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype):
     return a_q.new_empty(a_q.shape[0], w_q.shape[1], dtype=out_dtype)
+
+
+@register_flop_formula(torch.ops.vitcompress.int8_gemm)
+def _int8_gemm_flops(a_q, w_q, *args, out_shape=None, **kwargs) -> int:
+    """a_q [M,K] x w_q [K,N]: 2 M K N (the epilogue is not counted)."""
+    return 2 * a_q[0] * a_q[1] * w_q[1]
 
 
 @torch.library.custom_op("vitcompress::quantize_rows", mutates_args=())

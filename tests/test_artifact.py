@@ -8,9 +8,10 @@ from torch import nn
 
 import vitcompress
 from vitcompress import compress_, create_model, load_artifact, model_info, register_transform, save_artifact
-from vitcompress.artifact import MANIFEST, WEIGHTS, load_base
+from vitcompress.artifact import MANIFEST, WEIGHTS
 from vitcompress.config import Config, StrEnum
 from vitcompress.errors import CheckpointError, ConfigError
+from vitcompress.pipeline import load_base
 
 
 class Where(StrEnum):

@@ -131,7 +131,7 @@ def test_merge_then_eval_against_the_base(tmp_path, cli, trained_artifact):
     assert result["reference"]["source"] == str(trained_artifact.resolve())
     assert result["agreement"] >= 80  # bf16 autocast through the fused kernel (100 here; 0 when bf16 was wrong)
 
-    rc, _, err = cli("merge", trained_artifact, "--out", tmp_path / "lowres", "--img-size", "24")
+    rc, _, err = cli("merge", trained_artifact, "--out", tmp_path / "lowres", "--resolution", "24")
     assert rc == 0, err
     rc, _, err = cli("eval", tmp_path / "lowres", "--data", "digits", "--limit", "40", "--no-speed", "--json",
                      tmp_path / "l.json")
@@ -143,11 +143,11 @@ def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
     out = ["--out", tmp_path / "x"]
     for args, pattern in [
         (["--r", "99"], "cannot remove 99 tokens in layer 0"),
-        ([], "give one of --r"),
+        ([], "give exactly one of"),
         (["--r", "2", "--keep-rate", "0.5"], "give exactly one of"),
         (["--keep-rate", "0.5"], "is for method evit"),
         (["--target-flops", "0.01"], "out of reach"),
-        (["--img-size", "30"], "multiple of the patch size"),
+        (["--resolution", "30"], "multiple of the patch size"),
         (["--r", "2", "--attention", "cuda"], "attention must be one of: auto, torch, triton"),
     ]:
         rc, _, err = cli("merge", trained_artifact, *out, *args)

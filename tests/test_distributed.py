@@ -9,7 +9,7 @@ import yaml
 
 from vitcompress import compress_, create_model, save_artifact
 from vitcompress.distributed import batch_indices, reassemble
-from vitcompress.methods import TokenMergeConfig
+from vitcompress.transforms import TokenMergeConfig
 
 
 def _torchrun(*args, cwd):

@@ -7,9 +7,9 @@ import torch
 from conftest import TINY
 from torch import nn
 from vitcompress.kernels.attention import attention
-from vitcompress.kernels.modules import BlockSparseLinear, FusedAttention, Int8Linear, use_fused_attention_
 
 from vitcompress import create_model
+from vitcompress.dropins import BlockSparseLinear, FusedAttention, Int8Linear, use_fused_attention_
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")
@@ -79,7 +79,7 @@ def test_quantize_deploy_runs_on_the_triton_int8_gemm():
     import copy
 
     from vitcompress import compress_
-    from vitcompress.methods import QuantConfig
+    from vitcompress.transforms import QuantConfig
 
     torch.manual_seed(0)
     m = create_model("vit_tiny_patch16_224", **TINY)

@@ -14,7 +14,7 @@ from vitcompress.kernels import bsr_gemm as bsr_mod
 from vitcompress.kernels import fp8_gemm as f8
 from vitcompress.kernels import int8_gemm as i8
 
-from vitcompress.bench import kernels as kb
+from benchmarks import kernels as kb
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")
@@ -229,7 +229,7 @@ def test_custom_ops_have_fake_implementations():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_kernel_benchmark_script_runs(tmp_path):
-    from vitcompress.bench.kernels import main
+    from benchmarks.kernels import main
 
     assert main(["--out", str(tmp_path / "a"), "--smoke", "--parts", "gemm"]) == 0
     assert main(["--out", str(tmp_path / "b"), "--smoke", "--parts", "bsr,attention"]) == 0

@@ -4,7 +4,7 @@ What this proves without a device: each autotune config fits in a block's shared
 lower to Hopper's warpgroup MMA (``wgmma``, not the Ampere path; for 8-bit operands that needs the column-major
 weights Int8Linear stores), each kernel's first config does not spill registers, and the loads are software
 pipelined (tile buffers in shared memory). Speed is only measured on
-the GPU (``python -m vitcompress.bench.kernels``). The compiler runs in a child process: the test session sets
+the GPU (``python -m benchmarks.kernels``). The compiler runs in a child process: the test session sets
 TRITON_INTERPRET, under which Triton can only interpret.
 """
 
@@ -21,7 +21,7 @@ pytest.importorskip("triton.backends.nvidia.compiler")
 
 def test_every_config_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "vitcompress.bench.codegen", "--out", str(tmp_path)], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "benchmarks.codegen", "--out", str(tmp_path)], env=env, check=True,
                    capture_output=True)
     rows = json.loads((tmp_path / "codegen_sm90.json").read_text())["rows"]
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
@@ -38,7 +38,7 @@ def test_every_config_compiles_for_sm90(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only where the session interprets Triton")
 def test_codegen_refuses_the_interpreter_in_one_line(tmp_path, capsys):
-    from vitcompress.bench import codegen
+    from benchmarks import codegen
 
     assert codegen.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -50,9 +50,11 @@ def test_fp8_gemm_matches_reference_and_scaled_mm():
     w8 = (w / w_s8[:, None]).to(torch.float8_e4m3fn).t()
     bias = torch.randn(3072, device="cuda", generator=g).bfloat16()
     ref = f8.fp8_gemm_ref(a8, w8, as8, w_s8, bias)
-    torch.testing.assert_close(f8.fp8_gemm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # Hopper's fp8 MMA accumulates with fewer than fp32's mantissa bits: at K = 768 (outputs up to ~100) 2 of
+    # 4.8 M outputs were 0.024 off the fp32 reference on an H200, so the absolute tolerance is 5e-2.
+    torch.testing.assert_close(f8.fp8_gemm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=5e-2)
     assert f8.scaled_mm_rowwise("cuda")
-    torch.testing.assert_close(f8.scaled_mm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(f8.scaled_mm(a8, w8, as8, w_s8, bias).float(), ref.float(), rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("b", [32, 64, 128])
@@ -90,9 +92,8 @@ def test_attention_577_tokens(heads):
 
 def test_drop_ins_under_inductor():
     """A ViT-B-sized block with all three drop-ins, compiled by inductor (the custom ops stay opaque)."""
-    from vitcompress.kernels.modules import BlockSparseLinear, Int8Linear, use_fused_attention_
-
     from vitcompress import create_model
+    from vitcompress.dropins import BlockSparseLinear, Int8Linear, use_fused_attention_
 
     torch.manual_seed(0)
     m = create_model("vit_base_patch16_224", num_classes=10).cuda().eval()

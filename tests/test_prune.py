@@ -10,11 +10,11 @@ from conftest import FAMILIES, TINY
 from vitcompress import compress_, create_model, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
-from vitcompress.methods import BlockSparseConfig, PruneConfig
-from vitcompress.methods.block_sparse_linear import BlockSparseLinear
-from vitcompress.methods.prune import keep_heads
 from vitcompress.models import data_config, model_info
-from vitcompress.recover import RecoveryConfig, distill_loss, finetune_
+from vitcompress.transforms import BlockSparseConfig, PruneConfig
+from vitcompress.transforms.prune.block_sparse_linear import BlockSparseLinear
+from vitcompress.transforms.prune.structured import keep_heads
+from vitcompress.transforms.recovery import RecoveryConfig, distill_loss, finetune_
 
 
 def _x(n=3, seed=0):
@@ -173,7 +173,7 @@ def test_prune_cli_end_to_end(cli, trained_artifact, tmp_path):
     out = tmp_path / "pruned"
     rc, stdout, err = cli("prune", trained_artifact, "--out", out, "--heads", "0.5", "--mlp", "0.5",
                           "--criterion", "taylor", "--calib-data", "digits", "--calib-size", "8",
-                          "--finetune-epochs", "1", "--data", "digits", "--distill")
+                          "--epochs", "1", "--data", "digits", "--distill", "soft")
     assert rc == 0, err
     assert "short" in stdout
     m = load_artifact(out)
@@ -186,9 +186,9 @@ def test_prune_cli_end_to_end(cli, trained_artifact, tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--heads", "1.0"], "--heads is the fraction removed"),
     (["--mlp", "0.5", "--criterion", "taylor"], "needs --calib-data"),
-    (["--block-size", "16"], "--block-size needs --block-sparsity"),
+    (["--block-size", "16"], "--block-size needs --sparsity"),
     ([], "give --heads"),
-    (["--mlp", "0.5", "--finetune-epochs", "1"], "needs --data"),
+    (["--mlp", "0.5", "--distill", "bogus"], "distill must be one of"),
 ])
 def test_prune_cli_errors_are_one_line(cli, trained_artifact, tmp_path, args, msg):
     rc, _, err = cli("prune", trained_artifact, "--out", tmp_path / "x", *args)

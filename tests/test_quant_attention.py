@@ -10,9 +10,9 @@ from conftest import FAMILIES, TINY
 from vitcompress import compress_, create_model, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
-from vitcompress.methods import QuantConfig, TokenMergeConfig
-from vitcompress.methods import quant_ops as ops
 from vitcompress.models import data_config
+from vitcompress.transforms import QuantConfig, TokenMergeConfig
+from vitcompress.transforms.quantize import ops
 
 ALL = ["qkv", "proj", "fc1", "fc2", "attn_matmul"]
 
@@ -128,7 +128,7 @@ def test_patch_embedding_is_quantized(tiny_model):
 
 
 def test_gptq_on_the_patch_embedding_uses_unfolded_patches(tiny_model):
-    from vitcompress.methods.quant_calib import _rows
+    from vitcompress.transforms.quantize.calib import _rows
 
     conv = tiny_model.patch_embed.proj
     x = _x(2)
@@ -155,7 +155,7 @@ def test_v1_config_dicts_still_load():
 
 def test_softmax_quantizer_cli(tmp_path, cli, trained_artifact):
     rc, out, err = cli("quantize", trained_artifact, "--out", tmp_path / "q", "--calib-data", "digits", "--w-bits", "4",
-                       "--a-bits", "4", "--method", "repq", "--softmax", "logsqrt2", "--layers", ",".join(ALL))
+                       "--a-bits", "4", "--reparam", "repq", "--softmax", "logsqrt2", "--layers", ",".join(ALL))
     assert rc == 0, err
     assert "accuracy-only" in out
     loaded = load_artifact(tmp_path / "q")

@@ -6,10 +6,10 @@ from vitcompress.kernels import fp8_gemm as f8
 
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
-from vitcompress.methods import QuantConfig
-from vitcompress.methods import quant_ops as ops
-from vitcompress.methods.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
 from vitcompress.models import data_config
+from vitcompress.transforms import QuantConfig
+from vitcompress.transforms.quantize import ops
+from vitcompress.transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
 
 
 def _x(n=4, seed=0):

@@ -9,9 +9,9 @@ import torch
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
-from vitcompress.methods import QuantConfig
-from vitcompress.methods import quant_ops as ops
 from vitcompress.models import data_config
+from vitcompress.transforms import QuantConfig
+from vitcompress.transforms.quantize import ops
 
 
 def _x(n=4, seed=0):
@@ -84,7 +84,7 @@ def test_artifact_reload_is_bit_exact(tmp_path, tiny_model, cfg):
 
 
 def test_calibration_changes_with_merging_active(tiny_model):
-    from vitcompress.methods import TokenMergeConfig
+    from vitcompress.transforms import TokenMergeConfig
 
     plain, merged = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     compress_(merged, TokenMergeConfig(r=4))
@@ -141,18 +141,18 @@ def test_quantize_cli_end_to_end(tmp_path, cli, trained_artifact):
     assert rc == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["agreement"] is not None
     for args, pattern in [(["--w-bits", "9"], "w_bits must be an integer from 2 to 8"),
-                          (["--a-bits", "x"], "--a-bits must be an integer"),
-                          ([], "need --calib-data"),
+                          (["--a-bits", "x"], "a_bits must be a number"),
+                          ([], "needs --calib-data"),
                           (["--calib-data", "digits", "--layers", "nothing"], "matches no module"),
-                          (["--calib-data", "digits", "--method", "repq", "--a-granularity", "per_token"],
+                          (["--calib-data", "digits", "--reparam", "repq", "--a-granularity", "per_token"],
                            "repq reparameterizes for static per-tensor activations"),
-                          (["--method", "gptq", "--a-bits", "none"], "need --calib-data")]:
+                          (["--rounding", "gptq", "--a-bits", "none"], "needs --calib-data")]:
         rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "x", *args)
         assert rc != 0 and len(err.strip().splitlines()) == 1 and pattern in err, err
 
 
 def test_int8_linear_loads_the_old_transposed_weight_key():
-    from vitcompress.methods.int8_linear import Int8Linear
+    from vitcompress.transforms.quantize.int8_linear import Int8Linear
 
     q = Int8Linear.from_linear(torch.nn.Linear(24, 10))
     old = {("w_qt" if k == "w_int8" else k): (v.t() if k == "w_int8" else v) for k, v in q.state_dict().items()}
@@ -162,7 +162,7 @@ def test_int8_linear_loads_the_old_transposed_weight_key():
 
 
 def test_int8_linear_matches_an_integer_reference():
-    from vitcompress.methods.int8_linear import Int8Linear
+    from vitcompress.transforms.quantize.int8_linear import Int8Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(24, 10)
@@ -187,7 +187,7 @@ def test_int8_linear_matches_an_integer_reference():
 @pytest.mark.parametrize("a_granularity", ["per_token", "per_tensor"])
 def test_w8a8_deploy_runs_in_int8_and_round_trips(tmp_path, tiny_model, a_granularity):
     from vitcompress.bench import count_flops
-    from vitcompress.methods.int8_linear import Int8Linear
+    from vitcompress.transforms.quantize.int8_linear import Int8Linear
 
     ref = _fwd(tiny_model, _x())
     flops = count_flops(tiny_model, (3, 32, 32))
@@ -223,14 +223,14 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(group):
 
 def test_gptq_cli(tmp_path, cli, trained_artifact):
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "g", "--calib-data", "digits",
-                     "--w-bits", "4", "--a-bits", "none", "--method", "gptq", "--calib-size", "16")
+                     "--w-bits", "4", "--a-bits", "none", "--rounding", "gptq", "--calib-size", "16")
     assert rc == 0, err
     cfg = json.loads((tmp_path / "g" / "vitcompress.json").read_text())["transforms"][0]["config"]
     assert cfg["rounding"] == "gptq" and cfg["a_bits"] is None
 
 
 def test_repq_reparam_keeps_the_float_function(tiny_model):
-    from vitcompress.methods.quantize import repq_reparam_
+    from vitcompress.transforms.quantize.calib import repq_reparam_
 
     ref = _fwd(tiny_model, _x())
     folded = repq_reparam_(tiny_model, QuantConfig(reparam="repq"), _calib(tiny_model))
@@ -240,7 +240,7 @@ def test_repq_reparam_keeps_the_float_function(tiny_model):
 
 def test_repq_makes_per_tensor_quantization_act_per_channel(tiny_model):
     """After RepQ, qkv's inputs have one range per channel mapped onto a shared per-tensor range."""
-    from vitcompress.methods.quantize import repq_reparam_
+    from vitcompress.transforms.quantize.calib import repq_reparam_
 
     repq_reparam_(tiny_model, QuantConfig(reparam="repq", a_bits=4), _calib(tiny_model))
     seen = []

@@ -9,9 +9,9 @@ from conftest import FAMILIES, TINY
 from vitcompress import compress_, create_model, load_artifact, save_artifact
 from vitcompress.bench import count_flops
 from vitcompress.errors import ConfigError
-from vitcompress.methods import ResolutionConfig, TokenMergeConfig
-from vitcompress.methods import token_ops as ops
-from vitcompress.methods.token_merge import flops_fraction, tokens_per_layer
+from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
+from vitcompress.transforms.token_merge import ops
+from vitcompress.transforms.token_merge.transform import flops_fraction, tokens_per_layer
 
 # 64 patches (32 px, patch 4) and depth 4, so that schedules have room.
 WIDE = {**TINY, "patch_size": 4, "depth": 4}
@@ -82,13 +82,82 @@ def test_decreasing_schedule_and_explicit_lists():
     assert tokens_per_layer(model) == [65, 55, 55, 52]
 
 
-def test_r_too_large_is_a_clean_error():
-    with pytest.raises(ConfigError, match="cannot remove 33 tokens in layer 0: it has 64 mergeable tokens"):
-        compress_(_model("vit"), TokenMergeConfig(r=33))
-    with pytest.raises(ConfigError, match="in layer 3: it has 22 mergeable tokens \\(at most 11"):
-        compress_(_model("vit"), TokenMergeConfig(r=14))  # patches 64 -> 50 -> 36 -> 22
+def test_tome_clamps_each_layer_and_records_the_applied_schedule():
+    # patches 64 -> 50 -> 36 -> 22: r=14 fits layers 0-2, layer 3 can merge at most 11 (the reference clamps)
+    model = _model("vit")
+    compress_(model, TokenMergeConfig(r=14))
+    state = model.vitcompress_info.transforms[-1]["state"]
+    assert state["schedule"] == [14, 14, 14, 11] and state["requested_schedule"] == [14, 14, 14, 14]
+    assert tokens_per_layer(model) == [65, 51, 37, 23]
+    big = _model("vit")
+    compress_(big, TokenMergeConfig(r=99))  # more than any layer has: every layer merges half of what is left
+    assert big.vitcompress_info.transforms[-1]["state"]["schedule"] == [32, 16, 8, 4]
+    assert _fwd(big, _x()).shape == (3, 10)
     with pytest.raises(ConfigError, match="schedule has 3 entries"):
         compress_(_model("vit"), TokenMergeConfig(schedule=[1, 1, 1]))
+    with pytest.raises(ConfigError, match="cannot remove 63 tokens in layer 0"):  # EViT still refuses
+        compress_(_model("vit"), TokenMergeConfig(method="evit", schedule=[63, 0, 0, 0]))
+
+
+def _reference_tome(metric, r, class_token):
+    """ToMe's published matching (facebookresearch/ToMe, merge.py), written out independently for the test."""
+    t = metric.shape[1]
+    r = min(r, (t - int(class_token)) // 2)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -float("inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+@pytest.mark.parametrize("n, r, cls", [(197, 8, True), (197, 16, True), (65, 40, True), (64, 12, False),
+                                       (50, 3, True)])
+def test_bipartite_matching_equals_the_reference(n, r, cls):
+    g = torch.Generator().manual_seed(n + r)
+    metric, x = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 8, generator=g)
+    ours = ops.bipartite_soft_matching(metric, r, int(cls))(x, "sum")
+    ref = _reference_tome(metric.clone(), r, cls)(x)
+    assert torch.equal(ours, ref)
+
+
+def test_evit_fuses_the_attention_weighted_sum_as_the_paper():
+    g = torch.Generator().manual_seed(0)
+    x, score = torch.randn(2, 9, 4, generator=g), torch.rand(2, 8, generator=g)
+    size = torch.ones(2, 9, 1)
+    out, out_size, _ = ops.keep_topk_fuse(x, size, score, drop=4, protected=1)  # keep 3, fuse 5
+    order = score.argsort(-1, descending=True)
+    for i in range(2):
+        keep, fuse = order[i, :3], order[i, 3:]
+        assert torch.equal(out[i, 1:4], x[i, 1 + keep])
+        torch.testing.assert_close(out[i, 4], (x[i, 1 + fuse] * score[i, fuse, None]).sum(0))  # no renormalisation
+    assert out_size[:, -1, 0].tolist() == [5.0, 5.0]
+    variant, _, _ = ops.keep_topk_fuse(x, size, score, drop=4, protected=1, normalize=True)
+    w = score[0, order[0, 3:]] / score[0, order[0, 3:]].sum()
+    torch.testing.assert_close(variant[0, 4], (x[0, 1 + order[0, 3:]] * w[:, None]).sum(0))
+
+
+def test_evit_uses_no_proportional_attention_unless_asked():
+    for method, expected in [("evit", False), ("evit_wavg", True), ("tome", True)]:
+        model = _model("vit")
+        cfg = TokenMergeConfig(method=method, **({"r": 2} if method == "tome" else {"keep_rate": 0.7}))
+        compress_(model, cfg)
+        assert model._vc_token_state.prop_attn is expected
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -157,11 +226,11 @@ def test_proportional_attention_through_the_fused_kernel(family):
     compress_(sdpa, TokenMergeConfig(r=8, prop_attn="on", attention="torch"))
     compress_(fused, TokenMergeConfig(r=8, prop_attn="on", attention="triton"))
     calls = []
-    import vitcompress.kernels.attention as kernel
+    import vitcompress.transforms.attention as glue
 
-    real = kernel.attention
+    real = glue.fused
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernel, "attention", lambda *a, **k: calls.append(k["key_bias"].shape) or real(*a, **k))
+        mp.setattr(glue, "fused", lambda *a, **k: calls.append(k["key_bias"].shape) or real(*a, **k))
         out = _fwd(fused, _x())
     assert len(calls) == WIDE["depth"] - 1  # every layer after the first merge has a size bias
     torch.testing.assert_close(out, _fwd(sdpa, _x()), rtol=1e-4, atol=1e-4)
@@ -205,7 +274,7 @@ def test_resolution_is_a_transform_that_round_trips(tmp_path):
 
 def test_target_speedup_bisects_on_measured_speed(monkeypatch):
     """The solver's logic, with the timer replaced by a deterministic 'speedup = 1 / GFLOPs fraction'."""
-    import vitcompress.bench as bench
+    import vitcompress.transforms.token_merge.transform as bench  # where the solver looks the timer up
 
     def fake_runner(model, batch, size, cfg):
         return model

@@ -2,7 +2,8 @@ import torch
 from conftest import TINY
 from vitcompress.recipes import recipe_path
 
-from vitcompress.train import TrainConfig, augment, load_recipe, lr_at, train
+from vitcompress.train import TrainConfig, load_recipe, train
+from vitcompress.training import augment, lr_at
 
 
 def test_bundled_recipe_is_a_valid_train_config():

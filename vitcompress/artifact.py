@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
 from .io import atomic_write, atomic_write_json
+from .models import model_info
 from .provenance import utc_now, versions
 
 MANIFEST = "vitcompress.json"
@@ -52,6 +54,18 @@ def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_writable(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if an artifact may be written there: a new path, an empty folder or an artifact (which
+    is replaced). Anything else is a user's file or folder, and is refused rather than overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"cannot write artifact: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
+        raise CheckpointError(f"refusing to write into {out}: it exists, is not empty and is not a vitcompress "
+                              "artifact (choose a new --out)")
+    return out
+
+
 def save_artifact(
     model: nn.Module,
     out: str | os.PathLike,
@@ -60,18 +74,12 @@ def save_artifact(
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as an artifact directory ``out`` (created if needed) and return its path."""
-    from safetensors.torch import save_file
-
-    from .models import model_info
-
     info = model_info(model)
     if metrics is not None:
         info.metrics = dict(metrics)
     if provenance:
         info.provenance.update(provenance)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"cannot write artifact: {out} exists and is not a directory")
+    out = check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
 
     tensors = weight_tensors(model)
@@ -113,14 +121,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
-    """Rebuild the exact model saved at ``path``: architecture, transforms, then weights (strict)."""
-    from safetensors.torch import load_file
-
-    from . import methods  # noqa: F401  (registers the transforms an artifact may name)
-    from .models import INFO_ATTR, ModelInfo, check_supported, load_state_dict_strict
-    from .transforms import restore_
-
+def read_weights(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the state dict of the artifact at ``path``, checked against the manifest's size and
+    SHA-256 when ``verify``. Rebuilding the model from them is :func:`vitcompress.pipeline.load_artifact`."""
     path = Path(path)
     manifest = read_manifest(path)
     wpath = path / WEIGHTS
@@ -135,21 +138,7 @@ def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> nn.Module:
         sd = load_file(str(wpath))
     except Exception as exc:
         raise CheckpointError(f"artifact {path} is corrupt: cannot read {WEIGHTS} ({type(exc).__name__})") from None
-
-    import timm
-
-    arch, kwargs = manifest["model"]["arch"], manifest["model"].get("kwargs") or {}
-    if not timm.is_model(arch):
-        raise CheckpointError(f"artifact {path} names model '{arch}', which this timm does not know")
-    model = timm.create_model(arch, pretrained=False, **kwargs)
-    check_supported(model, arch)
-    info = ModelInfo(arch=arch, kwargs=dict(kwargs), base=_absolute_base(manifest.get("base"), path),
-                     source=str(path.resolve()), provenance=dict(manifest.get("provenance") or {}),
-                     metrics=dict(manifest.get("metrics") or {}))
-    setattr(model, INFO_ATTR, info)
-    restore_(model, list(manifest.get("transforms") or []))
-    load_state_dict_strict(model, sd, f"artifact {path}")
-    return model.eval()
+    return manifest, sd
 
 
 def _relative_base(base: dict[str, Any] | None, out: Path) -> dict[str, Any] | None:
@@ -161,31 +150,7 @@ def _relative_base(base: dict[str, Any] | None, out: Path) -> dict[str, Any] | N
     return {**base, "path": os.path.relpath(target, out.resolve())}
 
 
-def _absolute_base(base: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+def absolute_base(base: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
     if not base or base.get("kind") != "artifact":
         return base
     return {**base, "path": str((path / base["path"]).resolve())}
-
-
-def load_base(model: nn.Module) -> nn.Module | None:
-    """The uncompressed model ``model`` came from, or None when it is unknown or gone.
-
-    A model with no transforms is its own base.
-    """
-    from .models import create_model, model_info
-
-    info = model_info(model)
-    if not info.transforms:
-        return model
-    base = info.base
-    if not base:
-        return None
-    if base.get("kind") == "artifact":
-        p = Path(base["path"])
-        if not is_artifact(p):
-            return None
-        if base.get("sha256") and read_manifest(p)["files"][WEIGHTS]["sha256"] != base["sha256"]:
-            return None
-        return load_artifact(p)
-    return create_model(base["arch"], pretrained=base.get("pretrained", False), checkpoint=base.get("checkpoint"),
-                        **base.get("kwargs", {}))

@@ -12,9 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
+from torch import nn
 
-from .cli_output import print_eval, print_fronts, print_table
+from . import distributed
+from .artifact import check_writable
+from .bench import BenchConfig
+from .cli_output import print_eval, print_fronts, print_records, print_table
+from .demo import run_demo
 from .errors import ConfigError, UserError
+from .evaluate import evaluate_spec
+from .io import atomic_write_json
+from .pipeline import Calibration, compress_to, create_model
+from .recipes import recipe_path
+from .report import write_report
+from .sweep import run_sweep
+from .train import load_recipe, recipe_config
+from .train import train as run_train
+from .transforms import BlockSparseConfig, PruneConfig, QuantConfig, RecoveryConfig, ResolutionConfig, TokenMergeConfig
 
 try:  # typer >= 0.20 vendors click; its exceptions derive from TyperException
     from typer import TyperException as _CliError
@@ -43,40 +58,62 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{name} must be comma-separated integers, got '{text}'") from None
 
 
-def _load_model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
-                patch_size: int | None, num_classes: int | None):
-    from .models import create_model
+def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
+           patch_size: int | None, num_classes: int | None, model_arg: list[str] | None) -> nn.Module:
+    """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
+    kwargs = _given(img_size=img_size, patch_size=patch_size, num_classes=num_classes)
+    for item in model_arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-arg takes KEY=VALUE (a timm.create_model argument), got '{item}'")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, **kwargs)
 
-    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint,
-                        **_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes))
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 ModelArg = typer.Argument(..., help="timm id (e.g. deit_small_patch16_224) or a vitcompress artifact directory.")
+OutOpt = typer.Option(..., "--out", help="Artifact directory to write (new, empty, or an artifact).")
 PretrainedOpt = typer.Option(None, "--pretrained", help="Load timm's pretrained weights (needs the hub).")
 CheckpointOpt = typer.Option(None, "--checkpoint", help="A timm state dict (.pth/.bin/.safetensors).")
 ImgSizeOpt = typer.Option(None, "--img-size", help="Input resolution override (position embeddings adapt).")
 PatchSizeOpt = typer.Option(None, "--patch-size", help="Patch size override.")
-NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override.")
+NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override (a fine-tuned N-class model).")
+ModelArgOpt = typer.Option(None, "--model-arg", help="KEY=VALUE for timm.create_model (repeatable): embed_dim=128.")
+CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
+CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.")
+
+
+def _calibration(calib_data: str | None, calib_size: int | None) -> Calibration | None:
+    return None if calib_data is None else Calibration(data=calib_data, **_given(size=calib_size))
+
+
+def _needs_calibration(stack: list[Any], calib: Calibration | None) -> None:
+    for c in stack:
+        if getattr(c, "needs_calibration", False) and calib is None:
+            raise ConfigError(f"{c.NAME} with these settings needs --calib-data (e.g. digits)")
 
 
 @app.command()
 def train(
     recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (a path, or a bundled name: digits_vit)."),
-    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    out: Path = OutOpt,
     epochs: int | None = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
     seed: int | None = typer.Option(None, "--seed", help="Override the recipe's seed."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
     limit: int | None = typer.Option(None, "--limit", help="Train on this many images."),
+    data: str | None = typer.Option(None, "--data", help="Override the recipe's training data (spec or path)."),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="Override the recipe's eval data; none to skip."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Override the recipe's dtype: auto, bf16, fp16 or fp32."),
 ) -> None:
     """Train or fine-tune a classifier from a recipe and save it as an artifact."""
-    from .recipes import recipe_path
-    from .train import TrainConfig, load_recipe
-    from .train import train as run_train
-
-    data = load_recipe(recipe_path(recipe))
-    section = data.get("train", data)
-    cfg = TrainConfig.from_dict({**section, **_given(epochs=epochs, seed=seed, device=device, limit=limit)})
-    _, metrics = run_train(cfg, out, progress=sys.stderr.isatty(), recipe=data)
+    doc = load_recipe(recipe_path(recipe))
+    cfg = recipe_config(doc, **_given(epochs=epochs, seed=seed, device=device, limit=limit, data=data, dtype=dtype,
+                                      eval_data=eval_data))
+    check_writable(out)
+    _, metrics = run_train(cfg, out, progress=sys.stderr.isatty(), recipe=doc)
     print_table("train", {"artifact": str(out), **metrics})
 
 
@@ -91,7 +128,7 @@ def eval_(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the accuracy pass."),
     bench_batch_sizes: str | None = typer.Option(
         None, "--bench-batch-sizes", help="Latency batch sizes, e.g. 1,16,64."),
-    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (autocast)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto, bf16, fp16 or fp32 (autocast)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
     compile_: bool | None = typer.Option(None, "--compile", help="Time with torch.compile."),
     repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
@@ -103,31 +140,17 @@ def eval_(
     img_size: int | None = ImgSizeOpt,
     patch_size: int | None = PatchSizeOpt,
     num_classes: int | None = NumClassesOpt,
+    model_arg: list[str] | None = ModelArgOpt,
 ) -> None:
     """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data."""
-    from .bench import BenchConfig
-    from .data import load_data
-    from .errors import check_positive
-    from .evaluate import evaluate
-    from .io import atomic_write_json
-    from .models import create_model, data_config
-
-    check_positive("batch size", batch_size)
-    check_positive("limit", limit)
     bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
-    from . import distributed
-
-    m = _load_model(model, pretrained, checkpoint, img_size, patch_size, num_classes)
-    dataset = load_data(data, data_config(m), split=split, limit=limit)
-    ref: Any = "auto"
-    if reference is not None:
-        ref = None if reference.lower() == "none" else create_model(reference)
+    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
-        result = evaluate(m, dataset, reference=ref, bench=bench, speed=not no_speed,
-                          progress=sys.stderr.isatty() and distributed.is_main(),
-                          **_given(batch_size=batch_size, workers=workers))
-        result["world_size"] = distributed.shard()[1]
+        result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench, speed=not no_speed,
+                               progress=sys.stderr.isatty() and distributed.is_main(),
+                               **_given(batch_size=batch_size, workers=workers))
         if not distributed.is_main():
             return
     if json_out is not None:
@@ -138,11 +161,11 @@ def eval_(
 @app.command()
 def merge(
     model: str = ModelArg,
-    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    out: Path = OutOpt,
     r: float | None = typer.Option(None, "--r", help="ToMe: tokens merged per layer (fractional r is spread)."),
     keep_rate: float | None = typer.Option(None, "--keep-rate", help="EViT: fraction of patch tokens kept."),
     target_flops: float | None = typer.Option(None, "--target-flops", help="Fraction of the base GFLOPs."),
-    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Measured bf16 speedup to reach."),
+    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Measured speedup to reach."),
     schedule: str | None = typer.Option(None, "--schedule", help="Tokens removed per layer, e.g. 8,8,4,0."),
     method: str | None = typer.Option(None, "--method", help="tome or evit."),
     prop_attn: str | None = typer.Option(None, "--prop-attn", help="Proportional attention: auto, on or off."),
@@ -150,172 +173,101 @@ def merge(
                                          help="Merged layers' attention kernel: auto, torch or triton."),
     inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
     layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
-    img_size: int | None = typer.Option(None, "--img-size", help="Also run at this resolution (baseline knob)."),
+    resolution: int | None = typer.Option(None, "--resolution", help="Also run at this input size (the baseline)."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
+    img_size: int | None = ImgSizeOpt,
+    patch_size: int | None = PatchSizeOpt,
+    num_classes: int | None = NumClassesOpt,
+    model_arg: list[str] | None = ModelArgOpt,
 ) -> None:
     """Token merging (ToMe) or pruning (EViT), training-free; writes an artifact."""
-    from .artifact import save_artifact
-    from .methods import ResolutionConfig, TokenMergeConfig
-    from .methods.token_merge import tokens_per_layer
-    from .transforms import compress_
-
-    strengths = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
-                       schedule=_ints(schedule, "--schedule"))
-    if not strengths and img_size is None:
-        raise ConfigError("give one of --r, --keep-rate, --target-flops, --target-speedup, --schedule or --img-size")
-    cfg = TokenMergeConfig(**strengths, **_given(method=method, prop_attn=prop_attn, attention=attention,
-                                                 inflection=inflection, layers=_ints(layers, "--layers"))) \
-        if strengths else None
-    m = _load_model(model, pretrained, checkpoint, None, None, None)
-    if img_size is not None:
-        compress_(m, ResolutionConfig(img_size=img_size))
-    if cfg is not None:
-        compress_(m, cfg)
-    save_artifact(m, out)
-    from .models import model_info
-
-    state = model_info(m).transforms[-1]["state"]
-    print_table("merge", {"artifact": str(out), "tokens per layer": tokens_per_layer(m) or state.get("tokens"),
-                           "GFLOPs fraction": state.get("flops_fraction"),
-                           "measured speedup": state.get("measured_speedup")})
+    merge_fields = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
+                          schedule=_ints(schedule, "--schedule"), method=method, prop_attn=prop_attn,
+                          attention=attention, inflection=inflection, layers=_ints(layers, "--layers"))
+    stack: list[Any] = [ResolutionConfig(img_size=resolution)] if resolution is not None else []
+    stack += [TokenMergeConfig(**merge_fields)] if merge_fields or not stack else []
+    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    print_records("merge", out, compress_to(out, m, stack))
 
 
 @app.command()
 def prune(
     model: str = ModelArg,
-    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    out: Path = OutOpt,
     heads: float | None = typer.Option(None, "--heads", help="Fraction of attention heads removed."),
     mlp: float | None = typer.Option(None, "--mlp", help="Fraction of MLP hidden channels removed."),
-    block_sparsity: float | None = typer.Option(None, "--block-sparsity", help="Fraction of weight blocks removed."),
+    sparsity: float | None = typer.Option(None, "--sparsity", help="Block sparsity: the fraction of blocks removed."),
     block_size: int | None = typer.Option(None, "--block-size", help="Block edge B (BxB tiles)."),
     criterion: str | None = typer.Option(None, "--criterion", help="magnitude, taylor or hessian."),
     scope: str | None = typer.Option(None, "--scope", help="Heads/MLP ranking: global or per_layer."),
-    calib_data: str | None = typer.Option(None, "--calib-data", help="Images for taylor/hessian (train split)."),
-    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
-    finetune_epochs: int | None = typer.Option(None, "--finetune-epochs", help="Recovery fine-tuning epochs."),
-    data: str | None = typer.Option(None, "--data", help="Fine-tuning data (its train split)."),
-    distill: bool | None = typer.Option(None, "--distill", help="Distil from the unpruned model while fine-tuning."),
-    distill_type: str | None = typer.Option(None, "--distill-type", help="soft (KL) or hard (DeiT)."),
-    attn_only: bool | None = typer.Option(None, "--attn-only", help="Fine-tune only the attention weights."),
-    lr: float | None = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
-    device: str | None = typer.Option(None, "--device", help="Fine-tuning device: auto, cpu or cuda[:N]."),
+    calib_data: str | None = CalibDataOpt,
+    calib_size: int | None = CalibSizeOpt,
+    epochs: int | None = typer.Option(None, "--epochs", help="Recovery: fine-tuning epochs after pruning."),
+    data: str | None = typer.Option(None, "--data", help="Recovery: fine-tuning data (its train split)."),
+    distill: str | None = typer.Option(None, "--distill", help="Recovery loss: soft (KL), hard (DeiT) or none."),
+    attn_only: bool | None = typer.Option(None, "--attn-only", help="Recovery: fine-tune only the attention."),
+    lr: float | None = typer.Option(None, "--lr", help="Recovery: learning rate."),
+    device: str | None = typer.Option(None, "--device", help="Recovery: auto, cpu or cuda[:N]."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
+    img_size: int | None = ImgSizeOpt,
+    patch_size: int | None = PatchSizeOpt,
+    num_classes: int | None = NumClassesOpt,
+    model_arg: list[str] | None = ModelArgOpt,
 ) -> None:
     """Structured (heads, MLP width) and block-structured pruning, with optional distillation recovery."""
-    from .artifact import save_artifact
-    from .data import load_data
-    from .methods import BlockSparseConfig, PruneConfig
-    from .models import data_config, model_info
-    from .recover import RecoveryConfig, finetune_, unpruned_teacher
-    from .transforms import compress_
-
-    configs: list[Any] = []
-    if heads is not None or mlp is not None:
-        configs.append(PruneConfig(**_given(heads=heads, mlp=mlp, criterion=criterion, scope=scope,
-                                            calib_size=calib_size)))
-    if block_sparsity is not None:
-        configs.append(BlockSparseConfig(**_given(sparsity=block_sparsity, block_size=block_size,
-                                                  criterion=criterion, calib_size=calib_size)))
-    elif block_size is not None:
-        raise ConfigError("--block-size needs --block-sparsity")
-    if not configs:
-        raise ConfigError("give --heads, --mlp and/or --block-sparsity")
-    recovery = None
-    if finetune_epochs is not None:
-        if data is None:
-            raise ConfigError("--finetune-epochs needs --data (its train split is used)")
-        recovery = RecoveryConfig(data=data, epochs=finetune_epochs,
-                                  distill=(distill_type or "soft") if distill else "none",
-                                  **_given(attn_only=attn_only, lr=lr, device=device))
-    elif distill or attn_only or data is not None:
-        raise ConfigError("--distill, --attn-only and --data apply to recovery: add --finetune-epochs N")
-    m = _load_model(model, pretrained, checkpoint, None, None, None)
-    teacher = unpruned_teacher(m) if recovery is not None and recovery.distill != "none" else None
-    for cfg in configs:
-        calib = None
-        if cfg.needs_calibration:
-            if calib_data is None:
-                raise ConfigError(f"--criterion {cfg.criterion} needs --calib-data (e.g. digits)")
-            ds = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")
-            calib = ds.loader(min(cfg.calib_size, 32))
-            model_info(m).provenance["calibration"] = ds.describe()
-        compress_(m, cfg, calib=calib)
-    rec = finetune_(m, recovery, teacher=teacher, progress=sys.stderr.isatty()) if recovery is not None else None
-    save_artifact(m, out)
-    rows: dict[str, Any] = {"artifact": str(out)}
-    for t in model_info(m).transforms[-len(configs):]:
-        rows.update({f"{t['name']} {k}": v for k, v in t["state"].items() if k != "layers"})
-    rows["recovery"] = "none" if rec is None else f"{rec['level']} ({recovery.epochs} epochs, {recovery.distill})"
-    print_table("prune", rows)
-
-
-def _bits(text: str | None, name: str) -> int | None | str:
-    if text is None:
-        return "unset"
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer from 2 to 8 or 'none', got '{text}'") from None
+    common = _given(criterion=criterion, calib_size=calib_size)
+    stack: list[Any] = [PruneConfig(**_given(heads=heads, mlp=mlp, scope=scope), **common)] \
+        if heads is not None or mlp is not None else []
+    if block_size is not None and sparsity is None:
+        raise ConfigError("--block-size needs --sparsity (the fraction of blocks removed)")
+    stack += [BlockSparseConfig(**_given(sparsity=sparsity, block_size=block_size), **common)] \
+        if sparsity is not None else []
+    if not stack:
+        raise ConfigError("give --heads, --mlp and/or --sparsity")
+    recovery = _given(epochs=epochs, data=data, distill=distill, attn_only=attn_only, lr=lr, device=device)
+    stack += [RecoveryConfig(**recovery)] if recovery else []
+    _needs_calibration(stack, calib := _calibration(calib_data, calib_size))
+    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    print_records("prune", out, compress_to(out, m, stack, calib=calib))
 
 
 @app.command()
 def quantize(
     model: str = ModelArg,
-    out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
-    calib_data: str | None = typer.Option(None, "--calib-data", help="Calibration images (train split is used)."),
+    out: Path = OutOpt,
     w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
     a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
     mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (runs low precision)."),
-    method: str | None = typer.Option(None, "--method", help="minmax, percentile, mse (observers), repq or gptq."),
+    observer: str | None = typer.Option(None, "--observer", help="Activation ranges: minmax, percentile or mse."),
+    rounding: str | None = typer.Option(None, "--rounding", help="Weight rounding: rtn or gptq."),
+    reparam: str | None = typer.Option(None, "--reparam", help="Reparameterization: none or repq (RepQ-ViT)."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
     a_granularity: str | None = typer.Option(None, "--a-granularity", help="per_tensor (static) or per_token."),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
-    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration images."),
     backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
     softmax: str | None = typer.Option(None, "--softmax", help="Softmax quantizer: uniform, log2, logsqrt2."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
+    calib_data: str | None = CalibDataOpt,
+    calib_size: int | None = CalibSizeOpt,
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
+    img_size: int | None = ImgSizeOpt,
+    patch_size: int | None = PatchSizeOpt,
+    num_classes: int | None = NumClassesOpt,
+    model_arg: list[str] | None = ModelArgOpt,
 ) -> None:
     """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb)."""
-    from .artifact import save_artifact
-    from .data import load_data
-    from .methods import QuantConfig
-    from .models import data_config, model_info
-    from .transforms import compress_
-
-    rounding = reparam = None
-    if method == "gptq":  # GPTQ weight rounding; activation ranges stay minmax
-        method, rounding = None, "gptq"
-    elif method == "repq":  # RepQ-ViT reparameterization before minmax calibration
-        method, reparam = None, "repq"
-    bits = {k: v for k, v in (("w_bits", _bits(w_bits, "--w-bits")), ("a_bits", _bits(a_bits, "--a-bits")))
-            if v != "unset"}
-    cfg = QuantConfig(**bits, **_given(mode=mode, observer=method, rounding=rounding, reparam=reparam, backend=backend,
-                                       w_granularity=w_granularity, softmax=softmax, dtype=dtype,
-                                       group_size=group_size, a_granularity=a_granularity, calib_size=calib_size,
-                                       layers=None if layers is None else layers.split(","),
-                                       exclude=None if exclude is None else exclude.split(",")))
-    m = _load_model(model, pretrained, checkpoint, None, None, None)
-    calib = None
-    if cfg.needs_calibration:
-        if calib_data is None:
-            raise ConfigError("static activation quantization and gptq need --calib-data (e.g. digits)")
-        data = load_data(calib_data, data_config(m), limit=cfg.calib_size, purpose="calib")
-        calib = data.loader(cfg.calib_size)
-        model_info(m).provenance["calibration"] = data.describe()
-    compress_(m, cfg, calib=calib)
-    save_artifact(m, out)
-    state = model_info(m).transforms[-1]["state"]
-    print_table("quantize", {"artifact": str(out), "layers": len(state["layers"]),
-                              "calibrated": state["calibrated"],
-                              "mode": f"{cfg.mode} ({'deployable' if state.get('deployable') else 'accuracy-only'})"})
+    cfg = QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, observer=observer, rounding=rounding,
+                               reparam=reparam, w_granularity=w_granularity, group_size=group_size,
+                               a_granularity=a_granularity, layers=_split(layers), exclude=_split(exclude),
+                               backend=backend, softmax=softmax, dtype=dtype, calib_size=calib_size))
+    _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
+    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))
 
 
 @app.command()
@@ -325,9 +277,6 @@ def sweep(
     no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
 ) -> None:
     """Measure compression stacks on one base model; resumable; writes the Pareto report."""
-    from . import distributed
-    from .sweep import run_sweep
-
     with distributed.session():  # under torchrun the points are split across ranks
         rank, size = distributed.world()
         run_sweep(recipe, out, progress=sys.stderr.isatty() and rank == 0, log=lambda m: typer.echo(m, err=True),
@@ -339,8 +288,6 @@ def sweep(
 @app.command()
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory.")) -> None:
     """Pareto fronts, report.md, pareto.png, points.csv and pareto.json from a sweep directory."""
-    from .report import write_report
-
     write_report(sweep_dir)
     print_fronts(sweep_dir)
 
@@ -351,8 +298,6 @@ def demo(
     recipe: str | None = typer.Option(None, "--recipe", help="Sweep recipe (default: the bundled demo)."),
 ) -> None:
     """The main job: train (or reuse) the digits baseline, sweep every method alone and stacked, report."""
-    from .demo import run_demo
-
     path = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
                     log=lambda m: typer.echo(m, err=True))
     print_fronts(path)

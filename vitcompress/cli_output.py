@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 
 def fmt(v: Any) -> str:
     """A number as a table cell: 4 significant digits, thousands separators for large values."""
@@ -17,13 +20,22 @@ def fmt(v: Any) -> str:
 
 
 def print_table(title: str, rows: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title, show_header=False)
     for k, v in rows.items():
         table.add_row(k, fmt(v) if v is not None else "—")
     Console().print(table)
+
+
+def print_records(title: str, out: Any, records: list[dict[str, Any]]) -> None:
+    """What a compress command did: each applied transform's recorded state (scalars and short lists)."""
+    rows: dict[str, Any] = {"artifact": str(out)}
+    for rec in records:
+        for k, v in (rec.get("state") or {}).items():
+            if isinstance(v, (int, float, str, bool)) or (isinstance(v, list) and len(v) <= 24
+                                                          and all(isinstance(x, (int, float)) for x in v)):
+                rows[f"{rec['name']} {k}"] = v
+    print_table(title, rows)
 
 
 def print_eval(r: dict[str, Any]) -> None:

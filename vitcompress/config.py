@@ -92,6 +92,13 @@ def _coerce(obj: Config, name: str, value: Any) -> Any:
     if value is None or hint is None:
         return value
     candidates = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if isinstance(value, str) and value.lower() == "none" and type(None) in candidates:
+        return None  # YAML and CLI spell an unset optional field "none"
+    if isinstance(value, str) and (int in candidates or float in candidates) and str not in candidates:
+        try:  # CLI strings for numeric fields ("4", "0.5")
+            return int(value) if int in candidates and value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     for cand in candidates:
         if isinstance(cand, type) and issubclass(cand, enum.Enum):
             if isinstance(value, cand):

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .bench import BenchConfig, count_flops, peak_memory_mb, serialized_size_mb, time_model
 from .bench.timing import attention_backend
-from .data import ImageData
+from .data import ImageData, load_data
 from .errors import check_positive
 from .models import data_config, model_info
+from .pipeline import load_base
 from .provenance import run_context
 from .ui import progress_bar
 
@@ -30,7 +32,6 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     Under torchrun each rank runs whole batches of the single-process partition and the results are
     gathered back into order on every rank (see :mod:`vitcompress.distributed`).
     """
-    from . import distributed
 
     check_positive("batch size", batch_size)
     cfg = cfg or BenchConfig()
@@ -77,8 +78,6 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     known (a model with no transforms is its own reference); None skips fidelity metrics.
     speed: also time the model at ``bench.batch_sizes`` and measure peak memory.
     """
-    from . import distributed
-    from .artifact import load_base
 
     bench = bench or BenchConfig()
     logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress,
@@ -133,3 +132,13 @@ def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:
 def _describe_model(model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
     return {"arch": info.arch, "source": info.source, "transforms": [t["name"] for t in info.transforms]}
+
+
+def evaluate_spec(model: nn.Module, data: str, *, split: str | None = None, limit: int | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate` on the data spec ``data`` (its eval split unless ``split``), preprocessed for ``model``;
+    ``world_size`` records how many processes shared the pass."""
+    check_positive("limit", limit)
+    result = evaluate(model, load_data(data, data_config(model), split=split, limit=limit), **kwargs)
+    result["world_size"] = distributed.shard()[1]
+    return result

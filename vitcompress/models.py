@@ -7,13 +7,19 @@ That is what lets an artifact rebuild exactly the same model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.data import resolve_model_data_config
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from .errors import CheckpointError, ModelError
@@ -55,33 +61,24 @@ def model_info(model: nn.Module) -> ModelInfo:
     return info
 
 
-def create_model(
+def build_model(
     name: str,
     *,
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a supported ViT from a timm id, or load a vitcompress artifact directory.
+    """Build a supported ViT from a timm id (artifact directories are loaded by :func:`vitcompress.create_model`).
 
     ``kwargs`` (``img_size``, ``patch_size``, ``num_classes``, ``depth``, ...) pass through to
     ``timm.create_model``; they must be JSON-serializable so the artifact can rebuild the model.
     Returns a model in eval mode on the CPU.
     """
-    from . import artifact
-
     path = Path(name)
-    if artifact.is_artifact(path):
-        if pretrained or checkpoint or kwargs:
-            raise ModelError(f"{name} is an artifact; --pretrained, --checkpoint and overrides apply to timm ids only")
-        return artifact.load_artifact(path)
     if path.is_dir():
-        raise ModelError(f"{name} is a directory but not a vitcompress artifact (no {artifact.MANIFEST})")
+        raise ModelError(f"{name} is a directory but not a vitcompress artifact (no vitcompress.json)")
     if path.suffix in CHECKPOINT_SUFFIXES and path.exists():
         raise ModelError(f"{name} is a checkpoint file: pass a timm id as MODEL and --checkpoint {name}")
-
-    import timm
-
     hub_id = name.startswith(("hf-hub:", "hf_hub:"))
     if not hub_id and (os.sep in name or name.startswith(".")) and not path.exists():
         raise ModelError(f"no such artifact directory: {name}")
@@ -115,9 +112,6 @@ def create_model(
 
 def check_supported(model: nn.Module, name: str) -> None:
     """Refuse anything but timm VisionTransformer models built from standard Block/Attention modules."""
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
     def refuse(why: str) -> ModelError:
         return ModelError(f"unsupported architecture '{name}' ({type(model).__name__}): {why}; "
                           "vitcompress supports timm VisionTransformer models (vit_*, deit_*, deit3_*)")
@@ -134,8 +128,6 @@ def check_supported(model: nn.Module, name: str) -> None:
 
 def data_config(model: nn.Module) -> dict[str, Any]:
     """timm's data config for ``model`` (size, crop, mean/std), with the size the model really takes."""
-    from timm.data import resolve_model_data_config
-
     cfg = dict(resolve_model_data_config(model))
     h, w = model.patch_embed.img_size
     cfg["input_size"] = (model.patch_embed.proj.in_channels, int(h), int(w))
@@ -158,8 +150,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd: Any = load_file(str(p))
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -177,12 +167,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a timm state dict into ``model`` strictly; remap original-format checkpoints through timm."""
     sd = read_state_dict(path)
     if set(sd) != set(model.state_dict()):
-        try:
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
+        # original-format checkpoints that timm can remap; if it cannot, the strict load names what does not match
+        with contextlib.suppress(Exception):
             sd = checkpoint_filter_fn(sd, model)
-        except Exception:
-            pass
     load_state_dict_strict(model, sd, str(path))
     return model
 

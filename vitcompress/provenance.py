@@ -6,22 +6,17 @@ import datetime as _dt
 import platform
 from typing import Any
 
+import timm
 import torch
+
+from ._version import __version__
+from .kernels._triton import triton
 
 
 def versions() -> dict[str, str | None]:
     """Versions of the packages that decide numbers: recorded next to every result."""
-    import timm
-
-    from . import __version__
-
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except Exception:
-        triton_version = None
-    return {"vitcompress": __version__, "torch": torch.__version__, "timm": timm.__version__, "triton": triton_version}
+    return {"vitcompress": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "triton": None if triton is None else triton.__version__}
 
 
 def device_name(device: torch.device) -> str:

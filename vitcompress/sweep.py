@@ -25,9 +25,22 @@ from typing import Any
 
 from torch import nn
 
+from . import distributed
+from .artifact import WEIGHTS, read_manifest
+from .bench import BenchConfig, compare, model_runner, peak_memory_mb
 from .config import Config
-from .errors import ConfigError
+from .data import load_data
+from .errors import ConfigError, UserError
+from .evaluate import accuracy_metrics, predict, static_metrics
 from .io import atomic_write_json
+from .models import data_config
+from .pipeline import Calibration, apply_stack, create_model
+from .provenance import run_context
+from .recipes import recipe_path
+from .report import write_report
+from .train import baseline, load_recipe
+from .transforms import RecoveryConfig, config_from_dict
+from .ui import progress_bar
 
 FAMILIES = {"token_merge": "token", "resolution": "token", "quantize": "quant", "prune": "prune",
             "block_sparse": "block-sparse"}
@@ -70,9 +83,7 @@ class SweepConfig(Config):
         if self.reference_batch is not None and self.reference_batch not in self.bench_config().batch_sizes:
             raise ConfigError(f"reference_batch {self.reference_batch} is not one of the bench batch sizes")
 
-    def bench_config(self):
-        from .bench import BenchConfig
-
+    def bench_config(self) -> BenchConfig:
         return BenchConfig.from_dict(self.bench)
 
     @property
@@ -99,7 +110,6 @@ class Point:
 
     @property
     def recovery(self) -> str:
-        from .recover import RecoveryConfig
 
         levels = [RecoveryConfig.from_dict(s).level for s in self.stack if s["name"] == "recovery"]
         return "full" if "full" in levels else "short" if "short" in levels else "none"
@@ -107,8 +117,6 @@ class Point:
 
 def load_sweep(path_or_dict: str | Path | dict[str, Any]) -> SweepConfig:
     """A SweepConfig from a YAML path, a bundled recipe name, or a dict (the ``sweep:`` section if present)."""
-    from .recipes import recipe_path
-    from .train import load_recipe
 
     data = path_or_dict if isinstance(path_or_dict, dict) else load_recipe(recipe_path(str(path_or_dict)))
     return SweepConfig.from_dict(data.get("sweep", data))
@@ -116,8 +124,6 @@ def load_sweep(path_or_dict: str | Path | dict[str, Any]) -> SweepConfig:
 
 def expand(cfg: SweepConfig) -> list[Point]:
     """The base, then every listed point, then every grid point; each stack validated; names unique."""
-    from .recover import RecoveryConfig
-    from .transforms import config_from_dict
 
     points = [Point("base (uncompressed)", [])]
     for i, p in enumerate(cfg.points):
@@ -144,10 +150,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
         for step in p.stack:
             if "name" not in step:
                 raise ConfigError(f"a step of point '{p.name}' has no name")
-            if step["name"] == "recovery":
-                RecoveryConfig.from_dict(step)
-            else:
-                config_from_dict(step)
+            config_from_dict(step)
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -165,44 +168,19 @@ def point_id(point: Point, cfg: SweepConfig, base_key: str) -> str:
 
 def resolve_base(cfg: SweepConfig, *, progress: bool = False, log=print) -> tuple[nn.Module, str]:
     """The base model and a key identifying it (for point ids)."""
-    from .artifact import read_manifest
-    from .models import create_model
-
     b = cfg.base
-    if "recipe" in b:
-        from .demo import baseline
-
-        path = baseline(b["recipe"], progress=progress, log=log)
-        return create_model(str(path)), f"artifact:{read_manifest(path)['files']['model.safetensors']['sha256']}"
-    if "artifact" in b:
-        model = create_model(str(b["artifact"]))
-        return model, f"artifact:{read_manifest(b['artifact'])['files']['model.safetensors']['sha256']}"
+    if "recipe" in b or "artifact" in b:
+        path = baseline(b["recipe"], progress=progress, log=log) if "recipe" in b else Path(b["artifact"])
+        return create_model(str(path)), f"artifact:{read_manifest(path)['files'][WEIGHTS]['sha256']}"
     model = create_model(b["model"], pretrained=bool(b.get("pretrained")), checkpoint=b.get("checkpoint"),
                          **(b.get("kwargs") or {}))
     return model, json.dumps(b, sort_keys=True)
 
 
-def apply_stack(model: nn.Module, stack: list[dict[str, Any]], cfg: SweepConfig, teacher: nn.Module | None,
-                *, train: bool = True) -> nn.Module:
-    """Apply ``stack`` to a copy of ``model``; ``recovery`` steps fine-tune only when ``train``."""
-    from .data import load_data
-    from .models import data_config
-    from .recover import RecoveryConfig, finetune_
-    from .transforms import compress_, config_from_dict
-
-    model = copy.deepcopy(model)
-    for step in stack:
-        if step["name"] == "recovery":
-            if train:
-                finetune_(model, RecoveryConfig.from_dict(step), teacher=teacher)
-            continue
-        c = config_from_dict(step)
-        calib = None
-        if getattr(c, "needs_calibration", False):
-            n = getattr(c, "calib_size", cfg.calib_size)
-            calib = load_data(cfg.calib_data, data_config(model), limit=n, purpose="calib").loader(min(n, 32))
-        compress_(model, c, calib=calib)
-    return model
+def build_point(model: nn.Module, stack: list[dict[str, Any]], cfg: SweepConfig, *, train: bool = True) -> nn.Module:
+    """A copy of ``model`` with ``stack`` applied (recovery distils from ``model``; skipped unless ``train``)."""
+    return apply_stack(copy.deepcopy(model), stack, calib=Calibration(cfg.calib_data, cfg.calib_size),
+                       teacher=model if train else None, train=train)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -210,13 +188,8 @@ class _Context:
     """What every point is measured against: the base's data, logits and speed runners (built once)."""
 
     def __init__(self, base: nn.Module, cfg: SweepConfig):
-        from .bench import model_runner
-        from .data import load_data
-        from .distributed import world
-        from .evaluate import predict
-        from .models import create_model, data_config
 
-        self.cfg, self.base, self.bench, self.rank = cfg, base, cfg.bench_config(), world()[0]
+        self.cfg, self.base, self.bench, self.rank = cfg, base, cfg.bench_config(), distributed.world()[0]
         dcfg = data_config(base)
         self.data = {s: load_data(s, dcfg, limit=cfg.eval_limit) for s in cfg.eval_data}
         self.base_logits = {s: predict(base, d, cfg=self.bench)[0] for s, d in self.data.items()}
@@ -226,18 +199,15 @@ class _Context:
         self.base_runs = {bs: model_runner(self.speed_base, bs, size, self.bench) for bs in self.bench.batch_sizes}
 
     def measure(self, point: Point) -> dict[str, Any]:
-        from .bench import compare, model_runner, peak_memory_mb
-        from .evaluate import accuracy_metrics, predict, static_metrics
-        from .models import data_config
 
         cfg, bench = self.cfg, self.bench
-        model = apply_stack(self.base, point.stack, cfg, self.base)
+        model = build_point(self.base, point.stack, cfg)
         out: dict[str, Any] = {"accuracy": {}}
         for spec, data in self.data.items():
             d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
             logits, labels, _ = predict(model, d, cfg=bench)
             out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
-        fast = model if cfg.speed_model is None else apply_stack(self.speed_base, point.stack, cfg, None, train=False)
+        fast = model if cfg.speed_model is None else build_point(self.speed_base, point.stack, cfg, train=False)
         out.update(static_metrics(fast))
         size = data_config(fast)["input_size"]
         out["latency_ms"], out["base_latency_ms"], out["speedup"] = {}, {}, {}
@@ -265,9 +235,6 @@ def _finished(path: Path) -> bool:
 def _run_points(ctx: _Context, todo: list[tuple[str, Point]], pdir: Path, progress: bool, log,
                 ) -> list[dict[str, Any]]:
     """Measure each point; write its record atomically as soon as it is done (failures included)."""
-    from .errors import UserError
-    from .provenance import run_context
-    from .ui import progress_bar
 
     records = []
     with progress_bar(progress, len(todo), "sweep") as tick:
@@ -298,7 +265,6 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
 
     Returns the records of the points run now.
     """
-    from . import distributed
 
     cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe)
     out = Path(out)
@@ -322,7 +288,6 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
             records = _run_points(_Context(base, cfg), todo, pdir, progress, log)
     distributed.barrier()  # under torchrun: every rank's points are on disk before the report
     if report and shard[0] == 0:
-        from .report import write_report
 
         write_report(out)
     return records

@@ -1,54 +1,32 @@
-"""``vitcompress train``: train or fine-tune a ViT classifier and save it as an artifact.
+"""``vitcompress train``: train or fine-tune a ViT classifier from a recipe and save it as an artifact.
 
-AdamW, linear warmup + cosine decay (per step), label smoothing, light batched augmentation (random
-affine on the preprocessed tensors), bf16 autocast. Offline there are no pretrained weights, so this is
-how the digits testbed (``recipes/digits_vit.yaml``) is made.
+The loop is :func:`vitcompress.training.fit`. Offline there are no pretrained weights, so this is how the
+digits and CIFAR-10 testbeds (``recipes/digits_vit.yaml``, ``recipes/cifar10_vit.yaml``) are made;
+:func:`baseline` trains a recipe once and reuses it from the cache afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from .bench import BenchConfig, Dtype
-from .config import Config
-from .errors import ConfigError, check_positive
-from .ui import progress_bar
-
-
-@dataclasses.dataclass
-class OptimConfig(Config):
-    """The optimisation settings training and recovery fine-tuning share (AdamW, warmup + cosine, bf16)."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
-    aug_rotate: float = 10.0
-    aug_scale: float = 0.1
-    aug_translate: float = 0.1
-    dtype: Dtype = Dtype.BF16
-    device: str = "auto"
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
-        check_positive("batch size", self.batch_size)
-        if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
-            raise ConfigError("lr must be > 0, min_lr and weight_decay >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+from .artifact import is_artifact, read_manifest, save_artifact
+from .bench import BenchConfig
+from .data import load_data
+from .errors import ConfigError, UserError, check_positive
+from .evaluate import accuracy_metrics, predict
+from .models import build_model, data_config
+from .recipes import recipe_path
+from .training import OptimConfig, fit
 
 
 @dataclasses.dataclass
@@ -74,8 +52,6 @@ class TrainConfig(OptimConfig):
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML into a dict (a mapping at the top level)."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p}")
@@ -88,76 +64,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def augment(x: torch.Tensor, cfg: OptimConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation/scale/translation per image, batched. x: [B,C,H,W] -> [B,C,H,W]."""
-    if not (cfg.aug_rotate or cfg.aug_scale or cfg.aug_translate):
-        return x
-    b = x.shape[0]
-    u = torch.rand(b, 4, generator=gen) * 2 - 1
-    angle = u[:, 0] * math.radians(cfg.aug_rotate)
-    scale = 1 + u[:, 1] * cfg.aug_scale
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * 2 * cfg.aug_translate], 1),
-                         torch.stack([sin, cos, u[:, 3] * 2 * cfg.aug_translate], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: torch.device, *,
-        params: list[nn.Parameter] | None = None, progress: bool = False, desc: str = "train") -> tuple[float, float]:
-    """Optimise ``loss_fn(x [B,3,H,W], y [B]) -> scalar`` over ``loader`` for ``cfg.epochs`` epochs.
-
-    AdamW on ``params`` (default: all trainable; no weight decay on biases, norms and position embeddings),
-    per-step linear warmup + cosine decay, batched augmentation, autocast. Returns (smoothed final loss, seconds).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if params is not None:
-        ids = {id(p) for p in params}
-        named = [(n, p) for n, p in named if id(p) in ids]
-    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in named if p.ndim < 2 or "pos_embed" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps = cfg.epochs * len(loader)
-    warmup = min(steps, int(cfg.warmup_epochs * len(loader)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    use_amp = cfg.dtype != Dtype.FP32
-    t0, step, loss_avg = time.perf_counter(), 0, float("nan")
-    with progress_bar(progress, steps, desc) as tick:
-        for epoch in range(cfg.epochs):
-            for x, y, _ in loader:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, steps, warmup, cfg)
-                x = augment(x, cfg, gen).to(device)
-                with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
-                    loss = loss_fn(x, y.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
-                step += 1
-                tick(description=f"{desc} epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.3f}")
-    return loss_avg, time.perf_counter() - t0
-
-
 def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
           recipe: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train per ``cfg``; save an artifact at ``out`` when given. Returns (model, metrics)."""
-    from .artifact import save_artifact
-    from .data import load_data
-    from .evaluate import accuracy_metrics, predict
-    from .models import create_model, data_config
-
     torch.manual_seed(cfg.seed)
     device = BenchConfig(device=cfg.device).resolve_device()
-    model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **cfg.model_kwargs)
+    model = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **cfg.model_kwargs)
     dcfg = data_config(model)
     data = load_data(cfg.data, dcfg, split=cfg.split, limit=cfg.limit, purpose="train")
     if not data.has_labels:
@@ -189,3 +101,35 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = F
             prov["recipe"] = recipe
         save_artifact(model, out, metrics=metrics, provenance=prov)
     return model, metrics
+
+
+def recipe_config(doc: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe (its ``train:`` section) with ``overrides`` (CLI flags) applied. A new
+    ``data`` also becomes the eval data when the recipe evaluates on its training data (its test split then)."""
+    section = doc.get("train", doc)
+    if "data" in overrides and "eval_data" not in overrides and section.get("eval_data") == section.get("data"):
+        overrides["eval_data"] = overrides["data"]
+    return TrainConfig.from_dict({**section, **overrides})
+
+
+def cache_dir() -> Path:
+    """``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``."""
+    return Path(os.environ.get("VITCOMPRESS_CACHE") or Path.home() / ".cache" / "vitcompress")
+
+
+def baseline(recipe: str = "digits_vit", *, progress: bool = False, log=print) -> Path:
+    """Path of the trained testbed artifact for ``recipe``; trains it on a cache miss."""
+    data = load_recipe(recipe_path(recipe))
+    cfg = TrainConfig.from_dict(data.get("train", data))
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / f"{Path(str(recipe)).stem}-{key}"
+    if is_artifact(out):
+        try:
+            read_manifest(out)
+            log(f"reusing trained baseline {out}")
+            return out
+        except UserError:
+            pass
+    log(f"training baseline from {recipe} -> {out}")
+    train(cfg, out, progress=progress, recipe=data)
+    return out

@@ -8,19 +8,20 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+from safetensors.torch import save
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
+from .. import kernels  # noqa: F401  (defines torch.ops.vitcompress and their FLOP formulas)
+from ..artifact import WEIGHTS_METADATA, weight_tensors
 from .timing import BenchConfig, attention_backend, model_runner
 
 
 def _register_gemms() -> None:
     """Teach the FLOP counter the ops it does not count out of the box: ``aten._int_mm`` (int8), a
-    non-decomposed ``aten.linear``, the CPU flash attention of torch < 2.12, our Triton kernels' custom ops
-    (``vitcompress::*``: block-sparse GEMM counts its stored blocks, attention its dense work), and
-    bitsandbytes' int8 and 4-bit GEMM / GEMV custom ops."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
-
-    from ..kernels import attention, bsr_gemm, fp8_gemm, int8_gemm  # noqa: F401  (defines torch.ops.vitcompress)
+    non-decomposed ``aten.linear``, the CPU flash attention of torch < 2.12 and bitsandbytes' int8 and 4-bit
+    GEMM / GEMV custom ops. Our kernels' custom ops register their formulas beside their definitions."""
 
     def rows(shape) -> int:
         return int(torch.Size(shape[:-1]).numel())
@@ -34,13 +35,6 @@ def _register_gemms() -> None:
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         add(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
             lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
-    vc = torch.ops.vitcompress
-    gemm = lambda a, w, *args, out_shape=None, **kw: 2 * a[0] * a[1] * w[1]  # noqa: E731
-    add(vc.int8_gemm, gemm)
-    add(vc.fp8_gemm, gemm)
-    add(vc.bsr_gemm, lambda x, crow, col, values, *args, out_shape=None, **kw: 2 * x[0] * values[0] * values[1]
-        * values[2])
-    add(vc.attention, lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
     bnb = getattr(torch.ops, "bitsandbytes", None)  # its ops exist once bitsandbytes is imported
     for name in ("int8_linear_matmul", "int8_scaled_mm", "int8_mixed_scaled_mm"):  # B / CB: [N, K]
         if bnb is not None and hasattr(bnb, name):
@@ -56,8 +50,6 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
     Counted in fp32 with SDPA on, so fused attention kernels are included (and int8 GEMMs).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     _register_gemms()
     device = next(model.parameters()).device
     x = torch.randn(1, *input_size, device=device)
@@ -68,10 +60,6 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
 def serialized_size_mb(model: nn.Module) -> float:
     """Bytes of the model's state dict as the artifact stores it (safetensors), in MiB."""
-    from safetensors.torch import save
-
-    from ..artifact import WEIGHTS_METADATA, weight_tensors
-
     return len(save(weight_tensors(model), metadata=WEIGHTS_METADATA)) / 2**20
 
 
@@ -110,8 +98,6 @@ def peak_alloc_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    from torch.profiler import ProfilerActivity, profile
-
     try:
         with _quiet_stderr(), contextlib.redirect_stdout(io.StringIO()), \
                 profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

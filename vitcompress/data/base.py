@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import check_positive
@@ -84,7 +85,6 @@ class MappedImages(Dataset):
 
 def build_eval_transform(data_cfg: dict[str, Any]) -> Callable:
     """timm's eval transform (resize, center crop, to tensor, normalize) for a PIL image."""
-    from timm.data import create_transform
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)

@@ -14,6 +14,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
 from .base import ImageData, TensorImages, build_eval_transform, even_subset
@@ -28,8 +32,6 @@ COPIES = 2
 @lru_cache(maxsize=1)
 def canonical() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """All 1,797 digits as uint8 [N,32,32], labels [N], and the fixed split's indices."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
@@ -43,7 +45,6 @@ def canonical() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 # ---------------------------------------------------------------------------------------------- corruptions
 # Each takes a canonical image [1,32,32] float in [0,1] and a numpy Generator; returns the same shape.
 def _affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as TF
 
     angle = float(rng.uniform(-25, 25))
     scale = float(rng.uniform(0.75, 1.1))
@@ -59,7 +60,6 @@ def _gaussian_noise(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as TF
 
     return TF.gaussian_blur(x, kernel_size=[11, 11], sigma=[float(rng.uniform(2.0, 3.0))] * 2)
 
@@ -144,7 +144,6 @@ def load_digits_data(spec: str, split: str | None, limit: int | None, data_cfg: 
 
 def preprocess_uint8(images: np.ndarray, data_cfg: dict) -> torch.Tensor:
     """Grayscale uint8 [N,h,w] -> model input [N,3,H,W] through the timm eval transform."""
-    from PIL import Image
 
     tf = build_eval_transform(data_cfg)
     return torch.stack([tf(Image.fromarray(im).convert("RGB")) for im in images])

@@ -7,6 +7,8 @@ from typing import Any
 
 from ..errors import DataError, check_positive
 from .base import ImageData
+from .digits import load_digits_data
+from .sources import load_hf_hub, load_local, load_synthetic
 
 
 def load_data(spec: str, data_cfg: dict[str, Any], *, split: str | None = None, limit: int | None = None,
@@ -27,21 +29,17 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         raise DataError("no data spec given")
     default_split = split or ("train" if purpose in ("train", "calib") else None)
     if spec in ("digits", "digits-c"):
-        from .digits import load_digits_data
 
         return load_digits_data(spec, default_split, limit, data_cfg)
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from .sources import load_synthetic
 
         return load_synthetic(spec, data_cfg, limit)
     if spec.startswith("hf:"):
-        from .sources import load_hf_hub
 
         return load_hf_hub(spec, data_cfg, split, limit, purpose)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"unknown data spec or missing path: '{spec}' "
                         "(expected digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a local directory)")
-    from .sources import load_local
 
     return load_local(path, data_cfg, split, limit, purpose)

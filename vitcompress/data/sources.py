@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .base import ImageData, MappedImages, TensorImages, build_eval_transform, even_subset
@@ -36,7 +40,7 @@ def load_local(path: Path, data_cfg: dict[str, Any], split: str | None, limit: i
     """A directory: HF ``save_to_disk`` output, parquet files, or an ImageFolder (class subfolders)."""
     if path.is_file():
         if path.suffix == ".parquet":
-            return _from_hf_dataset(_load_parquet([path]), str(path), data_cfg, split, limit, purpose)
+            return _from_parquet([path], str(path), data_cfg, split, limit, purpose)
         raise DataError(f"data path {path} is a file; expected a directory (ImageFolder or HF dataset) or .parquet")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         import datasets
@@ -48,7 +52,7 @@ def load_local(path: Path, data_cfg: dict[str, Any], split: str | None, limit: i
         return _from_hf_dataset(ds, str(path), data_cfg, split, limit, purpose)
     parquet = sorted(path.rglob("*.parquet"))
     if parquet:
-        return _from_hf_dataset(_load_parquet(parquet), str(path), data_cfg, split, limit, purpose)
+        return _from_parquet(parquet, str(path), data_cfg, split, limit, purpose)
     return _image_folder(path, data_cfg, split, limit, purpose)
 
 
@@ -88,18 +92,69 @@ def _pick_split(available: list[str], split: str | None, purpose: str, where: st
     raise DataError(f"{where} has splits {', '.join(available)}: choose one with --split")
 
 
-def _load_parquet(files: list[Path]) -> Any:
-    import datasets
-
-    by_split: dict[str, list[str]] = {}
+def _parquet_splits(files: list[Path]) -> dict[str, list[Path]]:
+    """Split name -> files, from each file's stem (``test-00000-of-00001``) or parent folder; else ``train``."""
+    by_split: dict[str, list[Path]] = {}
     for f in files:
         stem = f.stem.lower()
         split = next((s for s in ("train", *EVAL_SPLITS) if stem.startswith(s) or f.parent.name == s), "train")
-        by_split.setdefault(split, []).append(str(f))
-    try:
-        return datasets.load_dataset("parquet", data_files=by_split)
-    except Exception as exc:
-        raise DataError(f"cannot read parquet files under {files[0].parent}: {_first_line(exc)}") from None
+        by_split.setdefault(split, []).append(f)
+    return by_split
+
+
+def _from_parquet(files: list[Path], name: str, data_cfg: dict[str, Any], split: str | None, limit: int | None,
+                  purpose: str) -> ImageData:
+    """Parquet in the HF hub's image layout (``image``: struct {bytes, path} or binary; ``label``: int).
+
+    Read with pyarrow (no ``datasets`` cache); images are decoded lazily. A row that does not decode raises a
+    one-line :class:`DataError` naming the file and the row.
+    """
+
+    by_split = _parquet_splits(files)
+    split = _pick_split(sorted(by_split), split, purpose, name)
+    tables = []
+    for f in sorted(by_split[split]):
+        try:
+            tables.append((f, pq.read_table(f)))
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"cannot read parquet file {f}: {_first_line(exc)}") from None
+    cols = tables[0][1].column_names
+    image_col = next((c for c in ("image", "img") if c in cols), None)
+    if image_col is None:
+        raise DataError(f"{tables[0][0]} has no image column (columns: {', '.join(cols)})")
+    label_col = next((c for c in ("label", "labels", "fine_label") if c in cols), None)
+    rows: list[tuple[Path, int]] = []  # (file, row in file) per image
+    images: list[Any] = []
+    labels: list[int] = []
+    for f, t in tables:
+        if image_col not in t.column_names or (label_col and label_col not in t.column_names):
+            raise DataError(f"{f} does not have the columns of {tables[0][0]} ({', '.join(cols)})")
+        col = t.column(image_col).combine_chunks()
+        if pa.types.is_struct(col.type):
+            col = col.field("bytes")
+        images += col.to_pylist()
+        labels += t.column(label_col).to_pylist() if label_col else [-1] * len(t)
+        rows += [(f, i) for i in range(len(t))]
+    if not images:
+        raise DataError(f"dataset {name} (split '{split}') is empty")
+
+    def fetch(i: int) -> tuple[Any, int]:
+        f, row = rows[i]
+        try:
+            img = Image.open(io.BytesIO(images[i]))
+            img.load()
+        except (UnidentifiedImageError, OSError, TypeError, ValueError):
+            raise DataError(f"cannot decode image in {f}, row {row}") from None
+        label = labels[i]
+        if label is None:
+            raise DataError(f"missing label in {f}, row {row}")
+        return img, int(label)
+
+    has_labels = label_col is not None
+    num_classes = max(labels) + 1 if has_labels and all(lb is not None for lb in labels) else None
+    return ImageData(MappedImages(len(images), fetch, build_eval_transform(data_cfg), even_subset(len(images), limit)),
+                     name=name, split=split, has_labels=has_labels, num_classes=num_classes,
+                     provenance={"format": "parquet", "files": [str(f) for f, _ in tables]})
 
 
 def _from_hf_dataset(ds: Any, name: str, data_cfg: dict[str, Any], split: str | None, limit: int | None,
@@ -147,7 +202,6 @@ def _image_folder(path: Path, data_cfg: dict[str, Any], split: str | None, limit
         samples = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not samples:
         raise DataError(f"no images found in {path}")
-    from PIL import Image, UnidentifiedImageError
 
     def fetch(i: int) -> tuple[Any, int]:
         f, label = samples[i]

@@ -1,0 +1,244 @@
+"""Quantization, measured: ``python -m benchmarks.quant ARTIFACT --out results/quant [--speed]``.
+
+Accuracy: every variant is calibrated on 32 train-split images and compared with the float model on digits
+and digits-c, in one table with its size and, for deployable points, its latency against the bf16 + SDPA
+model (same process, alternating). Simulated points are accuracy-only: they run in floating point.
+Speed (``--speed``): every deployed format vs bf16 + SDPA on vit_base_patch16_224 (``--arch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitcompress.errors import ConfigError
+from vitcompress.io import atomic_write_json, atomic_write_text
+
+ATTN = ["qkv", "proj", "fc1", "fc2", "attn_matmul"]
+# target -> variant -> QuantConfig fields. Each target's first row is the naive baseline (minmax RTN).
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "W8A8": {
+        "minmax RTN (simulate)": {},
+        "int8 deploy, static acts": {"mode": "deploy"},
+        "int8 deploy, per-token acts": {"mode": "deploy", "a_granularity": "per_token"},
+        "fp8 e4m3 deploy, per-token acts": {"mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"},
+        "bitsandbytes LLM.int8": {"mode": "deploy", "backend": "bnb"},
+    },
+    "W6A6": {
+        "minmax RTN": {"w_bits": 6, "a_bits": 6},
+        "mse": {"w_bits": 6, "a_bits": 6, "observer": "mse"},
+        "repq": {"w_bits": 6, "a_bits": 6, "reparam": "repq"},
+        "gptq": {"w_bits": 6, "a_bits": 6, "rounding": "gptq"},
+        "gptq + mse": {"w_bits": 6, "a_bits": 6, "rounding": "gptq", "observer": "mse"},
+        "minmax RTN, per-token acts": {"w_bits": 6, "a_bits": 6, "a_granularity": "per_token"},
+        "gptq, per-token acts": {"w_bits": 6, "a_bits": 6, "rounding": "gptq", "a_granularity": "per_token"},
+    },
+    "W4A8": {
+        "minmax RTN": {"w_bits": 4, "a_bits": 8},
+        "mse": {"w_bits": 4, "a_bits": 8, "observer": "mse"},
+        "gptq": {"w_bits": 4, "a_bits": 8, "rounding": "gptq"},
+    },
+    "W3A8": {
+        "minmax RTN": {"w_bits": 3, "a_bits": 8},
+        "gptq": {"w_bits": 3, "a_bits": 8, "rounding": "gptq"},
+    },
+    "W4A4 (Linear layers)": {
+        "minmax RTN": {"w_bits": 4, "a_bits": 4},
+        "percentile": {"w_bits": 4, "a_bits": 4, "observer": "percentile"},
+        "mse": {"w_bits": 4, "a_bits": 4, "observer": "mse"},
+        "repq": {"w_bits": 4, "a_bits": 4, "reparam": "repq"},
+        "repq + gptq": {"w_bits": 4, "a_bits": 4, "reparam": "repq", "rounding": "gptq"},
+    },
+    "W4A4 (Linear + attention matmuls + softmax)": {
+        "minmax RTN, uniform softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "uniform"},
+        "minmax RTN, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2"},
+        "repq, log2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "log2", "reparam": "repq"},
+        "repq, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2",
+                                   "reparam": "repq"},
+        "repq + gptq, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2",
+                                          "reparam": "repq", "rounding": "gptq"},
+    },
+    "weight-only": {
+        "W8 per-channel deploy": {"mode": "deploy", "a_bits": None},
+        "W4 group-32 deploy (RTN)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
+                                     "group_size": 32},
+        "W4 group-32 deploy (gptq)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
+                                      "group_size": 32, "rounding": "gptq"},
+        "bitsandbytes NF4 (block 64)": {"mode": "deploy", "backend": "bnb", "w_bits": 4, "a_bits": None},
+    },
+}
+SPEED = {  # deployed formats timed on ViT-B/16 (no calibration needed: dynamic activations)
+    "int8 W8A8 (per-token)": {"mode": "deploy", "a_granularity": "per_token"},
+    "fp8 e4m3 W8A8 (per-token)": {"mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"},
+    "weight-only int8": {"mode": "deploy", "a_bits": None},
+    "weight-only int4 (group 128)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
+                                     "group_size": 128},
+    "bitsandbytes LLM.int8": {"mode": "deploy", "backend": "bnb"},
+    "bitsandbytes NF4": {"mode": "deploy", "backend": "bnb", "w_bits": 4, "a_bits": None},
+}
+
+
+def _details(c: dict[str, Any]) -> str:
+    """A row's quantizer, from its QuantConfig dict."""
+    if c["backend"] == "bnb":
+        return "bitsandbytes LLM.int8 (vector-wise int8, fp16 outlier columns)" if c["w_bits"] == 8 else \
+            f"bitsandbytes NF4, blocks of {c['group_size']}, double-quantized absmax"
+    fp8 = " e4m3" if c["dtype"] == "fp8_e4m3" else ""
+    w = f"W{c['w_bits'] or 16}{fp8} {c['w_granularity']}" + (f"/{c['group_size']}" if c["w_granularity"] ==
+                                                                "per_group" else "")
+    a = f"A{c['a_bits']}{fp8} {c['a_granularity']}" if c["a_bits"] else "A16"
+    how = "repq + " if c["reparam"] == "repq" else ""
+    how += f"gptq weights, {c['observer']} acts" if c["rounding"] == "gptq" else c["observer"]
+    extra = f", {c['softmax']} softmax" if c["softmax"] != "none" else ""
+    return f"{w}, {a}, {how}{extra}"
+
+
+def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict[str, float]:
+    """bf16 + SDPA base vs ``model`` (deployed formats run as they are), alternately in one process."""
+    from vitcompress.bench import BenchConfig, compare, model_runner
+    from vitcompress.models import data_config
+
+    size, cfg = data_config(base)["input_size"], BenchConfig()
+    r = compare(model_runner(base, batch, size, cfg), model_runner(model, batch, size, cfg),
+                device=cfg.resolve_device(), warmup=2, warmup_s=1.0, repeat=repeat)
+    return {"speedup": round(r["speedup"], 3), "bf16_ms": round(r["a_median_ms"], 2),
+            "ms": round(r["b_median_ms"], 2)}
+
+
+def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
+    """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process."""
+    from vitcompress.bench import BenchConfig
+    from vitcompress.bench.measure import serialized_size_mb
+    from vitcompress.models import create_model
+    from vitcompress.provenance import run_context
+    from vitcompress.transforms import QuantConfig
+    from vitcompress.transforms.registry import compress_
+
+    base = create_model(arch)
+    rows, skipped = [], {}
+    formats = dict(SPEED)
+    device = BenchConfig().resolve_device()
+    if device.type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
+        formats["int8 W8A8 (per-token, torch._int_mm)"] = {**SPEED["int8 W8A8 (per-token)"], "backend": "torch"}
+    for name, spec in formats.items():
+        q = copy.deepcopy(base)
+        try:
+            compress_(q, QuantConfig(**spec))
+        except ConfigError as e:  # e.g. bitsandbytes not installed on this machine: say so in the table
+            skipped[name] = str(e)
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
+        for bs in batch_sizes:
+            r = _latency(base, q, bs, repeat)
+            rows.append({"format": name, "batch": bs, **r, "throughput": round(1000 * bs / r["ms"], 1),
+                         "size_mb": round(serialized_size_mb(q), 1)})
+            print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
+    res = {"arch": arch, **run_context(device), "repeat": repeat,
+           "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows, "skipped": skipped}
+    atomic_write_json(out / "speed_deploy_vs_bf16.json", res)
+    lines = [f"# Deployed quantization vs bf16 + SDPA: {arch}", "",
+             f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. Each format is timed "
+             f"alternately with the bf16 autocast + SDPA model in one process, median of {repeat}. Speedup > 1 "
+             f"means the quantized model is faster. fp32 artifact: {res['fp32_size_mb']} MiB.", "",
+             "| format | batch | speedup | bf16 ms | quantized ms | img/s | size MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['format']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['bf16_ms']} | {r['ms']} | "
+              f"{r['throughput']} | {r['size_mb']} |" for r in rows]
+    lines += [f"| {name} | — | skipped: {why} | | | | |" for name, why in skipped.items()]
+    atomic_write_text(out / "speed_deploy_vs_bf16.md", "\n".join(lines) + "\n")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    base = res["rows"][0]
+    lines = ["# Post-training quantization on the digits testbed: accuracy, size, latency", "",
+             f"Artifact trained by `recipes/digits_vit.yaml`; digits test ({res['images']['digits']} images) and "
+             f"digits-c ({res['images']['digits-c']} images, the sensitive split); bf16 autocast; "
+             f"{res['device']}; torch {res['versions']['torch']}, timm {res['versions']['timm']}; {res['date']}. "
+             f"Calibration: {res['calib_size']} images of the digits train split. Agreement: top-1 equal to the "
+             "float model's on the same image. Each target's first row is the naive minmax RTN baseline. "
+             "*simulate* rows are accuracy-only (fake quantization in floating point: their size is the float "
+             f"artifact's and they have no latency). Latency: batch {res['latency_batch']} on this machine vs "
+             "the bf16 + SDPA float model, alternately in one process (> 1 is faster).", "",
+             "| target | variant | quantizer | executes | size MiB | top-1 | Δ top-1 | digits-c top-1 | "
+             "**digits-c agreement** | latency vs bf16 |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lat = f"{r['latency']['speedup']:.2f}x" if r.get("latency") else "—"
+        lines.append(f"| {r.get('target', '—')} | {r['variant']} | {r['details'] or '—'} | "
+                     f"{'deploy' if r.get('deployable') else ('float' if r is base else 'simulate')} | "
+                     f"{r['size_mb']:.2f} | {r['digits_top1']:.2f} | {r['digits_top1'] - base['digits_top1']:+.2f} | "
+                     f"{r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** | {lat} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", nargs="?", help="the digits testbed (not needed with --speed-only)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--speed", action="store_true", help="also time every deployed format on --arch")
+    parser.add_argument("--speed-only", action="store_true", help="only the --speed part")
+    parser.add_argument("--arch", default="vit_base_patch16_224")
+    parser.add_argument("--batch-sizes", default="1,16")
+    args = parser.parse_args(argv)
+    if args.speed or args.speed_only:
+        speed(args.out, [int(b) for b in args.batch_sizes.split(",")], args.arch, args.repeat)
+    if args.speed_only:
+        return 0
+    if args.artifact is None:
+        print("error: ARTIFACT is required unless --speed-only", file=sys.stderr)
+        return 2
+
+    from benchmarks.accuracy import accuracy_table
+    from vitcompress.data import load_data
+    from vitcompress.models import data_config, model_info
+    from vitcompress.transforms import QuantConfig
+    from vitcompress.transforms.registry import compress_
+
+    calib: list[Any] = []  # the same 32 train-split images for every variant, loaded once
+
+    def build(spec: dict[str, Any]):
+        def fn(base: nn.Module) -> nn.Module:
+            model = copy.deepcopy(base)
+            if not calib:
+                calib.append(load_data("digits", data_config(model), purpose="calib", limit=args.calib_size))
+            compress_(model, QuantConfig(**spec, calib_size=args.calib_size), calib=calib[0].loader(args.calib_size))
+            return model
+        return fn
+
+    labels = {f"{target}: {name}": (target, name) for target, rows in VARIANTS.items() for name in rows}
+    variants = {key: build(VARIANTS[target][name]) for key, (target, name) in labels.items()}
+    built: dict[str, nn.Module] = {}
+
+    def details(model: nn.Module) -> str:
+        return _details(model_info(model).transforms[-1]["config"])
+
+    res = accuracy_table(args.artifact, variants, details=details, keep=built)
+    base = built.pop("uncompressed")
+    for row in res["rows"][1:]:
+        model = built[row["variant"]]
+        row["target"], row["variant"] = labels[row["variant"]]
+        state = model_info(model).transforms[-1]["state"]
+        row["deployable"] = bool(state.get("deployable"))
+        if row["deployable"]:
+            row["latency"] = _latency(base, model, args.latency_batch, args.repeat)
+            print(f"{row['variant']}: {row['latency']['speedup']:.3f}x vs bf16", flush=True)
+    from vitcompress.bench import BenchConfig
+    from vitcompress.provenance import run_context
+
+    res.update(run_context(BenchConfig().resolve_device()), calib_size=args.calib_size,
+               latency_batch=args.latency_batch)
+    atomic_write_json(args.out / "accuracy_digits.json", res)
+    atomic_write_text(args.out / "accuracy_digits.md", markdown(res))
+    print(f"wrote {args.out / 'accuracy_digits'}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Token reduction, measured: ``python -m benchmarks.tokens --out results/tokens [--accuracy ARTIFACT]``.
+
+Speed: for each batch size, every variant is timed alternately with the unreduced model in one process
+(bf16 autocast + fused SDPA for both) and reported as a speedup ratio with both medians, plus GFLOPs per
+image. Weights do not change speed, so the speed model is randomly initialised (no download).
+Accuracy (``--accuracy``): each variant of a trained artifact (the digits testbed) on digits and digits-c:
+top-1 and agreement with the unreduced model on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcompress.io import atomic_write_json, atomic_write_text
+
+DEFAULT_VARIANTS = {
+    "tome r=13": {"r": 13},
+    "tome (16, -1)": {"r": 16, "inflection": -1.0},
+    "tome r=13 prop-attn off": {"r": 13, "prop_attn": "off"},
+    "tome r=13 SDPA mask": {"r": 13, "attention": "torch"},  # on CUDA, tome r=13 runs our fused kernel
+    "evit @ tome r=13 GFLOPs": {"method": "evit", "target_flops": "tome r=13"},
+    "resolution 160 px": {"img_size": 160},
+}
+
+
+ACCURACY_VARIANTS = {
+    "tome @ 0.65 GFLOPs": {"target_flops": 0.65},
+    "tome (r, -1) @ 0.65": {"target_flops": 0.65, "inflection": -1.0},
+    "tome @ 0.65, prop-attn off": {"target_flops": 0.65, "prop_attn": "off"},
+    "evit @ 0.65": {"method": "evit", "target_flops": 0.65},
+    "tome @ 0.5 GFLOPs": {"target_flops": 0.5},
+    "tome (r, -1) @ 0.5": {"target_flops": 0.5, "inflection": -1.0},
+    "evit @ 0.5": {"method": "evit", "target_flops": 0.5},
+    "resolution 28 px": {"img_size": 28},
+    "resolution 24 px": {"img_size": 24},
+}
+
+
+def _build(model: torch.nn.Module, spec: dict[str, Any], flops_of: dict[str, float]) -> torch.nn.Module:
+    from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
+    from vitcompress.transforms.registry import compress_
+
+    trial = copy.deepcopy(model)
+    spec = dict(spec)
+    if "img_size" in spec:
+        compress_(trial, ResolutionConfig(img_size=spec.pop("img_size")))
+    if isinstance(spec.get("target_flops"), str):  # match another variant's GFLOPs
+        spec["target_flops"] = flops_of[spec["target_flops"]]
+    if spec:
+        compress_(trial, TokenMergeConfig(**spec))
+    return trial
+
+
+def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from vitcompress.bench import BenchConfig, compare, count_flops, model_runner
+    from vitcompress.models import create_model, data_config
+    from vitcompress.provenance import run_context
+
+    base = create_model(arch)
+    size = data_config(base)["input_size"]
+    cfg = BenchConfig()
+    device = cfg.resolve_device()
+    base_flops = count_flops(base, size)
+    rows, flops_of = [], {}
+    for name, spec in variants.items():
+        model = _build(base, spec, flops_of)
+        vsize = data_config(model)["input_size"]
+        flops = count_flops(model, vsize)
+        flops_of[name] = flops / base_flops
+        for bs in batch_sizes:
+            r = compare(model_runner(base, bs, size, cfg), model_runner(model, bs, vsize, cfg), device=device,
+                        warmup=2, warmup_s=2.0, repeat=repeat)
+            rows.append({"variant": name, "config": spec, "batch": bs, "speedup": round(r["speedup"], 3),
+                         "base_ms": round(r["a_median_ms"], 2), "variant_ms": round(r["b_median_ms"], 2),
+                         "base_img_s": round(bs / r["a_median_ms"] * 1000, 1),
+                         "variant_img_s": round(bs / r["b_median_ms"] * 1000, 1),
+                         "gflops": round(flops / 1e9, 3), "gflops_fraction": round(flops / base_flops, 3)})
+            print(f"{name:28s} b{bs:<4d} speedup {r['speedup']:.3f}x  ({r['a_median_ms']:.1f} -> "
+                  f"{r['b_median_ms']:.1f} ms)  GFLOPs {flops / base_flops:.3f}", flush=True)
+    return {"arch": arch, "base_gflops": round(base_flops / 1e9, 3), "dtype": str(cfg.dtype), "sdpa": cfg.sdpa,
+            **run_context(device), "repeat": repeat, "rows": rows}
+
+
+def _schedule(model: torch.nn.Module) -> str:
+    state = model.vitcompress_info.transforms[-1]["state"]
+    return str(state["schedule"]) if "schedule" in state else f"{model.patch_embed.img_size[0]} px input"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"# Token reduction speed: {res['arch']}", "",
+             f"Device: {res['device']}; {res['dtype']} autocast, SDPA; torch {res['versions']['torch']}, "
+             f"timm {res['versions']['timm']}; {res['date']}. Base: {res['base_gflops']} GFLOPs/image. "
+             f"Each row: variant and unreduced model timed alternately in one process, median of "
+             f"{res['repeat']}.", "",
+             "| variant | batch | speedup | base ms | variant ms | img/s base -> variant | GFLOPs (fraction) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['base_ms']} | "
+                     f"{r['variant_ms']} | {r['base_img_s']} -> {r['variant_img_s']} | "
+                     f"{r['gflops']} ({r['gflops_fraction']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--arch", default="vit_base_patch16_224")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--variants", default=None, help="comma-separated subset of: " + "; ".join(DEFAULT_VARIANTS))
+    parser.add_argument("--accuracy", default=None, metavar="ARTIFACT", help="accuracy table for this artifact")
+    args = parser.parse_args(argv)
+    if args.accuracy:
+        from benchmarks.accuracy import accuracy_markdown, accuracy_table
+
+        res = accuracy_table(args.accuracy, {k: (lambda base, v=v: _build(base, v, {}))
+                                             for k, v in ACCURACY_VARIANTS.items()}, details=_schedule)
+        atomic_write_json(args.out / "accuracy_digits.json", res)
+        atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(
+            res, "Token reduction accuracy: the digits testbed", "schedule (tokens removed per layer)"))
+        print(f"wrote {args.out / 'accuracy_digits'}.json/.md")
+        return 0
+    variants = DEFAULT_VARIANTS
+    if args.variants:
+        variants = {k: v for k, v in DEFAULT_VARIANTS.items() if k in args.variants.split(",")}
+    res = run(args.arch, [int(b) for b in args.batch_sizes.split(",")], args.repeat, variants)
+    stem = f"speed_{res['arch']}_{'cuda' if 'cpu:' not in res['device'] else 'cpu'}"
+    atomic_write_json(args.out / f"{stem}.json", res)
+    atomic_write_text(args.out / f"{stem}.md", markdown(res))
+    print(f"wrote {args.out / stem}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""timm ``Attention`` computed from its own submodules, shared by token merging and attention quantization, and
+:class:`FusedAttention`, the drop-in that runs :func:`vitcompress.kernels.attention.attention` in any model.
+
+Nothing of timm's forward is copied: qkv, q_norm / k_norm, norm (scale-norm), gate, proj and proj_drop are
+called as they are. The core product softmax(q k^T * scale + bias) v runs through fused SDPA unless the
+module defines ``_vc_attend(q, k, v, bias) -> out`` (the quantized attention does), so transforms stack.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+from torch import nn
+
+from ..kernels._triton import Backend, runs_kernel
+from ..kernels.attention import attention as fused
+
+
+def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B,N,C] -> q, k, v [B,H,N,Dh], with timm's q_norm / k_norm applied."""
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, cls_row: bool = False,
+              kernel: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Self-attention x [B,N,C] with an optional per-key bias [B,1,1,N].
+
+    kernel: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
+    :func:`vitcompress.kernels.attention.attention` with it as a per-key bias (inference); ``auto`` picks triton
+    on CUDA tensors when it is installed. Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS
+    attention over heads [B,N] or None).
+    """
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = qkv_heads(attn, x)
+    mask = None if bias is None else bias.to(q.dtype)
+    attend = getattr(attn, "_vc_attend", None)
+    if attend is not None:
+        out = attend(q, k, v, mask)
+    elif mask is not None and not attn.training and runs_kernel(kernel, q):
+        out = fused(q, k, v, key_bias=bias[:, 0, 0, :], scale=attn.scale, backend="triton")
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    cls = None
+    if cls_row:  # EViT needs only the CLS row of the attention matrix: [B,H,1,N]
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        cls = logits.float().softmax(-1).mean(1)[:, 0]
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(1), cls
+
+
+class FusedAttention(nn.Module):
+    """Multi-head self-attention x [B, N, C] -> [B, N, C] from a timm ``Attention``'s own submodules.
+
+    ``forward(x, key_bias=None, seq_lens=None)``: key_bias [B, N] (e.g. log token sizes), seq_lens [B];
+    ``block_mask`` (bool [.., N/bs, N/bs]) and ``block_size`` are attributes, set once per model.
+    backend: ``auto`` (the Triton kernel on CUDA where triton is installed), ``torch`` or ``triton``.
+    """
+
+    def __init__(self, attn: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if backend not in (Backend.AUTO, Backend.TORCH, Backend.TRITON):
+            raise ValueError(f"backend must be auto, torch or triton, got '{backend}'")
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self.backend = backend
+        self.block_mask: torch.Tensor | None = None
+        self.block_size = 64
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, backend: str = "auto") -> FusedAttention:
+        return cls(attn, backend)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                key_bias: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("FusedAttention takes key_bias / seq_lens / block_mask, not a dense attn_mask")
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = qkv_heads(self, x)
+        backend = Backend.TRITON if runs_kernel(self.backend, x) else Backend.TORCH
+        if backend == Backend.TORCH and key_bias is None and seq_lens is None and self.block_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # fused, no masks
+        else:
+            out = fused(q, k, v, key_bias, seq_lens, self.block_mask, block_size=self.block_size,
+                        scale=self.scale, backend=backend)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj(out)
+
+
+def use_fused_attention_(model: nn.Module, backend: str = "auto") -> int:
+    """Replace every timm ``Attention`` in ``model`` by a :class:`FusedAttention` (same weights). Returns how many."""
+    count = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is Attention:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, FusedAttention(mod, backend))
+            count += 1
+    return count

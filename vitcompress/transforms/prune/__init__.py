@@ -1,0 +1,1 @@
+"""Structured pruning (heads, MLP), its importance scores, and block sparsity."""

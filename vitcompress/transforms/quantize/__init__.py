@@ -1,0 +1,1 @@
+"""Post-training quantization: ``ops`` (pure), ``calib``, ``simulate``, deployable layers, ``transform``."""

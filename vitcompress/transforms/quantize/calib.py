@@ -1,0 +1,122 @@
+"""Calibration for post-training quantization: activation ranges, GPTQ Hessians, RepQ-ViT reparameterization.
+
+Everything here runs the model on up to ``calib_size`` calibration images (train split) with the earlier
+transforms of the stack active, and reads tensors through hooks; nothing is quantized yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import run_calibration, select_layers
+from . import ops
+from .simulate import QUANTIZABLE, QuantAttention
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
+
+Ranges = dict[str, dict[str, tuple[float, float]]]  # layer -> tensor key ('' or q/k/v/p) -> (lo, hi)
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as GEMM rows [M, I]: Linear inputs as they are, Conv2d inputs unfolded into patches."""
+    if isinstance(module, nn.Conv2d):
+        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    return x.detach().float().reshape(-1, x.shape[-1])
+
+
+def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantConfig,
+              calib: Iterable[Any]) -> tuple[Ranges, dict[str, torch.Tensor]]:
+    """Per-layer input ranges and, for GPTQ, input Hessians sum(x^T x) [I,I] of Linear/Conv2d layers.
+
+    Attention layers must already be :class:`QuantAttention`: their q, k, v and softmax output are read
+    through ``_vc_observer``. minmax keeps the extremes over all batches; percentile and mse average their
+    per-batch choices; the softmax keeps its maximum.
+    """
+    seen: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n, _ in layers}
+    hessians: dict[str, torch.Tensor] = {}
+    gptq = str(cfg.rounding) == "gptq"
+
+    def record(name: str, key: str, t: torch.Tensor) -> None:
+        if key == "p":
+            rng = (0.0, float(t.max()))
+        else:
+            rng = ops.act_range(t, str(cfg.observer), int(cfg.a_bits), cfg.percentile)
+        seen[name].setdefault(key, []).append(rng)
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if cfg.static_acts:
+                record(name, "", args[0])
+            if gptq:
+                x = _rows(module, args[0])
+                hessians[name] = hessians.get(name, 0) + x.t() @ x
+        return fn
+
+    hooks = []
+    for name, m in layers:
+        if isinstance(m, QuantAttention):  # runs in float while observed
+            m._vc_observer = (lambda key, t, name=name: record(name, key, t)) if cfg.static_acts else \
+                (lambda key, t: None)
+        else:
+            hooks.append((m, hook(name)))
+    try:
+        run_calibration(model, calib, cfg.calib_size, hooks)
+    finally:
+        for _, m in layers:
+            if isinstance(m, QuantAttention):
+                m._vc_observer = None
+    out: Ranges = {}
+    for name, keys in seen.items():
+        for key, ranges in keys.items():
+            lows, highs = zip(*ranges)
+            if str(cfg.observer) == "minmax" or key == "p":
+                out.setdefault(name, {})[key] = (min(lows), max(highs))
+            else:
+                out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))
+    return out, hessians
+
+
+def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
+    """RepQ-ViT's scale reparameterization, in place, for each (LayerNorm -> Linear) pair: norm1 -> qkv and
+    norm2 -> fc1, when those Linears are selected and activations are quantized per tensor.
+
+    With per-channel asymmetric parameters (s, z) of the post-LayerNorm activation X and their means
+    (s~, z~): r1 = s / s~, r2 = z - z~. The LayerNorm outputs X~ = (X + s r2) / r1 (gamma / r1,
+    (beta + s r2) / r1) and the Linear takes W r1 and b - W (s r2), so the float function is unchanged while
+    one per-tensor quantizer on X~ acts like per-channel quantization of X.
+    """
+    pairs = [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv") for i in range(len(model.blocks))]
+    pairs += [(f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1") for i in range(len(model.blocks))]
+    selected = {n for n, _ in select_layers(model, cfg.layers, cfg.exclude, types=QUANTIZABLE)}
+    pairs = [(n, lin) for n, lin in pairs if lin in selected
+             and isinstance(model.get_submodule(n), nn.LayerNorm) and model.get_submodule(n).elementwise_affine]
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            lo[name] = torch.minimum(lo[name], x.amin(0)) if name in lo else x.amin(0)
+            hi[name] = torch.maximum(hi[name], x.amax(0)) if name in hi else x.amax(0)
+        return fn
+
+    run_calibration(model, calib, cfg.calib_size, [(model.get_submodule(lin), hook(lin)) for _, lin in pairs])
+    for norm_name, lin_name in pairs:
+        norm, lin = model.get_submodule(norm_name), model.get_submodule(lin_name)
+        s, z = ops.act_qparams(lo[lin_name], hi[lin_name], int(cfg.a_bits))
+        r1 = (s / s.mean()).clamp_min(1e-4)  # any r1 > 0 keeps the float function; avoid dead-channel blow-up
+        r2 = z - torch.round(z.mean())
+        shift = s * r2  # [C]
+        with torch.no_grad():
+            if lin.bias is not None:
+                lin.bias.sub_((lin.weight.float() @ shift).to(lin.bias.dtype))
+            lin.weight.mul_(r1.to(lin.weight.dtype)[None, :])
+            norm.bias.copy_(((norm.bias.float() + shift) / r1).to(norm.bias.dtype))
+            norm.weight.copy_((norm.weight.float() / r1).to(norm.weight.dtype))
+    return [lin for _, lin in pairs]

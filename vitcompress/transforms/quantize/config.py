@@ -1,0 +1,156 @@
+"""The quantization config: every PTQ setting as versioned, validated fields (str-Enums for the choices)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...config import Config, StrEnum
+from ...errors import ConfigError
+from ...kernels._triton import Backend
+
+
+class Mode(StrEnum):
+    SIMULATE = "simulate"
+    DEPLOY = "deploy"
+
+
+class WeightGranularity(StrEnum):
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
+
+
+class ActGranularity(StrEnum):
+    PER_TENSOR = "per_tensor"  # static, calibrated
+    PER_TOKEN = "per_token"  # dynamic
+
+
+class Rounding(StrEnum):
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # error-compensating, from calibration Hessians
+
+
+class Reparam(StrEnum):
+    NONE = "none"
+    REPQ = "repq"  # RepQ-ViT: fold post-LayerNorm channel-wise ranges into the LayerNorm and the next Linear
+
+
+class Observer(StrEnum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' 4-bit quantizer takes
+
+
+class SoftmaxQuant(StrEnum):
+    NONE = "none"
+    UNIFORM = "uniform"
+    LOG2 = "log2"
+    LOGSQRT2 = "logsqrt2"
+
+
+class QuantDtype(StrEnum):
+    INT = "int"
+    FP8 = "fp8_e4m3"
+
+
+@dataclasses.dataclass
+class QuantConfig(Config):
+    """w_bits / a_bits: 2..8, or None to leave weights / activations in floating point.
+
+    layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
+    or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
+    softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
+    dtype: int grids, or fp8_e4m3 (W8A8 with float8 e4m3 weights and activations).
+    backend (deploy): auto, torch, triton (the int8 GEMM) or bnb (bitsandbytes: w8 LLM.int8, w4 NF4).
+    """
+
+    NAME = "quantize"
+    VERSION = 2  # v2 added softmax and dtype; v1 dicts load unchanged (their defaults are v1's behaviour)
+    w_bits: int | None = 8
+    a_bits: int | None = 8
+    w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
+    group_size: int = 64
+    a_granularity: ActGranularity = ActGranularity.PER_TENSOR
+    observer: Observer = Observer.MINMAX
+    percentile: float = 99.99
+    layers: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    calib_size: int = 32
+    mode: Mode = Mode.SIMULATE
+    rounding: Rounding = Rounding.RTN
+    gptq_damp: float = 0.01
+    reparam: Reparam = Reparam.NONE
+    softmax: SoftmaxQuant = SoftmaxQuant.NONE
+    dtype: QuantDtype = QuantDtype.INT
+    backend: Backend = Backend.AUTO
+
+    def validate(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if bits is not None and (int(bits) != bits or not 2 <= bits <= 8):
+                raise ConfigError(f"{name} must be an integer from 2 to 8 (or none), got {bits}")
+        if self.group_size < 1 or self.calib_size < 1:
+            raise ConfigError(f"group_size and calib_size must be >= 1 (got {self.group_size}, {self.calib_size})")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not self.layers:
+            raise ConfigError("no layers to quantize")
+        if self.reparam == Reparam.REPQ and not self.static_acts:
+            raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
+                              "a_granularity per_tensor")
+        if self.rounding == Rounding.GPTQ and self.w_bits is None:
+            raise ConfigError("gptq rounds weights: it needs w_bits")
+        if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
+            raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
+        if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)
+                                            or self.w_granularity != WeightGranularity.PER_CHANNEL):
+            raise ConfigError("fp8_e4m3 is 8-bit with per-channel weights: w_bits 8, a_bits 8 or none")
+        if self.backend != "auto" and self.mode != Mode.DEPLOY:
+            raise ConfigError("--backend picks how --mode deploy executes; simulate runs in floating point")
+        if self.mode == Mode.DEPLOY:
+            self._validate_deploy()
+
+    def _validate_deploy(self) -> None:
+        kind = self.deploy_kind
+        if kind is None:
+            raise ConfigError("mode deploy executes int W8A8 (per-channel), fp8_e4m3 W8A8, weight-only int8/int4 "
+                              f"(a_bits none) or --backend bnb (w8 a8 / w4); got w_bits={self.w_bits}, "
+                              f"a_bits={self.a_bits}, {self.w_granularity}, {self.dtype} (other widths: simulate)")
+        if self.rounding == Rounding.GPTQ and kind != "weight_only":
+            raise ConfigError("gptq is deployed weight-only (a_bits none); with activations, use --mode simulate")
+        if kind == "bnb_nf4" and self.group_size not in NF4_BLOCKS:
+            raise ConfigError(f"bitsandbytes NF4 takes blocks (--group-size) of {', '.join(map(str, NF4_BLOCKS))}; "
+                              f"got {self.group_size}")
+        if self.backend == "triton" and kind not in ("int8", "fp8"):
+            raise ConfigError(f"--backend triton runs the int8 and fp8 W8A8 GEMMs; {kind} runs through torch")
+        if self.softmax != SoftmaxQuant.NONE:
+            raise ConfigError("softmax / attention-matmul quantization is simulate-only (deploy runs Linear layers)")
+
+    @property
+    def deploy_kind(self) -> str | None:
+        """int8, fp8, weight_only, bnb_int8, bnb_nf4, or None when no deployed format fits."""
+        w, a, per_channel = self.w_bits, self.a_bits, self.w_granularity == WeightGranularity.PER_CHANNEL
+        if self.backend == "bnb":
+            ok = self.dtype == QuantDtype.INT and self.reparam == Reparam.NONE and self.rounding == Rounding.RTN
+            return {(8, 8): "bnb_int8", (4, None): "bnb_nf4"}.get((w, a)) if ok else None
+        if self.dtype == QuantDtype.FP8:
+            return "fp8" if a == 8 else None
+        if a is None and w in (4, 8):
+            return "weight_only"
+        return "int8" if (w, a) == (8, 8) and per_channel else None
+
+    @property
+    def static_acts(self) -> bool:
+        return self.a_bits is not None and self.a_granularity == ActGranularity.PER_TENSOR \
+            and self.deploy_kind != "bnb_int8"  # LLM.int8 quantizes activations itself
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges, RepQ and GPTQ are all computed from calibration images."""
+        return self.static_acts or self.rounding == Rounding.GPTQ
+
+    @property
+    def group(self) -> int | None:
+        return self.group_size if self.w_granularity == WeightGranularity.PER_GROUP else None

@@ -1,0 +1,104 @@
+"""W8A8 executed for real: int8 weights, int8 activations, an int32-accumulating GEMM (``torch._int_mm``).
+
+y = (q(x) @ W_q^T) * s_x * s_w + b, with W_q int8 per output channel (symmetric) and q(x) int8, symmetric,
+per token (computed on the fly) or per tensor (a calibrated static scale). The artifact stores the int8
+weights, so it is about a quarter of the float size for these layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...kernels._triton import runs_kernel
+from ...kernels.int8_gemm import int8_gemm, quantize_per_token
+from . import ops
+
+QMAX = 127
+
+
+class ScaledLinear(nn.Module):
+    """Base of the W8A8 drop-ins: x [..., in] -> [..., out], low-precision weights with a per-channel scale.
+
+    Buffers: w_scale float32 [out], a_scale float32 [] (static per-tensor activations; unused per token);
+    the subclass registers its weight buffer. Parameter: bias [out] or None. backend: auto, torch or triton.
+    """
+
+    _vc_compressed = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, per_token: bool,
+                 device: torch.device | str | None, backend: str):
+        super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got '{backend}'")
+        self.in_features, self.out_features, self.per_token = in_features, out_features, per_token
+        self.backend = backend
+        self.register_buffer("w_scale", torch.ones(out_features, device=device))
+        self.register_buffer("a_scale", torch.ones((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'per_token' if self.per_token else 'per_tensor'}, backend={self.backend}")
+
+
+class Int8Linear(ScaledLinear):
+    """Drop-in for ``nn.Linear``: x [..., in] -> [..., out] in x's dtype.
+
+    Buffers: w_int8 int8 [out, in] (row-major, so the GEMM's [in, out] operand ``w_int8.t()`` is column-major:
+    the layout cuBLASLt's int8 GEMM and Hopper's 8-bit wgmma want), w_scale float32 [out], a_scale float32 []
+    (static per-tensor activations; unused per token). Parameter: bias [out] or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
+                 device: torch.device | str | None = None, backend: str = "auto"):
+        super().__init__(in_features, out_features, bias, per_token, device, backend)
+        self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        old = state_dict.pop(prefix + "w_qt", None)  # artifacts from before 2026-11-22 stored [in, out]
+        if old is not None:
+            state_dict[prefix + "w_int8"] = old.t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
+                    clip: float = 1.0, backend: str = "auto") -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale.
+
+        backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
+        (``torch._int_mm``), or ``auto`` (triton on CUDA when it is installed).
+        """
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
+                  backend)
+        scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
+        mod.w_int8.copy_(ops.weight_codes(linear.weight, scale, 8))
+        mod.w_scale.copy_(scale[:, 0])
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach().float())
+        if a_absmax is not None:
+            mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        kernel = runs_kernel(self.backend, x)
+        if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference
+            q, s = quantize_per_token(x2, backend="triton" if kernel else "torch")
+        else:
+            s = self.a_scale.expand(x2.shape[0])
+            q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
+        if kernel:
+            out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, self.bias, out_dtype=x.dtype,
+                            backend="triton")
+            return out.reshape(*shape[:-1], self.out_features)
+        m = q.shape[0]
+        if q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16
+            q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
+        acc = torch._int_mm(q, self.w_int8.t())[:m]
+        out = acc.float() * (s[:, None] * self.w_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

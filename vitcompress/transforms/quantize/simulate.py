@@ -1,0 +1,138 @@
+"""Simulated (fake) quantization modules: accuracy-only, they run in floating point.
+
+Each keeps the module it replaces (weights, state-dict keys, submodules) and only switches its class:
+
+- :class:`FakeQuantLinear` / :class:`FakeQuantConv2d`: the input is fake-quantized (weights were rounded in
+  place by the transform). Buffers a_scale, a_zero: the static per-tensor input grid.
+- :class:`QuantAttention`: a timm ``Attention`` whose matmul inputs q, k, v are fake-quantized like any
+  activation and whose softmax output goes through a softmax quantizer (uniform, log2, logsqrt2). Buffers
+  qkv_scale [3], qkv_zero [3], p_scale []. The forward is rebuilt from timm's own submodules
+  (:func:`vitcompress.methods.attn.attention`), so token merging stacks on it.
+
+Activations use the integer grid (asymmetric, ``a_bits``) or float8 e4m3 (``fp8``: symmetric, scale =
+absmax / 448); static per tensor (calibrated) or dynamic per token (per sample for the patch embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+from torch import nn
+
+from ..attention import attention
+from . import ops
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d, Attention)  # what a quantization layer pattern may select
+
+
+class _ActQuant:
+    """Mixin: fake-quantize a tensor with the grid the module was converted with."""
+
+    _vc_compressed = True
+    _vc_a_bits: int | None
+    _vc_per_token: bool
+    _vc_fp8: bool
+
+    def _fq(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """x [..., C]: per-token over the last dim, else the static (scale, zero)."""
+        if self._vc_a_bits is None:
+            return x
+        if self._vc_per_token:
+            return ops.fake_quant_fp8_per_token(x) if self._vc_fp8 else ops.fake_quant_act_per_token(x, self._vc_a_bits)
+        return ops.fake_quant_fp8(x, scale) if self._vc_fp8 else ops.fake_quant_act(x, scale, zero, self._vc_a_bits)
+
+
+class FakeQuantLinear(_ActQuant, nn.Linear):
+    """``nn.Linear`` x [..., in] -> [..., out] whose input is fake-quantized."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._fq(x, self.a_scale, self.a_zero), self.weight, self.bias)
+
+
+class FakeQuantConv2d(_ActQuant, nn.Conv2d):
+    """``nn.Conv2d`` (the patch embedding) x [B,C,H,W] whose input is fake-quantized; per token = per image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vc_per_token:
+            x = self._fq(x.flatten(1), self.a_scale, self.a_zero).reshape(x.shape)
+        else:
+            x = self._fq(x, self.a_scale, self.a_zero)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class QuantAttention(_ActQuant, Attention):
+    """timm ``Attention`` x [B,N,C] -> [B,N,C] with quantized matmul inputs and softmax output."""
+
+    _vc_softmax: str
+    _vc_observer: Callable[[str, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("quantized attention does not take attention masks")
+        return attention(self, x)[0]
+
+    def _vc_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   ) -> torch.Tensor:
+        """q, k, v [B,H,N,Dh], bias [B,1,1,N] or None -> softmax(q k^T * scale + bias) v [B,H,N,Dh]."""
+        observe = self._vc_observer
+        if observe is not None:  # calibration: record the float tensors
+            observe("q", q)
+            observe("k", k)
+            observe("v", v)
+        else:
+            q, k, v = (self._fq(t, self.qkv_scale[i], self.qkv_zero[i]) for i, t in enumerate((q, k, v)))
+        logits = (q.float() * self.scale) @ k.float().transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.float()
+        p = logits.softmax(-1)
+        if observe is not None:
+            observe("p", p)
+        elif self._vc_softmax != "none":
+            scale = p.amax(-1, keepdim=True) if self._vc_per_token else self.p_scale
+            p = ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax)
+        p = self.attn_drop(p)
+        return (p @ v.float()).to(v.dtype)
+
+
+def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, softmax: str = "none") -> None:
+    """Switch ``module`` (Linear, Conv2d or timm Attention) to its fake-quant class, in place, with unit grids."""
+    dev = next(module.parameters()).device
+    if isinstance(module, Attention):
+        module.__class__ = QuantAttention
+        module._vc_softmax = softmax
+        module.register_buffer("qkv_scale", torch.ones(3, device=dev))
+        module.register_buffer("qkv_zero", torch.zeros(3, device=dev))
+        module.register_buffer("p_scale", torch.ones((), device=dev))
+    else:
+        module.__class__ = FakeQuantConv2d if isinstance(module, nn.Conv2d) else FakeQuantLinear
+        module.register_buffer("a_scale", torch.ones((), device=dev))
+        module.register_buffer("a_zero", torch.zeros((), device=dev))
+    module._vc_a_bits, module._vc_per_token, module._vc_fp8 = a_bits, per_token, fp8
+
+
+def act_grid(lo: float, hi: float, bits: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of a static grid covering [lo, hi]: asymmetric integer, or symmetric e4m3 (zero 0)."""
+    if fp8:
+        return ops.fp8_scale(torch.tensor(max(abs(lo), abs(hi)))), torch.zeros(())
+    return ops.act_qparams(torch.tensor(lo), torch.tensor(hi), bits)
+
+
+def set_grids(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None:
+    """Write calibrated ranges into a converted module's buffers: keys '' (the input) or q, k, v, p."""
+    bits, fp8 = module._vc_a_bits, module._vc_fp8
+    with torch.no_grad():
+        if isinstance(module, QuantAttention):
+            for i, key in enumerate("qkv"):
+                if key in ranges:
+                    s, z = act_grid(*ranges[key], bits, fp8)
+                    module.qkv_scale[i], module.qkv_zero[i] = s, z
+            if "p" in ranges:
+                module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
+        elif "" in ranges:
+            s, z = act_grid(*ranges[""], bits, fp8)
+            module.a_scale.copy_(s)
+            module.a_zero.copy_(z)

@@ -1,0 +1,152 @@
+"""Post-training quantization of a ViT: simulated at any bit width, or deployed for real.
+
+simulate (accuracy-only, runs in floating point): weights are rounded in place (RTN or GPTQ) on a symmetric
+per-channel or per-group grid; activations are fake-quantized per tensor (calibrated on train-split
+images) or per token; the attention matmuls' inputs and the softmax output (uniform, log2, logsqrt2) and the
+patch embedding can be included. See :mod:`.quant_sim`.
+
+deploy (executes low precision, stores low-bit weights):
+- int W8A8: :class:`~.int8_linear.Int8Linear`, an int8 x int8 -> int32 GEMM (Triton on CUDA, ``torch._int_mm``);
+- fp8 W8A8: :class:`~.lowbit_linear.Fp8Linear`, e4m3 x e4m3 through ``torch._scaled_mm``;
+- weight-only int8 / int4 (per channel or group, RTN or GPTQ): :class:`~.lowbit_linear.WeightOnlyLinear`;
+- ``backend bnb``: bitsandbytes LLM.int8 (W8A8) or NF4 (W4), :mod:`.bnb_linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers.attention import Attention
+from torch import nn
+
+from ...errors import ConfigError
+from ..layers import replace_module
+from ..layers import select_layers as _select
+from ..registry import TransformContext, register_transform
+from . import ops
+from .bnb import to_bnb
+from .calib import calibrate, repq_reparam_
+from .config import (
+    ActGranularity,
+    Mode,
+    Observer,
+    QuantConfig,
+    QuantDtype,
+    Reparam,
+    SoftmaxQuant,
+)
+from .int8_linear import Int8Linear
+from .lowbit_linear import Fp8Linear, WeightOnlyLinear
+from .simulate import QUANTIZABLE, convert, set_grids
+
+__all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
+
+
+def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The Linear / Conv2d / timm Attention modules the config names, in model order."""
+    layers = _select(model, cfg.layers, cfg.exclude, what="quantized", types=QUANTIZABLE)
+    linear_only = cfg.mode == Mode.DEPLOY
+    for name, m in layers:
+        if linear_only and not isinstance(m, nn.Linear):
+            raise ConfigError(f"'{name}' is {type(m).__name__}: deploy executes Linear layers only (the attention "
+                              "matmuls and the patch embedding are simulate-only)")
+        if cfg.group and not isinstance(m, Attention) and _fan_in(m) % cfg.group:
+            raise ConfigError(f"group_size {cfg.group} does not divide {name}'s {_fan_in(m)} input features")
+        if linear_only and cfg.deploy_kind == "weight_only" and cfg.w_bits == 4 and m.in_features % 2:
+            raise ConfigError(f"int4 packs two codes a byte: {name}'s {m.in_features} input features must be even")
+    if cfg.softmax != SoftmaxQuant.NONE and not any(isinstance(m, Attention) for _, m in layers):
+        raise ConfigError("a softmax quantizer needs the attention matmuls: add attn_matmul to the layers")
+    return layers
+
+
+def _fan_in(m: nn.Module) -> int:
+    return m.weight[0].numel()
+
+
+def _weight_clip(w: torch.Tensor, cfg: QuantConfig) -> float:
+    """The clip ratio of the weight grid: searched by the mse observer, else 1 (the absmax)."""
+    return ops.mse_weight_clip(w, cfg.w_bits, cfg.group) if cfg.observer == Observer.MSE else 1.0
+
+
+def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]] | None,
+              hessian: torch.Tensor | None) -> tuple[nn.Module, float]:
+    """The deployed replacement of Linear ``m`` and its weight clip. rng None: an empty one to restore into."""
+    kind, per_token = cfg.deploy_kind, cfg.a_granularity == ActGranularity.PER_TOKEN
+    if kind.startswith("bnb_"):
+        return to_bnb(m, kind[4:], blocksize=cfg.group_size), 1.0
+    if rng is None:
+        if kind == "int8":
+            return Int8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device,
+                              backend=cfg.backend), 1.0
+        if kind == "fp8":
+            return Fp8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device,
+                             cfg.backend), 1.0
+        return WeightOnlyLinear(m.in_features, m.out_features, m.bias is not None, cfg.w_bits, cfg.group,
+                                m.weight.device), 1.0
+    absmax = max(abs(v) for v in rng[""]) if "" in rng else None
+    if kind == "fp8":
+        return Fp8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, backend=cfg.backend), 1.0
+    clip = _weight_clip(m.weight, cfg)
+    if kind == "int8":
+        return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend), clip
+    if hessian is not None:
+        w, scale = ops.gptq_quantize(m.weight, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp)
+        return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, weight=w, scale=scale), 1.0
+    return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, clip=clip), clip
+
+
+def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None) -> float:
+    """Simulate: put a Linear / Conv2d weight on its grid in place; returns the clip used."""
+    w = m.weight.reshape(m.weight.shape[0], -1)
+    if cfg.dtype == QuantDtype.FP8:
+        new, clip = ops.fake_quant_fp8(w, ops.fp8_scale(w.detach().abs().amax(1, keepdim=True))), 1.0
+    elif hessian is not None:
+        new, clip = ops.gptq_quantize(w, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp)[0], 1.0
+    else:
+        clip = _weight_clip(w, cfg)
+        new = ops.fake_quant_weight(w, cfg.w_bits, cfg.group, clip)
+    with torch.no_grad():
+        m.weight.copy_(new.reshape(m.weight.shape))
+    return clip
+
+
+@register_transform(QuantConfig)
+def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict[str, Any]:
+    """Quantize the selected layers in place; calibrates on ``ctx.calib`` (train-split images) when needed."""
+    layers = select_layers(model, cfg)
+    if cfg.w_bits is None and cfg.a_bits is None:
+        return {"layers": [], "calibrated": 0}
+    deploy, per_token, fp8 = cfg.mode == Mode.DEPLOY, cfg.a_granularity == ActGranularity.PER_TOKEN, \
+        cfg.dtype == QuantDtype.FP8
+    if ctx.restore:
+        for name, m in layers:
+            if deploy:
+                replace_module(model, name, _deployed(m, cfg, None, None)[0])
+            else:
+                convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+        return dict(ctx.state or {})
+    reparam: list[str] = []
+    if cfg.needs_calibration and ctx.calib is None:
+        raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
+    if cfg.reparam == Reparam.REPQ:
+        reparam = repq_reparam_(model, cfg, ctx.calib)
+    if not deploy:  # attention is observed (in float) through its quantized class during calibration
+        for _, m in layers:
+            if isinstance(m, Attention):
+                convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+    ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
+    clips = {}
+    for name, m in layers:
+        if deploy:
+            new, clips[name] = _deployed(m, cfg, ranges.get(name, {}), hessians.get(name))
+            replace_module(model, name, new)
+            continue
+        if cfg.w_bits is not None and not isinstance(m, Attention):
+            clips[name] = _round_weight_(m, cfg, hessians.get(name))
+        if not isinstance(m, Attention):
+            convert(m, cfg.a_bits, per_token, fp8)
+        set_grids(m, ranges.get(name, {}))
+    return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": deploy,
+            "deploy_kind": cfg.deploy_kind if deploy else None, "reparam": reparam,
+            "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}

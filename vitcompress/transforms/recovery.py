@@ -1,0 +1,154 @@
+"""Recovery fine-tuning after compression (a registered transform): distillation from the uncompressed model.
+
+Loss (``distill``):
+
+- ``none``: cross-entropy on the labels;
+- ``soft``: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``;
+- ``hard``: DeiT's hard distillation, ``0.5 * CE(s, labels) + 0.5 * CE(s, argmax t)``.
+
+``attn_only`` trains only the attention weights (qkv, proj and their norms); everything else is frozen,
+which saves optimizer state and weight gradients ("Three things everyone should know about ViTs").
+The artifact records ``provenance.recovery`` with its level: ``none`` (0 epochs), ``short`` (<= 10 epochs)
+or ``full`` (more), which reports print next to each point.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bench import BenchConfig
+from ..config import StrEnum
+from ..data import load_data
+from ..errors import ConfigError
+from ..models import data_config, model_info
+from ..training import OptimConfig, fit
+from .registry import TransformContext, register_transform
+
+SHORT_MAX_EPOCHS = 10
+
+
+class Distill(StrEnum):
+    NONE = "none"
+    SOFT = "soft"
+    HARD = "hard"
+
+
+@dataclasses.dataclass
+class RecoveryConfig(OptimConfig):
+    """Fine-tuning after compression. data: a dataset spec whose *train* split is used."""
+
+    NAME = "recovery"
+    VERSION = 1
+    data: str = "digits"
+    limit: int | None = None
+    epochs: int = 5
+    lr: float = 5e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    distill: Distill = Distill.SOFT
+    temperature: float = 1.0
+    alpha: float = 0.7
+    attn_only: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"temperature must be > 0 and alpha in [0, 1] (got {self.temperature}, {self.alpha})")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.epochs > 0 and self.distill != Distill.NONE
+
+    @property
+    def level(self) -> str:
+        return "none" if self.epochs == 0 else "short" if self.epochs <= SHORT_MAX_EPOCHS else "full"
+
+
+def attention_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every block's attention module."""
+    return [p for n, p in model.named_parameters() if ".attn." in n]
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
+                 cfg: RecoveryConfig) -> torch.Tensor:
+    """The recovery loss from student logits [B,K], teacher logits [B,K] (or None) and labels [B]."""
+    ce = F.cross_entropy(student, labels, label_smoothing=cfg.label_smoothing)
+    if cfg.distill == Distill.NONE or teacher is None:
+        return ce
+    if cfg.distill == Distill.HARD:
+        return 0.5 * ce + 0.5 * F.cross_entropy(student, teacher.argmax(-1))
+    t = cfg.temperature
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                  reduction="batchmean") * t * t
+    return cfg.alpha * kl + (1 - cfg.alpha) * ce
+
+
+def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    """Fine-tune ``model`` in place per ``cfg``; record ``provenance.recovery``. Returns its metrics.
+
+    teacher: the uncompressed model; needed unless ``distill`` is none (:func:`vitcompress.pipeline.apply_stack`
+    passes the model as it was before the stack).
+    """
+    info = model_info(model)
+    record: dict[str, Any] = {"level": cfg.level, "config": cfg.to_dict()}
+    if cfg.epochs == 0:
+        info.provenance["recovery"] = record
+        return record
+    if cfg.needs_teacher and teacher is None:
+        raise ConfigError("distillation needs the uncompressed model as a teacher (or distill: none)")
+    torch.manual_seed(cfg.seed)
+    device = BenchConfig(device=cfg.device).resolve_device()
+    data = load_data(cfg.data, data_config(model), limit=cfg.limit, purpose="train")
+    if not data.has_labels:
+        raise ConfigError(f"cannot fine-tune on '{cfg.data}': it has no labels")
+    if teacher is not None:  # the caller's teacher is left as it is (its forward runs under no_grad)
+        teacher = teacher.to(device).eval()
+    trainable = attention_params(model) if cfg.attn_only else [p for p in model.parameters() if p.requires_grad]
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = None
+        if teacher is not None:
+            with torch.no_grad():
+                t = teacher(x).float()
+        return distill_loss(model(x).float(), t, y, cfg)
+
+    model.to(device).train()
+    try:
+        loss, seconds = fit(model, data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed), loss_fn, cfg, device,
+                            params=trainable, progress=progress, desc="recover")
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+    record.update({"seconds": round(seconds, 1), "final_loss": round(loss, 4), "data": data.describe(),
+                   "trainable_params": sum(p.numel() for p in trainable), "device": str(device)})
+    info.provenance["recovery"] = record
+    return record
+
+
+@register_transform(RecoveryConfig)
+def _recover(model: nn.Module, cfg: RecoveryConfig, ctx: TransformContext) -> dict[str, Any]:
+    """Fine-tune in place; the weights it produces are the artifact's, so a restore changes nothing."""
+    if ctx.restore:
+        return ctx.state or {}
+    record = finetune_(model, cfg, teacher=ctx.teacher)
+    return {k: v for k, v in record.items() if k != "config"}
+
+
+def unpruned_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` to distil from after it is compressed in place."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,1 @@
+"""Token reduction: ToMe and EViT. ``ops``: pure tensor functions; ``transform``: config and glue."""
