@@ -11,6 +11,11 @@ from typing import Any
 
 from torch import nn
 
+from vitcompress import create_model, data_config, model_info
+from vitcompress.data import load_data
+from vitcompress.evaluate import evaluate
+from vitcompress.provenance import run_context
+
 SPECS = ("digits", "digits-c")
 
 
@@ -21,10 +26,6 @@ def accuracy_table(artifact: str, variants: dict[str, Callable[[nn.Module], nn.M
 
     keep: filled with the models evaluated (``uncompressed`` and each variant), for further measurements.
     """
-    from vitcompress.data import load_data
-    from vitcompress.evaluate import evaluate
-    from vitcompress.models import create_model, data_config, model_info
-    from vitcompress.provenance import run_context
 
     base = create_model(artifact)
     data = {s: load_data(s, data_config(base)) for s in SPECS}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 import subprocess
 import sys
@@ -19,7 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from vitcompress.kernels import attention, bsr_gemm, fp8_gemm, int8_gemm
+from vitcompress.kernels._triton import interpreting
+
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.provenance import run_context
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 M, K, N, TOKENS, HEADS, HEAD_DIM = 197 * 256, 768, 3072, 577, 12, 64  # ViT-B fc1 at batch 256; ViT-B attention
@@ -42,7 +48,6 @@ class Spec:
 def specs() -> list[Spec]:
     """The launches the wrappers make at ViT-B shapes (int8 weights column-major, as Int8Linear stores them)."""
     import triton.language as tl
-    from vitcompress.kernels import attention, bsr_gemm, fp8_gemm, int8_gemm
 
     gemm_ints = dict(M=M, N=N, K=K, s_am=K, s_ak=1, s_wk=1, s_wn=K, s_om=N, s_on=1)
     out = []
@@ -83,7 +88,6 @@ def specs() -> list[Spec]:
 def compile_sm90(spec: Spec, config: dict[str, int]) -> Any:
     """Compile one config of ``spec`` for sm_90a (no device needed): Triton's CompiledKernel. Needs a process
     without TRITON_INTERPRET (set, it turns triton.language's own jit helpers into interpreter functions)."""
-    import importlib
 
     import triton
     import triton.language as tl
@@ -180,10 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    import torch
-    from vitcompress.kernels._triton import interpreting
-
-    from vitcompress.provenance import run_context
 
     if interpreting():  # triton.language's own jit helpers were built for the interpreter at import
         print("error: unset TRITON_INTERPRET: code generation compiles for the GPU", file=sys.stderr)

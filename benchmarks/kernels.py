@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from vitcompress.kernels.attention import attention, attention_ref
+from vitcompress.kernels.bsr_gemm import bsr_gemm
+from vitcompress.kernels.fp8_gemm import fp8_gemm, quantize_per_token_fp8_ref, scaled_mm, scaled_mm_rowwise
+from vitcompress.kernels.int8_gemm import int8_gemm, quantize_per_token
 
+from vitcompress.bench.timing import time_callable
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.provenance import run_context
 
 GEMMS = {"ViT-B qkv": (768, 2304), "ViT-B fc1": (768, 3072), "ViT-B fc2": (3072, 768),
          "ViT-L fc1": (1024, 4096), "ViT-L fc2": (4096, 1024)}
@@ -50,14 +57,12 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    from vitcompress.bench.timing import time_callable
 
     return time_callable(fn, device=device, warmup=5, warmup_s=0.2 if device.type == "cuda" else 0,
                          repeat=repeat).median_ms
 
 
 def _quant_gemm(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    from vitcompress.kernels.int8_gemm import int8_gemm, quantize_per_token
 
     q, s = quantize_per_token(x)
     return int8_gemm(q, w_q, s, w_s, bias)
@@ -65,8 +70,6 @@ def _quant_gemm(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, bias: tor
 
 def gemm_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: dict[str, tuple[int, int]],
               repeat: int) -> list[dict[str, Any]]:
-    from vitcompress.kernels.fp8_gemm import fp8_gemm, quantize_per_token_fp8_ref, scaled_mm, scaled_mm_rowwise
-    from vitcompress.kernels.int8_gemm import int8_gemm, quantize_per_token
 
     out = []
     fp8 = device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)  # cpu: --smoke only
@@ -117,7 +120,6 @@ def _exact_mask(rows: int, cols: int, density: float, device: torch.device, keep
 
 def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: dict[str, tuple[int, int]],
              block: int, repeat: int) -> list[dict[str, Any]]:
-    from vitcompress.kernels.bsr_gemm import bsr_gemm
 
     out = []
     for name, (k, n) in shapes.items():
@@ -144,8 +146,6 @@ def bsr_rows(device: torch.device, tokens: int, rows: tuple[int, ...], shapes: d
 
 def attention_rows(device: torch.device, tokens: int, batches: tuple[int, ...], models: dict[str, tuple[int, int]],
                    repeat: int, block: int = 64) -> list[dict[str, Any]]:
-    import torch.nn.functional as F
-    from vitcompress.kernels.attention import attention, attention_ref
 
     out = []
     for name, (h, d) in models.items():
@@ -264,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="no timing: merge the parts of earlier runs' kernels.json (same device) into --out")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter (CPU)")
     args = parser.parse_args(argv)
-    from vitcompress.provenance import run_context
 
     if args.merge:
         runs = [json.loads(p.read_text()) for p in args.merge]

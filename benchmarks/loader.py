@@ -16,15 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from vitcompress import create_model, data_config
+from vitcompress.bench import BenchConfig, time_model
+from vitcompress.data import load_data
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.provenance import run_context
 
 
 def write_sources(root: Path, n: int) -> dict[str, Path]:
     """An ImageFolder of JPEGs and an HF arrow dataset holding the same ``n`` images (256 px)."""
     import datasets
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
 
     digits = load_digits()
     folder = root / "folder" / "val"
@@ -46,7 +51,6 @@ def write_sources(root: Path, n: int) -> dict[str, Path]:
 
 def loader_throughput(spec: str, data_cfg: dict[str, Any], workers: int, batch: int = 64) -> float:
     """Images/s of iterating the whole dataset once (after one warm-up batch)."""
-    from vitcompress.data import load_data
 
     data = load_data(spec, data_cfg)
     it = iter(data.loader(batch, workers=workers))
@@ -76,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-workers", type=int, default=2)
     parser.add_argument("--torchrun", action="store_true")
     args = parser.parse_args(argv)
-
-    from vitcompress.bench import BenchConfig, time_model
-    from vitcompress.models import create_model, data_config
-    from vitcompress.provenance import run_context
 
     model = create_model("vit_small_patch16_224", num_classes=10)
     dcfg = data_config(model)

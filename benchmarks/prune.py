@@ -10,42 +10,49 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from vitcompress import Calibration, apply_stack, create_model, data_config, model_info
+from vitcompress.bench import BenchConfig, compare, count_flops, model_runner, serialized_size_mb
+from vitcompress.bench.measure import train_step_peak_mb
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.provenance import run_context
+from vitcompress.transforms import BlockSparseConfig, PruneConfig
+from vitcompress.transforms.recovery import attention_params
 
-RECOVERY = {"epochs": 10, "data": "digits"}
-VARIANTS: dict[str, tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None]] = {
-    "MLP 50 %, no recovery": ([("prune", {"mlp": 0.5})], None),
-    "MLP 50 % (taylor), no recovery": ([("prune", {"mlp": 0.5, "criterion": "taylor"})], None),
-    "MLP 50 %, 10 ep CE fine-tune": ([("prune", {"mlp": 0.5})], {"distill": "none"}),
-    "MLP 50 %, 10 ep distill": ([("prune", {"mlp": 0.5})], {"distill": "soft"}),
-    "MLP 50 %, 10 ep distill, attn-only": ([("prune", {"mlp": 0.5})], {"distill": "soft", "attn_only": True}),
-    "heads 25 % + MLP 50 %, no recovery": ([("prune", {"heads": 0.25, "mlp": 0.5})], None),
-    "heads 25 % + MLP 50 %, 10 ep distill": ([("prune", {"heads": 0.25, "mlp": 0.5})], {"distill": "soft"}),
-    "block 50 % (16x16), no recovery": ([("block", {"sparsity": 0.5, "block_size": 16})], None),
-    "block 50 % (16x16), 10 ep distill": ([("block", {"sparsity": 0.5, "block_size": 16})], {"distill": "soft"}),
-    "block 75 % (16x16), 10 ep distill": ([("block", {"sparsity": 0.75, "block_size": 16})], {"distill": "soft"}),
+from .accuracy import accuracy_markdown, accuracy_table
+
+WARMUP_S = float(os.environ.get("VITCOMPRESS_BENCH_WARMUP_S", "2.0"))  # per timed pair; the GPU runbook lowers it
+
+RECOVERY = {"name": "recovery", "epochs": 10, "data": "digits"}
+PRUNE_MLP, PRUNE_BOTH = {"name": "prune", "mlp": 0.5}, {"name": "prune", "heads": 0.25, "mlp": 0.5}
+BLOCK_16 = {"name": "block_sparse", "sparsity": 0.5, "block_size": 16}
+VARIANTS: dict[str, list[dict[str, Any]]] = {  # stacks for apply_stack, in the transforms' own vocabulary
+    "MLP 50 %, no recovery": [PRUNE_MLP],
+    "MLP 50 % (taylor), no recovery": [{**PRUNE_MLP, "criterion": "taylor"}],
+    "MLP 50 %, 10 ep CE fine-tune": [PRUNE_MLP, {**RECOVERY, "distill": "none"}],
+    "MLP 50 %, 10 ep distill": [PRUNE_MLP, {**RECOVERY, "distill": "soft"}],
+    "MLP 50 %, 10 ep distill, attn-only": [PRUNE_MLP, {**RECOVERY, "distill": "soft", "attn_only": True}],
+    "heads 25 % + MLP 50 %, no recovery": [PRUNE_BOTH],
+    "heads 25 % + MLP 50 %, 10 ep distill": [PRUNE_BOTH, {**RECOVERY, "distill": "soft"}],
+    "block 50 % (16x16), no recovery": [BLOCK_16],
+    "block 50 % (16x16), 10 ep distill": [BLOCK_16, {**RECOVERY, "distill": "soft"}],
+    "block 75 % (16x16), 10 ep distill": [{**BLOCK_16, "sparsity": 0.75}, {**RECOVERY, "distill": "soft"}],
 }
 
 
-def _configs(stack: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    from vitcompress.transforms import BlockSparseConfig, PruneConfig
-
-    return [PruneConfig(**kw) if kind == "prune" else BlockSparseConfig(**kw) for kind, kw in stack]
-
-
 def _details(model: nn.Module) -> str:
-    from vitcompress.models import model_info
-
     info = model_info(model)
     parts = []
     for t in info.transforms:
         c, s = t["config"], t["state"]
+        if t["name"] == "recovery":
+            continue
         if t["name"] == "prune":
             parts.append(f"{c['criterion']} {c['scope']}; params x{s.get('params_fraction', 1):.2f}")
         else:
@@ -59,12 +66,6 @@ def _details(model: nn.Module) -> str:
 
 def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224", repeat: int = 7) -> None:
     """Pruned vs dense ViT-B/16, alternately in one process (weights do not change speed)."""
-    from vitcompress.bench import BenchConfig, compare, count_flops, model_runner, serialized_size_mb
-    from vitcompress.models import create_model, data_config
-    from vitcompress.provenance import run_context
-    from vitcompress.transforms import BlockSparseConfig, PruneConfig
-    from vitcompress.transforms.registry import compress_
-
     base = create_model(arch)
     size, cfg = data_config(base)["input_size"], BenchConfig()
     device = cfg.resolve_device()
@@ -75,8 +76,7 @@ def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224",
         count_flops(base, size) / 1e9
     rows = []
     for name, c in variants.items():
-        m = copy.deepcopy(base)
-        compress_(m, c)
+        m = apply_stack(copy.deepcopy(base), [c])
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         row = {"variant": name, "params_ratio": round(n / n_base, 3),
                "size_ratio": round(serialized_size_mb(m) / size_base, 3),
@@ -86,7 +86,7 @@ def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224",
             row["cpu_impl"] = sorted(impls)
         for bs in batch_sizes:
             r = compare(model_runner(base, bs, size, cfg), model_runner(m, bs, size, cfg), device=device,
-                        warmup=2, warmup_s=2.0, repeat=repeat)
+                        warmup=2, warmup_s=WARMUP_S, repeat=repeat)
             row["speedup"][str(bs)] = round(r["speedup"], 3)
             row["ms"][str(bs)] = {"dense": round(r["a_median_ms"], 2), "pruned": round(r["b_median_ms"], 2)}
             print(f"{name} vs dense, batch {bs}: {r['speedup']:.3f}x", flush=True)
@@ -113,12 +113,6 @@ def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224",
 
 def memory(out: Path, artifact: str, arch: str = "vit_base_patch16_224", batch: int = 16) -> None:
     """Peak training-step memory: attention-only vs full fine-tuning (AdamW, bf16 autocast)."""
-    from vitcompress.bench import BenchConfig
-    from vitcompress.bench.measure import train_step_peak_mb
-    from vitcompress.models import create_model, data_config
-    from vitcompress.provenance import run_context
-    from vitcompress.transforms.recovery import attention_params
-
     cfg = BenchConfig(device="cpu")
     rows = []
     for name, b in ((arch, batch), (f"digits testbed ({artifact})", 64)):
@@ -162,25 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_accuracy:
         return 0
 
-    from benchmarks.accuracy import accuracy_markdown, accuracy_table
-    from vitcompress.data import load_data
-    from vitcompress.models import data_config
-    from vitcompress.transforms.recovery import RecoveryConfig, finetune_
-    from vitcompress.transforms.registry import compress_
-
-    def build(stack: list[tuple[str, dict[str, Any]]], recovery: dict[str, Any] | None):
-        def fn(base: nn.Module) -> nn.Module:
-            model = copy.deepcopy(base)
-            for c in _configs(stack):
-                calib = load_data("digits", data_config(model), purpose="calib", limit=32).loader(8) \
-                    if c.needs_calibration else None
-                compress_(model, c, calib=calib)
-            if recovery is not None:
-                finetune_(model, RecoveryConfig(**RECOVERY, **recovery), teacher=base)
-            return model
+    def build(stack: list[dict[str, Any]]):
+        def fn(base: nn.Module) -> nn.Module:  # recovery distils from the unpruned base
+            return apply_stack(copy.deepcopy(base), stack, calib=Calibration("digits", 32), teacher=base)
         return fn
 
-    res = accuracy_table(args.artifact, {k: build(*v) for k, v in VARIANTS.items()}, details=_details)
+    res = accuracy_table(args.artifact, {k: build(v) for k, v in VARIANTS.items()}, details=_details)
     atomic_write_json(args.out / "accuracy_digits.json", res)
     atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(
         res, "Pruning accuracy, before and after recovery: the digits testbed", "importance; recovery",

@@ -16,8 +16,16 @@ from typing import Any
 
 from torch import nn
 
+from vitcompress import Calibration, apply_stack, create_model
+from vitcompress.bench import BenchConfig, compare, model_runner
+from vitcompress.bench.measure import serialized_size_mb
 from vitcompress.errors import ConfigError
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.models import data_config, model_info
+from vitcompress.provenance import run_context
+from vitcompress.transforms import QuantConfig
+
+from .accuracy import accuracy_table
 
 ATTN = ["qkv", "proj", "fc1", "fc2", "attn_matmul"]
 # target -> variant -> QuantConfig fields. Each target's first row is the naive baseline (minmax RTN).
@@ -100,8 +108,6 @@ def _details(c: dict[str, Any]) -> str:
 
 def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict[str, float]:
     """bf16 + SDPA base vs ``model`` (deployed formats run as they are), alternately in one process."""
-    from vitcompress.bench import BenchConfig, compare, model_runner
-    from vitcompress.models import data_config
 
     size, cfg = data_config(base)["input_size"], BenchConfig()
     r = compare(model_runner(base, batch, size, cfg), model_runner(model, batch, size, cfg),
@@ -112,12 +118,6 @@ def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict
 
 def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
     """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process."""
-    from vitcompress.bench import BenchConfig
-    from vitcompress.bench.measure import serialized_size_mb
-    from vitcompress.models import create_model
-    from vitcompress.provenance import run_context
-    from vitcompress.transforms import QuantConfig
-    from vitcompress.transforms.registry import compress_
 
     base = create_model(arch)
     rows, skipped = [], {}
@@ -128,7 +128,7 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
     for name, spec in formats.items():
         q = copy.deepcopy(base)
         try:
-            compress_(q, QuantConfig(**spec))
+            apply_stack(q, [QuantConfig(**spec)])
         except ConfigError as e:  # e.g. bitsandbytes not installed on this machine: say so in the table
             skipped[name] = str(e)
             print(f"{name}: skipped ({e})", flush=True)
@@ -195,21 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ARTIFACT is required unless --speed-only", file=sys.stderr)
         return 2
 
-    from benchmarks.accuracy import accuracy_table
-    from vitcompress.data import load_data
-    from vitcompress.models import data_config, model_info
-    from vitcompress.transforms import QuantConfig
-    from vitcompress.transforms.registry import compress_
-
-    calib: list[Any] = []  # the same 32 train-split images for every variant, loaded once
+    calib = Calibration("digits", args.calib_size)  # the same train-split images for every variant
 
     def build(spec: dict[str, Any]):
         def fn(base: nn.Module) -> nn.Module:
-            model = copy.deepcopy(base)
-            if not calib:
-                calib.append(load_data("digits", data_config(model), purpose="calib", limit=args.calib_size))
-            compress_(model, QuantConfig(**spec, calib_size=args.calib_size), calib=calib[0].loader(args.calib_size))
-            return model
+            return apply_stack(copy.deepcopy(base), [QuantConfig(**spec, calib_size=args.calib_size)], calib=calib)
         return fn
 
     labels = {f"{target}: {name}": (target, name) for target, rows in VARIANTS.items() for name in rows}
@@ -229,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         if row["deployable"]:
             row["latency"] = _latency(base, model, args.latency_batch, args.repeat)
             print(f"{row['variant']}: {row['latency']['speedup']:.3f}x vs bf16", flush=True)
-    from vitcompress.bench import BenchConfig
-    from vitcompress.provenance import run_context
 
     res.update(run_context(BenchConfig().resolve_device()), calib_size=args.calib_size,
                latency_batch=args.latency_batch)

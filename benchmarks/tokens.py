@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vitcompress import apply_stack, create_model, data_config
+from vitcompress.bench import BenchConfig, compare, count_flops, model_runner
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.provenance import run_context
+from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
+
+from .accuracy import accuracy_markdown, accuracy_table
+
+WARMUP_S = float(os.environ.get("VITCOMPRESS_BENCH_WARMUP_S", "2.0"))  # per timed pair; the GPU runbook lowers it
 
 DEFAULT_VARIANTS = {
     "tome r=13": {"r": 13},
@@ -43,25 +52,15 @@ ACCURACY_VARIANTS = {
 
 
 def _build(model: torch.nn.Module, spec: dict[str, Any], flops_of: dict[str, float]) -> torch.nn.Module:
-    from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
-    from vitcompress.transforms.registry import compress_
-
-    trial = copy.deepcopy(model)
     spec = dict(spec)
-    if "img_size" in spec:
-        compress_(trial, ResolutionConfig(img_size=spec.pop("img_size")))
+    stack: list[Any] = [ResolutionConfig(img_size=spec.pop("img_size"))] if "img_size" in spec else []
     if isinstance(spec.get("target_flops"), str):  # match another variant's GFLOPs
         spec["target_flops"] = flops_of[spec["target_flops"]]
-    if spec:
-        compress_(trial, TokenMergeConfig(**spec))
-    return trial
+    stack += [TokenMergeConfig(**spec)] if spec else []
+    return apply_stack(copy.deepcopy(model), stack)
 
 
 def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from vitcompress.bench import BenchConfig, compare, count_flops, model_runner
-    from vitcompress.models import create_model, data_config
-    from vitcompress.provenance import run_context
-
     base = create_model(arch)
     size = data_config(base)["input_size"]
     cfg = BenchConfig()
@@ -75,7 +74,7 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
         flops_of[name] = flops / base_flops
         for bs in batch_sizes:
             r = compare(model_runner(base, bs, size, cfg), model_runner(model, bs, vsize, cfg), device=device,
-                        warmup=2, warmup_s=2.0, repeat=repeat)
+                        warmup=2, warmup_s=WARMUP_S, repeat=repeat)
             rows.append({"variant": name, "config": spec, "batch": bs, "speedup": round(r["speedup"], 3),
                          "base_ms": round(r["a_median_ms"], 2), "variant_ms": round(r["b_median_ms"], 2),
                          "base_img_s": round(bs / r["a_median_ms"] * 1000, 1),
@@ -117,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", default=None, metavar="ARTIFACT", help="accuracy table for this artifact")
     args = parser.parse_args(argv)
     if args.accuracy:
-        from benchmarks.accuracy import accuracy_markdown, accuracy_table
 
         res = accuracy_table(args.accuracy, {k: (lambda base, v=v: _build(base, v, {}))
                                              for k, v in ACCURACY_VARIANTS.items()}, details=_schedule)

@@ -95,7 +95,7 @@ def test_bench_config_validation():
 def test_benches_without_an_artifact_fail_in_one_line(bench, capsys):
     import importlib
 
-    main = importlib.import_module(f"vitcompress.bench.{bench}").main
+    main = importlib.import_module(f"benchmarks.{bench}").main
     assert main(["--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ARTIFACT is required" in err

@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from conftest import FAMILIES, TINY
 
-from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress import apply_stack, compress_, create_model, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
 from vitcompress.models import data_config, model_info
@@ -162,8 +162,9 @@ def test_attn_only_recovery_changes_only_attention(trained_artifact):
     m = create_model(str(trained_artifact))
     compress_(m, PruneConfig(mlp=0.5))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    rec = finetune_(m, RecoveryConfig(epochs=1, limit=64, batch_size=32, attn_only=True))
-    assert rec["level"] == "short" and model_info(m).provenance["recovery"]["level"] == "short"
+    apply_stack(m, [RecoveryConfig(epochs=1, limit=64, batch_size=32, attn_only=True)])  # teacher: the base
+    assert model_info(m).provenance["recovery"]["level"] == "short"
+    assert model_info(m).transforms[-1]["name"] == "recovery"
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".attn." in n for n in changed)
     assert all(p.requires_grad for p in m.parameters())  # flags restored

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .bench import BenchConfig, count_flops, peak_memory_mb, serialized_size_mb, time_model
+from .bench import BenchConfig, Dtype, count_flops, peak_memory_mb, serialized_size_mb, time_model
 from .bench.timing import attention_backend
 from .data import ImageData, load_data
 from .errors import check_positive
@@ -36,6 +36,7 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     check_positive("batch size", batch_size)
     cfg = cfg or BenchConfig()
     device = cfg.resolve_device()
+    dtype = cfg.dtype.on(device)
     model = model.to(device).eval()
     rank, size = distributed.shard()
     batch_ids, items = distributed.batch_indices(len(data), batch_size, rank, size) if size > 1 else (None, None)
@@ -43,7 +44,7 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     outs = []
     with attention_backend(model, cfg.sdpa), progress_bar(progress, len(loader), f"eval {data.name}") as tick:
         for x, y, g in loader:
-            with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=cfg.dtype != "fp32"):
+            with torch.autocast(device.type, dtype=dtype.torch, enabled=dtype != Dtype.FP32):
                 out = model(x.to(device))
             outs.append(torch.cat([out.float().cpu(), y[:, None].float(), g[:, None].float()], 1))
             tick()
@@ -105,7 +106,7 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     result.update(static_metrics(model))
     if speed and distributed.is_main():  # under torchrun only rank 0 times (the others would contend)
         result.update(speed_metrics(model, bench))
-    result.update({"dtype": str(bench.dtype), "sdpa": bench.sdpa, "compile": bench.compile,
+    result.update({"dtype": str(bench.dtype.on(bench.resolve_device())), "sdpa": bench.sdpa, "compile": bench.compile,
                    **run_context(bench.resolve_device())})
     return result
 

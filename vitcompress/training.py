@@ -37,7 +37,7 @@ class OptimConfig(Config):
     aug_scale: float = 0.1
     aug_translate: float = 0.1
     aug_flip: float = 0.0
-    dtype: Dtype = Dtype.BF16
+    dtype: Dtype = Dtype.AUTO
     device: str = "auto"
     seed: int = 0
 
@@ -96,7 +96,8 @@ def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: t
     steps = cfg.epochs * len(loader)
     warmup = min(steps, int(cfg.warmup_epochs * len(loader)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    use_amp = cfg.dtype != Dtype.FP32
+    dtype = cfg.dtype.on(device)
+    use_amp = dtype != Dtype.FP32
     t0, step, loss_avg = time.perf_counter(), 0, float("nan")
     with progress_bar(progress, steps, desc) as tick:
         for epoch in range(cfg.epochs):
@@ -104,7 +105,7 @@ def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: t
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, steps, warmup, cfg)
                 x = augment(x, cfg, gen).to(device)
-                with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
+                with torch.autocast(device.type, dtype=dtype.torch, enabled=use_amp):
                     loss = loss_fn(x, y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

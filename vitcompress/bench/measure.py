@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from .. import kernels  # noqa: F401  (defines torch.ops.vitcompress and their FLOP formulas)
 from ..artifact import WEIGHTS_METADATA, weight_tensors
-from .timing import BenchConfig, attention_backend, model_runner
+from .timing import BenchConfig, Dtype, attention_backend, model_runner
 
 
 def _register_gemms() -> None:
@@ -136,7 +136,8 @@ def train_step_peak_mb(model: nn.Module, params: list[nn.Parameter], batch_size:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=cfg.dtype.value != "fp32"):
+        dtype = cfg.dtype.on(device)
+        with torch.autocast(device.type, dtype=dtype.torch, enabled=dtype != Dtype.FP32):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +21,36 @@ from ..errors import ConfigError
 
 
 class Dtype(StrEnum):
+    """The autocast dtype. ``auto``: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32 (an
+    emulated bf16 matmul is ~50x slower than fp32 there)."""
+
+    AUTO = "auto"
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
 
+    def on(self, device: torch.device) -> Dtype:
+        """The concrete dtype on ``device`` (``auto`` resolved)."""
+        if self != Dtype.AUTO:
+            return self
+        return Dtype.BF16 if device.type == "cuda" or cpu_has_native_bf16() else Dtype.FP32
+
     @property
     def torch(self) -> torch.dtype:
+        if self == Dtype.AUTO:
+            raise ValueError("resolve Dtype.AUTO for a device first (Dtype.on)")
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 @dataclasses.dataclass
@@ -36,7 +60,7 @@ class BenchConfig(Config):
     NAME = "bench"
     VERSION = 1
     device: str = "auto"
-    dtype: Dtype = Dtype.BF16
+    dtype: Dtype = Dtype.AUTO
     sdpa: bool = True
     compile: bool = False
     warmup: int = 3
@@ -149,13 +173,14 @@ def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...],
     model = model.to(device).eval()
     fwd = torch.compile(model) if cfg.compile else model
     x = torch.randn(batch_size, *input_size, device=device)
-    use_amp = cfg.dtype != Dtype.FP32
+    dtype = cfg.dtype.on(device)
+    use_amp = dtype != Dtype.FP32
     attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
 
     def run() -> torch.Tensor:
         for m in attn:
             m.fused_attn = cfg.sdpa
-        with torch.inference_mode(), torch.autocast(device.type, dtype=cfg.dtype.torch, enabled=use_amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype.torch, enabled=use_amp):
             return fwd(x)
 
     return run

@@ -78,6 +78,10 @@ class MappedImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def raw(self, i: int) -> tuple[Any, int]:
+        """Item ``i`` before preprocessing: (PIL image, label)."""
+        return self.fetch(self.indices[i])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         img, label = self.fetch(self.indices[i])
         return self.transform(img.convert("RGB")), int(label), 0

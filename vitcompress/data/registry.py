@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import DataError, check_positive
 from .base import ImageData
+from .corrupt import load_corrupted
 from .digits import load_digits_data
 from .sources import load_hf_hub, load_local, load_synthetic
 
@@ -29,17 +30,17 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         raise DataError("no data spec given")
     default_split = split or ("train" if purpose in ("train", "calib") else None)
     if spec in ("digits", "digits-c"):
-
         return load_digits_data(spec, default_split, limit, data_cfg)
+    if spec == "cifar10-c" or spec.startswith("cifar10-c:"):
+        if purpose in ("train", "calib"):
+            raise DataError("cifar10-c is a corrupted test split: evaluate on it, never train or calibrate")
+        return load_corrupted(spec, data_cfg, split, limit, _load)
     if spec == "synthetic" or spec.startswith("synthetic:"):
-
         return load_synthetic(spec, data_cfg, limit)
     if spec.startswith("hf:"):
-
         return load_hf_hub(spec, data_cfg, split, limit, purpose)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"unknown data spec or missing path: '{spec}' "
-                        "(expected digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a local directory)")
-
+        raise DataError(f"unknown data spec or missing path: '{spec}' (expected digits, digits-c, "
+                        "cifar10-c[:SOURCE], synthetic[:N], hf:NAME[:SPLIT] or a local directory)")
     return load_local(path, data_cfg, split, limit, purpose)
