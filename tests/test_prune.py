@@ -204,3 +204,25 @@ def test_recovery_leaves_the_teacher_trainable_and_trains_every_student_weight(t
     finetune_(m, RecoveryConfig(epochs=1, limit=64, batch_size=32), teacher=base)
     assert all(p.requires_grad for p in base.parameters())
     assert not torch.equal(m.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
+
+
+def test_global_keep_drops_exactly_the_requested_count_under_ties():
+    from vitcompress.transforms.prune.importance import global_keep
+
+    scores = [torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.tensor([0.0, 2.0, 3.0, 5.0])]  # tied zeros across layers
+    keeps = global_keep(scores, 0.5)
+    assert sum(int((~k).sum()) for k in keeps) == 4
+    zero_ties = [torch.zeros(8), torch.zeros(8)]  # zero Taylor scores: a "> cut" threshold dropped all 16
+    assert sum(int((~k).sum()) for k in global_keep(zero_ties, 0.25)) == 4
+
+
+def test_hessian_scores_use_every_micro_batch_of_unlabelled_batches(tiny_model, monkeypatch):
+    from vitcompress.transforms.prune import importance as imp
+
+    calls = []
+    real = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda x: calls.append(len(x)) or real(x))
+    batches = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]  # bare tensors: no labels
+    imp.scores(tiny_model, imp.Criterion.HESSIAN, lambda term: {"w": term(tiny_model.head.weight)},
+                       batches, 16)
+    assert calls == [4, 4, 4, 4]  # before: only the first micro-batch of each batch ([4, 4])

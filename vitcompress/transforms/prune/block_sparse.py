@@ -65,10 +65,10 @@ def select_blocks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str,
     """Global selection: bool masks [out/B, in/B] per layer keeping the top ``1 - sparsity`` of all tiles
     by layer-normalized score, at least one per layer."""
     norm = {n: imp.normalized(s) for n, s in scores.items()}
-    cut = imp.global_cut(list(scores.values()), sparsity)
+    keeps = dict(zip(scores, imp.global_keep(list(scores.values()), sparsity)))
     masks = {}
     for n, s in norm.items():
-        m = s > cut
+        m = keeps[n].clone()
         if not m.any():
             m.view(-1)[s.flatten().argmax()] = True
         masks[n] = m

@@ -109,7 +109,8 @@ def scores(model: nn.Module, criterion: Criterion, score_fn: Callable[[Term], di
             p.requires_grad_(True)
         for x, y in calib_batches(calib, calib_size, device):
             chunks = x.split(HESSIAN_MICRO_BATCH) if criterion == Criterion.HESSIAN else (x,)
-            labels = y.split(HESSIAN_MICRO_BATCH) if (y is not None and criterion == Criterion.HESSIAN) else (y,)
+            labels = (y.split(HESSIAN_MICRO_BATCH) if criterion == Criterion.HESSIAN else (y,)) if y is not None \
+                else (None,) * len(chunks)  # unlabelled batches: every micro-batch, not only the first
             for xc, yc in zip(chunks, labels):
                 model.zero_grad(set_to_none=True)
                 with torch.enable_grad():
@@ -134,9 +135,12 @@ def normalized(score: torch.Tensor) -> torch.Tensor:
     return score / score.mean().clamp_min(1e-30)
 
 
-def global_cut(scores: list[torch.Tensor], frac: float) -> float:
-    """The threshold on layer-normalized scores below which the lowest ``frac`` of all entries fall
-    (-inf when nothing is dropped): entries with ``normalized(s) > cut`` are kept."""
+def global_keep(scores: list[torch.Tensor], frac: float) -> list[torch.Tensor]:
+    """Boolean keep-masks (one per score tensor, same shape) that drop exactly ``round(frac * total)`` entries:
+    the lowest layer-normalized scores, ties broken by position (a threshold would drop every tied entry,
+    e.g. all the zero Taylor scores)."""
     flat = torch.cat([normalized(s).flatten() for s in scores])
     n_drop = round(frac * len(flat))
-    return float(flat.sort().values[n_drop - 1]) if n_drop else -float("inf")
+    keep = torch.ones(len(flat), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:n_drop]] = False
+    return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]

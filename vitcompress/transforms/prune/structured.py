@@ -115,8 +115,7 @@ def keep_heads(scores: list[torch.Tensor], frac: float, scope: Scope) -> list[li
     if scope == Scope.PER_LAYER:
         counts = [len(s) - round(frac * len(s)) for s in scores]
     else:
-        cut = imp.global_cut(scores, frac)
-        counts = [int((imp.normalized(s) > cut).sum()) for s in scores]
+        counts = [int(m.sum()) for m in imp.global_keep(scores, frac)]
     out = []
     for i, (s, n) in enumerate(zip(scores, counts)):
         if n < 1:
@@ -132,8 +131,7 @@ def keep_channels(scores: list[torch.Tensor], frac: float, scope: Scope, round_t
     if scope == Scope.PER_LAYER:
         counts = [(1 - frac) * len(s) for s in scores]
     else:
-        cut = imp.global_cut(scores, frac)
-        counts = [float((imp.normalized(s) > cut).sum()) for s in scores]
+        counts = [float(m.sum()) for m in imp.global_keep(scores, frac)]
     out = []
     for s, n in zip(scores, counts):
         k = _round(n, round_to, len(s)) if len(s) >= round_to else len(s)
