@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,14 @@ def cli(capsys):
         return rc, captured.out, captured.err
 
     return run
+
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir():
+    """The shared CIFAR-10 Parquet copy (``../shared/data/cifar10``); skips cleanly where it is absent."""
+    if not (SHARED_CIFAR10 / "test.parquet").is_file():
+        pytest.skip("../shared/data/cifar10 is not here (a user's clone): CIFAR-10 tests skipped")
+    return SHARED_CIFAR10
