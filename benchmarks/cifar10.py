@@ -83,7 +83,8 @@ def goals(points: dict[str, dict[str, Any]], testbed: dict[str, Any]) -> list[di
 
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any], sweep: Path) -> str:
     lines = ["# CIFAR-10 goals", "",
-             f"From the sweep in `{sweep}` (10,000 test images; cifar10-c: the same images, one seeded corruption each). "
+             f"From the sweep in `{sweep}` (10,000 test images; cifar10-c: the same images, one seeded corruption "
+             "each). "
              f"Base: the CIFAR-10 testbed, top-1 {_top1(base):.2f} %, cifar10-c top-1 {_top1(base, CORRUPT):.2f} %, "
              f"{base['gflops']:.3f} GFLOPs/image; {base['device']}, torch {base['versions']['torch']}, {base['date']}.",
              "", "Reproduce: `vitcompress sweep recipes/cifar10_sweep.yaml --out results/cifar10/sweep`, then "

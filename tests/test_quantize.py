@@ -256,3 +256,32 @@ def test_w4a4_repq_runs_and_reloads(tmp_path, tiny_model):
     compress_(tiny_model, QuantConfig(w_bits=4, a_bits=4, reparam="repq"), calib=_calib(tiny_model))
     save_artifact(tiny_model, tmp_path / "r")
     assert torch.equal(_fwd(load_artifact(tmp_path / "r"), _x()), _fwd(tiny_model, _x()))
+
+
+def test_sequential_gptq_takes_hessians_from_the_quantized_earlier_layers(tiny_model):
+    seq, one = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    compress_(seq, QuantConfig(w_bits=4, a_bits=8, rounding="gptq"), calib=_calib(tiny_model))
+    compress_(one, QuantConfig(w_bits=4, a_bits=8, rounding="gptq", gptq_sequential=False), calib=_calib(tiny_model))
+    first, last = "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight"
+    assert torch.equal(seq.state_dict()[first], one.state_dict()[first])  # the first layer sees the same inputs
+    assert not torch.equal(seq.state_dict()[last], one.state_dict()[last])  # later ones see quantized inputs
+    old = QuantConfig.from_dict({"name": "quantize", "version": 2, "w_bits": 4, "rounding": "gptq"})
+    assert old.gptq_sequential is False  # what a v2 record did
+
+
+def test_gptq_act_order_rounds_on_the_grid_and_beats_rtn():
+    from vitcompress.transforms.quantize import ops
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 48, generator=g), torch.randn(256, 48, generator=g) * torch.linspace(0.1, 3, 48)
+    h = x.t() @ x
+    q, scale = ops.gptq_quantize(w, h, 4, act_order=True)
+    assert torch.allclose(q / scale, torch.round(q / scale), atol=1e-4)  # on the per-channel grid
+    rtn = torch.round(w / scale).clamp(-7, 7) * scale
+
+    def err(a):
+        return float(((w - a) @ h @ (w - a).t()).trace())
+
+    assert err(q) < err(rtn) and not torch.equal(q, ops.gptq_quantize(w, h, 4)[0])
+    with pytest.raises(ConfigError, match="act_order is a GPTQ option"):
+        QuantConfig(w_bits=4, act_order=True)

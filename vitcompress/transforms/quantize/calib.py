@@ -82,6 +82,18 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     return out, hessians
 
 
+def layer_hessian(model: nn.Module, layer: nn.Module, calib: Iterable[Any], calib_size: int) -> torch.Tensor:
+    """sum(x^T x) [I,I] of ``layer``'s inputs when the calibration images run through ``model`` as it is now."""
+    total: list[torch.Tensor] = []
+
+    def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = _rows(module, args[0])
+        total.append(x.t() @ x if not total else total.pop() + x.t() @ x)
+
+    run_calibration(model, calib, calib_size, [(layer, fn)])
+    return total[0]
+
+
 def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
     """RepQ-ViT's scale reparameterization, in place, for each (LayerNorm -> Linear) pair: norm1 -> qkv and
     norm2 -> fc1, when those Linears are selected and activations are quantized per tensor.

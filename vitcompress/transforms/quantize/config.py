@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ...config import Config, StrEnum
 from ...errors import ConfigError
@@ -67,7 +68,7 @@ class QuantConfig(Config):
     """
 
     NAME = "quantize"
-    VERSION = 2  # v2 added softmax and dtype; v1 dicts load unchanged (their defaults are v1's behaviour)
+    VERSION = 3  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ)
     w_bits: int | None = 8
     a_bits: int | None = 8
     w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
@@ -81,10 +82,17 @@ class QuantConfig(Config):
     mode: Mode = Mode.SIMULATE
     rounding: Rounding = Rounding.RTN
     gptq_damp: float = 0.01
+    gptq_sequential: bool = True
+    act_order: bool = False
     reparam: Reparam = Reparam.NONE
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
     dtype: QuantDtype = QuantDtype.INT
     backend: Backend = Backend.AUTO
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """v1/v2 collected every GPTQ Hessian in one pass over the float model: say so in the upgraded dict."""
+        return {**data, "gptq_sequential": False} if version < 3 else data
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -100,6 +108,8 @@ class QuantConfig(Config):
         if self.reparam == Reparam.REPQ and not self.static_acts:
             raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
                               "a_granularity per_tensor")
+        if self.act_order and (self.rounding != Rounding.GPTQ or self.w_granularity != WeightGranularity.PER_CHANNEL):
+            raise ConfigError("act_order is a GPTQ option for per-channel weights (rounding gptq, per_channel)")
         if self.rounding == Rounding.GPTQ and self.w_bits is None:
             raise ConfigError("gptq rounds weights: it needs w_bits")
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:

@@ -95,13 +95,20 @@ def act_range(x: torch.Tensor, observer: str, bits: int, percentile: float = 99.
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: round w [O,I] column by column, pushing each column's error onto the columns not yet rounded.
 
     hessian: [I,I] = sum of x^T x over the layer's calibration inputs. The grid is the same symmetric
-    per-channel (or per-group, its scale taken when the group starts) grid as RTN. Returns the dequantized
-    float32 weights, which lie exactly on that grid.
+    per-channel (or per-group, its scale taken when the group starts) grid as RTN. ``act_order`` rounds the
+    columns in descending order of the Hessian's diagonal (GPTQ's act-order; per-channel grids only). Returns
+    the dequantized float32 weights, which lie exactly on that grid, and the scales.
     """
+    if act_order:
+        if group_size:
+            raise ValueError("act_order takes per-channel weight scales (groups would not stay contiguous)")
+        perm = torch.argsort(torch.diag(hessian), descending=True)
+        out, scale = gptq_quantize(w[:, perm], hessian[perm][:, perm], bits, None, damp, block)
+        return out[:, torch.argsort(perm)], scale
     w = w.detach().float().clone()
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0

@@ -26,7 +26,7 @@ from ..layers import select_layers as _select
 from ..registry import TransformContext, register_transform
 from . import ops
 from .bnb import to_bnb
-from .calib import calibrate, repq_reparam_
+from .calib import calibrate, layer_hessian, repq_reparam_
 from .config import (
     ActGranularity,
     Mode,
@@ -34,6 +34,7 @@ from .config import (
     QuantConfig,
     QuantDtype,
     Reparam,
+    Rounding,
     SoftmaxQuant,
 )
 from .int8_linear import Int8Linear
@@ -91,7 +92,7 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     if kind == "int8":
         return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend), clip
     if hessian is not None:
-        w, scale = ops.gptq_quantize(m.weight, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp)
+        w, scale = ops.gptq_quantize(m.weight, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp, act_order=cfg.act_order)
         return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, weight=w, scale=scale), 1.0
     return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, clip=clip), clip
 
@@ -102,7 +103,7 @@ def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None)
     if cfg.dtype == QuantDtype.FP8:
         new, clip = ops.fake_quant_fp8(w, ops.fp8_scale(w.detach().abs().amax(1, keepdim=True))), 1.0
     elif hessian is not None:
-        new, clip = ops.gptq_quantize(w, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp)[0], 1.0
+        new, clip = ops.gptq_quantize(w, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp, act_order=cfg.act_order)[0], 1.0
     else:
         clip = _weight_clip(w, cfg)
         new = ops.fake_quant_weight(w, cfg.w_bits, cfg.group, clip)
@@ -136,6 +137,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             if isinstance(m, Attention):
                 convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
+    sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential and not deploy
     clips = {}
     for name, m in layers:
         if deploy:
@@ -143,7 +145,10 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             replace_module(model, name, new)
             continue
         if cfg.w_bits is not None and not isinstance(m, Attention):
-            clips[name] = _round_weight_(m, cfg, hessians.get(name))
+            # sequential GPTQ (the reference): this layer's Hessian from the inputs that the already-quantized
+            # earlier layers produce, not from the float model's
+            h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential else hessians.get(name)
+            clips[name] = _round_weight_(m, cfg, h)
         if not isinstance(m, Attention):
             convert(m, cfg.a_bits, per_token, fp8)
         set_grids(m, ranges.get(name, {}))
