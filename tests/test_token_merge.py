@@ -291,3 +291,17 @@ def test_target_speedup_bisects_on_measured_speed(monkeypatch):
     assert model.vitcompress_info.transforms[-1]["state"]["measured_speedup"] == pytest.approx(1 / frac, abs=1e-3)
     with pytest.raises(ConfigError, match="target_speedup 20.0 was not reached"):
         compress_(_model("vit"), TokenMergeConfig(target_speedup=20.0))
+
+
+def test_flops_model_uses_per_layer_widths_after_pruning():
+    from vitcompress.transforms import PruneConfig
+
+    model = _model("vit")
+    compress_(model, PruneConfig(heads=0.5, mlp=0.5, scope="per_layer"))
+    size = (3, 32, 32)
+    dense = count_flops(model, size)
+    merged = copy.deepcopy(model)
+    compress_(merged, TokenMergeConfig(r=8))
+    counted = count_flops(merged, size) / dense
+    assert abs(flops_fraction(model, [8, 8, 8, 8]) - counted) < 0.02 * counted
+    assert merged.vitcompress_info.transforms[-1]["state"]["flops_fraction"] == pytest.approx(counted, rel=0.02)

@@ -148,9 +148,13 @@ def token_counts(n_tokens: int, schedule: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def block_flops(n_attn: int, n_mlp: int, dim: int, hidden: int) -> int:
-    """FLOPs (2 x MACs) of one ViT block: qkv + attention matmuls + proj on n_attn tokens, MLP on n_mlp."""
-    return 2 * n_attn * dim * 3 * dim + 4 * n_attn * n_attn * dim + 2 * n_attn * dim * dim + 4 * n_mlp * dim * hidden
+def block_flops(n_attn: int, n_mlp: int, dim: int, hidden: int, attn_dim: int | None = None) -> int:
+    """FLOPs (2 x MACs) of one ViT block: qkv + attention matmuls + proj on n_attn tokens, MLP on n_mlp.
+
+    attn_dim: heads x head_dim of this block (default ``dim``; smaller after head pruning); hidden: its MLP width.
+    """
+    a = dim if attn_dim is None else attn_dim
+    return 2 * n_attn * dim * 3 * a + 4 * n_attn * n_attn * a + 2 * n_attn * a * dim + 4 * n_mlp * dim * hidden
 
 
 def keep_count(n_patch: int, keep_rate: float) -> int:

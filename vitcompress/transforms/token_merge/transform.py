@@ -185,13 +185,23 @@ def check_schedule(model: nn.Module, schedule: list[int], method: TokenMethod) -
 def flops_fraction(model: nn.Module, schedule: list[int]) -> float:
     """Analytic GFLOPs under ``schedule`` over the unreduced model's (attention, patch embedding and head
     included), matching what ``torch.utils.flop_counter`` counts."""
-    n, _, dim, hidden = _dims(model)
+    n, _, dim, _ = _dims(model)
+    widths = _widths(model)
     proj = model.patch_embed.proj
     fixed = 2 * model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
     fixed += sum(2 * h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
                  if isinstance(h, nn.Linear))
-    reduced = sum(ops.block_flops(a, m, dim, hidden) for a, m in ops.token_counts(n, schedule))
-    return (fixed + reduced) / (fixed + len(schedule) * ops.block_flops(n, n, dim, hidden))
+    reduced = sum(ops.block_flops(a, m, dim, h, ad) for (a, m), (ad, h) in zip(ops.token_counts(n, schedule), widths))
+    return (fixed + reduced) / (fixed + sum(ops.block_flops(n, n, dim, h, ad) for ad, h in widths))
+
+
+def _widths(model: nn.Module) -> list[tuple[int, int]]:
+    """(heads x head_dim, MLP hidden width) of each block: per layer, since head / MLP pruning changes them."""
+    def out(m: nn.Module, default: int) -> int:  # deployed layers that do not say keep the model's widths
+        return int(getattr(m, "out_features", default))
+
+    dim, hidden = model.embed_dim, model.blocks[0].mlp.fc1
+    return [(out(blk.attn.qkv, 3 * dim) // 3, out(blk.mlp.fc1, out(hidden, 4 * dim))) for blk in model.blocks]
 
 
 def tome_schedule(model: nn.Module, r: float, inflection: float) -> list[int]:
