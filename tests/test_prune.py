@@ -226,3 +226,22 @@ def test_hessian_scores_use_every_micro_batch_of_unlabelled_batches(tiny_model, 
     imp.scores(tiny_model, imp.Criterion.HESSIAN, lambda term: {"w": term(tiny_model.head.weight)},
                        batches, 16)
     assert calls == [4, 4, 4, 4]  # before: only the first micro-batch of each batch ([4, 4])
+
+
+def test_deit_hard_distillation_supervises_each_head_with_its_own_target():
+    from vitcompress.transforms.recovery import distill_loss
+
+    cfg = RecoveryConfig(distill="hard", label_smoothing=0.0)
+    g = torch.Generator().manual_seed(0)
+    cls_logits, dist_logits, teacher = (torch.randn(6, 10, generator=g) for _ in range(3))
+    labels = torch.randint(0, 10, (6,), generator=g)
+    expected = 0.5 * torch.nn.functional.cross_entropy(cls_logits, labels) + \
+        0.5 * torch.nn.functional.cross_entropy(dist_logits, teacher.argmax(-1))
+    torch.testing.assert_close(distill_loss(cls_logits, teacher, labels, cfg, student_dist=dist_logits), expected)
+    model = create_model("deit_tiny_distilled_patch16_224", **TINY)
+    teacher_model = copy.deepcopy(model)
+    seen = []
+    real = model.forward_head
+    model.forward_head = lambda x, pre_logits=False: seen.append(model.distilled_training) or real(x, pre_logits)
+    finetune_(model, RecoveryConfig(epochs=1, limit=32, batch_size=16, distill="hard"), teacher=teacher_model)
+    assert seen and all(seen) and model.distilled_training is False  # both heads trained, then restored

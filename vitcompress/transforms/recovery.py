@@ -76,13 +76,17 @@ def attention_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
-                 cfg: RecoveryConfig) -> torch.Tensor:
-    """The recovery loss from student logits [B,K], teacher logits [B,K] (or None) and labels [B]."""
+                 cfg: RecoveryConfig, student_dist: torch.Tensor | None = None) -> torch.Tensor:
+    """The recovery loss from student logits [B,K], teacher logits [B,K] (or None) and labels [B].
+
+    student_dist: a distilled model's distillation-head logits [B,K]. With ``hard`` distillation they learn the
+    teacher's hard labels while the class head learns the true labels, as in DeiT.
+    """
     ce = F.cross_entropy(student, labels, label_smoothing=cfg.label_smoothing)
     if cfg.distill == Distill.NONE or teacher is None:
-        return ce
+        return ce if student_dist is None else 0.5 * ce + 0.5 * F.cross_entropy(student_dist, labels)
     if cfg.distill == Distill.HARD:
-        return 0.5 * ce + 0.5 * F.cross_entropy(student, teacher.argmax(-1))
+        return 0.5 * ce + 0.5 * F.cross_entropy(student if student_dist is None else student_dist, teacher.argmax(-1))
     t = cfg.temperature
     kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
                   reduction="batchmean") * t * t
@@ -121,13 +125,21 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         if teacher is not None:
             with torch.no_grad():
                 t = teacher(x).float()
-        return distill_loss(model(x).float(), t, y, cfg)
+        out = model(x)  # a distilled model in distilled training returns (class logits, distillation logits)
+        if isinstance(out, tuple):
+            return distill_loss(out[0].float(), t, y, cfg, student_dist=out[1].float())
+        return distill_loss(out.float(), t, y, cfg)
 
+    two_heads = cfg.distill == Distill.HARD and hasattr(model, "set_distilled_training")
+    if two_heads:  # DeiT: each head gets its own target (see distill_loss)
+        model.set_distilled_training(True)
     model.to(device).train()
     try:
         loss, seconds = fit(model, data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed), loss_fn, cfg, device,
                             params=trainable, progress=progress, desc="recover")
     finally:
+        if two_heads:
+            model.set_distilled_training(False)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
