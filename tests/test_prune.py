@@ -245,3 +245,16 @@ def test_deit_hard_distillation_supervises_each_head_with_its_own_target():
     model.forward_head = lambda x, pre_logits=False: seen.append(model.distilled_training) or real(x, pre_logits)
     finetune_(model, RecoveryConfig(epochs=1, limit=32, batch_size=16, distill="hard"), teacher=teacher_model)
     assert seen and all(seen) and model.distilled_training is False  # both heads trained, then restored
+
+
+def test_stacks_that_would_silently_lie_are_refused():
+    from vitcompress.errors import ConfigError
+    from vitcompress.transforms import BlockSparseConfig, QuantConfig
+
+    calib = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
+    fake = create_model("vit_tiny_patch16_224", **TINY)
+    compress_(fake, QuantConfig(w_bits=4, a_bits=8), calib=calib)
+    with pytest.raises(ConfigError, match="block sparsity after simulated quantization"):
+        compress_(fake, BlockSparseConfig(sparsity=0.5, block_size=16))
+    with pytest.raises(ConfigError, match="fine-tuning a simulated-quantized model"):
+        apply_stack(fake, [RecoveryConfig(epochs=1, limit=16, distill="none")])

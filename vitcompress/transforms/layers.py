@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import model_info
 
 LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
                  "fc2": "blocks.*.mlp.fc2", "head": "head", "attn_matmul": "blocks.*.attn",
@@ -88,3 +89,11 @@ def run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int,
         for h in handles:
             h.remove()
     return done
+
+
+def simulated_quantization(model: nn.Module) -> bool:
+    """Whether ``model`` carries a simulated (fake-quantized) quantize step: its weights sit on a grid that
+    training or re-sparsifying would silently break, and its activation quantizers live in its layers."""
+    return any(t["name"] == "quantize" and t["config"].get("mode", "simulate") == "simulate"
+               and (t["config"].get("w_bits") is not None or t["config"].get("a_bits") is not None)
+               for t in model_info(model).transforms)

@@ -28,6 +28,7 @@ from ..data import load_data
 from ..errors import ConfigError
 from ..models import data_config, model_info
 from ..training import OptimConfig, fit
+from .layers import simulated_quantization
 from .registry import TransformContext, register_transform
 
 SHORT_MAX_EPOCHS = 10
@@ -102,6 +103,9 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     """
     info = model_info(model)
     record: dict[str, Any] = {"level": cfg.level, "config": cfg.to_dict()}
+    if cfg.epochs > 0 and simulated_quantization(model):
+        raise ConfigError("fine-tuning a simulated-quantized model would move its weights off their grid "
+                          "(torch.round passes no gradient): put recovery before quantize in the stack")
     if cfg.epochs == 0:
         info.provenance["recovery"] = record
         return record

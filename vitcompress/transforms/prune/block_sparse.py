@@ -19,7 +19,7 @@ from torch import nn
 from ...config import Config
 from ...errors import ConfigError
 from ...kernels._triton import Backend
-from ..layers import replace_module, select_layers
+from ..layers import replace_module, select_layers, simulated_quantization
 from ..registry import TransformContext, register_transform
 from . import importance as imp
 from .block_sparse_linear import BACKENDS, BlockSparseLinear, choose_cpu_impl
@@ -88,6 +88,9 @@ def block_sparsify_(model: nn.Module, cfg: BlockSparseConfig, ctx: TransformCont
         return dict(state)
     if cfg.sparsity == 0:
         return {"layers": {}, "sparsity": 0.0}
+    if simulated_quantization(model):
+        raise ConfigError("block sparsity after simulated quantization would drop its activation quantizers: "
+                          "apply block_sparse before quantize")
     layers = select_layers(model, cfg.layers, cfg.exclude, what="block-sparsified")
     b = cfg.block_size
     for name, m in layers:
