@@ -152,3 +152,29 @@ def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
     ]:
         rc, _, err = cli("merge", trained_artifact, *out, *args)
         _one_clean_line(rc, err, pattern)
+
+
+def test_a_finetuned_non_default_checkpoint_runs_through_every_command(tmp_path, cli):
+    """A user's own N-class, non-default-width ViT as a .pth state dict: merge, quantize, prune and sweep."""
+    import timm
+    import torch
+
+    kw = {"img_size": 32, "patch_size": 8, "num_classes": 7, "embed_dim": 96, "depth": 2, "num_heads": 3}
+    torch.save(timm.create_model("vit_tiny_patch16_224", **kw).state_dict(), tmp_path / "mine.pth")
+    opts = ["--checkpoint", tmp_path / "mine.pth", "--img-size", "32", "--patch-size", "8", "--num-classes", "7",
+            "--model-arg", "embed_dim=96", "--model-arg", "depth=2", "--model-arg", "num_heads=3"]
+    for cmd, args in [("merge", ["--r", "2"]), ("quantize", ["--mode", "deploy", "--a-granularity", "per_token"]),
+                      ("prune", ["--mlp", "0.25"])]:
+        rc, _, err = cli(cmd, "vit_tiny_patch16_224", "--out", tmp_path / cmd, *args, *opts)
+        assert rc == 0, err
+        assert json.loads((tmp_path / cmd / "vitcompress.json").read_text())["model"]["kwargs"]["embed_dim"] == 96
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(json.dumps({"sweep": {
+        "base": {"model": "vit_tiny_patch16_224", "checkpoint": str(tmp_path / "mine.pth"),
+                 "kwargs": {k: v for k, v in kw.items()}},
+        "eval_data": ["digits"], "eval_limit": 20, "accuracy": "digits:agreement", "calib_data": "digits",
+        "bench": {"device": "cpu", "dtype": "fp32", "batch_sizes": [1], "repeat": 1, "warmup": 0, "warmup_s": 0},
+        "points": [{"name": "tome", "stack": [{"name": "token_merge", "r": 2}]}]}}))
+    rc, _, err = cli("sweep", recipe, "--out", tmp_path / "sw", "--no-report")
+    assert rc == 0, err
+    assert len(list((tmp_path / "sw" / "points").glob("*.json"))) == 2
