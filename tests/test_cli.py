@@ -142,7 +142,8 @@ def test_merge_then_eval_against_the_base(tmp_path, cli, trained_artifact):
 def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
     out = ["--out", tmp_path / "x"]
     for args, pattern in [
-        (["--r", "99"], "cannot remove 99 tokens in layer 0"),
+        (["--r", "-1"], "r must be >= 0"),
+        (["--method", "evit", "--schedule", "99,0"], "cannot remove 99 tokens in layer 0"),
         ([], "give exactly one of"),
         (["--r", "2", "--keep-rate", "0.5"], "give exactly one of"),
         (["--keep-rate", "0.5"], "is for method evit"),

@@ -19,7 +19,7 @@ def _recipe(artifact, **extra):
             {"name": "tome", "stack": [{"name": "token_merge", "r": 1}]},
             {"name": "w8a8", "stack": [{"name": "quantize", "mode": "deploy", "a_granularity": "per_token"}]},
             {"name": "mlp", "stack": [{"name": "prune", "mlp": 0.5}, {"name": "recovery", "epochs": 1, "limit": 32}]},
-            {"name": "impossible", "stack": [{"name": "token_merge", "r": 99}]},
+            {"name": "impossible", "stack": [{"name": "token_merge", "method": "evit", "schedule": [99, 0]}]},
         ],
         "grid": [{"name": "W{w_bits}A8", "stack": [{"name": "quantize", "a_bits": 8}],
                   "product": {"0.w_bits": [4, 8]}}],

@@ -137,11 +137,13 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             if isinstance(m, Attention):
                 convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
-    sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential and not deploy
+    sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
     clips = {}
     for name, m in layers:
-        if deploy:
-            new, clips[name] = _deployed(m, cfg, ranges.get(name, {}), hessians.get(name))
+        if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
+            h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential and cfg.w_bits is not None and \
+                not isinstance(m, Attention) else hessians.get(name)
+            new, clips[name] = _deployed(m, cfg, ranges.get(name, {}), h)
             replace_module(model, name, new)
             continue
         if cfg.w_bits is not None and not isinstance(m, Attention):
