@@ -305,3 +305,9 @@ def test_flops_model_uses_per_layer_widths_after_pruning():
     counted = count_flops(merged, size) / dense
     assert abs(flops_fraction(model, [8, 8, 8, 8]) - counted) < 0.02 * counted
     assert merged.vitcompress_info.transforms[-1]["state"]["flops_fraction"] == pytest.approx(counted, rel=0.02)
+
+
+def test_older_evit_records_keep_the_fusion_they_were_made_with():
+    old = TokenMergeConfig.from_dict({"name": "token_merge", "version": 2, "method": "evit", "keep_rate": 0.7})
+    assert old.method == "evit_wavg"
+    assert TokenMergeConfig.from_dict({"name": "token_merge", "version": 2, "r": 4}).method == "tome"

@@ -31,9 +31,10 @@ def print_records(title: str, out: Any, records: list[dict[str, Any]]) -> None:
     """What a compress command did: each applied transform's recorded state (scalars and short lists)."""
     rows: dict[str, Any] = {"artifact": str(out)}
     for rec in records:
-        if "deployable" in (rec.get("state") or {}):
-            rows[f"{rec['name']} runs as"] = "deployable" if rec["state"]["deployable"] else "accuracy-only (simulated)"
-        for k, v in (rec.get("state") or {}).items():
+        state = rec.get("state") or {}
+        if "deployable" in state:
+            rows[f"{rec['name']} runs as"] = "deployable" if state["deployable"] else "accuracy-only (simulated)"
+        for k, v in state.items():
             if isinstance(v, (int, float, str, bool)) or (isinstance(v, list) and len(v) <= 24
                                                           and all(isinstance(x, (int, float)) for x in v)):
                 rows[f"{rec['name']} {k}"] = v

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
@@ -29,6 +28,7 @@ from .data import load_data
 from .errors import CheckpointError, ConfigError, ModelError
 from .models import INFO_ATTR, ModelInfo, build_model, check_supported, data_config, load_state_dict_strict, model_info
 from .transforms import RecoveryConfig, compress_, config_from_dict, restore_
+from .transforms.recovery import unpruned_teacher
 
 CALIB_BATCH = 32
 """Calibration batch size (at most): the same in the CLI, sweeps and benchmarks."""
@@ -91,7 +91,7 @@ class Calibration:
     data: str = "digits"
     size: int = 32
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.size < 1:
             raise ConfigError(f"calibration size must be >= 1, got {self.size}")
 
@@ -134,7 +134,7 @@ def apply_stack(model: nn.Module, stack: Sequence[Step], *, calib: Calibration |
     calib = calib or Calibration()
     if teacher is None and train and any(isinstance(c, RecoveryConfig) and c.needs_teacher for c in configs):
         teacher = load_base(model) if model_info(model).transforms else None
-        teacher = teacher if teacher is not None else _frozen_copy(model)
+        teacher = teacher if teacher is not None else unpruned_teacher(model)
     for c in configs:
         if isinstance(c, RecoveryConfig) and not train:
             continue
@@ -143,13 +143,6 @@ def apply_stack(model: nn.Module, stack: Sequence[Step], *, calib: Calibration |
             batches = calibration_batches(model, calib, getattr(c, "calib_size", None))
         compress_(model, c, calib=batches, teacher=teacher)
     return model
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def compress_to(out: str | os.PathLike, model: nn.Module, stack: Sequence[Step], *,

@@ -32,7 +32,8 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantConfig,
               calib: Iterable[Any]) -> tuple[Ranges, dict[str, torch.Tensor]]:
-    """Per-layer input ranges and, for GPTQ, input Hessians sum(x^T x) [I,I] of Linear/Conv2d layers.
+    """Per-layer input ranges and, for one-pass GPTQ, input Hessians sum(x^T x) [I,I] of Linear/Conv2d layers
+    (sequential GPTQ takes each Hessian later, with :func:`layer_hessian`, so none is collected here).
 
     Attention layers must already be :class:`QuantAttention`: their q, k, v and softmax output are read
     through ``_vc_observer``. minmax keeps the extremes over all batches; percentile and mse average their
@@ -40,7 +41,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     """
     seen: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n, _ in layers}
     hessians: dict[str, torch.Tensor] = {}
-    gptq = str(cfg.rounding) == "gptq"
+    gptq = str(cfg.rounding) == "gptq" and not cfg.gptq_sequential
 
     def record(name: str, key: str, t: torch.Tensor) -> None:
         if key == "p":
@@ -84,14 +85,14 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
 
 def layer_hessian(model: nn.Module, layer: nn.Module, calib: Iterable[Any], calib_size: int) -> torch.Tensor:
     """sum(x^T x) [I,I] of ``layer``'s inputs when the calibration images run through ``model`` as it is now."""
-    total: list[torch.Tensor] = []
+    total: dict[str, torch.Tensor] = {}
 
     def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = _rows(module, args[0])
-        total.append(x.t() @ x if not total else total.pop() + x.t() @ x)
+        total["h"] = total.get("h", 0) + x.t() @ x
 
     run_calibration(model, calib, calib_size, [(layer, fn)])
-    return total[0]
+    return total["h"]
 
 
 def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:

@@ -58,7 +58,7 @@ class TokenMergeConfig(Config):
     """
 
     NAME = "token_merge"
-    VERSION = 2  # 2: attention (the merged layers' kernel); v1 dicts load with attention=auto
+    VERSION = 3  # 2: attention (v1 dicts load with attention=auto); 3: evit is the paper's (older evit -> evit_wavg)
     method: TokenMethod = TokenMethod.TOME
     r: float | None = None
     inflection: float = 0.0
@@ -71,6 +71,11 @@ class TokenMergeConfig(Config):
     prop_attn: PropAttn = PropAttn.AUTO
     attention: Backend = Backend.AUTO
     trace_source: bool = False
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Before v3, ``evit`` fused with the normalised (attention x size) average: that is ``evit_wavg`` now."""
+        return {**data, "method": "evit_wavg"} if version < 3 and data.get("method") == "evit" else data
 
     def validate(self) -> None:
         if self.attention == Backend.BNB:
