@@ -40,13 +40,17 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__v
 } >"$W/environment.txt" 2>&1
 cat "$W/environment.txt" >>"$LOG"
 
+# Not in the default STEPS: choose the CIFAR-10 testbed recipe on held-out train data (needs .cifar10_pack.pt,
+# carried: `python -m benchmarks.cifar10_recipes pack`). 4 candidates at once take about 210 s on an H200.
+step cifar10-recipes "${RECIPES_LIMIT:-240}" $PY -m benchmarks.cifar10_recipes search --pack .cifar10_pack.pt \
+  --out "$W/cifar10_recipes" --threads 4 ${RECIPES:+--candidates "$RECIPES"}
 step tests "${TESTS_LIMIT:-100}" $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py \
   --junitxml="$W/pytest_gpu.xml" ${TESTS_K:+-k "$TESTS_K"}
 step tokens 60 $PY -m benchmarks.tokens --out "$W/tokens" --batch-sizes 1,64,256 --repeat 10
 step quant 70 $PY -m benchmarks.quant --speed-only --out "$W/quant" --batch-sizes 1,64,256 --repeat 10
-step prune 45 $PY -m benchmarks.prune --speed --no-accuracy --out "$W/prune" --batch-sizes 1,64,256
+step prune "${PRUNE_LIMIT:-45}" $PY -m benchmarks.prune --speed --no-accuracy --out "$W/prune" --batch-sizes 1,64,256
 for part in gemm bsr attention; do  # one limit each: a slow autotune in one part leaves the others their time
-  step "kernels-$part" 75 $PY -m benchmarks.kernels --out "$W/kernels_$part" --repeat 20 --parts "$part"
+  step "kernels-$part" "${KERNELS_LIMIT:-75}" $PY -m benchmarks.kernels --out "$W/kernels_$part" --repeat 20 --parts "$part"
 done
 parts=$(ls "$W"/kernels_*/kernels.json 2>/dev/null | tr '\n' ' ')
 if [ -n "$parts" ]; then STEPS="$STEPS kernels-merge" step kernels-merge 20 $PY -m benchmarks.kernels --merge $parts \
