@@ -28,6 +28,13 @@ import numpy as np
 import torch
 import yaml
 
+from vitcompress.bench import BenchConfig
+from vitcompress.data.base import ImageData, TensorImages
+from vitcompress.evaluate import accuracy_metrics, predict
+from vitcompress.models import build_model
+from vitcompress.train import recipe_config
+from vitcompress.training import fit
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cifar10_vit.yaml"
 HOLDOUT = 5000
 
@@ -85,12 +92,6 @@ def unpack(path: Path, split: str, workers: int = 8) -> tuple[torch.Tensor, torc
 
 def _run(name: str, pack_path: str, device: str, budget: float, out: str, threads: int, limit: int) -> None:
     torch.set_num_threads(threads)
-    from vitcompress.data.base import ImageData, TensorImages
-    from vitcompress.evaluate import accuracy_metrics, predict
-    from vitcompress.bench import BenchConfig
-    from vitcompress.models import build_model
-    from vitcompress.train import recipe_config
-    from vitcompress.training import fit
 
     doc = yaml.safe_load(RECIPE.read_text())
     kw_over, train_over = CANDIDATES[name]

@@ -80,8 +80,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "bitsandbytes NF4 (block 64)": {"mode": "deploy", "backend": "bnb", "w_bits": 4, "a_bits": None},
     },
 }
-SPEED = {  # deployed formats timed on ViT-B/16 (no calibration needed: dynamic activations)
+SPEED = {  # deployed formats timed on ViT-B/16
     "int8 W8A8 (per-token)": {"mode": "deploy", "a_granularity": "per_token"},
+    "int8 W8A8 (static per-tensor)": {"mode": "deploy"},  # calibrated (default: 32 digits images; speed only)
     "fp8 e4m3 W8A8 (per-token)": {"mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"},
     "weight-only int8": {"mode": "deploy", "a_bits": None},
     "weight-only int4 (group 128)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
@@ -116,12 +117,23 @@ def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict
             "ms": round(r["b_median_ms"], 2)}
 
 
-def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int) -> None:
-    """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process."""
+def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[str] | None = None) -> None:
+    """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process; first the
+    dense model in fp32 against bf16, so the table shows which dense dtype is the fastest here."""
 
     base = create_model(arch)
     rows, skipped = [], {}
-    formats = dict(SPEED)
+    size = data_config(base)["input_size"]
+    for bs in batch_sizes:
+        bf16, fp32 = BenchConfig(dtype="bf16"), BenchConfig(dtype="fp32")
+        r = compare(model_runner(base, bs, size, bf16), model_runner(copy.deepcopy(base), bs, size, fp32),
+                    device=bf16.resolve_device(), warmup=2, warmup_s=1.0, repeat=repeat)
+        rows.append({"format": "dense fp32", "batch": bs, "speedup": round(r["speedup"], 3),
+                     "bf16_ms": round(r["a_median_ms"], 2), "ms": round(r["b_median_ms"], 2),
+                     "throughput": round(1000 * bs / r["b_median_ms"], 1),
+                     "size_mb": round(serialized_size_mb(base), 1)})
+        print(f"dense fp32, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
+    formats = {k: v for k, v in SPEED.items() if not only or any(o in k for o in only)}
     device = BenchConfig().resolve_device()
     if device.type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
         formats["int8 W8A8 (per-token, torch._int_mm)"] = {**SPEED["int8 W8A8 (per-token)"], "backend": "torch"}
@@ -184,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--speed", action="store_true", help="also time every deployed format on --arch")
     parser.add_argument("--speed-only", action="store_true", help="only the --speed part")
+    parser.add_argument("--formats", default="", help="--speed: only formats whose name contains one of these "
+                        "comma-separated strings (default: all)")
     parser.add_argument("--arch", default="vit_base_patch16_224")
     parser.add_argument("--batch-sizes", default="1,16")
     args = parser.parse_args(argv)
     if args.speed or args.speed_only:
-        speed(args.out, [int(b) for b in args.batch_sizes.split(",")], args.arch, args.repeat)
+        speed(args.out, [int(b) for b in args.batch_sizes.split(",")], args.arch, args.repeat,
+              [f.strip() for f in args.formats.split(",") if f.strip()])
     if args.speed_only:
         return 0
     if args.artifact is None:

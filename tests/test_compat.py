@@ -8,15 +8,21 @@ import pytest
 import torch
 
 from vitcompress import load_artifact
+from vitcompress.transforms.quantize import int8_linear
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", ["prune_quant_sim", "w8a8_deploy", "block_sparse", "resolution"])
-def test_pre_redesign_artifact_loads_bit_identical(name):
+def test_pre_redesign_artifact_loads_bit_identical(name, monkeypatch):
     expected = torch.load(FIXTURES / "logits.pt", weights_only=True)[name]
     model = load_artifact(FIXTURES / name)
+    x = X if name != "resolution" else X[:, :, :24, :24]
+    if name == "w8a8_deploy":  # a CPU now runs oneDNN's int8 linear: same codes, its own float epilogue order
+        with torch.inference_mode():
+            assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(int8_linear, "HAS_ONEDNN", False)  # the torch._int_mm path of the time: bit-exact
     with torch.inference_mode():
-        got = model(X if name != "resolution" else X[:, :, :24, :24])
+        got = model(x)
     assert torch.equal(got, expected)

@@ -1,14 +1,17 @@
 """Deployed quantization besides int8 W8A8: weight-only int8/int4, FP8 e4m3 W8A8, bitsandbytes LLM.int8 / NF4."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from vitcompress.kernels import fp8_gemm as f8
 
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.models import data_config
 from vitcompress.transforms import QuantConfig
-from vitcompress.transforms.quantize import ops
+from vitcompress.transforms.quantize import int8_linear, ops
 from vitcompress.transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
 
 
@@ -145,3 +148,22 @@ def test_int4_deploy_refuses_an_odd_fan_in(tiny_model):
     tiny_model.blocks[0].mlp.fc2 = torch.nn.Linear(63, 64)  # odd input features cannot be packed two a byte
     with pytest.raises(ConfigError, match="int4 packs two codes a byte"):
         compress_(tiny_model, QuantConfig(mode="deploy", w_bits=4, a_bits=None, layers=["fc2"]))
+
+
+@pytest.mark.skipif(not int8_linear.HAS_ONEDNN, reason="this torch build has no oneDNN int8 linear")
+@pytest.mark.parametrize("per_token", [True, False])
+def test_cpu_int8_runs_onednn_and_matches_int_mm(per_token, monkeypatch):
+    """On a CPU the W8A8 layer runs oneDNN's int8 linear (prepacked once), not the slow torch._int_mm loop, with
+    the same codes: outputs agree to float rounding; a changed weight is repacked."""
+    torch.manual_seed(0)
+    mod = int8_linear.Int8Linear.from_linear(nn.Linear(96, 40), per_token=per_token, a_absmax=3.0, backend="torch")
+    x = torch.randn(3, 7, 96)
+    out = mod(x)
+    assert mod in int8_linear._PACKED  # the oneDNN path ran
+    monkeypatch.setattr(int8_linear, "HAS_ONEDNN", False)
+    ref = mod(x)
+    monkeypatch.setattr(int8_linear, "HAS_ONEDNN", True)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    mod.w_int8.copy_(-mod.w_int8)
+    assert torch.allclose(mod(x) - mod.bias, -(out - mod.bias), atol=1e-5)
+    copy.deepcopy(mod)  # the prepacked weight lives outside the module

@@ -22,6 +22,7 @@ from .cli_output import print_eval, print_fronts, print_records, print_table
 from .demo import run_demo
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_spec
+from .export import ExportConfig, export_model, is_exported, load_runtime_model
 from .io import atomic_write_json
 from .pipeline import Calibration, compress_to, create_model
 from .recipes import recipe_path
@@ -61,12 +62,8 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
 def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
            patch_size: int | None, num_classes: int | None, model_arg: list[str] | None) -> nn.Module:
     """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
-    kwargs = _given(img_size=img_size, patch_size=patch_size, num_classes=num_classes)
-    for item in model_arg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--model-arg takes KEY=VALUE (a timm.create_model argument), got '{item}'")
-        kwargs[key.strip()] = yaml.safe_load(value)
+    kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
+              **_key_values(model_arg, "--model-arg")}
     return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, **kwargs)
 
 
@@ -141,11 +138,18 @@ def eval_(
     patch_size: int | None = PatchSizeOpt,
     num_classes: int | None = NumClassesOpt,
     model_arg: list[str] | None = ModelArgOpt,
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="Exported files: onnxruntime or openvino (.onnx), torch (.pt2)."),
+    runtime_opts: list[str] | None = typer.Option(
+        None, "--runtime-opts", help="KEY=VALUE (repeatable): an ORT SessionOptions field or an OpenVINO property."),
 ) -> None:
-    """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data."""
+    """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data.
+
+    MODEL may be an exported .onnx/.pt2 file: its agreement is then measured against the artifact it came from."""
     bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _runtime_model(model, runtime, runtime_opts) or \
+        _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
         result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench, speed=not no_speed,
@@ -268,6 +272,50 @@ def quantize(
     _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
     m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))
+
+
+@app.command()
+def export(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="File to write: .onnx or .pt2 (an existing file is never replaced)."),
+    format_: str | None = typer.Option(None, "--format", help="onnx (W8A8 as QDQ) or pt2 (torch.export)."),
+    batch_size: str | None = typer.Option(None, "--batch-size", help="An integer (static batch) or dynamic."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (13..21)."),
+    qdq_activations: str | None = typer.Option(
+        None, "--qdq-activations", help="int8 (symmetric; TensorRT) or uint8 (zero point 128; ORT on x86)."),
+    pretrained: bool | None = PretrainedOpt,
+    checkpoint: Path | None = CheckpointOpt,
+    img_size: int | None = ImgSizeOpt,
+    patch_size: int | None = PatchSizeOpt,
+    num_classes: int | None = NumClassesOpt,
+    model_arg: list[str] | None = ModelArgOpt,
+) -> None:
+    """Export MODEL (timm id, checkpoint or artifact, any stack) to ONNX or a torch.export program."""
+    cfg = ExportConfig(**_given(format=format_, batch_size=batch_size, opset=opset, qdq_activations=qdq_activations))
+    if out.suffix != f".{cfg.format}":
+        raise ConfigError(f"--out {out} must end in .{cfg.format} for --format {cfg.format}")
+    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    summary = export_model(m, out, cfg)
+    print_table("export", {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary.items()})
+
+
+def _runtime_model(model: str, runtime: str | None, runtime_opts: list[str] | None) -> nn.Module | None:
+    """An exported file under an explicit --runtime / --runtime-opts, or None to take the usual path."""
+    if runtime is None and not runtime_opts:
+        return None
+    if not is_exported(model):
+        raise ConfigError(f"--runtime and --runtime-opts apply to exported .onnx/.pt2 files, not '{model}'")
+    return load_runtime_model(model, runtime, _key_values(runtime_opts, "--runtime-opts"))
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} takes KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 @app.command()

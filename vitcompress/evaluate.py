@@ -7,6 +7,7 @@ batch size (median, p95), throughput, peak_mem_mb, params, gflops, size_mb, devi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from .bench import BenchConfig, Dtype, count_flops, peak_memory_mb, serialized_s
 from .bench.timing import attention_backend
 from .data import ImageData, load_data
 from .errors import check_positive
+from .export import RuntimeModel
 from .models import data_config, model_info
 from .pipeline import load_base
 from .provenance import run_context
@@ -81,6 +83,8 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
     """
 
     bench = bench or BenchConfig()
+    if isinstance(model, RuntimeModel):  # the runtime runs fp32 on the CPU; the reference is compared there too
+        bench = dataclasses.replace(bench, device="cpu", dtype=Dtype.FP32)
     logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress,
                                      workers=workers)
     if reference == "auto":
@@ -113,6 +117,8 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
 
 def static_metrics(model: nn.Module) -> dict[str, Any]:
     """params, gflops/gmacs per image (attention included) and size on disk in MiB."""
+    if isinstance(model, RuntimeModel):  # an exported file: what its metadata records, and the file's size
+        return model.static_metrics()
     input_size = data_config(model)["input_size"]
     flops = count_flops(model, input_size)
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,

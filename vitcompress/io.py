@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` and rename the result to ``path``; readers never see a partial file."""
     path = Path(path)
@@ -18,6 +24,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's mode
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

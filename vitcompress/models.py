@@ -127,7 +127,13 @@ def check_supported(model: nn.Module, name: str) -> None:
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config for ``model`` (size, crop, mean/std), with the size the model really takes."""
+    """timm's data config for ``model`` (size, crop, mean/std), with the size the model really takes.
+
+    An exported model (``vitcompress.export.RuntimeModel``) carries the config recorded at export.
+    """
+    exported = getattr(model, "exported_data_config", None)
+    if exported is not None:
+        return dict(exported)
     cfg = dict(resolve_model_data_config(model))
     h, w = model.patch_embed.img_size
     cfg["input_size"] = (model.patch_embed.proj.in_channels, int(h), int(w))

@@ -26,6 +26,7 @@ from .artifact import WEIGHTS, absolute_base, check_writable, is_artifact, read_
 from .config import Config
 from .data import load_data
 from .errors import CheckpointError, ConfigError, ModelError
+from .export import is_exported, load_runtime_model
 from .models import INFO_ATTR, ModelInfo, build_model, check_supported, data_config, load_state_dict_strict, model_info
 from .transforms import RecoveryConfig, compress_, config_from_dict, restore_
 from .transforms.recovery import unpruned_teacher
@@ -36,7 +37,12 @@ CALIB_BATCH = 32
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
                  **kwargs: Any) -> nn.Module:
-    """A supported ViT from a timm id, or the model saved in a vitcompress artifact directory (eval mode, CPU)."""
+    """A supported ViT from a timm id, the model saved in a vitcompress artifact directory (eval mode, CPU), or an
+    exported .onnx / .pt2 file run by its default runtime."""
+    if is_exported(name):
+        if pretrained or checkpoint or kwargs:
+            raise ModelError(f"{name} is an exported model; --pretrained, --checkpoint and overrides apply to timm ids")
+        return load_runtime_model(name)
     if is_artifact(name):
         if pretrained or checkpoint or kwargs:
             raise ModelError(f"{name} is an artifact; --pretrained, --checkpoint and overrides apply to timm ids only")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import importlib.metadata
 import platform
 from typing import Any
 
@@ -15,8 +17,12 @@ from .kernels._triton import triton
 
 def versions() -> dict[str, str | None]:
     """Versions of the packages that decide numbers: recorded next to every result."""
-    return {"vitcompress": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "triton": None if triton is None else triton.__version__}
+    out = {"vitcompress": __version__, "torch": torch.__version__, "timm": timm.__version__,
+           "triton": None if triton is None else triton.__version__}
+    for name in ("onnxruntime", "openvino", "nncf"):  # the export runtimes, where installed
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
 
 
 def device_name(device: torch.device) -> str:

@@ -56,6 +56,7 @@ class WeightOnlyLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
+    @torch.no_grad()  # the codes and scales are buffers: no autograd history from the float weight
     def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None, clip: float = 1.0,
                     weight: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> WeightOnlyLinear:
         """Round ``linear``'s weight to the symmetric grid, or store ``weight`` (e.g. GPTQ's) on its ``scale``
@@ -103,6 +104,7 @@ class Fp8Linear(ScaledLinear):
                                                   device=device))
 
     @classmethod
+    @torch.no_grad()  # the codes and scales are buffers: no autograd history from the float weight
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
                     backend: str = "auto") -> Fp8Linear:
         """backend: ``auto`` / ``torch`` (``torch._scaled_mm``) or ``triton`` (:mod:`vitcompress.kernels.fp8_gemm`)."""
