@@ -24,6 +24,7 @@ from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.models import data_config, model_info
 from vitcompress.provenance import run_context
 from vitcompress.transforms import QuantConfig
+from vitcompress.transforms.quantize import int8_linear
 
 from .accuracy import accuracy_table
 
@@ -117,6 +118,16 @@ def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict
             "ms": round(r["b_median_ms"], 2)}
 
 
+def _without_onednn(run: Any) -> Any:
+    def go() -> Any:
+        int8_linear.HAS_ONEDNN = False
+        try:
+            return run()
+        finally:
+            int8_linear.HAS_ONEDNN = True
+    return go
+
+
 def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[str] | None = None) -> None:
     """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process; first the
     dense model in fp32 against bf16, so the table shows which dense dtype is the fastest here."""
@@ -150,6 +161,16 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[
             rows.append({"format": name, "batch": bs, **r, "throughput": round(1000 * bs / r["ms"], 1),
                          "size_mb": round(serialized_size_mb(q), 1)})
             print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
+            if device.type == "cpu" and int8_linear.HAS_ONEDNN and spec.get("mode") == "deploy" and \
+                    spec.get("a_granularity") == "per_token" and "dtype" not in spec and "backend" not in spec:
+                # the CPU path before oneDNN (torch._int_mm), timed against the oneDNN one in the same process
+                new = model_runner(q, bs, data_config(q)["input_size"], BenchConfig())
+                r = compare(_without_onednn(new), new, warmup=1, repeat=repeat)
+                rows.append({"format": f"{name}: oneDNN vs torch._int_mm", "batch": bs,
+                             "speedup": round(r["speedup"], 3), "bf16_ms": None, "ms": round(r["b_median_ms"], 2),
+                             "throughput": round(1000 * bs / r["b_median_ms"], 1), "size_mb": rows[-1]["size_mb"],
+                             "int_mm_ms": round(r["a_median_ms"], 2)})
+                print(f"{name}, batch {bs}: oneDNN {r['speedup']:.3f}x vs torch._int_mm", flush=True)
     res = {"arch": arch, **run_context(device), "repeat": repeat,
            "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows, "skipped": skipped}
     atomic_write_json(out / "speed_deploy_vs_bf16.json", res)
@@ -157,10 +178,12 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. Each format is timed "
              f"alternately with the bf16 autocast + SDPA model in one process, median of {repeat}. Speedup > 1 "
              f"means the quantized model is faster. fp32 artifact: {res['fp32_size_mb']} MiB.", "",
+             "The `oneDNN vs torch._int_mm` rows time the CPU's int8 engine against the `torch._int_mm` path it "
+             "replaced (speedup > 1: oneDNN is faster; bf16 ms column: the _int_mm time).", "",
              "| format | batch | speedup | bf16 ms | quantized ms | img/s | size MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['format']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['bf16_ms']} | {r['ms']} | "
-              f"{r['throughput']} | {r['size_mb']} |" for r in rows]
+    lines += [f"| {r['format']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['bf16_ms'] or r.get('int_mm_ms')} | "
+              f"{r['ms']} | {r['throughput']} | {r['size_mb']} |" for r in rows]
     lines += [f"| {name} | — | skipped: {why} | | | | |" for name, why in skipped.items()]
     atomic_write_text(out / "speed_deploy_vs_bf16.md", "\n".join(lines) + "\n")
 
