@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from vitcompress.kernels import fp8_gemm as f8
+from vitcompress.kernels.int8_gemm import quantize_per_token_ref
 
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
@@ -167,3 +168,17 @@ def test_cpu_int8_runs_onednn_and_matches_int_mm(per_token, monkeypatch):
     mod.w_int8.copy_(-mod.w_int8)
     assert torch.allclose(mod(x) - mod.bias, -(out - mod.bias), atol=1e-5)
     copy.deepcopy(mod)  # the prepacked weight lives outside the module
+
+
+@pytest.mark.skipif(not int8_linear.HAS_ONEDNN, reason="this torch build has no oneDNN int8 linear")
+def test_cpu_int8_leaves_the_input_alone_and_blocks_match_whole(monkeypatch):
+    """The blocked activation quantizer never writes into an fp32 input and gives the codes of one whole pass."""
+    x = torch.randn(37, 96) * 3
+    keep = x.clone()
+    monkeypatch.setattr(int8_linear, "CHUNK", 96 * 5)  # 5 rows per block: several blocks and a ragged last one
+    q, s = int8_linear._to_uint8(x, None)
+    assert torch.equal(x, keep)
+    ref, ref_s = quantize_per_token_ref(x)
+    assert torch.equal(q.int() - 128, ref.int()) and torch.equal(s[:, 0], ref_s)
+    q, _ = int8_linear._to_uint8(x.bfloat16(), 0.05)
+    assert torch.equal(q.int() - 128, torch.round(x.bfloat16().float() / 0.05).clamp(-127, 127).int())
