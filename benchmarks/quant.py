@@ -51,10 +51,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "minmax RTN": {"w_bits": 4, "a_bits": 8},
         "mse": {"w_bits": 4, "a_bits": 8, "observer": "mse"},
         "gptq": {"w_bits": 4, "a_bits": 8, "rounding": "gptq"},
+        "gptq one-pass (the old variant)": {"w_bits": 4, "a_bits": 8, "rounding": "gptq", "gptq_sequential": False},
     },
     "W3A8": {
         "minmax RTN": {"w_bits": 3, "a_bits": 8},
         "gptq": {"w_bits": 3, "a_bits": 8, "rounding": "gptq"},
+        "gptq one-pass (the old variant)": {"w_bits": 3, "a_bits": 8, "rounding": "gptq", "gptq_sequential": False},
     },
     "W4A4 (Linear layers)": {
         "minmax RTN": {"w_bits": 4, "a_bits": 4},

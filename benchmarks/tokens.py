@@ -43,6 +43,7 @@ ACCURACY_VARIANTS = {
     "tome (r, -1) @ 0.65": {"target_flops": 0.65, "inflection": -1.0},
     "tome @ 0.65, prop-attn off": {"target_flops": 0.65, "prop_attn": "off"},
     "evit @ 0.65": {"method": "evit", "target_flops": 0.65},
+    "evit_wavg @ 0.65 (the old variant)": {"method": "evit_wavg", "target_flops": 0.65},
     "tome @ 0.5 GFLOPs": {"target_flops": 0.5},
     "tome (r, -1) @ 0.5": {"target_flops": 0.5, "inflection": -1.0},
     "evit @ 0.5": {"method": "evit", "target_flops": 0.5},

@@ -111,6 +111,12 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
     Raises :class:`ConfigError` (one line) for what has no faithful ONNX form.
     """
     m = copy.deepcopy(model).float().cpu().eval()
+    for mod in m.modules():  # Triton drop-ins (fused attention, ...) export through their torch reference
+        if isinstance(getattr(mod, "backend", None), str) and mod.backend in ("auto", "triton"):
+            mod.backend = "torch"
+    token_state = getattr(m, "_vc_token_state", None)  # token merging's attention kernel, shared by its blocks
+    if token_state is not None:
+        token_state.kernel = "torch"
     notes: list[str] = []
     for name, mod in list(m.named_modules()):
         if isinstance(mod, (FakeQuantLinear, FakeQuantConv2d, QuantAttention)):
