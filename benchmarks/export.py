@@ -18,6 +18,7 @@ uncompressed torch model. Timing: warm-up, then alternating rounds (every varian
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -167,8 +168,7 @@ def run_model(key: str, spec: dict[str, Any], work: Path, threads: int, rounds: 
     gflops["ORT fp32 (dense export)"] = gflops["torch dense"]
     for name, stack in stacks(spec["r"]).items():
         label, _, act = name.partition("|")
-        m = apply_stack(_load(spec["spec"]).eval(), stack, calib=Calibration(data=spec["calib"], size=calib_n),
-                        train=False)
+        m = apply_stack(copy.deepcopy(base), stack, calib=Calibration(data=spec["calib"], size=calib_n), train=False)
         path = work / f"{key}_{len(files)}.onnx"
         export_model(m, path, ExportConfig(qdq_activations=act or "int8"))
         files[f"ORT ours: {label}" + (f" ({act} acts)" if act else "")] = path
@@ -178,12 +178,11 @@ def run_model(key: str, spec: dict[str, Any], work: Path, threads: int, rounds: 
     gflops["ORT quantize_static (peer)"] = gflops["torch dense"]
     fns: dict[str, Fn] = {"torch eager fp32": _torch(base, Dtype.FP32), "torch eager bf16": _torch(base, Dtype.BF16)}
     fns.update({k: _ort(p, threads) for k, p in files.items()})
-    qdq = next(p for k, p in files.items() if k.startswith("ORT ours: W8A8 QDQ (uint8"))
-    fns["OpenVINO on our W8A8 QDQ"] = _ov(str(qdq), threads)
-    gflops["OpenVINO on our W8A8 QDQ"] = gflops[next(k for k in files if k.startswith("ORT ours: W8A8 QDQ (uint8"))]
-    stack_key = next(k for k in files if k.startswith("ORT ours: ToMe + W8A8 QDQ mse"))
-    fns["OpenVINO on our ToMe + W8A8 QDQ mse"] = _ov(str(files[stack_key]), threads)
-    gflops["OpenVINO on our ToMe + W8A8 QDQ mse"] = gflops[stack_key]
+    for ours, label in (("ORT ours: W8A8 QDQ (uint8", "OpenVINO on our W8A8 QDQ"),
+                        ("ORT ours: ToMe + W8A8 QDQ mse", "OpenVINO on our ToMe + W8A8 QDQ mse")):
+        key_ours = next(k for k in files if k.startswith(ours))
+        fns[label] = _ov(str(files[key_ours]), threads)
+        gflops[label] = gflops[key_ours]
     fns["NNCF int8 in OpenVINO (peer)"] = _ov(nncf_quantize(files["ORT fp32 (dense export)"], calib, calib_n), threads)
     gflops["NNCF int8 in OpenVINO (peer)"] = gflops["torch dense"]
     sizes = {k: round(p.stat().st_size / 2**20, 2) for k, p in files.items()}

@@ -171,6 +171,7 @@ def test_cli_export_then_eval_against_the_source(trained_artifact, tmp_path, cli
     (["export", "{art}", "--out", "{tmp}/m.onnx", "--batch-size", "zero"], "batch_size"),
     (["eval", "{art}", "--data", "digits", "--runtime", "openvino"], "exported"),
     (["eval", "{tmp}/junk.onnx", "--data", "digits"], "not a readable"),
+    (["eval", "{tmp}/junk.onnx", "--data", "digits", "--runtime", "tensorrt"], "runtime must be one of"),
 ])
 def test_cli_errors_are_one_line(trained_artifact, tmp_path, cli, args, match):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")

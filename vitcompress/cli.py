@@ -63,7 +63,7 @@ def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_siz
            patch_size: int | None, num_classes: int | None, model_arg: list[str] | None) -> nn.Module:
     """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
     kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
-              **_key_values(model_arg, "--model-arg")}
+              **_key_values(model_arg, "--model-arg", " (a timm.create_model argument)")}
     return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, **kwargs)
 
 
@@ -292,8 +292,6 @@ def export(
 ) -> None:
     """Export MODEL (timm id, checkpoint or artifact, any stack) to ONNX or a torch.export program."""
     cfg = ExportConfig(**_given(format=format_, batch_size=batch_size, opset=opset, qdq_activations=qdq_activations))
-    if out.suffix != f".{cfg.format}":
-        raise ConfigError(f"--out {out} must end in .{cfg.format} for --format {cfg.format}")
     m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     summary = export_model(m, out, cfg)
     print_table("export", {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary.items()})
@@ -308,12 +306,12 @@ def _runtime_model(model: str, runtime: str | None, runtime_opts: list[str] | No
     return load_runtime_model(model, runtime, _key_values(runtime_opts, "--runtime-opts"))
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+def _key_values(items: list[str] | None, flag: str, what: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{flag} takes KEY=VALUE, got '{item}'")
+            raise ConfigError(f"{flag} takes KEY=VALUE{what}, got '{item}'")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

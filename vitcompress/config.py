@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from .errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+E = TypeVar("E", bound=enum.Enum)
 
 
 class StrEnum(str, enum.Enum):
@@ -85,6 +86,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def enum_error(cls: type[enum.Enum], name: str, value: Any) -> ConfigError:
+    """The one-line error for ``value`` that is not a member of ``cls``."""
+    return ConfigError(f"{name} must be one of: {', '.join(str(m.value) for m in cls)} (got {value!r})")
+
+
+def parse_enum(cls: type[E], value: Any, name: str) -> E:
+    """``cls(value)``, or :func:`enum_error` as a :class:`ConfigError`."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise enum_error(cls, name, value) from None
+
+
 def _coerce(obj: Config, name: str, value: Any) -> Any:
     """Turn strings into the Enum a field is annotated with (also inside Optional/Union)."""
     hints = typing.get_type_hints(type(obj))
@@ -109,8 +123,7 @@ def _coerce(obj: Config, name: str, value: Any) -> Any:
                 if len(candidates) == 1 or all(
                     isinstance(c, type) and issubclass(c, enum.Enum) or c is type(None) for c in candidates
                 ):
-                    choices = ", ".join(str(m.value) for m in cand)
-                    raise ConfigError(f"{name} must be one of: {choices} (got {value!r})") from None
+                    raise enum_error(cand, name, value) from None
     return value
 
 

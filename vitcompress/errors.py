@@ -30,6 +30,13 @@ class ConfigError(UserError):
     """Impossible or malformed settings."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), or its type name when it has none:
+    what a one-line error shows of a third-party exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def check_positive(name: str, value: int | None) -> None:
     """Raise :class:`ConfigError` unless ``value`` is None or an integer >= 1."""
     if value is not None and (not isinstance(value, int) or value < 1):

@@ -39,14 +39,12 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
                  **kwargs: Any) -> nn.Module:
     """A supported ViT from a timm id, the model saved in a vitcompress artifact directory (eval mode, CPU), or an
     exported .onnx / .pt2 file run by its default runtime."""
-    if is_exported(name):
+    exported = is_exported(name)
+    if exported or is_artifact(name):
         if pretrained or checkpoint or kwargs:
-            raise ModelError(f"{name} is an exported model; --pretrained, --checkpoint and overrides apply to timm ids")
-        return load_runtime_model(name)
-    if is_artifact(name):
-        if pretrained or checkpoint or kwargs:
-            raise ModelError(f"{name} is an artifact; --pretrained, --checkpoint and overrides apply to timm ids only")
-        return load_artifact(name)
+            raise ModelError(f"{name} is {'an exported model' if exported else 'an artifact'}; --pretrained, "
+                             "--checkpoint and overrides apply to timm ids only")
+        return load_runtime_model(name) if exported else load_artifact(name)
     return build_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
 

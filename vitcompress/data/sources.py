@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .base import ImageData, MappedImages, TensorImages, build_eval_transform, even_subset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -48,7 +48,7 @@ def load_local(path: Path, data_cfg: dict[str, Any], split: str | None, limit: i
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:
-            raise DataError(f"cannot read HF dataset at {path}: {_first_line(exc)}") from None
+            raise DataError(f"cannot read HF dataset at {path}: {first_line(exc)}") from None
         return _from_hf_dataset(ds, str(path), data_cfg, split, limit, purpose)
     parquet = sorted(path.rglob("*.parquet"))
     if parquet:
@@ -68,16 +68,11 @@ def load_hf_hub(spec: str, data_cfg: dict[str, Any], split: str | None, limit: i
     try:
         ds = datasets.load_dataset(name, split=hub_split or split)
     except Exception as exc:
-        raise DataError(f"cannot load hub dataset '{name}' (offline?): {_first_line(exc)}") from None
+        raise DataError(f"cannot load hub dataset '{name}' (offline?): {first_line(exc)}") from None
     return _from_hf_dataset(ds, spec, data_cfg, hub_split or split, limit, purpose)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
-
-
 def _pick_split(available: list[str], split: str | None, purpose: str, where: str) -> str:
     if split is not None:
         if split not in available:
@@ -117,7 +112,7 @@ def _from_parquet(files: list[Path], name: str, data_cfg: dict[str, Any], split:
         try:
             tables.append((f, pq.read_table(f)))
         except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"cannot read parquet file {f}: {_first_line(exc)}") from None
+            raise DataError(f"cannot read parquet file {f}: {first_line(exc)}") from None
     cols = tables[0][1].column_names
     image_col = next((c for c in ("image", "img") if c in cols), None)
     if image_col is None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..bench import count_flops
 from ..config import Config, StrEnum
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, first_line
 from ..io import atomic_write, atomic_write_bytes
 from ..models import data_config, model_info
 from ..transforms.layers import replace_module
@@ -194,6 +194,8 @@ def export_model(model: nn.Module, out: str | Path, cfg: ExportConfig | None = N
     """Write ``model`` to ``out`` (refused if it exists); returns a summary (file, size, notes, qdq counts)."""
     cfg = cfg or ExportConfig()
     out = Path(out)
+    if out.suffix != f".{cfg.format}":
+        raise ConfigError(f"--out {out} must end in .{cfg.format} for --format {cfg.format}")
     if out.exists():
         raise ConfigError(f"{out} exists: vitcompress never overwrites a file; choose another --out")
     m, notes = exportable(model, cfg)
@@ -211,8 +213,7 @@ def export_model(model: nn.Module, out: str | Path, cfg: ExportConfig | None = N
     except ConfigError:
         raise
     except Exception as exc:  # the exporters raise many types; the user gets one line naming the cause
-        raise ModelError(f"export to {cfg.format} failed: {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+        raise ModelError(f"export to {cfg.format} failed: {type(exc).__name__}: {first_line(exc, 300)}") from None
     summary["size_mb"] = round(out.stat().st_size / 2**20, 3)
     return summary
 

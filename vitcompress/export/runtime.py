@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import StrEnum
-from ..errors import ConfigError, ModelError
+from ..config import StrEnum, parse_enum
+from ..errors import ConfigError, ModelError, first_line
 from ..models import INFO_ATTR, ModelInfo
 from .onnx import read_metadata
 
@@ -63,6 +63,8 @@ class RuntimeModel(nn.Module):
     def __init__(self, path: str | Path, runtime: Runtime | str | None = None, opts: dict[str, Any] | None = None):
         super().__init__()
         self.path = Path(path)
+        default = Runtime.TORCH if self.path.suffix == ".pt2" else Runtime.ONNXRUNTIME
+        self.runtime = parse_enum(Runtime, runtime or default, "runtime")
         if not self.path.is_file():
             raise ModelError(f"exported model not found: {self.path}")
         try:
@@ -71,8 +73,6 @@ class RuntimeModel(nn.Module):
             raise ModelError(f"{self.path} is not a readable ONNX/pt2 file: {type(exc).__name__}") from None
         if not self.meta:
             raise ModelError(f"{self.path} has no vitcompress metadata: export it with `vitcompress export`")
-        default = Runtime.TORCH if self.path.suffix == ".pt2" else Runtime.ONNXRUNTIME
-        self.runtime = Runtime(runtime or default)
         if (self.runtime == Runtime.TORCH) != (self.path.suffix == ".pt2"):
             raise ConfigError(f"runtime {self.runtime} cannot run a {self.path.suffix} file")
         self.opts = dict(opts or {})
@@ -104,7 +104,7 @@ class RuntimeModel(nn.Module):
             raise
         except Exception as exc:
             raise ModelError(f"{self.runtime} cannot load {self.path}: {type(exc).__name__}: "
-                             f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+                             f"{first_line(exc)}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().float().cpu().numpy()
