@@ -20,9 +20,12 @@ import torch
 
 from vitcompress import apply_stack, create_model, data_config
 from vitcompress.bench import BenchConfig, compare, count_flops, model_runner
+from vitcompress.data import load_data
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
 from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
+from vitcompress.transforms.sparse_attn.transform import flops_saved
+from vitcompress.transforms.token_merge.adaptive import is_adaptive, measure
 
 from .accuracy import accuracy_markdown, accuracy_table
 
@@ -35,6 +38,10 @@ DEFAULT_VARIANTS = {
     "tome r=13 SDPA mask": {"r": 13, "attention": "torch"},  # on CUDA, tome r=13 runs our fused kernel
     "evit @ tome r=13 GFLOPs": {"method": "evit", "target_flops": "tome r=13"},
     "resolution 160 px": {"img_size": 160},
+    # the issue-20 methods: per-image counts run as a packed, padded batch; sparse attention as masked SDPA
+    "ats @ tome r=13 GFLOPs": {"name": "adaptive_tokens", "target_flops": "tome r=13"},
+    "mass @ tome r=13 GFLOPs": {"name": "adaptive_tokens", "method": "mass", "target_flops": "tome r=13"},
+    "sparse attention 50 % (16-token tiles)": {"name": "sparse_attention", "density": 0.5, "block_size": 16},
 }
 
 
@@ -57,8 +64,18 @@ def _build(model: torch.nn.Module, spec: dict[str, Any], flops_of: dict[str, flo
     stack: list[Any] = [ResolutionConfig(img_size=spec.pop("img_size"))] if "img_size" in spec else []
     if isinstance(spec.get("target_flops"), str):  # match another variant's GFLOPs
         spec["target_flops"] = flops_of[spec["target_flops"]]
-    stack += [TokenMergeConfig(**spec)] if spec else []
+    if "name" in spec:  # another transform than token_merge, as a stack step
+        stack.append(spec)
+    elif spec:
+        stack.append(TokenMergeConfig(**spec))
     return apply_stack(copy.deepcopy(model), stack)
+
+
+def _flops(model: torch.nn.Module, size: tuple[int, ...], images: torch.Tensor) -> float:
+    """FLOPs per image: counted, less sparse attention's skipped tiles; adaptive counts: mean over ``images``."""
+    if is_adaptive(model):
+        return measure(model, [images])["gflops_mean"] * 1e9
+    return count_flops(model, size) - flops_saved(model)
 
 
 def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -67,15 +84,19 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
     cfg = BenchConfig()
     device = cfg.resolve_device()
     base_flops = count_flops(base, size)
+    # content matters to the adaptive methods: every variant (and the base) runs on the same real images, the
+    # first digits test images, upsampled (random weights: the counts are the random model's)
+    images = next(iter(load_data("digits", data_config(base), limit=max(batch_sizes)).loader(max(batch_sizes))))[0]
     rows, flops_of = [], {}
     for name, spec in variants.items():
         model = _build(base, spec, flops_of)
         vsize = data_config(model)["input_size"]
-        flops = count_flops(model, vsize)
+        flops = _flops(model, vsize, images if vsize == size else None)
         flops_of[name] = flops / base_flops
         for bs in batch_sizes:
-            r = compare(model_runner(base, bs, size, cfg), model_runner(model, bs, vsize, cfg), device=device,
-                        warmup=2, warmup_s=WARMUP_S, repeat=repeat)
+            imgs = images if vsize == size else None
+            r = compare(model_runner(base, bs, size, cfg, images), model_runner(model, bs, vsize, cfg, imgs),
+                        device=device, warmup=2, warmup_s=WARMUP_S, repeat=repeat)
             rows.append({"variant": name, "config": spec, "batch": bs, "speedup": round(r["speedup"], 3),
                          "base_ms": round(r["a_median_ms"], 2), "variant_ms": round(r["b_median_ms"], 2),
                          "base_img_s": round(bs / r["a_median_ms"] * 1000, 1),
@@ -88,6 +109,8 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
 
 
 def _schedule(model: torch.nn.Module) -> str:
+    if not model.vitcompress_info.transforms:
+        return ""
     state = model.vitcompress_info.transforms[-1]["state"]
     return str(state["schedule"]) if "schedule" in state else f"{model.patch_embed.img_size[0]} px input"
 

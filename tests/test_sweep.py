@@ -124,3 +124,17 @@ def test_bundled_recipes_cover_every_family(recipe):
     fams = [p.family for p in pts]
     assert len(pts) >= 12 and fams.count("stacked") >= 3
     assert {"base", "token", "quant", "prune", "block-sparse"} <= set(fams)
+
+
+def test_a_sweep_with_attacks_adds_robustness_columns(trained_artifact, tmp_path):
+    recipe = _recipe(trained_artifact, attack=[{"method": "fgsm", "eps": "8/255", "source": "base"},
+                                               {"method": "pgd", "eps": "8/255", "steps": 2}], attack_limit=16)
+    recipe["sweep"]["points"] = recipe["sweep"]["points"][:2]
+    recipe["sweep"]["grid"] = []
+    run_sweep(recipe, tmp_path / "s")
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "robust: fgsm 8/255 base" in report and "transfer: fgsm 8/255 base" in report
+    pts = {p["name"]: p for p in (json.loads(f.read_text()) for f in (tmp_path / "s" / "points").glob("*.json"))}
+    base = pts["base (uncompressed)"]["robustness"]["fgsm 8/255 base"]
+    assert base["base_successes"] == 0 or base["transfer_rate"] == 100.0
+    assert pts["tome"]["robustness"]["pgd 8/255 self"]["images"] == 16

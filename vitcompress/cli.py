@@ -12,85 +12,48 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
-from torch import nn
 
-from . import distributed
+from . import (
+    cli_tokens,  # noqa: F401  (registers merge, adapt, learn-merge, sparse-attn)
+    distributed,
+)
 from .artifact import check_writable
 from .bench import BenchConfig
+from .cli_common import (
+    CalibDataOpt,
+    CalibSizeOpt,
+    CheckpointOpt,
+    ImgSizeOpt,
+    ModelArg,
+    ModelArgOpt,
+    NumClassesOpt,
+    OutOpt,
+    PatchSizeOpt,
+    PretrainedOpt,
+    _calibration,
+    _CliError,
+    _given,
+    _ints,
+    _model,
+    _needs_calibration,
+    _runtime_model,
+    _split,
+    app,
+)
 from .cli_output import print_eval, print_fronts, print_records, print_table
 from .demo import run_demo
 from .errors import ConfigError, UserError
 from .evaluate import evaluate_spec
-from .export import ExportConfig, export_model, is_exported, load_runtime_model
+from .export import ExportConfig, export_model
 from .io import atomic_write_json
-from .pipeline import Calibration, compress_to, create_model
+from .pipeline import compress_to, create_model
 from .recipes import recipe_path
 from .report import write_report
+from .robustness import AttackConfig
 from .sweep import run_sweep
 from .train import load_recipe, recipe_config
 from .train import train as run_train
-from .transforms import BlockSparseConfig, PruneConfig, QuantConfig, RecoveryConfig, ResolutionConfig, TokenMergeConfig
-
-try:  # typer >= 0.20 vendors click; its exceptions derive from TyperException
-    from typer import TyperException as _CliError
-except ImportError:  # pragma: no cover - older typer on real click
-    from click import ClickException as _CliError
-
-app = typer.Typer(
-    name="vitcompress",
-    help="Compress pretrained Vision Transformers and measure what each step costs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _given(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be comma-separated integers, got '{text}'") from None
-
-
-def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
-           patch_size: int | None, num_classes: int | None, model_arg: list[str] | None) -> nn.Module:
-    """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
-    kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
-              **_key_values(model_arg, "--model-arg", " (a timm.create_model argument)")}
-    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, **kwargs)
-
-
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
-ModelArg = typer.Argument(..., help="timm id (e.g. deit_small_patch16_224) or a vitcompress artifact directory.")
-OutOpt = typer.Option(..., "--out", help="Artifact directory to write (new, empty, or an artifact).")
-PretrainedOpt = typer.Option(None, "--pretrained", help="Load timm's pretrained weights (needs the hub).")
-CheckpointOpt = typer.Option(None, "--checkpoint", help="A timm state dict (.pth/.bin/.safetensors).")
-ImgSizeOpt = typer.Option(None, "--img-size", help="Input resolution override (position embeddings adapt).")
-PatchSizeOpt = typer.Option(None, "--patch-size", help="Patch size override.")
-NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override (a fine-tuned N-class model).")
-ModelArgOpt = typer.Option(None, "--model-arg", help="KEY=VALUE for timm.create_model (repeatable): embed_dim=128.")
-CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
-CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.")
-
-
-def _calibration(calib_data: str | None, calib_size: int | None) -> Calibration | None:
-    return None if calib_data is None else Calibration(data=calib_data, **_given(size=calib_size))
-
-
-def _needs_calibration(stack: list[Any], calib: Calibration | None) -> None:
-    for c in stack:
-        if getattr(c, "needs_calibration", False) and calib is None:
-            raise ConfigError(f"{c.NAME} with these settings needs --calib-data (e.g. digits)")
+from .transforms import BlockSparseConfig, PruneConfig, QuantConfig, RecoveryConfig
 
 
 @app.command()
@@ -142,6 +105,10 @@ def eval_(
         None, "--runtime", help="Exported files: onnxruntime or openvino (.onnx), torch (.pt2)."),
     runtime_opts: list[str] | None = typer.Option(
         None, "--runtime-opts", help="KEY=VALUE (repeatable): an ORT SessionOptions field or an OpenVINO property."),
+    attack: str | None = typer.Option(None, "--attack", help="Also measure robust top-1: fgsm or pgd."),
+    eps: str | None = typer.Option(None, "--eps", help="Attack radius in pixels, e.g. 2/255."),
+    steps: int | None = typer.Option(None, "--steps", help="PGD steps."),
+    attack_source: str | None = typer.Option(None, "--attack-source", help="self (white-box) or base (transfer)."),
 ) -> None:
     """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data.
 
@@ -151,48 +118,19 @@ def eval_(
     m = _runtime_model(model, runtime, runtime_opts) or \
         _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
+    attack_fields = _given(eps=eps, steps=steps, source=attack_source)
+    if attack_fields and attack is None:
+        raise ConfigError("--eps / --steps / --attack-source need --attack fgsm|pgd")
+    atk = None if attack is None else AttackConfig(method=attack, **attack_fields)
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
         result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench, speed=not no_speed,
                                progress=sys.stderr.isatty() and distributed.is_main(),
-                               **_given(batch_size=batch_size, workers=workers))
+                               attack=atk, **_given(batch_size=batch_size, workers=workers))
         if not distributed.is_main():
             return
     if json_out is not None:
         atomic_write_json(json_out, result)
     print_eval(result)
-
-
-@app.command()
-def merge(
-    model: str = ModelArg,
-    out: Path = OutOpt,
-    r: float | None = typer.Option(None, "--r", help="ToMe: tokens merged per layer (fractional r is spread)."),
-    keep_rate: float | None = typer.Option(None, "--keep-rate", help="EViT: fraction of patch tokens kept."),
-    target_flops: float | None = typer.Option(None, "--target-flops", help="Fraction of the base GFLOPs."),
-    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Measured speedup to reach."),
-    schedule: str | None = typer.Option(None, "--schedule", help="Tokens removed per layer, e.g. 8,8,4,0."),
-    method: str | None = typer.Option(None, "--method", help="tome or evit."),
-    prop_attn: str | None = typer.Option(None, "--prop-attn", help="Proportional attention: auto, on or off."),
-    attention: str | None = typer.Option(None, "--attention",
-                                         help="Merged layers' attention kernel: auto, torch or triton."),
-    inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
-    layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
-    resolution: int | None = typer.Option(None, "--resolution", help="Also run at this input size (the baseline)."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
-) -> None:
-    """Token merging (ToMe) or pruning (EViT), training-free; writes an artifact."""
-    merge_fields = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
-                          schedule=_ints(schedule, "--schedule"), method=method, prop_attn=prop_attn,
-                          attention=attention, inflection=inflection, layers=_ints(layers, "--layers"))
-    stack: list[Any] = [ResolutionConfig(img_size=resolution)] if resolution is not None else []
-    stack += [TokenMergeConfig(**merge_fields)] if merge_fields or not stack else []
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
-    print_records("merge", out, compress_to(out, m, stack))
 
 
 @app.command()
@@ -245,7 +183,8 @@ def quantize(
     a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
     mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (runs low precision)."),
     observer: str | None = typer.Option(None, "--observer", help="Activation ranges: minmax, percentile or mse."),
-    rounding: str | None = typer.Option(None, "--rounding", help="Weight rounding: rtn or gptq."),
+    rounding: str | None = typer.Option(None, "--rounding", help="Weight rounding: rtn, gptq or brecq."),
+    recon_iters: int | None = typer.Option(None, "--recon-iters", help="brecq: optimisation steps per block."),
     reparam: str | None = typer.Option(None, "--reparam", help="Reparameterization: none or repq (RepQ-ViT)."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
@@ -266,6 +205,7 @@ def quantize(
 ) -> None:
     """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb)."""
     cfg = QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, observer=observer, rounding=rounding,
+                               recon_iters=recon_iters,
                                reparam=reparam, w_granularity=w_granularity, group_size=group_size,
                                a_granularity=a_granularity, layers=_split(layers), exclude=_split(exclude),
                                backend=backend, softmax=softmax, dtype=dtype, calib_size=calib_size))
@@ -295,25 +235,6 @@ def export(
     m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     summary = export_model(m, out, cfg)
     print_table("export", {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary.items()})
-
-
-def _runtime_model(model: str, runtime: str | None, runtime_opts: list[str] | None) -> nn.Module | None:
-    """An exported file under an explicit --runtime / --runtime-opts, or None to take the usual path."""
-    if runtime is None and not runtime_opts:
-        return None
-    if not is_exported(model):
-        raise ConfigError(f"--runtime and --runtime-opts apply to exported .onnx/.pt2 files, not '{model}'")
-    return load_runtime_model(model, runtime, _key_values(runtime_opts, "--runtime-opts"))
-
-
-def _key_values(items: list[str] | None, flag: str, what: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{flag} takes KEY=VALUE{what}, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @app.command()

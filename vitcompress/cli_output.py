@@ -55,6 +55,16 @@ def print_eval(r: dict[str, Any]) -> None:
     rows.update({"throughput img/s": r.get("throughput"), "peak mem MiB": r.get("peak_mem_mb"),
                  "params": r["params"], "GFLOPs/img": r["gflops"], "size MiB": r["size_mb"],
                  "device": f"{r['device']}, {r['dtype']}"})
+    tok = r.get("tokens")
+    if tok:
+        rows["tokens kept (last layer)"] = (f"{tok['tokens_last_mean']} ± {tok['tokens_last_std']} "
+                                            f"[{tok['tokens_last_min']}, {tok['tokens_last_max']}]")
+    att = r.get("attack")
+    if att:
+        rows[f"{att['method']} eps {att['eps']:.4g} ({att['source']})"] = f"robust top1 {fmt(att['robust_top1'])} %"
+        if att["source"] == "base":
+            rate = "—" if att["transfer_rate"] is None else fmt(att["transfer_rate"])
+            rows["transfer rate %"] = f"{rate} (of {att['base_successes']} base successes)"
     print_table("eval", rows)
 
 

@@ -23,6 +23,9 @@ from .export import RuntimeModel
 from .models import data_config, model_info
 from .pipeline import load_base
 from .provenance import run_context
+from .robustness import AttackConfig, AttackSource, attack_eval
+from .transforms.sparse_attn.transform import flops_saved
+from .transforms.token_merge.adaptive import is_adaptive, token_trace, trace_summary
 from .ui import progress_bar
 
 
@@ -56,6 +59,16 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     return merged[:, :-2].contiguous(), merged[:, -2].long(), merged[:, -1].long()
 
 
+def predict_traced(model: nn.Module, data: ImageData, **kwargs: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+    """:func:`predict`, plus the token statistics of an adaptive-token model (None for any other)."""
+    if not is_adaptive(model):
+        return (*predict(model, data, **kwargs), None)
+    with token_trace(model) as forwards:
+        out = predict(model, data, **kwargs)
+    return (*out, trace_summary(model, forwards) if forwards else None)
+
+
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None,
                      ) -> dict[str, float | int | None]:
     """top1/top5 (percent; None without labels), agreement and kl against ``ref_logits`` (None without)."""
@@ -74,19 +87,20 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: tor
 
 def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | None = "auto",
              batch_size: int = 64, bench: BenchConfig | None = None, speed: bool = True,
-             progress: bool = False, workers: int = 0) -> dict[str, Any]:
+             progress: bool = False, workers: int = 0, attack: AttackConfig | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``.
 
     reference: a model to measure agreement/kl against; ``"auto"`` uses the model's uncompressed base when
     known (a model with no transforms is its own reference); None skips fidelity metrics.
     speed: also time the model at ``bench.batch_sizes`` and measure peak memory.
+    attack: also measure robust top-1 under this attack (``result["attack"]``, see :mod:`vitcompress.robustness`).
     """
 
     bench = bench or BenchConfig()
     if isinstance(model, RuntimeModel):  # the runtime runs fp32 on the CPU; the reference is compared there too
         bench = dataclasses.replace(bench, device="cpu", dtype=Dtype.FP32)
-    logits, labels, groups = predict(model, data, batch_size=batch_size, cfg=bench, progress=progress,
-                                     workers=workers)
+    logits, labels, groups, tokens = predict_traced(model, data, batch_size=batch_size, cfg=bench,
+                                                    progress=progress, workers=workers)
     if reference == "auto":
         reference = load_base(model)
     ref_logits = None
@@ -107,7 +121,13 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
                                    None if ref_logits is None else ref_logits[groups == gi])
             for gi, name in enumerate(data.groups) if bool((groups == gi).any())
         }
+    if attack is not None:
+        base = load_base(model) if attack.source == AttackSource.BASE else None
+        result["attack"] = attack_eval(model, data, attack, base=base, batch_size=batch_size, bench=bench)
     result.update(static_metrics(model))
+    if tokens is not None:  # per-image counts: GFLOPs are the mean over the images that ran
+        result.update(tokens=tokens, gflops=tokens["gflops_mean"], gmacs=tokens["gflops_mean"] / 2,
+                      gflops_note="mean per image over the data (adaptive token counts)")
     if speed and distributed.is_main():  # under torchrun only rank 0 times (the others would contend)
         result.update(speed_metrics(model, bench))
     result.update({"dtype": str(bench.dtype.on(bench.resolve_device())), "sdpa": bench.sdpa, "compile": bench.compile,
@@ -120,7 +140,7 @@ def static_metrics(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, RuntimeModel):  # an exported file: what its metadata records, and the file's size
         return model.static_metrics()
     input_size = data_config(model)["input_size"]
-    flops = count_flops(model, input_size)
+    flops = count_flops(model, input_size) - flops_saved(model)  # sparse attention's skipped tiles
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,
             "size_mb": serialized_size_mb(model)}
 

@@ -86,6 +86,8 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
                      "peak_mem_mb": p.get("peak_mem_mb"), "size_mb": size[i],
                      "size_ratio": None if base is None else size[i] / base["size_mb"],
                      "gflops": p["gflops"], "params": p["params"],
+                     **{f"{k}: {lab}": r.get(m) for lab, r in (p.get("robustness") or {}).items()
+                        for k, m in (("robust", "robust_top1"), ("transfer", "transfer_rate"))},
                      "front_latency": i in f_lat, "front_size": i in f_size})
     failed = [{"name": p["name"], "error": p.get("error")} for p in points if p.get("status") != "ok"]
     context = {k: (base or (ok[0] if ok else {})).get(k) for k in ("device", "versions", "date")}
@@ -111,13 +113,14 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
     if not res["rows"]:
         return "\n".join([*lines, "No finished points yet.", ""])
     acc_cols = [k for k in res["rows"][0] if k.endswith(("_top1", "_agreement"))]
+    acc_cols += sorted({k for r in res["rows"] for k in r if k.startswith(("robust: ", "transfer: "))})
     lines.append("| point | family | kind | recovery | front | accuracy | Δ | " + " | ".join(acc_cols)
                  + f" | latency ms b{ref} | speedup | img/s | peak MiB | size MiB | size × | GFLOPs |")
     lines.append("|---|---|---|---|:-:|" + "---:|" * (2 + len(acc_cols) + 7))
     for r in sorted(res["rows"], key=lambda r: r["latency_ms"]):
         mark = ("★" if r["front_latency"] else "") + ("◆" if r["front_size"] else "")
         name = f"**{r['name']}**" if r["front_latency"] else r["name"]
-        accs = " | ".join(_f(r[k], 2) for k in acc_cols)
+        accs = " | ".join(_f(r.get(k), 2) for k in acc_cols)
         lines.append(f"| {name} | {r['family']} | {r['kind']} | {r['recovery']} | {mark} | {_f(r['accuracy'], 2)} | "
                      f"{_f(r['delta'], 2, sign=True)} | {accs} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× | "
                      f"{r['throughput']:.0f} | {_f(r['peak_mem_mb'], 1)} | {r['size_mb']:.2f} | "

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +32,20 @@ from .bench import BenchConfig, compare, model_runner, peak_memory_mb
 from .config import Config
 from .data import load_data
 from .errors import ConfigError, UserError
-from .evaluate import accuracy_metrics, predict, static_metrics
+from .evaluate import accuracy_metrics, predict, predict_traced, static_metrics
 from .io import atomic_write_json
 from .models import data_config
 from .pipeline import Calibration, apply_stack, create_model
 from .provenance import run_context
 from .recipes import recipe_path
 from .report import write_report
+from .robustness import AttackConfig, AttackSource, attack_eval
 from .train import baseline, load_recipe
 from .transforms import RecoveryConfig, config_from_dict
 from .ui import progress_bar
 
-FAMILIES = {"token_merge": "token", "resolution": "token", "quantize": "quant", "prune": "prune",
-            "block_sparse": "block-sparse"}
+FAMILIES = {"token_merge": "token", "adaptive_tokens": "token", "resolution": "token", "quantize": "quant",
+            "prune": "prune", "block_sparse": "block-sparse", "sparse_attention": "attention"}
 
 
 @dataclasses.dataclass
@@ -54,6 +56,8 @@ class SweepConfig(Config):
     accuracy: ``DATA:top1`` or ``DATA:agreement``, the metric the Pareto fronts use.
     speed_model: ``{model: TIMM_ID, kwargs: {...}}`` to time each stack on that architecture (random
     weights; weights do not change speed) instead of on the base; accuracy still comes from the base.
+    attack: attack settings (an :class:`~vitcompress.robustness.AttackConfig` dict, or a list of them) measured
+    on ``attack_limit`` images of the first eval data: robust top-1 and transfer rate columns.
     """
 
     NAME = "sweep"
@@ -69,6 +73,8 @@ class SweepConfig(Config):
     speed_model: dict[str, Any] | None = None
     points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     grid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    attack: list[dict[str, Any]] | dict[str, Any] | None = None
+    attack_limit: int = 1000
 
     def validate(self) -> None:
         if not self.eval_data:
@@ -80,11 +86,16 @@ class SweepConfig(Config):
         if not any(k in self.base for k in ("recipe", "artifact", "model")):
             raise ConfigError("base needs one of recipe, artifact or model")
         self.bench_config()  # validates
+        self.attacks()  # validates
         if self.reference_batch is not None and self.reference_batch not in self.bench_config().batch_sizes:
             raise ConfigError(f"reference_batch {self.reference_batch} is not one of the bench batch sizes")
 
     def bench_config(self) -> BenchConfig:
         return BenchConfig.from_dict(self.bench)
+
+    def attacks(self) -> list[AttackConfig]:
+        given = [] if self.attack is None else [self.attack] if isinstance(self.attack, dict) else self.attack
+        return [AttackConfig.from_dict(a) for a in given]
 
     @property
     def ref_batch(self) -> int:
@@ -163,6 +174,8 @@ def point_id(point: Point, cfg: SweepConfig, base_key: str) -> str:
     key = {"stack": point.stack, "base": base_key, "eval": [cfg.eval_data, cfg.eval_limit],
            "calib": [cfg.calib_data, cfg.calib_size], "bench": cfg.bench_config().to_dict(),
            "speed_model": cfg.speed_model}
+    if cfg.attack:  # only then, so that the ids of sweeps without attacks stay as they were
+        key["attack"] = [[a.to_dict() for a in cfg.attacks()], cfg.attack_limit]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -197,22 +210,33 @@ class _Context:
         self.speed_base = base if sm is None else create_model(sm["model"], **(sm.get("kwargs") or {}))
         size = data_config(self.speed_base)["input_size"]
         self.base_runs = {bs: model_runner(self.speed_base, bs, size, self.bench) for bs in self.bench.batch_sizes}
+        first = next(iter(self.data.values()))
+        self.attack_data = load_data(cfg.eval_data[0], dcfg, limit=cfg.attack_limit) if cfg.attacks() else None
+        self.images = next(iter(first.loader(max(self.bench.batch_sizes))))[0] \
+            if cfg.speed_model is None and len(first) else None  # timing input for content-dependent models
 
     def measure(self, point: Point) -> dict[str, Any]:
 
         cfg, bench = self.cfg, self.bench
         model = build_point(self.base, point.stack, cfg)
         out: dict[str, Any] = {"accuracy": {}}
+        tokens = {}
         for spec, data in self.data.items():
             d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
-            logits, labels, _ = predict(model, d, cfg=bench)
+            logits, labels, _, tokens[spec] = predict_traced(model, d, cfg=bench)
             out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
+        if self.attack_data is not None:
+            out["robustness"] = self.robustness(model)
         fast = model if cfg.speed_model is None else build_point(self.speed_base, point.stack, cfg, train=False)
         out.update(static_metrics(fast))
+        first = next(iter(tokens.values()))
+        if first is not None:  # adaptive token counts: the GFLOPs are the mean per image of the first eval data
+            out.update(tokens=tokens, gflops=first["gflops_mean"], gmacs=first["gflops_mean"] / 2)
         size = data_config(fast)["input_size"]
+        images = self.images if data_config(fast) == data_config(self.base) else None
         out["latency_ms"], out["base_latency_ms"], out["speedup"] = {}, {}, {}
         for bs, base_run in self.base_runs.items():
-            r = compare(base_run, model_runner(fast, bs, size, bench), device=bench.resolve_device(),
+            r = compare(base_run, model_runner(fast, bs, size, bench, images), device=bench.resolve_device(),
                         warmup=bench.warmup, warmup_s=bench.warmup_s, repeat=bench.repeat)
             out["latency_ms"][str(bs)] = {"median": r["b_median_ms"], "p95": r["b_p95_ms"]}
             out["base_latency_ms"][str(bs)] = r["a_median_ms"]
@@ -223,6 +247,25 @@ class _Context:
         out["transforms"] = [{k: v for k, v in t.items() if k != "state"} for t in model.vitcompress_info.transforms]
         out["recovery_record"] = model.vitcompress_info.provenance.get("recovery")
         return out
+
+
+    def robustness(self, model: nn.Module) -> dict[str, Any]:
+        """Each attack of the recipe on the point: ``{label: attack_eval result}``."""
+        out: dict[str, Any] = {}
+        same = data_config(model) == data_config(self.base)
+        data = self.attack_data if same else self.attack_data.for_config(data_config(model))
+        for a in self.cfg.attacks():
+            if a.source == AttackSource.BASE and not same:
+                out[attack_label(a)] = {"error": "the input size changed: the base's images do not transfer"}
+                continue
+            out[attack_label(a)] = attack_eval(model, data, a, base=self.base, bench=self.bench)
+        return out
+
+
+def attack_label(a: AttackConfig) -> str:
+    """e.g. ``pgd 2/255 base``."""
+    eps = Fraction(a.eps).limit_denominator(1000)
+    return f"{a.method} {eps.numerator}/{eps.denominator} {a.source}" if eps else f"{a.method} 0 {a.source}"
 
 
 def _finished(path: Path) -> bool:

@@ -163,16 +163,20 @@ def attention_backend(model: nn.Module, sdpa: bool) -> Iterator[None]:
 
 
 def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig,
-                 ) -> Callable[[], torch.Tensor]:
-    """A no-argument callable running one inference batch of random input under ``cfg``.
+                 images: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+    """A no-argument callable running one inference batch under ``cfg``.
 
     The model is moved to ``cfg``'s device and its timm attention modules are set to ``cfg.sdpa``;
-    input is [batch_size, *input_size].
+    input is [batch_size, *input_size]: random, or the first of ``images`` [n,*input_size] (cycled), which
+    models whose work depends on the content (adaptive token counts) need.
     """
     device = cfg.resolve_device()
     model = model.to(device).eval()
     fwd = torch.compile(model) if cfg.compile else model
-    x = torch.randn(batch_size, *input_size, device=device)
+    if images is None:
+        x = torch.randn(batch_size, *input_size, device=device)
+    else:
+        x = images[torch.arange(batch_size) % len(images)].to(device)
     dtype = cfg.dtype.on(device)
     use_amp = dtype != Dtype.FP32
     attn = [m for m in model.modules() if hasattr(m, "fused_attn")]

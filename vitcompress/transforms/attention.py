@@ -25,13 +25,16 @@ def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, cls_row: bool = False,
-              kernel: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              kernel: str = "torch", seq_lens: torch.Tensor | None = None, significance: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Self-attention x [B,N,C] with an optional per-key bias [B,1,1,N].
 
     kernel: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
     :func:`vitcompress.kernels.attention.attention` with it as a per-key bias (inference); ``auto`` picks triton
-    on CUDA tensors when it is installed. Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS
-    attention over heads [B,N] or None).
+    on CUDA tensors when it is installed. seq_lens [B]: tokens at positions >= len are padding; the kernel
+    skips them (varlen), SDPA relies on ``bias`` being -inf there. Returns (output [B,N,C], keys averaged over
+    heads [B,N,Dh], CLS attention over heads [B,N] or None). significance: the CLS row times each value's norm
+    (ATS's score, unnormalised) instead of the bare CLS row.
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -40,17 +43,20 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     attend = getattr(attn, "_vc_attend", None)
     if attend is not None:
         out = attend(q, k, v, mask)
-    elif mask is not None and not attn.training and runs_kernel(kernel, q):
-        out = fused(q, k, v, key_bias=bias[:, 0, 0, :], scale=attn.scale, backend="triton")
+    elif (mask is not None or seq_lens is not None) and not attn.training and runs_kernel(kernel, q):
+        out = fused(q, k, v, key_bias=None if bias is None else bias[:, 0, 0, :], seq_lens=seq_lens,
+                    scale=attn.scale, backend="triton")
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
     cls = None
-    if cls_row:  # EViT needs only the CLS row of the attention matrix: [B,H,1,N]
+    if cls_row or significance:  # EViT / ATS need only the CLS row of the attention matrix: [B,H,1,N]
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits + mask
         cls = logits.float().softmax(-1).mean(1)[:, 0]
+        if significance:  # ATS: ||v_j|| over all heads weighs how much token j can move the CLS token
+            cls = cls * v.transpose(1, 2).reshape(b, n, -1).float().norm(dim=-1)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if gate is not None:
         out = out * gate

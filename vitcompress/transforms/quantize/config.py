@@ -27,6 +27,7 @@ class ActGranularity(StrEnum):
 
 class Rounding(StrEnum):
     RTN = "rtn"  # round to nearest
+    BRECQ = "brecq"  # learned by block reconstruction (AdaRound rounding + LSQ activation steps)
     GPTQ = "gptq"  # error-compensating, from calibration Hessians
 
 
@@ -84,6 +85,7 @@ class QuantConfig(Config):
     gptq_damp: float = 0.01
     gptq_sequential: bool = True
     act_order: bool = False
+    recon_iters: int = 1000  # brecq: optimisation steps per block
     reparam: Reparam = Reparam.NONE
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
     dtype: QuantDtype = QuantDtype.INT
@@ -110,8 +112,12 @@ class QuantConfig(Config):
                               "a_granularity per_tensor")
         if self.act_order and (self.rounding != Rounding.GPTQ or self.w_granularity != WeightGranularity.PER_CHANNEL):
             raise ConfigError("act_order is a GPTQ option for per-channel weights (rounding gptq, per_channel)")
-        if self.rounding == Rounding.GPTQ and self.w_bits is None:
-            raise ConfigError("gptq rounds weights: it needs w_bits")
+        if self.rounding in (Rounding.GPTQ, Rounding.BRECQ) and self.w_bits is None:
+            raise ConfigError(f"{self.rounding} rounds weights: it needs w_bits")
+        if self.rounding == Rounding.BRECQ and (self.mode != Mode.SIMULATE or self.dtype != QuantDtype.INT):
+            raise ConfigError("brecq (block reconstruction) runs in --mode simulate on integer grids")
+        if self.recon_iters < 1:
+            raise ConfigError(f"recon_iters must be >= 1, got {self.recon_iters}")
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
         if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)
@@ -159,7 +165,7 @@ class QuantConfig(Config):
     @property
     def needs_calibration(self) -> bool:
         """Static activation ranges, RepQ and GPTQ are all computed from calibration images."""
-        return self.static_acts or self.rounding == Rounding.GPTQ
+        return self.static_acts or self.rounding != Rounding.RTN
 
     @property
     def group(self) -> int | None:

@@ -76,6 +76,13 @@ class ScaledLinear(nn.Module):
         self.register_buffer("a_scale", torch.ones((), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight [out, in] the codes stand for (a gradient twin's weight; see robustness)."""
+        return self._codes().float() * self.w_scale[:, None]
+
+    def _codes(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activations={'per_token' if self.per_token else 'per_tensor'}, backend={self.backend}")
@@ -93,6 +100,9 @@ class Int8Linear(ScaledLinear):
                  device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__(in_features, out_features, bias, per_token, device, backend)
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+
+    def _codes(self) -> torch.Tensor:
+        return self.w_int8
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         old = state_dict.pop(prefix + "w_qt", None)  # artifacts from before 2026-11-22 stored [in, out]

@@ -119,6 +119,9 @@ class Fp8Linear(ScaledLinear):
             mod.a_scale.copy_(ops.fp8_scale(torch.tensor(a_absmax)))
         return mod
 
+    def _codes(self) -> torch.Tensor:
+        return self.w_fp8
+
     def uses_scaled_mm(self, x: torch.Tensor) -> bool:
         """Whether torch._scaled_mm with row-wise scales runs here (CUDA capability >= 8.9 or a recent torch on
         the CPU), for K, N multiples of 16."""

@@ -56,13 +56,18 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Te
     return scale, torch.round(-lo / scale)
 
 
-def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes in [0, 2^b - 1] (as float32)."""
-    return torch.round(x.float() / scale + zero).clamp(0, 2**bits - 1)
+def act_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False,
+              ) -> torch.Tensor:
+    """Unsigned codes in [0, 2^b - 1] (as float32). ste: the rounding passes the gradient straight through
+    (LSQ), so the scale gets its gradient inside the range."""
+    u = x.float() / scale + zero
+    r = u + (torch.round(u) - u).detach() if ste else torch.round(u)
+    return r.clamp(0, 2**bits - 1)
 
 
-def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return ((act_codes(x, scale, zero, bits) - zero) * scale).to(x.dtype)
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False,
+                   ) -> torch.Tensor:
+    return ((act_codes(x, scale, zero, bits, ste) - zero) * scale).to(x.dtype)
 
 
 def fake_quant_act_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
 
+from ...errors import ConfigError
 from ..attention import attention
 from . import ops
 
@@ -35,14 +36,23 @@ class _ActQuant:
     _vc_a_bits: int | None
     _vc_per_token: bool
     _vc_fp8: bool
+    _vc_ste = False  # straight-through gradients (rounding's own gradient is 0): set on gradient twins
+    _vc_lsq = False  # straight-through rounding with the scale's gradient: set during block reconstruction
 
     def _fq(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """x [..., C]: per-token over the last dim, else the static (scale, zero)."""
         if self._vc_a_bits is None:
             return x
         if self._vc_per_token:
-            return ops.fake_quant_fp8_per_token(x) if self._vc_fp8 else ops.fake_quant_act_per_token(x, self._vc_a_bits)
-        return ops.fake_quant_fp8(x, scale) if self._vc_fp8 else ops.fake_quant_act(x, scale, zero, self._vc_a_bits)
+            out = ops.fake_quant_fp8_per_token(x) if self._vc_fp8 else ops.fake_quant_act_per_token(x, self._vc_a_bits)
+        elif self._vc_lsq:  # block reconstruction learns the step size: the gradient reaches the scale
+            return ops.fake_quant_act(x, scale, zero, self._vc_a_bits, ste=True)
+        else:
+            out = ops.fake_quant_fp8(x, scale) if self._vc_fp8 else ops.fake_quant_act(x, scale, zero, self._vc_a_bits)
+        return self._straight_through(x, out)
+
+    def _straight_through(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x + (out - x).detach() if self._vc_ste else out
 
 
 class FakeQuantLinear(_ActQuant, nn.Linear):
@@ -93,7 +103,7 @@ class QuantAttention(_ActQuant, Attention):
             observe("p", p)
         elif self._vc_softmax != "none":
             scale = p.amax(-1, keepdim=True) if self._vc_per_token else self.p_scale
-            p = ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax)
+            p = self._straight_through(p, ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax))
         p = self.attn_drop(p)
         return (p @ v.float()).to(v.dtype)
 
@@ -102,6 +112,9 @@ def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, s
     """Switch ``module`` (Linear, Conv2d or timm Attention) to its fake-quant class, in place, with unit grids."""
     dev = next(module.parameters()).device
     if isinstance(module, Attention):
+        if type(module) not in (Attention, QuantAttention):  # another transform's attention (sparse, ...)
+            raise ConfigError(f"cannot quantize {type(module).__name__}: quantize the attention matmuls before "
+                              "changing the attention, or leave attn_matmul out")
         module.__class__ = QuantAttention
         module._vc_softmax = softmax
         module.register_buffer("qkv_scale", torch.ones(3, device=dev))

@@ -1,6 +1,7 @@
 """Post-training quantization of a ViT: simulated at any bit width, or deployed for real.
 
-simulate (accuracy-only, runs in floating point): weights are rounded in place (RTN or GPTQ) on a symmetric
+simulate (accuracy-only, runs in floating point): weights are rounded in place (RTN, GPTQ, or learned by block
+reconstruction, BRECQ: see :mod:`.reconstruct`) on a symmetric
 per-channel or per-group grid; activations are fake-quantized per tensor (calibrated on train-split
 images) or per token; the attention matmuls' inputs and the softmax output (uniform, log2, logsqrt2) and the
 patch embedding can be included. See :mod:`.quant_sim`.
@@ -14,6 +15,7 @@ deploy (executes low precision, stores low-bit weights):
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from .config import (
 )
 from .int8_linear import Int8Linear
 from .lowbit_linear import Fp8Linear, WeightOnlyLinear
+from .reconstruct import reconstruct_blocks_
 from .simulate import QUANTIZABLE, convert, set_grids
 
 __all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
@@ -132,6 +135,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
     if cfg.reparam == Reparam.REPQ:
         reparam = repq_reparam_(model, cfg, ctx.calib)
+    float_model = copy.deepcopy(model) if cfg.rounding == Rounding.BRECQ else None  # the blocks' targets
     if not deploy:  # attention is observed (in float) through its quantized class during calibration
         for _, m in layers:
             if isinstance(m, Attention):
@@ -154,6 +158,11 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         if not isinstance(m, Attention):
             convert(m, cfg.a_bits, per_token, fp8)
         set_grids(m, ranges.get(name, {}))
+    recon = {}
+    if float_model is not None:
+        recon = reconstruct_blocks_(model, float_model, clips, int(cfg.w_bits), cfg.group, ctx.calib,  # type: ignore[arg-type]
+                                    cfg.calib_size, cfg.recon_iters)
     return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": deploy,
+            **({"reconstruction": recon} if recon else {}),
             "deploy_kind": cfg.deploy_kind if deploy else None, "reparam": reparam,
             "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}

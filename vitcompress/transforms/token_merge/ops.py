@@ -106,6 +106,103 @@ def keep_topk_fuse(x: torch.Tensor, size: torch.Tensor, score: torch.Tensor, dro
     return x, size, source
 
 
+def ats_keep(score: torch.Tensor, samples: int) -> torch.Tensor:
+    """ATS (Fayyaz et al., 2022): which patch tokens inverse-transform sampling keeps. score: [B,M] >= 0
+    (CLS attention x value norm; 0 for padding, never kept) -> bool [B,M].
+
+    As in the reference: sort the normalised scores ascending, take their CDF rescaled to [0, 1], place
+    ``samples`` evenly spaced points from the first non-zero CDF value to 1 (deterministic, as at inference),
+    and keep the token whose CDF value is nearest to each point. Strong tokens own long stretches of the CDF
+    and are drawn repeatedly, so the number of distinct tokens kept varies per image.
+    """
+    b, m = score.shape
+    p = score.float() / score.float().sum(1, keepdim=True).clamp_min(1e-12)
+    sorted_p, order = p.sort(dim=1)
+    cdf = sorted_p.cumsum(1)
+    lo, hi = cdf[:, :1], cdf[:, -1:]
+    cdf = (cdf - lo) / (hi - lo).clamp_min(1e-12)  # [B,M] in [0, 1]
+    start = torch.where(cdf > 0, cdf, torch.full_like(cdf, 2.0)).amin(1, keepdim=True).clamp(max=1.0)
+    steps = torch.linspace(0, 1, max(samples, 1), device=score.device)[None]
+    ys = start + (1 - start) * steps  # [B,S]
+    pick = (ys[:, :, None] - cdf[:, None, :]).abs().argmin(-1)  # [B,S] positions in the sorted order
+    keep = torch.zeros(b, m, dtype=torch.bool, device=score.device)
+    keep.scatter_(1, order.gather(1, pick), True)
+    return keep & (score > 0)
+
+
+def mass_keep(score: torch.Tensor, mass: float) -> torch.Tensor:
+    """Keep, per image, the fewest highest-scoring patch tokens whose share of the total score reaches
+    ``mass`` (a top-p threshold: a peaked image keeps few tokens, a diffuse one many). score: [B,M] -> bool."""
+    p = score.float() / score.float().sum(1, keepdim=True).clamp_min(1e-12)
+    sorted_p, order = p.sort(dim=1, descending=True)
+    before = sorted_p.cumsum(1) - sorted_p  # mass of the stronger tokens
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep.scatter_(1, order, before < mass)
+    return keep & (score > 0)
+
+
+def bipartite_edges(metric: torch.Tensor, size: torch.Tensor, protected: int = 0,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite graph without a fixed r: every A token's (even positions) best B token (odd positions).
+
+    metric [B,N,C] (keys averaged over heads), size [B,N,1] (0: padding). Prefix and padding tokens neither
+    merge nor receive. Returns (similarity of each A token's best edge [B,Na] (-inf where it may not merge),
+    its rank among the image's edges [B,Na] (0 = most similar), the A and B positions [Na], [Nb], and the
+    destination of each A token as an index into B [B,Na]).
+    """
+    n = metric.shape[1]
+    a_pos, b_pos = torch.arange(0, n, 2, device=metric.device), torch.arange(1, n, 2, device=metric.device)
+    with torch.no_grad():
+        m = metric.float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        scores = m[:, a_pos] @ m[:, b_pos].transpose(1, 2)  # [B, Na, Nb]
+        blocked = size[..., 0] <= 0
+        blocked[:, :protected] = True
+        scores = scores.masked_fill(blocked[:, a_pos, None] | blocked[:, None, b_pos], -math.inf)
+        best, dst = scores.max(dim=-1)
+        rank = best.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return best, rank, a_pos, b_pos, dst
+
+
+def weighted_merge(x: torch.Tensor, size: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor,
+                   dst: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge each A token into its destination with weight w [B,Na] in [0, 1], keeping every position.
+
+    The destination becomes the size-weighted average with w x size of each source; a source keeps its value
+    with size x (1 - w). With w in {0, 1} this is ToMe's merge (a merged token's size drops to 0, and
+    :func:`pack_tokens` removes it); in between it is the differentiable relaxation learned thresholds and
+    rates train through. x [B,N,C], size [B,N,1] -> (x, size), same shapes.
+    """
+    wa = w[..., None] * size[:, a_pos]  # [B,Na,1] the share of each source that moves
+    idx = dst[..., None]
+    num = (x[:, b_pos] * size[:, b_pos]).scatter_add(1, idx.expand(-1, -1, x.shape[-1]), wa * x[:, a_pos])
+    den = size[:, b_pos].scatter_add(1, idx, wa)
+    live = den > 0  # a destination that is itself merged away (size 0) keeps its value; the safe divisor keeps
+    x_b = torch.where(live, num / torch.where(live, den, torch.ones_like(den)), x[:, b_pos])  # NaN out of grads
+    x, size = x.clone(), size.clone()
+    x[:, b_pos], size[:, b_pos] = x_b, den
+    size[:, a_pos] = size[:, a_pos] - wa
+    return x, size
+
+
+def pack_tokens(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, protected: int,
+                source: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Move each image's kept tokens to the front (prefix first, then the kept patches in their order) and pad
+    to the batch's longest. x [B,N,C], size [B,N,1], keep [B,N-P] bool. Returns x [B,L,C] (padding zero),
+    size [B,L,1] (padding 0, so ``log size`` masks it as a key), lens [B] and the source map."""
+    full = torch.cat([keep.new_ones(keep.shape[0], protected), keep], 1)
+    lens = full.sum(1)
+    width = int(lens.max())
+    idx = (~full).to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # kept first, order preserved
+    valid = (torch.arange(width, device=x.device)[None] < lens[:, None])[..., None]  # [B,L,1]
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])) * valid.to(t.dtype)
+
+    return take(x), take(size), lens, None if source is None else take(source)
+
+
 def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Proportional attention: ``log(size)`` as an additive per-key bias [B,1,1,N] for SDPA's float mask."""
     if size is None:

@@ -1,21 +1,15 @@
-"""Token merging (ToMe) and pruning (EViT) for timm ViTs: the config, the timm glue, the transform.
+"""Token merging (ToMe) and pruning (EViT) for timm ViTs: the config, the schedules, the transform.
 
-Each timm ``Block`` keeps its own submodules and weights (so state-dict keys do not change); its class is
-switched to :class:`ReducibleBlock`, whose forward calls those submodules: norm1, the attention's
-qkv / q_norm / k_norm / norm / proj, ls1, drop_path1, norm2, mlp, ls2, drop_path2. Attention runs
-through fused SDPA, with proportional attention (``log size`` per key) as its float mask. A block with
-nothing to do and no merged tokens before it runs timm's own ``Block.forward``, so strength 0 is bit-exact.
+The blocks run as :class:`~.block.ReducibleBlock` (timm's own submodules; see ``block.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from ...bench import BenchConfig, compare, model_runner
@@ -23,19 +17,9 @@ from ...config import Config, StrEnum
 from ...errors import ConfigError
 from ...kernels._triton import Backend
 from ...models import data_config
-from ..attention import attention
 from ..registry import TransformContext, register_transform
 from . import ops
-
-
-class TokenMethod(StrEnum):
-    TOME = "tome"
-    EVIT = "evit"  # the paper: fused token = CLS-attention-weighted sum of the inattentive tokens
-    EVIT_WAVG = "evit_wavg"  # our earlier variant: normalised (attention x size) average, proportional attention
-
-    @property
-    def is_evit(self) -> bool:
-        return self in (TokenMethod.EVIT, TokenMethod.EVIT_WAVG)
+from .block import ReducibleBlock, TokenMethod, TokenState, install_blocks
 
 
 class PropAttn(StrEnum):
@@ -99,73 +83,6 @@ class TokenMergeConfig(Config):
             raise ConfigError(f"schedule entries must be integers >= 0, got {self.schedule}")
 
 
-# ---------------------------------------------------------------------------------------------- the block
-@dataclasses.dataclass
-class TokenState:
-    """Shared by a model's reducible blocks during one forward (reset by the first block)."""
-
-    protected: int
-    prop_attn: bool
-    method: TokenMethod
-    trace_source: bool = False
-    kernel: Backend = Backend.AUTO  # the merged layers' proportional attention
-    size: torch.Tensor | None = None  # [B,N,1] patches per token; None until the first reduction
-    source: torch.Tensor | None = None  # [B,N,N0] when tracing
-
-    def reset(self) -> None:
-        self.size, self.source = None, None
-
-
-class ReducibleBlock(Block):
-    """A timm ``Block`` that removes ``_vc_drop`` tokens between its attention and its MLP."""
-
-    _vc_state: TokenState
-    _vc_drop: int
-    _vc_first: bool
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                ) -> torch.Tensor:
-        st = self._vc_state
-        if self._vc_first:
-            st.reset()
-        if attn_mask is not None or is_causal:
-            raise ValueError("token reduction does not support attention masks")
-        if st.size is None and self._vc_drop == 0:
-            return Block.forward(self, x)
-        evit = st.method.is_evit and self._vc_drop > 0
-        bias = ops.size_bias(st.size, x.dtype) if st.prop_attn else None
-        h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit, kernel=st.kernel)
-        x = x + self.drop_path1(self.ls1(h))
-        if self._vc_drop > 0:
-            x = self._reduce(x, keys, cls)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def _reduce(self, x: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
-        st, p = self._vc_state, self._vc_state.protected
-        if st.size is None:
-            st.size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
-            if st.trace_source:
-                st.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)[None].expand(x.shape[0], -1, -1)
-        if cls is None:
-            merge = ops.bipartite_soft_matching(keys, self._vc_drop, p)
-            if st.source is not None:
-                st.source = ops.merge_source(merge, st.source)
-            x, st.size = ops.merge_wavg(merge, x, st.size.to(x.dtype))
-            st.size = st.size.float()
-            return x
-        x, st.size, st.source = ops.keep_topk_fuse(x, st.size, cls[:, p:], self._vc_drop, p, st.source,
-                                                   normalize=st.method == TokenMethod.EVIT_WAVG)
-        return x
-
-
-def _weighted_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-    """``VisionTransformer.pool`` for global-average models: weight merged tokens by their size."""
-    st: TokenState = self._vc_token_state
-    if st.size is None or (pool_type or self.global_pool) != "avg":
-        return type(self).pool(self, x, pool_type)
-    return ops.weighted_pool(x, st.size, 0 if self.pool_include_prefix else st.protected)
-
-
 # ---------------------------------------------------------------------------------------------- schedules
 def _dims(model: nn.Module) -> tuple[int, int, int, int]:
     """(tokens at the first block, protected prefix tokens, width, MLP hidden width)."""
@@ -190,14 +107,24 @@ def check_schedule(model: nn.Module, schedule: list[int], method: TokenMethod) -
 def flops_fraction(model: nn.Module, schedule: list[int]) -> float:
     """Analytic GFLOPs under ``schedule`` over the unreduced model's (attention, patch embedding and head
     included), matching what ``torch.utils.flop_counter`` counts."""
-    n, _, dim, _ = _dims(model)
-    widths = _widths(model)
+    return float(counts_flops_fraction(model, ops.token_counts(_dims(model)[0], schedule)))
+
+
+def counts_flops_fraction(model: nn.Module, counts: Sequence[tuple[Any, Any]]) -> Any:
+    """:func:`flops_fraction` for given (tokens into attention, into the MLP) per block: ints, or tensors [B]
+    of per-image counts (adaptive methods) for a per-image fraction [B]."""
+    n = _dims(model)[0]
+    return analytic_flops(model, counts) / analytic_flops(model, [(n, n)] * len(model.blocks))
+
+
+def analytic_flops(model: nn.Module, counts: Sequence[tuple[Any, Any]]) -> Any:
+    """FLOPs per image for (tokens into attention, into the MLP) per block, patch embedding and head included."""
+    _, _, dim, _ = _dims(model)
     proj = model.patch_embed.proj
     fixed = 2 * model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
     fixed += sum(2 * h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
                  if isinstance(h, nn.Linear))
-    reduced = sum(ops.block_flops(a, m, dim, h, ad) for (a, m), (ad, h) in zip(ops.token_counts(n, schedule), widths))
-    return (fixed + reduced) / (fixed + sum(ops.block_flops(n, n, dim, h, ad) for ad, h in widths))
+    return fixed + sum(ops.block_flops(a, m, dim, h, ad) for (a, m), (ad, h) in zip(counts, _widths(model)))
 
 
 def _widths(model: nn.Module) -> list[tuple[int, int]]:
@@ -324,12 +251,7 @@ def install(model: nn.Module, schedule: list[int], cfg: TokenMergeConfig) -> Non
     prop_attn = cfg.prop_attn == PropAttn.ON or (cfg.prop_attn == PropAttn.AUTO and cfg.method != TokenMethod.EVIT)
     state = TokenState(protected=model.num_prefix_tokens, prop_attn=prop_attn,
                        method=cfg.method, trace_source=cfg.trace_source, kernel=cfg.attention)
-    for i, (blk, r) in enumerate(zip(model.blocks, schedule)):
-        blk.__class__ = ReducibleBlock
-        blk._vc_state, blk._vc_drop, blk._vc_first = state, int(r), i == 0
-    model._vc_token_state = state
-    if model.global_pool == "avg":
-        model.pool = types.MethodType(_weighted_pool, model)
+    install_blocks(model, state, schedule, [False] * len(schedule))
 
 
 def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int], dict[str, Any]]:
@@ -369,8 +291,9 @@ def token_merge_(model: nn.Module, cfg: TokenMergeConfig, ctx: TransformContext)
 
 
 def tokens_per_layer(model: nn.Module) -> list[int] | None:
-    """Tokens entering each block for the installed schedule (None without token reduction)."""
-    if not hasattr(model, "_vc_token_state"):
+    """Tokens entering each block for the installed schedule (None without one, or for adaptive counts)."""
+    st = getattr(model, "_vc_token_state", None)
+    if st is None or st.adaptive:
         return None
     n, _, _, _ = _dims(model)
     return [a for a, _ in ops.token_counts(n, [b._vc_drop for b in model.blocks])]
