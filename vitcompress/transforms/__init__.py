@@ -4,7 +4,8 @@ with ``@register_transform(XxxConfig)``. Importing this package registers them a
 - ``token_merge/``: ToMe, EViT (``ops``: the pure tensor functions; ``block``: the timm glue; ``transform``:
   config and schedules), adaptive per-image counts (``adaptive``, ATS-style), learned thresholds / rates
   (``learned``: LTMP, DiffRate-style);
-- ``quantize/``: PTQ (``ops``, ``calib``, ``simulate``, the deployable int8 / fp8 / low-bit layers, ``bnb``);
+- ``quantize/``: PTQ (``ops``, ``calib``, ``simulate``, the deployable int8 / fp8 / low-bit layers, ``bnb``,
+  ``reconstruct``: BRECQ, ``mixed``: per-layer widths under a size budget);
 - ``prune/``: structured heads / MLP (``structured``, ``importance``) and block sparsity;
 - ``sparse_attn/``: training-free block-sparse attention (Sparsifiner-style);
 - ``resolution``: run at another input size (the token-reduction baseline);
@@ -14,6 +15,7 @@ with ``@register_transform(XxxConfig)``. Importing this package registers them a
 
 from .prune.block_sparse import BlockSparseConfig
 from .prune.structured import PruneConfig
+from .quantize.mixed import MixedPrecisionConfig
 from .quantize.transform import QuantConfig
 from .recovery import Distill, RecoveryConfig, finetune_
 from .registry import TransformContext, compress_, config_from_dict, register_transform, registered, restore_
@@ -24,6 +26,6 @@ from .token_merge.learned import LearnedMergeConfig, LearnedMethod
 from .token_merge.transform import PropAttn, TokenMergeConfig, TokenMethod
 
 __all__ = ["AdaptiveMethod", "AdaptiveTokensConfig", "BlockSparseConfig", "Distill", "LearnedMergeConfig",
-           "LearnedMethod", "PropAttn", "PruneConfig", "QuantConfig", "RecoveryConfig", "ResolutionConfig",
-           "SparseAttentionConfig", "TokenMergeConfig", "TokenMethod", "TransformContext", "compress_",
-           "config_from_dict", "finetune_", "register_transform", "registered", "restore_"]
+           "LearnedMethod", "MixedPrecisionConfig", "PropAttn", "PruneConfig", "QuantConfig", "RecoveryConfig",
+           "ResolutionConfig", "SparseAttentionConfig", "TokenMergeConfig", "TokenMethod", "TransformContext",
+           "compress_", "config_from_dict", "finetune_", "register_transform", "registered", "restore_"]

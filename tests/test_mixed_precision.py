@@ -1,0 +1,56 @@
+"""Mixed-precision PTQ: the allocation meets the budget and narrows the least sensitive layers first; the
+transform applies it, records it and round-trips."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress.errors import ConfigError
+from vitcompress.models import model_info
+from vitcompress.transforms import MixedPrecisionConfig
+from vitcompress.transforms.quantize.mixed import allocate
+from vitcompress.transforms.quantize.simulate import FakeQuantLinear
+
+
+def test_allocation_meets_the_budget_and_spends_bits_where_they_matter():
+    sens = {"a": {4: 1.0, 6: 0.1, 8: 0.0}, "b": {4: 0.01, 6: 0.005, 8: 0.0}, "c": {4: 0.5, 6: 0.05, 8: 0.0}}
+    params = {"a": 100, "b": 100, "c": 100}
+    bits = allocate(sens, params, [4, 6, 8], 6.0)
+    assert sum(bits[n] * params[n] for n in bits) / 300 <= 6.0
+    assert bits["b"] == 4 and bits["a"] >= bits["c"]  # the insensitive layer goes narrow first
+    assert allocate(sens, params, [4, 6, 8], 8.0) == {"a": 8, "b": 8, "c": 8}
+    assert allocate(sens, params, [4, 6, 8], 5.5, keep=["a"])["a"] == 8
+    with pytest.raises(ConfigError, match="out of reach"):
+        allocate(sens, params, [4, 6, 8], 4.0, keep=["a"])
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(16))]
+    compress_(model, MixedPrecisionConfig(mean_bits=5.0, calib_size=16), calib=calib)
+    return model
+
+
+def test_the_model_gets_the_allocated_widths(mixed):
+    state = model_info(mixed).transforms[-1]["state"]
+    assert state["mean_bits"] <= 5.0 and set(state["bits"].values()) <= {4, 6, 8}
+    for name, b in state["bits"].items():
+        m = mixed.get_submodule(name)
+        assert isinstance(m, FakeQuantLinear) and m._vc_a_bits == b
+
+
+def test_round_trip(mixed, tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    save_artifact(mixed, tmp_path / "m")
+    with torch.inference_mode():
+        assert torch.equal(load_artifact(tmp_path / "m")(x), mixed(x))
+
+
+@pytest.mark.parametrize("bad", [dict(mean_bits=9), dict(candidates=[1, 4]), dict(quant={"w_bits": 4}),
+                                 dict(quant={"observer": "nope"})])
+def test_bad_settings(bad):
+    with pytest.raises(ConfigError):
+        MixedPrecisionConfig(**bad)

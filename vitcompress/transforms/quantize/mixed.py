@@ -1,0 +1,136 @@
+"""Mixed-precision PTQ: a bit width per layer under a size budget, from a sensitivity measured on calibration images.
+
+1. Sensitivity: for each selected layer and each candidate width b, quantize that layer alone to WbAb (on a copy,
+   with the base settings) and measure KL(float || quantized) of the logits on the calibration images.
+2. Allocation: start every layer at the widest candidate; while the parameter-weighted mean weight width is over
+   ``mean_bits``, take the one-step narrowing with the least sensitivity added per bit saved (greedy on the
+   marginal cost, the usual knapsack heuristic). Layers named in ``keep`` stay at the widest candidate.
+3. Apply: one :class:`~.config.QuantConfig` per width, over the layers given that width (narrowest last), each
+   calibrated on the model as the earlier groups left it. The allocation is recorded; a restore replays it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import Config
+from ...errors import ConfigError
+from ..layers import calib_batches
+from ..registry import TransformContext, register_transform
+from .config import QuantConfig
+from .transform import quantize_, select_layers
+
+
+@dataclasses.dataclass
+class MixedPrecisionConfig(Config):
+    """mean_bits: the budget, the parameter-weighted mean weight width (activations take their layer's width);
+    candidates: the widths to choose from; quant: the other QuantConfig settings (observer, reparam, rounding,
+    layers, ...; simulate mode); keep: layers held at the widest candidate (e.g. the first and the last)."""
+
+    NAME = "mixed_precision"
+    VERSION = 1
+    mean_bits: float = 5.0
+    candidates: list[int] = dataclasses.field(default_factory=lambda: [4, 6, 8])
+    quant: dict[str, Any] = dataclasses.field(default_factory=dict)
+    keep: list[str] = dataclasses.field(default_factory=list)
+    calib_size: int = 64
+    needs_calibration = True
+
+    def validate(self) -> None:
+        if not self.candidates or any(int(b) != b or not 2 <= b <= 8 for b in self.candidates):
+            raise ConfigError(f"candidates must be widths from 2 to 8, got {self.candidates}")
+        self.candidates = sorted({int(b) for b in self.candidates})
+        if not self.candidates[0] <= self.mean_bits <= self.candidates[-1]:
+            raise ConfigError(f"mean_bits {self.mean_bits} is outside the candidates' range {self.candidates}")
+        if {"w_bits", "a_bits", "mode"} & set(self.quant):
+            raise ConfigError("quant sets everything but the widths and the mode (mixed precision simulates)")
+        self.base(self.candidates[0])  # the QuantConfig must be valid
+
+    def base(self, bits: int, layers: list[str] | None = None) -> QuantConfig:
+        extra = {"layers": layers} if layers is not None else {}
+        return QuantConfig.from_dict({**self.quant, "w_bits": bits, "a_bits": bits, "calib_size": self.calib_size,
+                                      **extra})
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, images: list[torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x).float() for x in images])
+
+
+def sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any]) -> dict[str, dict[int, float]]:
+    """KL(float || layer alone at WbAb) of the logits, per layer and candidate width."""
+    device = next(model.parameters()).device
+    images = [x for x, _ in calib_batches(calib, cfg.calib_size, device)]
+    ref = F.log_softmax(_logits(model, images), -1)
+    out: dict[str, dict[int, float]] = {}
+    for name, _ in select_layers(model, cfg.base(cfg.candidates[0])):
+        out[name] = {}
+        for bits in cfg.candidates:
+            trial = copy.deepcopy(model)
+            quantize_(trial, cfg.base(bits, [name]), TransformContext(calib=calib))
+            logp = F.log_softmax(_logits(trial, images), -1)
+            out[name][bits] = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    return out
+
+
+def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], candidates: list[int], mean_bits: float,
+             keep: Iterable[str] = ()) -> dict[str, int]:
+    """Greedy widths per layer with the parameter-weighted mean <= ``mean_bits`` (see the module docstring)."""
+    bits = {n: candidates[-1] for n in sens}
+    total = sum(params.values())
+    fixed = set(keep)
+
+    def mean() -> float:
+        return sum(bits[n] * params[n] for n in bits) / total
+
+    while mean() > mean_bits + 1e-9:
+        best, best_cost = None, float("inf")
+        for n in bits:
+            i = candidates.index(bits[n])
+            if n in fixed or i == 0:
+                continue
+            lower = candidates[i - 1]
+            cost = (sens[n][lower] - sens[n][bits[n]]) / ((bits[n] - lower) * params[n])
+            if cost < best_cost:
+                best, best_cost = n, cost
+        if best is None:
+            raise ConfigError(f"mean_bits {mean_bits} is out of reach: the layers held wide leave {mean():.2f}")
+        bits[best] = candidates[candidates.index(bits[best]) - 1]
+    return bits
+
+
+@register_transform(MixedPrecisionConfig)
+def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: TransformContext) -> dict[str, Any]:
+    """Measure, allocate and apply (or, restoring, re-apply the recorded allocation) in place."""
+    if ctx.restore and ctx.state:
+        alloc = {n: int(b) for n, b in ctx.state["bits"].items()}
+        sens = ctx.state.get("sensitivity", {})
+    else:
+        if ctx.calib is None:
+            raise ConfigError("mixed precision measures sensitivities on calibration images (--calib-data)")
+        calib = list(ctx.calib)
+        sens = sensitivities(model, cfg, calib)
+        params = {n: model.get_submodule(n).weight.numel() for n in sens}
+        alloc = allocate(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
+    groups: dict[int, list[str]] = {}
+    for n, b in alloc.items():
+        groups.setdefault(b, []).append(n)
+    states = {}
+    for b in sorted(groups, reverse=True):
+        sub = TransformContext(calib=None if ctx.restore else calib, restore=ctx.restore,
+                               state=(ctx.state or {}).get("groups", {}).get(str(b)))
+        states[str(b)] = quantize_(model, cfg.base(b, groups[b]), sub)
+    weights = {n: model.get_submodule(n).weight.numel() for n in alloc}
+    mean = sum(alloc[n] * weights[n] for n in alloc) / max(sum(weights.values()), 1)
+    return {"bits": alloc, "mean_bits": round(mean, 4), "sensitivity": sens, "groups": states}
+
+
+__all__ = ["MixedPrecisionConfig", "allocate", "mixed_precision_", "sensitivities"]
