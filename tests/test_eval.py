@@ -99,3 +99,21 @@ def test_benches_without_an_artifact_fail_in_one_line(bench, capsys):
     assert main(["--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ARTIFACT is required" in err
+
+
+def test_auto_dtype_on_a_cpu_is_the_measured_fastest_dense_dtype(monkeypatch):
+    import torch
+
+    from vitcompress.bench import timing
+
+    timing.fastest_cpu_dtype.cache_clear()
+    monkeypatch.setattr(timing, "cpu_has_native_bf16", lambda: False)  # emulated bf16: fp32, without measuring
+    assert timing.Dtype.AUTO.on(torch.device("cpu")) == timing.Dtype.FP32
+    timing.fastest_cpu_dtype.cache_clear()
+    monkeypatch.setenv("VITCOMPRESS_CPU_DTYPE", "bf16")
+    assert timing.Dtype.AUTO.on(torch.device("cpu")) == timing.Dtype.BF16
+    timing.fastest_cpu_dtype.cache_clear()
+    monkeypatch.delenv("VITCOMPRESS_CPU_DTYPE")
+    monkeypatch.setattr(timing, "cpu_has_native_bf16", lambda: True)
+    assert timing.fastest_cpu_dtype() in (timing.Dtype.BF16, timing.Dtype.FP32)  # measured
+    timing.fastest_cpu_dtype.cache_clear()
