@@ -47,10 +47,7 @@ def rows(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         frac = p["gflops"] / bg
         tok = (p.get("tokens") or {}).get(CLEAN) or {}
         state = next((t.get("state") for t in p.get("transforms", []) if t.get("name") == "learned_merge"), None)
-        train_s = None
-        for t in p.get("transforms", []):
-            if t.get("name") == "learned_merge":
-                train_s = (t.get("state") or {}).get("training", {}).get("seconds")
+        train_s = (p.get("training_record") or {}).get("seconds")
         ref = tome_at(points, frac, bg)
         out.append({"point": name, "family": family(name), "gflops_fraction": round(frac, 3),
                     "top1": p["accuracy"][CLEAN]["top1"], "agreement": p["accuracy"][CLEAN]["agreement"],

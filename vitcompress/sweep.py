@@ -246,6 +246,7 @@ class _Context:
         out["peak_mem_mb"] = peak_memory_mb(fast, ref, size, bench)
         out["transforms"] = [{k: v for k, v in t.items() if k != "state"} for t in model.vitcompress_info.transforms]
         out["recovery_record"] = model.vitcompress_info.provenance.get("recovery")
+        out["training_record"] = model.vitcompress_info.provenance.get("learned_merge")
         return out
 
 

@@ -33,7 +33,7 @@ from ...bench import BenchConfig
 from ...config import Config, StrEnum
 from ...data import load_data
 from ...errors import ConfigError
-from ...models import data_config
+from ...models import data_config, model_info
 from ..registry import TransformContext, register_transform
 from .block import MergeWeights, TokenState, install_blocks
 from .transform import TokenMergeConfig, capped, counts_flops_fraction
@@ -203,6 +203,7 @@ def learned_merge_(model: nn.Module, cfg: LearnedMergeConfig, ctx: TransformCont
         out = dict(ctx.state)
     else:
         values, record = train_merge(model, cfg)
+        model_info(model).provenance["learned_merge"] = record  # reports show the training beside the point
         layers = merge_layers(model, cfg.layers)
         out = {"layers": layers, "values": values, "training": record}
         if cfg.method == LearnedMethod.DIFFRATE:
