@@ -43,9 +43,15 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     hessians: dict[str, torch.Tensor] = {}
     gptq = str(cfg.rounding) == "gptq" and not cfg.gptq_sequential
 
+    search = str(cfg.softmax) if str(cfg.softmax) in ops.SOFTMAX_SEARCH else None
+    errors: dict[str, torch.Tensor] = {}
+
     def record(name: str, key: str, t: torch.Tensor) -> None:
         if key == "p":
             rng = (0.0, float(t.max()))
+            if search:  # adalog / twin: each candidate's error on these probabilities, summed over batches
+                err = ops.softmax_search_errors(t, max(rng[1], ops.EPS), int(cfg.a_bits), search)
+                errors[name] = errors.get(name, 0) + err
         else:
             rng = ops.act_range(t, str(cfg.observer), int(cfg.a_bits), cfg.percentile)
         seen[name].setdefault(key, []).append(rng)
@@ -80,6 +86,9 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
                 out.setdefault(name, {})[key] = (min(lows), max(highs))
             else:
                 out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))
+    for name, err in errors.items():  # the searched softmax parameter travels as a degenerate range
+        best = ops.SOFTMAX_SEARCH[search][int(err.argmin())]  # type: ignore[index]
+        out.setdefault(name, {})["p_param"] = (best, best)
     return out, hessians
 
 

@@ -50,6 +50,8 @@ class SoftmaxQuant(StrEnum):
     UNIFORM = "uniform"
     LOG2 = "log2"
     LOGSQRT2 = "logsqrt2"
+    ADALOG = "adalog"  # log grid with a base searched per layer (AdaLog)
+    TWIN = "twin"  # PTQ4ViT's twin uniform ranges
 
 
 class QuantDtype(StrEnum):

@@ -143,34 +143,74 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     return out, torch.stack(scales, 1)[..., None] if group_size else scales[0][:, None]
 
 
-def softmax_codes(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
+SOFTMAX_SEARCH = {"twin": tuple(float(m) for m in range(11)),  # PTQ4ViT: Delta_R1 = Delta_R2 / 2^m
+                  "adalog": (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)}  # AdaLog: codes per octave, base 2^(1/r)
+
+
+def softmax_codes(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str,
+                  param: float | torch.Tensor | None = None) -> torch.Tensor:
     """Codes (float32) of attention probabilities p [..., N] in [0, scale], for the softmax quantizers.
 
     uniform: round(p / (scale / (2^b - 1))) in [0, 2^b - 1].
-    log2: round(-log2(p / scale)); logsqrt2: round(-2 log2(p / scale)), i.e. a base-sqrt(2) grid (RepQ-ViT).
-    On the log grids, codes 0 .. 2^b - 2 are powers and the top code 2^b - 1 stands for 0 (values too small
-    to reach the grid, and exact zeros), so a b-bit code holds every level.
+    log2: round(-log2(p / scale)); logsqrt2: round(-2 log2(p / scale)), i.e. a base-sqrt(2) grid (RepQ-ViT);
+    adalog: round(-r log2(p / scale)) with r = ``param`` codes per octave, i.e. base 2^(1/r) (AdaLog's adaptive
+    base, searched per layer). On the log grids, codes 0 .. 2^b - 2 are powers and the top code 2^b - 1 stands
+    for 0 (values too small to reach the grid, and exact zeros), so a b-bit code holds every level.
+    twin: see :func:`twin_uniform` (its codes carry the range in the top bit).
     """
     top = 2**bits - 1
     p = p.float()
     if kind == "uniform":
         return torch.round(p / (torch.as_tensor(scale, dtype=torch.float32) / top)).clamp(0, top)
-    per_octave = 2.0 if kind == "logsqrt2" else 1.0
+    if kind == "twin":
+        return twin_uniform(p, bits, param)[0]
+    per_octave = {"logsqrt2": 2.0, "log2": 1.0}.get(kind) or float(param)  # type: ignore[arg-type]
     codes = torch.round(-per_octave * torch.log2(p / scale)).clamp_min(0)  # p = 0 gives +inf
     return torch.where(codes >= top, torch.full_like(codes, top), codes)
 
 
-def softmax_dequant(codes: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
+def twin_uniform(p: torch.Tensor, bits: int, m: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PTQ4ViT's twin uniform quantizer of post-softmax values p in [0, 1]: two (b-1)-bit uniform ranges,
+    R2 with step Delta_R2 = 2^-(b-1) over [0, 1] and R1 with step Delta_R1 = Delta_R2 / 2^m for the many small
+    values; a value takes R1 when it fits there. Returns (codes: R1 codes as they are, R2 codes + 2^(b-1), the
+    dequantized values)."""
+    half = 2 ** (bits - 1)
+    d2 = 1.0 / half
+    d1 = d2 / 2.0 ** torch.as_tensor(0.0 if m is None else m, dtype=torch.float32)
+    q1 = torch.round(p / d1)
+    in_r1 = q1 <= half - 1
+    q2 = torch.round(p / d2).clamp(0, half - 1)
+    codes = torch.where(in_r1, q1, q2 + half)
+    return codes, torch.where(in_r1, q1 * d1, q2 * d2)
+
+
+def softmax_dequant(codes: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str,
+                    param: float | torch.Tensor | None = None) -> torch.Tensor:
     """float32 probabilities from :func:`softmax_codes`' codes."""
     top = 2**bits - 1
     if kind == "uniform":
         return codes * (torch.as_tensor(scale, dtype=torch.float32) / top)
-    per_octave = 2.0 if kind == "logsqrt2" else 1.0
+    if kind == "twin":
+        half = 2 ** (bits - 1)
+        d2 = 1.0 / half
+        d1 = d2 / 2.0 ** torch.as_tensor(0.0 if param is None else param, dtype=torch.float32)
+        return torch.where(codes < half, codes * d1, (codes - half) * d2)
+    per_octave = {"logsqrt2": 2.0, "log2": 1.0}.get(kind) or float(param)  # type: ignore[arg-type]
     return torch.where(codes == top, torch.zeros_like(codes), scale * torch.exp2(-codes / per_octave))
 
 
-def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str) -> torch.Tensor:
-    return softmax_dequant(softmax_codes(p, scale, bits, kind), scale, bits, kind).to(p.dtype)
+def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str,
+                       param: float | torch.Tensor | None = None) -> torch.Tensor:
+    return softmax_dequant(softmax_codes(p, scale, bits, kind, param), scale, bits, kind, param).to(p.dtype)
+
+
+def softmax_search_errors(p: torch.Tensor, scale: float, bits: int, kind: str) -> torch.Tensor:
+    """Squared error of each :data:`SOFTMAX_SEARCH` candidate on observed probabilities p: [C]."""
+    p = p.detach().float().flatten()
+    if p.numel() > 2**20:  # a fixed subsample keeps the search cheap on big models
+        p = p[torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[: 2**20]]
+    return torch.stack([((fake_quant_softmax(p, scale, bits, kind, c) - p) ** 2).sum()
+                        for c in SOFTMAX_SEARCH[kind]])
 
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn

@@ -103,7 +103,8 @@ class QuantAttention(_ActQuant, Attention):
             observe("p", p)
         elif self._vc_softmax != "none":
             scale = p.amax(-1, keepdim=True) if self._vc_per_token else self.p_scale
-            p = self._straight_through(p, ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax))
+            param = getattr(self, "p_param", None)  # adalog's base / twin's range ratio, searched in calibration
+            p = self._straight_through(p, ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax, param))
         p = self.attn_drop(p)
         return (p @ v.float()).to(v.dtype)
 
@@ -120,6 +121,8 @@ def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, s
         module.register_buffer("qkv_scale", torch.ones(3, device=dev))
         module.register_buffer("qkv_zero", torch.zeros(3, device=dev))
         module.register_buffer("p_scale", torch.ones((), device=dev))
+        if softmax in ops.SOFTMAX_SEARCH:  # only these quantizers have a searched parameter (state-dict key)
+            module.register_buffer("p_param", torch.tensor(ops.SOFTMAX_SEARCH[softmax][0], device=dev))
     else:
         module.__class__ = FakeQuantConv2d if isinstance(module, nn.Conv2d) else FakeQuantLinear
         module.register_buffer("a_scale", torch.ones((), device=dev))
@@ -145,6 +148,8 @@ def set_grids(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None
                     module.qkv_scale[i], module.qkv_zero[i] = s, z
             if "p" in ranges:
                 module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
+            if "p_param" in ranges and hasattr(module, "p_param"):
+                module.p_param.fill_(ranges["p_param"][0])
         elif "" in ranges:
             s, z = act_grid(*ranges[""], bits, fp8)
             module.a_scale.copy_(s)

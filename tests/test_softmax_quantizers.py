@@ -1,0 +1,84 @@
+"""The searched softmax quantizers (AdaLog's adaptive log base, PTQ4ViT's twin uniform) against per-element
+references, the calibration search, and the artifact round trip."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+
+from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress.transforms import QuantConfig
+from vitcompress.transforms.quantize import ops
+
+
+def _twin_ref(v: float, bits: int, m: float) -> float:
+    half = 2 ** (bits - 1)
+    d2 = 1 / half
+    d1 = d2 / 2**m
+    q1 = round(v / d1)
+    if q1 <= half - 1:
+        return q1 * d1
+    return min(max(round(v / d2), 0), half - 1) * d2
+
+
+def _adalog_ref(v: float, scale: float, bits: int, r: float) -> float:
+    top = 2**bits - 1
+    if v <= 0:
+        return 0.0
+    code = max(round(-r * math.log2(v / scale)), 0)
+    return 0.0 if code >= top else scale * 2 ** (-code / r)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("param", [0.0, 2.0, 5.0])
+def test_twin_uniform_matches_the_per_element_reference(bits, param):
+    p = torch.rand(400, generator=torch.Generator().manual_seed(bits)) ** 4  # mostly small, as softmax outputs
+    got = ops.fake_quant_softmax(p, 1.0, bits, "twin", param)
+    want = torch.tensor([_twin_ref(v, bits, param) for v in p.tolist()])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("r", [1.0, 1.5, 3.0])
+def test_adalog_matches_the_per_element_reference(bits, r):
+    p = torch.rand(400, generator=torch.Generator().manual_seed(bits)) ** 4
+    p[:5] = 0.0
+    got = ops.fake_quant_softmax(p, 0.9, bits, "adalog", r)
+    want = torch.tensor([_adalog_ref(v, 0.9, bits, r) for v in p.tolist()])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    if r == 2.0:
+        torch.testing.assert_close(got, ops.fake_quant_softmax(p, 0.9, bits, "logsqrt2"))
+
+
+@pytest.mark.parametrize("kind", ["twin", "adalog"])
+def test_the_search_ranks_candidates_by_their_error(kind):
+    p = torch.softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(2)) * 3, -1)
+    errors = ops.softmax_search_errors(p, float(p.max()), 4, kind)
+    def quant(v: float, c: float) -> float:
+        return _twin_ref(v, 4, c) if kind == "twin" else _adalog_ref(v, float(p.max()), 4, c)
+
+    ref = [sum((quant(v, c) - v) ** 2 for v in p.flatten().tolist()) for c in ops.SOFTMAX_SEARCH[kind]]
+    torch.testing.assert_close(errors, torch.tensor(ref, dtype=torch.float32), rtol=1e-3, atol=1e-6)
+
+
+def test_calibration_sets_a_searched_parameter_per_layer():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(8))]
+    compress_(model, QuantConfig(w_bits=None, a_bits=4, layers=["attn_matmul"], softmax="twin"), calib=calib)
+    assert all(float(b.attn.p_param) in ops.SOFTMAX_SEARCH["twin"] for b in model.blocks)
+
+
+@pytest.mark.parametrize("kind", ["twin", "adalog"])
+def test_round_trip_keeps_the_searched_parameter(kind, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(8))]
+    compress_(model, QuantConfig(w_bits=8, a_bits=4, layers=["qkv", "attn_matmul"], softmax=kind), calib=calib)
+    save_artifact(model, tmp_path / "q")
+    again = load_artifact(tmp_path / "q")
+    assert torch.equal(again.blocks[1].attn.p_param, model.blocks[1].attn.p_param)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(again(x), model(x))
