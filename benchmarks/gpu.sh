@@ -46,7 +46,7 @@ step cifar10-recipes "${RECIPES_LIMIT:-240}" $PY -m benchmarks.cifar10_recipes s
   --out "$W/cifar10_recipes" --threads 4 ${RECIPES:+--candidates "$RECIPES"}
 step tests "${TESTS_LIMIT:-100}" $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py \
   --junitxml="$W/pytest_gpu.xml" ${TESTS_K:+-k "$TESTS_K"}
-step tokens 60 $PY -m benchmarks.tokens --out "$W/tokens" --batch-sizes 1,64,256 --repeat 10
+step tokens "${TOKENS_LIMIT:-90}" $PY -m benchmarks.tokens --out "$W/tokens" --batch-sizes 1,64,256 --repeat 10
 step quant 70 $PY -m benchmarks.quant --speed-only --out "$W/quant" --batch-sizes 1,64,256 --repeat 10
 step prune "${PRUNE_LIMIT:-45}" $PY -m benchmarks.prune --speed --no-accuracy --out "$W/prune" --batch-sizes 1,64,256
 for part in gemm bsr attention; do  # one limit each: a slow autotune in one part leaves the others their time

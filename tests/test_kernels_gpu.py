@@ -146,3 +146,25 @@ def test_attention_past_the_grid_y_limit():
     for rows in (slice(0, 4), slice(b - 4, b)):
         ref = attn_mod.attention_ref(q[rows], k[rows], v[rows], key_bias=bias[rows])
         torch.testing.assert_close(out[rows].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "sparse"])
+def test_token_family_kernel_paths_on_vit_b(kind):
+    """ATS's padded batch through the varlen kernel (seq_lens) and sparse attention through the block-sparse
+    kernel, against the masked-SDPA path, in bf16 on ViT-B/16 (random weights)."""
+    from vitcompress import compress_, create_model
+    from vitcompress.transforms import AdaptiveTokensConfig, SparseAttentionConfig
+
+    torch.manual_seed(0)
+    models = []
+    for backend in ("torch", "triton"):
+        m = create_model("vit_base_patch16_224").cuda().eval()
+        cfg = AdaptiveTokensConfig(budget=0.5, attention=backend) if kind == "adaptive" else \
+            SparseAttentionConfig(density=0.5, block_size=16, attention=backend)
+        compress_(m, cfg)
+        models.append(m)
+    x = torch.randn(8, 3, 224, 224, device="cuda", generator=_gen(3))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, got = (m(x).float() for m in models)
+    assert (ref.argmax(1) == got.argmax(1)).float().mean() >= 0.75
+    torch.testing.assert_close(got, ref, rtol=5e-2, atol=5e-2)
