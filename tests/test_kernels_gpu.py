@@ -155,9 +155,9 @@ def test_token_family_kernel_paths_on_vit_b(kind):
     from vitcompress import compress_, create_model
     from vitcompress.transforms import AdaptiveTokensConfig, SparseAttentionConfig
 
-    torch.manual_seed(0)
     models = []
     for backend in ("torch", "triton"):
+        torch.manual_seed(0)  # the same random weights for both
         m = create_model("vit_base_patch16_224").cuda().eval()
         cfg = AdaptiveTokensConfig(budget=0.5, attention=backend) if kind == "adaptive" else \
             SparseAttentionConfig(density=0.5, block_size=16, attention=backend)
