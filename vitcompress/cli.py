@@ -192,7 +192,7 @@ def quantize(
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
-    softmax: str | None = typer.Option(None, "--softmax", help="Softmax quantizer: uniform, log2, logsqrt2, adalog or twin."),
+    softmax: str | None = typer.Option(None, "--softmax", help="uniform, log2, logsqrt2, adalog or twin."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
