@@ -117,7 +117,8 @@ class Point:
     @property
     def deployable(self) -> bool:
         """False when a step only simulates (fake quantization runs in floating point)."""
-        return not any(s["name"] == "quantize" and s.get("mode", "simulate") == "simulate" for s in self.stack)
+        return not any((s["name"] == "quantize" and s.get("mode", "simulate") == "simulate")
+                       or s["name"] == "mixed_precision" for s in self.stack)  # mixed precision simulates
 
     @property
     def recovery(self) -> str:
