@@ -46,7 +46,6 @@ def rows(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                                             FAMILIES else -1, -kv[1]["gflops"])):
         frac = p["gflops"] / bg
         tok = (p.get("tokens") or {}).get(CLEAN) or {}
-        state = next((t.get("state") for t in p.get("transforms", []) if t.get("name") == "learned_merge"), None)
         train_s = (p.get("training_record") or {}).get("seconds")
         ref = tome_at(points, frac, bg)
         out.append({"point": name, "family": family(name), "gflops_fraction": round(frac, 3),
@@ -56,7 +55,7 @@ def rows(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "tokens_last_mean": tok.get("tokens_last_mean"), "tokens_last_std": tok.get("tokens_last_std"),
                     "tokens_last_range": [tok.get("tokens_last_min"), tok.get("tokens_last_max")] if tok else None,
                     "speedup_b1": p["speedup"].get("1"), "speedup_b64": p["speedup"].get("64"),
-                    "train_seconds": train_s, "schedule": (state or {}).get("schedule")})
+                    "train_seconds": train_s})
     return out
 
 

@@ -32,6 +32,7 @@ from .config import Config, StrEnum
 from .data import ImageData
 from .errors import ConfigError
 from .models import data_config
+from .transforms.layers import use_torch_references_
 from .transforms.prune.block_sparse_linear import BlockSparseLinear
 from .transforms.quantize.int8_linear import ScaledLinear
 from .transforms.quantize.lowbit_linear import WeightOnlyLinear
@@ -100,13 +101,7 @@ def gradient_twin(model: nn.Module) -> nn.Module:
             mod._vc_ste = True
         elif isinstance(mod, BlockSparseLinear):
             mod.cpu_impl = "dense"
-        if isinstance(getattr(mod, "backend", None), str) and mod.backend in ("auto", "triton"):
-            mod.backend = "torch"
-        if isinstance(getattr(mod, "_vc_kernel", None), str):
-            mod._vc_kernel = "torch"
-    state = getattr(twin, "_vc_token_state", None)
-    if state is not None:
-        state.kernel = "torch"
+    use_torch_references_(twin)
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin

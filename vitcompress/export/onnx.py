@@ -30,7 +30,7 @@ from ..config import Config, StrEnum
 from ..errors import ConfigError, ModelError, first_line
 from ..io import atomic_write, atomic_write_bytes
 from ..models import data_config, model_info
-from ..transforms.layers import replace_module
+from ..transforms.layers import replace_module, use_torch_references_
 from ..transforms.prune.block_sparse_linear import BlockSparseLinear
 from ..transforms.quantize.int8_linear import Int8Linear
 from ..transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear
@@ -111,12 +111,7 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
     Raises :class:`ConfigError` (one line) for what has no faithful ONNX form.
     """
     m = copy.deepcopy(model).float().cpu().eval()
-    for mod in m.modules():  # Triton drop-ins (fused attention, ...) export through their torch reference
-        if isinstance(getattr(mod, "backend", None), str) and mod.backend in ("auto", "triton"):
-            mod.backend = "torch"
-    token_state = getattr(m, "_vc_token_state", None)  # token merging's attention kernel, shared by its blocks
-    if token_state is not None:
-        token_state.kernel = "torch"
+    use_torch_references_(m)  # Triton drop-ins (fused attention, ...) export through their torch reference
     notes: list[str] = []
     for name, mod in list(m.named_modules()):
         if isinstance(mod, (FakeQuantLinear, FakeQuantConv2d, QuantAttention)):

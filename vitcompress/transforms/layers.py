@@ -49,6 +49,19 @@ def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, wh
     return out
 
 
+def use_torch_references_(model: nn.Module) -> None:
+    """Make every kernel choice in ``model`` its torch reference, in place: the drop-ins' ``backend``, sparse
+    attention's ``_vc_kernel`` and token merging's shared attention kernel (export and autograd need them)."""
+    for mod in model.modules():
+        if isinstance(getattr(mod, "backend", None), str) and mod.backend in ("auto", "triton"):
+            mod.backend = "torch"
+        if isinstance(getattr(mod, "_vc_kernel", None), str):
+            mod._vc_kernel = "torch"
+    state = getattr(model, "_vc_token_state", None)
+    if state is not None:
+        state.kernel = "torch"
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at dotted path ``name``."""
     parent, _, child = name.rpartition(".")

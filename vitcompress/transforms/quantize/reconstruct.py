@@ -15,7 +15,6 @@ h(V) >= 0.5. Pure tensor pieces live here; the loop runs one block at a time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -130,4 +129,4 @@ def reconstruct_blocks_(model: nn.Module, float_model: nn.Module, clips: dict[st
 def _mse(block: nn.Module, x: torch.Tensor, target: torch.Tensor, batch: int) -> float:
     total = sum(F.mse_loss(block(x[j:j + batch]), target[j:j + batch], reduction="sum").item()
                 for j in range(0, len(x), batch))
-    return total / target.numel() if not math.isnan(total) else math.nan
+    return total / target.numel()
