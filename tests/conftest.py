@@ -29,6 +29,29 @@ FAMILIES = {
 }
 
 
+# 64 patches (32 px, patch 4) and depth 4: room for token schedules, tiles and adaptive counts.
+WIDE = {**TINY, "patch_size": 4, "depth": 4}
+
+
+def wide_model(family: str = "vit", **over):
+    """A WIDE model of ``family`` (seeded), in eval mode."""
+    from vitcompress import create_model
+
+    name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return create_model(name, **{**WIDE, **extra, **over}).eval()
+
+
+def images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    """Seeded random 32 px images [n,3,32,32]."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def infer(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -3,31 +3,16 @@ zero strength, the padded batch against images run alone, the prefix, the artifa
 
 import pytest
 import torch
-from conftest import FAMILIES, TINY
+from conftest import FAMILIES, images, infer, wide_model
 
-from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.errors import ConfigError
 from vitcompress.models import model_info
 from vitcompress.transforms import AdaptiveTokensConfig
 from vitcompress.transforms.token_merge import ops
 from vitcompress.transforms.token_merge.adaptive import measure
 
-WIDE = {**TINY, "patch_size": 4, "depth": 4}
-
-
-def _model(family="vit", **over):
-    name, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    return create_model(name, **{**WIDE, **extra, **over}).eval()
-
-
-def _x(n=3, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _fwd(model, x):
-    with torch.inference_mode():
-        return model(x)
+_model, _x, _fwd = wide_model, images, infer
 
 
 def _ats_reference(score: list[float], samples: int) -> set[int]:

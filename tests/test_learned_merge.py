@@ -3,9 +3,9 @@ at zero strength, the trained artifacts, the prefix."""
 
 import pytest
 import torch
-from conftest import FAMILIES, TINY
+from conftest import FAMILIES, images, infer, wide_model
 
-from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
 from vitcompress.models import data_config, model_info
@@ -15,22 +15,7 @@ from vitcompress.transforms.token_merge.adaptive import is_adaptive, measure
 from vitcompress.transforms.token_merge.learned import rate_weights, threshold_weights
 from vitcompress.transforms.token_merge.transform import tokens_per_layer
 
-WIDE = {**TINY, "patch_size": 4, "depth": 4}
-
-
-def _model(family="vit"):
-    name, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    return create_model(name, **{**WIDE, **extra}).eval()
-
-
-def _x(n=3, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _fwd(model, x):
-    with torch.inference_mode():
-        return model(x)
+_model, _x, _fwd = wide_model, images, infer
 
 
 @pytest.mark.parametrize("protected", [0, 1, 2])

@@ -6,29 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, TINY
+from conftest import FAMILIES, images, infer, wide_model
 
-from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.errors import ConfigError
 from vitcompress.transforms import QuantConfig, SparseAttentionConfig, TokenMergeConfig
 from vitcompress.transforms.sparse_attn import ops
 
-WIDE = {**TINY, "patch_size": 4, "depth": 4}
-
-
-def _model(family="vit", **over):
-    name, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    return create_model(name, **{**WIDE, **extra, **over}).eval()
-
-
-def _x(n=3, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _fwd(model, x):
-    with torch.inference_mode():
-        return model(x)
+_model, _x, _fwd = wide_model, images, infer
 
 
 def test_block_pool_averages_each_block_including_the_partial_last():
