@@ -15,6 +15,7 @@ from vitcompress import create_model, data_config, model_info
 from vitcompress.data import load_data
 from vitcompress.evaluate import evaluate
 from vitcompress.provenance import run_context
+from vitcompress.report import markdown_table
 
 SPECS = ("digits", "digits-c")
 
@@ -59,10 +60,10 @@ def accuracy_markdown(res: dict[str, Any], title: str, details_header: str, note
              f"digits-c ({res['images']['digits-c']} images); bf16 autocast; torch {res['versions']['torch']}, "
              f"timm {res['versions']['timm']}; {res['date']}. Agreement: top-1 equal to the uncompressed model's "
              "on the same image. GFLOPs: counted by torch.utils.flop_counter, attention included." + note, "",
-             f"| variant | {details_header} | GFLOPs | size MiB | top-1 | Δ top-1 | agreement | digits-c top-1 | "
-             "**digits-c agreement** |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['details'] or '—'} | {r['gflops_fraction']:.3f} | {r['size_mb']:.2f} | "
-                     f"{r['digits_top1']:.2f} | {r['digits_top1'] - base['digits_top1']:+.2f} | "
-                     f"{r['digits_agreement']:.2f} | {r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** |")
+             markdown_table(["variant", details_header, "GFLOPs", "size MiB", "top-1", "Δ top-1", "agreement",
+                             "digits-c top-1", "**digits-c agreement**"],
+                            [[r["variant"], r["details"] or None, f"{r['gflops_fraction']:.3f}", r["size_mb"],
+                              r["digits_top1"], f"{r['digits_top1'] - base['digits_top1']:+.2f}", r["digits_agreement"],
+                              r["digits-c_top1"], f"**{r['digits-c_agreement']:.2f}**"] for r in res["rows"]],
+                            align="llrrrrrrr")]
     return "\n".join(lines) + "\n"

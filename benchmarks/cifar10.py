@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.report import markdown_table
 
 CLEAN = "../shared/data/cifar10"
 CORRUPT = "cifar10-c:../shared/data/cifar10"
@@ -98,10 +99,10 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], sweep: Path) -> s
              f"{base['gflops']:.3f} GFLOPs/image; {base['device']}, torch {base['versions']['torch']}, {base['date']}.",
              "", "Reproduce: `vitcompress sweep recipes/cifar10_sweep.yaml --out results/cifar10/sweep`, then "
              "`python -m benchmarks.cifar10 --sweep results/cifar10/sweep --out results/cifar10`.", "",
-             "| goal | measured | target | met | detail |", "|---|---:|---|---|---|"]
-    for r in rows:
-        met = "—" if r["met"] is None else ("yes" if r["met"] else "**missed**")
-        lines.append(f"| {r['goal']} | {r['measured']} | {r['target']} | {met} | {r['detail']} |")
+             markdown_table(["goal", "measured", "target", "met", "detail"],
+                            [[r["goal"], r["measured"], r["target"],
+                              None if r["met"] is None else ("yes" if r["met"] else "**missed**"), r["detail"]]
+                             for r in rows], align="lrlll")]
     return "\n".join(lines) + "\n"
 
 

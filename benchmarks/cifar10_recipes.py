@@ -32,6 +32,7 @@ from vitcompress.bench import BenchConfig
 from vitcompress.data.base import ImageData, TensorImages
 from vitcompress.evaluate import accuracy_metrics, predict
 from vitcompress.models import build_model
+from vitcompress.report import markdown_table
 from vitcompress.train import recipe_config
 from vitcompress.training import fit
 
@@ -150,12 +151,11 @@ def search(args: argparse.Namespace) -> int:
                                                   "device": torch.cuda.get_device_name() if args.device == "cuda"
                                                   else args.device, "torch": torch.__version__,
                                                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
-    lines = ["| candidate | epochs | CPU cost (recipe epochs) | held-out top-1 | test top-1 (info) | GPU s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['epochs']} | {r['relative_cpu_cost']} | {r['holdout_top1']:.2f} | "
-              f"{r['test_top1']:.2f} | {r['gpu_train_s']} |" for r in rows]
-    (out / "search.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(["candidate", "epochs", "CPU cost (recipe epochs)", "held-out top-1", "test top-1 (info)",
+                            "GPU s"], [[r["name"], r["epochs"], r["relative_cpu_cost"], r["holdout_top1"],
+                                        r["test_top1"], r["gpu_train_s"]] for r in rows], align="llllll")
+    (out / "search.md").write_text(table + "\n")
+    print(table)
     return 0
 
 

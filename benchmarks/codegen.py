@@ -26,6 +26,7 @@ from vitcompress.kernels._triton import interpreting
 
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
+from vitcompress.report import markdown_table
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 M, K, N, TOKENS, HEADS, HEAD_DIM = 197 * 256, 768, 3072, 577, 12, 64  # ViT-B fc1 at batch 256; ViT-B attention
@@ -160,12 +161,12 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['device']}. Compiler output only: nothing here was run, and none of it is a speed figure. ViT-B "
              f"shapes: GEMMs M = {M}, K = {K}, N = {N} (int8 / e4m3 weights column-major); attention {HEADS} heads x "
              f"{TOKENS} tokens x {HEAD_DIM}. The GPU's own Triton may differ.", "",
-             "| kernel | config | tensor cores | tile buffers | shared memory KiB | fits | registers | spill bytes |",
-             "|---|---|---|---:|---:|---|---:|---:|"]
-    for r in res["rows"]:
-        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "default"
-        lines.append(f"| {r['kernel']} | {cfg} | {r['mma']} | {r['tile_buffers']} | {r['smem_bytes'] / 1024:.0f} | "
-                     f"{'yes' if r['fits_smem'] else '**no**'} | {r['registers']} | {r['spill_bytes']} |")
+             markdown_table(["kernel", "config", "tensor cores", "tile buffers", "shared memory KiB", "fits",
+                             "registers", "spill bytes"],
+                            [[r["kernel"], ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "default", r["mma"],
+                              r["tile_buffers"], f"{r['smem_bytes'] / 1024:.0f}",
+                              "yes" if r["fits_smem"] else "**no**", r["registers"], r["spill_bytes"]]
+                             for r in res["rows"]], align="lllrrlrr")]
     spills: dict[str, int] = {}
     for r in res["rows"]:
         if r["spill_bytes"]:

@@ -38,30 +38,19 @@ from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.models import data_config
 from vitcompress.pipeline import calibration_batches
 from vitcompress.provenance import run_context
+from vitcompress.report import markdown_table
+
+from . import variants
 
 Fn = Callable[[np.ndarray], np.ndarray]
-INT8 = {"name": "quantize", "mode": "deploy"}
-INT8_MSE = {"name": "quantize", "mode": "deploy", "observer": "mse"}
-CIFAR = "../shared/data/cifar10"
-# model -> (spec, [clean, sensitive] data, calibration data, ToMe r for the merged points, batch sizes)
-MODELS: dict[str, dict[str, Any]] = {
-    # speed only (random weights): 8 calibration images keep ORT's calibrator (it holds every intermediate tensor
-    # of every calibration batch in memory: roughly 0.3-0.5 GB per ViT-B image) inside 24 GB
-    "vit_b16": {"spec": "vit_base_patch16_224", "data": None, "calib": "synthetic:64", "calib_n": 8, "r": 13,
-                "batches": [1, 16]},
-    "digits": {"spec": "baseline:digits_vit", "data": ["digits", "digits-c"], "calib": "digits", "r": 8,
-               "batches": [1, 64]},
-    "cifar10": {"spec": "results/cifar10/testbed", "data": [CIFAR, f"cifar10-c:{CIFAR}"], "calib": CIFAR, "r": 8,
-                "batches": [1, 64]},
-}
+RECIPE = variants.load("export")  # models and variants: benchmarks/recipes/export.yaml
+MODELS: dict[str, dict[str, Any]] = RECIPE["models"]
 
 
-def stacks(r: int) -> dict[str, list[dict[str, Any]]]:
-    """Our compressed variants, each exported to ONNX and run in ONNX Runtime (export options after '|')."""
-    merge = {"name": "token_merge", "r": r}
-    return {"ToMe": [merge], "heads 25 % + MLP 50 % (no recovery)": [{"name": "prune", "heads": 0.25, "mlp": 0.5}],
-            "W8A8 QDQ": [INT8], "W8A8 QDQ|uint8": [INT8], "W8A8 QDQ mse|uint8": [INT8_MSE],
-            "ToMe + W8A8 QDQ|uint8": [merge, INT8], "ToMe + W8A8 QDQ mse|uint8": [merge, INT8_MSE]}
+def stacks(r: int) -> dict[str, tuple[variants.Stack, str]]:
+    """Our compressed variants -> (stack with ToMe's r set, QDQ activation type)."""
+    return {name: ([{**step, "r": r} if step["name"] == "token_merge" else step for step in v["stack"]],
+                   v.get("qdq_activations", "int8")) for name, v in RECIPE["variants"].items()}
 
 
 def _ort(path: Path, threads: int) -> Fn:
@@ -166,12 +155,11 @@ def run_model(key: str, spec: dict[str, Any], work: Path, threads: int, rounds: 
     export_model(base, files["ORT fp32 (dense export)"])
     gflops = {"torch dense": count_flops(base, dc["input_size"]) / 1e9}
     gflops["ORT fp32 (dense export)"] = gflops["torch dense"]
-    for name, stack in stacks(spec["r"]).items():
-        label, _, act = name.partition("|")
+    for name, (stack, act) in stacks(spec["r"]).items():
         m = apply_stack(copy.deepcopy(base), stack, calib=Calibration(data=spec["calib"], size=calib_n), train=False)
         path = work / f"{key}_{len(files)}.onnx"
-        export_model(m, path, ExportConfig(qdq_activations=act or "int8"))
-        files[f"ORT ours: {label}" + (f" ({act} acts)" if act else "")] = path
+        export_model(m, path, ExportConfig(qdq_activations=act))
+        files[f"ORT ours: {name}"] = path
         gflops[list(files)[-1]] = count_flops(m, dc["input_size"]) / 1e9
     files["ORT quantize_static (peer)"] = ort_quantize_static(files["ORT fp32 (dense export)"],
                                                               work / f"{key}_ort_static.onnx", calib)
@@ -223,18 +211,15 @@ def markdown(res: dict[str, Any]) -> str:
     for key, r in res["models"].items():
         bss = list(r["speed"])
         lines += [f"## {key}: `{r['model']}` at {r['input_size'][1]} px", ""]
-        head = " | ".join(f"b{b} ms | b{b} speedup" for b in bss)
-        acc_head = " | clean top-1 | sensitive top-1 | sensitive agreement" if r["accuracy"] else ""
-        lines += [f"| variant | GFLOPs | file MB | {head}{acc_head} |",
-                  "|---|---:|---:|" + "---:|---:|" * len(bss) + ("---:|---:|---:|" if r["accuracy"] else "")]
+        acc_head = ["clean top-1", "sensitive top-1", "sensitive agreement"] if r["accuracy"] else []
+        body = []
         for k in r["speed"][bss[0]]["ms"]:
-            cells = " | ".join(f"{r['speed'][b]['ms'][k]} | **{r['speed'][b]['speedup'][k]:.2f}x**" for b in bss)
-            g = r["gflops"].get(k, r["gflops"]["torch dense"])
-            acc = ""
-            if r["accuracy"]:
-                a = r["accuracy"][k]
-                acc = f" | {a['clean']['top1']} | {a['sensitive']['top1']} | {a['sensitive']['agreement']}"
-            lines.append(f"| {k} | {g:.3f} | {r['size_mb'].get(k, '')} | {cells}{acc} |")
+            a = r["accuracy"].get(k) if r["accuracy"] else None
+            body.append([k, f"{r['gflops'].get(k, r['gflops']['torch dense']):.3f}", r["size_mb"].get(k, ""),
+                         *(c for b in bss for c in (r["speed"][b]["ms"][k], f"**{r['speed'][b]['speedup'][k]:.2f}x**")),
+                         *([a["clean"]["top1"], a["sensitive"]["top1"], a["sensitive"]["agreement"]] if a else [])])
+        lines.append(markdown_table(["variant", "GFLOPs", "file MB",
+                                     *(h for b in bss for h in (f"b{b} ms", f"b{b} speedup")), *acc_head], body))
         lines += ["", "Baseline per batch: " + ", ".join(f"b{b}: {r['speed'][b]['baseline']}" for b in bss), ""]
     return "\n".join(lines) + "\n"
 

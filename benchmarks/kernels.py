@@ -37,6 +37,7 @@ from vitcompress.kernels.int8_gemm import int8_gemm, quantize_per_token
 from vitcompress.bench.timing import time_callable
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
+from vitcompress.report import markdown_table
 
 GEMMS = {"ViT-B qkv": (768, 2304), "ViT-B fc1": (768, 3072), "ViT-B fc2": (3072, 768),
          "ViT-L fc1": (1024, 4096), "ViT-L fc2": (4096, 1024)}
@@ -176,18 +177,15 @@ def attention_rows(device: torch.device, tokens: int, batches: tuple[int, ...], 
 
 def _md_table(rows: list[dict[str, Any]], keys: list[str], base: str) -> list[str]:
     cols = list(rows[0]["ms"])
-    lines = ["| " + " | ".join(keys) + " | " + " | ".join(f"{c} ms" for c in cols) + " | "
-             + " | ".join(f"{c} vs {base}" for c in cols if c != base) + " | SQNR dB: " + ", ".join(rows[0]["sqnr_db"])
-             + " |",
-             "|" + "---|" * len(keys) + "---:|" * (2 * len(cols))]
+    header = [*keys, *(f"{c} ms" for c in cols), *(f"{c} vs {base}" for c in cols if c != base),
+              "SQNR dB: " + ", ".join(rows[0]["sqnr_db"])]
+    body = []
     for r in rows:
         ms = r["ms"]
-        cells = [f"{ms[c]:.4f}" if ms[c] is not None else "—" for c in cols]
-        ratios = [f"**{ms[base] / ms[c]:.2f}x**" if ms[c] else "—" for c in cols if c != base]
-        sqnr = " / ".join(f"{v:.1f}" for v in r["sqnr_db"].values())
-        lines.append("| " + " | ".join(str(r[k]) if not isinstance(r[k], float) else f"{r[k]:.2f}" for k in keys)
-                     + " | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {sqnr} |")
-    return lines
+        body.append([*(r[k] for k in keys), *(None if ms[c] is None else f"{ms[c]:.4f}" for c in cols),
+                     *(f"**{ms[base] / ms[c]:.2f}x**" if ms[c] else None for c in cols if c != base),
+                     " / ".join(f"{v:.1f}" for v in r["sqnr_db"].values())])
+    return [markdown_table(header, body, align="l" * len(keys) + "r" * (2 * len(cols)))]
 
 
 def _ratio(ms: dict[str, float | None], slow: str, fast: str) -> float | None:
@@ -243,12 +241,11 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"## Attention, {res['attention'][0]['tokens']} tokens (block mask: {res['block']}-blocks)", ""]
         lines += _md_table(res["attention"], ["model", "batch", "block_density"], "SDPA + float mask (bias)")
     lines += ["", "## Targets (issue #6: the speed floor, with our output's SQNR above its floor)", "",
-              "| target | measured | floor | SQNR (dB) | SQNR floor | met |", "|---|---:|---:|---:|---:|---|"]
-    for t in targets(res):
-        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-        lines.append(f"| {t['target']} | {ratio} | {t['floor']}x | {t['sqnr_db']:.1f} | {t['sqnr_floor_db']:.0f} | "
-                     f"{met} |")
+              markdown_table(["target", "measured", "floor", "SQNR (dB)", "SQNR floor", "met"],
+                             [[t["target"], None if t["ratio"] is None else f"{t['ratio']:.2f}x", f"{t['floor']}x",
+                               f"{t['sqnr_db']:.1f}", f"{t['sqnr_floor_db']:.0f}",
+                               None if t["met"] is None else ("yes" if t["met"] else "**no**")]
+                              for t in targets(res)], align="lrrrrl")]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ from vitcompress.bench import BenchConfig, time_model
 from vitcompress.data import load_data
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
+from vitcompress.report import markdown_table
 
 
 def write_sources(root: Path, n: int) -> dict[str, Path]:
@@ -105,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. {args.images} digits "
              "rendered at 256 px; timm eval transform to 224 px; batch 64. Model: vit_small_patch16_224, bf16 "
              "autocast + SDPA, batch 64.", "",
-             "| source | workers | loader img/s | model img/s | loader / model |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['model_images_per_s']:.0f} | "
-              f"{r['loader_over_model']:.2f} |" for r in rows]
+             markdown_table(["source", "workers", "loader img/s", "model img/s", "loader / model"],
+                            [[r["source"], r["workers"], f"{r['images_per_s']:.0f}", f"{r['model_images_per_s']:.0f}",
+                              r["loader_over_model"]] for r in rows])]
     if runs:
         lines += ["", f"`torchrun --nproc-per-node N -m vitcompress eval vit_small_patch16_224 --data ARROW "
                   f"--limit {args.images} --no-speed` wall time (process start-up included):", "",
-                  "| processes | wall s |", "|---:|---:|"] + [f"| {r['nproc']} | {r['wall_s']} |" for r in runs]
+                  markdown_table(["processes", "wall s"], [[r["nproc"], r["wall_s"]] for r in runs], align="rr")]
     atomic_write_text(args.out / "loader.md", "\n".join(lines) + "\n")
     return 0
 

@@ -22,28 +22,15 @@ from vitcompress.bench import BenchConfig, compare, count_flops, model_runner, s
 from vitcompress.bench.measure import train_step_peak_mb
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
-from vitcompress.transforms import BlockSparseConfig, PruneConfig
+from vitcompress.report import markdown_table
 from vitcompress.transforms.recovery import attention_params
 
+from . import variants
 from .accuracy import accuracy_markdown, accuracy_table
 
 WARMUP_S = float(os.environ.get("VITCOMPRESS_BENCH_WARMUP_S", "2.0"))  # per timed pair; the GPU runbook lowers it
 
-RECOVERY = {"name": "recovery", "epochs": 10, "data": "digits"}
-PRUNE_MLP, PRUNE_BOTH = {"name": "prune", "mlp": 0.5}, {"name": "prune", "heads": 0.25, "mlp": 0.5}
-BLOCK_16 = {"name": "block_sparse", "sparsity": 0.5, "block_size": 16}
-VARIANTS: dict[str, list[dict[str, Any]]] = {  # stacks for apply_stack, in the transforms' own vocabulary
-    "MLP 50 %, no recovery": [PRUNE_MLP],
-    "MLP 50 % (taylor), no recovery": [{**PRUNE_MLP, "criterion": "taylor"}],
-    "MLP 50 %, 10 ep CE fine-tune": [PRUNE_MLP, {**RECOVERY, "distill": "none"}],
-    "MLP 50 %, 10 ep distill": [PRUNE_MLP, {**RECOVERY, "distill": "soft"}],
-    "MLP 50 %, 10 ep distill, attn-only": [PRUNE_MLP, {**RECOVERY, "distill": "soft", "attn_only": True}],
-    "heads 25 % + MLP 50 %, no recovery": [PRUNE_BOTH],
-    "heads 25 % + MLP 50 %, 10 ep distill": [PRUNE_BOTH, {**RECOVERY, "distill": "soft"}],
-    "block 50 % (16x16), no recovery": [BLOCK_16],
-    "block 50 % (16x16), 10 ep distill": [BLOCK_16, {**RECOVERY, "distill": "soft"}],
-    "block 75 % (16x16), 10 ep distill": [{**BLOCK_16, "sparsity": 0.75}, {**RECOVERY, "distill": "soft"}],
-}
+RECIPE = variants.load("prune")  # accuracy variants: benchmarks/recipes/prune.yaml
 
 
 def _details(model: nn.Module) -> str:
@@ -74,14 +61,11 @@ def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224",
     base = create_model(arch)
     size, cfg = data_config(base)["input_size"], BenchConfig()
     device = cfg.resolve_device()
-    variants = {"heads 25 % + MLP 50 %": PruneConfig(heads=0.25, mlp=0.5, scope="per_layer"),
-                "block 50 % (64x64)": BlockSparseConfig(sparsity=0.5, block_size=64),
-                "block 75 % (64x64)": BlockSparseConfig(sparsity=0.75, block_size=64)}
     n_base, size_base, gf_base = sum(p.numel() for p in base.parameters()), serialized_size_mb(base), \
         count_flops(base, size) / 1e9
     rows = []
-    for name, c in variants.items():
-        m = apply_stack(copy.deepcopy(base), [c])
+    for name, stack in RECIPE["speed"].items():
+        m = apply_stack(copy.deepcopy(base), stack)
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         row = {"variant": name, "params_ratio": round(n / n_base, 3),
                "size_ratio": round(serialized_size_mb(m) / size_base, 3),
@@ -99,18 +83,19 @@ def speed(out: Path, batch_sizes: list[int], arch: str = "vit_base_patch16_224",
     res = {"arch": arch, **run_context(device), "repeat": repeat, "dtype": "bf16 autocast + SDPA",
            "base": {"params": n_base, "size_mb": round(size_base, 2), "gflops": round(gf_base, 3)}, "rows": rows}
     atomic_write_json(out / "speed_vit_b16.json", res)
-    head = " | ".join(f"b{b} speedup | b{b} ms dense / pruned" for b in batch_sizes)
     lines = [f"# Pruned vs dense {arch} at 224 px", "",
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. bf16 autocast + SDPA; "
              f"both timed alternately in one process, median of {repeat}. Speedup > 1 means the pruned model "
              "is faster. Weights are random (they do not change speed); heads and MLP are pruned per layer. "
              + (CPU_BSR_NOTE if device.type == "cpu" else "Block-sparse layers run the Triton BSR GEMM."), "",
-             f"| variant | params | size | GFLOPs | {head} |", "|---|---:|---:|---:|" + "---:|---:|" * len(batch_sizes)]
-    for r in rows:
-        cells = " | ".join(f"**{r['speedup'][str(b)]:.2f}x** | {r['ms'][str(b)]['dense']} / {r['ms'][str(b)]['pruned']}"
-                           for b in batch_sizes)
-        name = r["variant"] + (f" (CPU impl: {', '.join(r['cpu_impl'])})" if "cpu_impl" in r else "")
-        lines.append(f"| {name} | x{r['params_ratio']} | x{r['size_ratio']} | x{r['gflops_ratio']} | {cells} |")
+             markdown_table(
+                 ["variant", "params", "size", "GFLOPs",
+                  *(h for b in batch_sizes for h in (f"b{b} speedup", f"b{b} ms dense / pruned"))],
+                 [[r["variant"] + (f" (CPU impl: {', '.join(r['cpu_impl'])})" if "cpu_impl" in r else ""),
+                   f"x{r['params_ratio']}", f"x{r['size_ratio']}", f"x{r['gflops_ratio']}",
+                   *(c for b in batch_sizes for c in (f"**{r['speedup'][str(b)]:.2f}x**",
+                                                       f"{r['ms'][str(b)]['dense']} / {r['ms'][str(b)]['pruned']}"))]
+                  for r in rows])]
     atomic_write_text(out / "speed_vit_b16.md", "\n".join(lines) + "\n")
 
 
@@ -134,9 +119,9 @@ def memory(out: Path, artifact: str, arch: str = "vit_base_patch16_224", batch: 
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. First AdamW step "
              "(forward, backward, optimizer-state allocation) in bf16 autocast; weights + the profiler's "
              "allocation high-water mark.", "",
-             "| model | batch | trainable | full MiB | attn-only MiB | ratio |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['batch']} | {r['trainable_fraction']:.0%} | {r['full_mb']} | {r['attn_only_mb']} "
-              f"| **x{r['ratio']}** |" for r in rows]
+             markdown_table(["model", "batch", "trainable", "full MiB", "attn-only MiB", "ratio"],
+                            [[r["model"], r["batch"], f"{r['trainable_fraction']:.0%}", r["full_mb"], r["attn_only_mb"],
+                              f"**x{r['ratio']}**"] for r in rows])]
     atomic_write_text(out / "memory_attn_only.md", "\n".join(lines) + "\n")
 
 
@@ -164,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             return apply_stack(copy.deepcopy(base), stack, calib=Calibration("digits", 32), teacher=base)
         return fn
 
-    res = accuracy_table(args.artifact, {k: build(v) for k, v in VARIANTS.items()}, details=_details)
+    res = accuracy_table(args.artifact, {k: build(v) for k, v in RECIPE["accuracy"].items()}, details=_details)
     atomic_write_json(args.out / "accuracy_digits.json", res)
     atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(
         res, "Pruning accuracy, before and after recovery: the digits testbed", "importance; recovery",

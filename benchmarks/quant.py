@@ -3,7 +3,7 @@
 Accuracy: every variant is calibrated on 32 train-split images and compared with the float model on digits
 and digits-c, in one table with its size and, for deployable points, its latency against the bf16 + SDPA
 model (same process, alternating). Simulated points are accuracy-only: they run in floating point.
-Speed (``--speed``): every deployed format vs bf16 + SDPA on vit_base_patch16_224 (``--arch``).
+Speed (``--speed``): every deployed format vs the fastest dense dtype + SDPA on vit_base_patch16_224 (``--arch``).
 """
 
 from __future__ import annotations
@@ -23,76 +23,13 @@ from vitcompress.errors import ConfigError
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.models import data_config, model_info
 from vitcompress.provenance import run_context
-from vitcompress.transforms import QuantConfig
+from vitcompress.report import markdown_table
 from vitcompress.transforms.quantize import int8_linear
 
+from . import variants
 from .accuracy import accuracy_table
 
-ATTN = ["qkv", "proj", "fc1", "fc2", "attn_matmul"]
-# target -> variant -> QuantConfig fields. Each target's first row is the naive baseline (minmax RTN).
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "W8A8": {
-        "minmax RTN (simulate)": {},
-        "int8 deploy, static acts": {"mode": "deploy"},
-        "int8 deploy, per-token acts": {"mode": "deploy", "a_granularity": "per_token"},
-        "fp8 e4m3 deploy, per-token acts": {"mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"},
-        "bitsandbytes LLM.int8": {"mode": "deploy", "backend": "bnb"},
-    },
-    "W6A6": {
-        "minmax RTN": {"w_bits": 6, "a_bits": 6},
-        "mse": {"w_bits": 6, "a_bits": 6, "observer": "mse"},
-        "repq": {"w_bits": 6, "a_bits": 6, "reparam": "repq"},
-        "gptq": {"w_bits": 6, "a_bits": 6, "rounding": "gptq"},
-        "gptq + mse": {"w_bits": 6, "a_bits": 6, "rounding": "gptq", "observer": "mse"},
-        "minmax RTN, per-token acts": {"w_bits": 6, "a_bits": 6, "a_granularity": "per_token"},
-        "gptq, per-token acts": {"w_bits": 6, "a_bits": 6, "rounding": "gptq", "a_granularity": "per_token"},
-    },
-    "W4A8": {
-        "minmax RTN": {"w_bits": 4, "a_bits": 8},
-        "mse": {"w_bits": 4, "a_bits": 8, "observer": "mse"},
-        "gptq": {"w_bits": 4, "a_bits": 8, "rounding": "gptq"},
-        "gptq one-pass (the old variant)": {"w_bits": 4, "a_bits": 8, "rounding": "gptq", "gptq_sequential": False},
-    },
-    "W3A8": {
-        "minmax RTN": {"w_bits": 3, "a_bits": 8},
-        "gptq": {"w_bits": 3, "a_bits": 8, "rounding": "gptq"},
-        "gptq one-pass (the old variant)": {"w_bits": 3, "a_bits": 8, "rounding": "gptq", "gptq_sequential": False},
-    },
-    "W4A4 (Linear layers)": {
-        "minmax RTN": {"w_bits": 4, "a_bits": 4},
-        "percentile": {"w_bits": 4, "a_bits": 4, "observer": "percentile"},
-        "mse": {"w_bits": 4, "a_bits": 4, "observer": "mse"},
-        "repq": {"w_bits": 4, "a_bits": 4, "reparam": "repq"},
-        "repq + gptq": {"w_bits": 4, "a_bits": 4, "reparam": "repq", "rounding": "gptq"},
-    },
-    "W4A4 (Linear + attention matmuls + softmax)": {
-        "minmax RTN, uniform softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "uniform"},
-        "minmax RTN, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2"},
-        "repq, log2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "log2", "reparam": "repq"},
-        "repq, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2",
-                                   "reparam": "repq"},
-        "repq + gptq, logsqrt2 softmax": {"w_bits": 4, "a_bits": 4, "layers": ATTN, "softmax": "logsqrt2",
-                                          "reparam": "repq", "rounding": "gptq"},
-    },
-    "weight-only": {
-        "W8 per-channel deploy": {"mode": "deploy", "a_bits": None},
-        "W4 group-32 deploy (RTN)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
-                                     "group_size": 32},
-        "W4 group-32 deploy (gptq)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
-                                      "group_size": 32, "rounding": "gptq"},
-        "bitsandbytes NF4 (block 64)": {"mode": "deploy", "backend": "bnb", "w_bits": 4, "a_bits": None},
-    },
-}
-SPEED = {  # deployed formats timed on ViT-B/16
-    "int8 W8A8 (per-token)": {"mode": "deploy", "a_granularity": "per_token"},
-    "int8 W8A8 (static per-tensor)": {"mode": "deploy"},  # calibrated (default: 32 digits images; speed only)
-    "fp8 e4m3 W8A8 (per-token)": {"mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"},
-    "weight-only int8": {"mode": "deploy", "a_bits": None},
-    "weight-only int4 (group 128)": {"mode": "deploy", "w_bits": 4, "a_bits": None, "w_granularity": "per_group",
-                                     "group_size": 128},
-    "bitsandbytes LLM.int8": {"mode": "deploy", "backend": "bnb"},
-    "bitsandbytes NF4": {"mode": "deploy", "backend": "bnb", "w_bits": 4, "a_bits": None},
-}
+RECIPE = variants.load("quant")  # accuracy (target -> variant -> stack) and speed: benchmarks/recipes/quant.yaml
 
 
 def _details(c: dict[str, Any]) -> str:
@@ -111,12 +48,13 @@ def _details(c: dict[str, Any]) -> str:
 
 
 def _latency(base: nn.Module, model: nn.Module, batch: int, repeat: int) -> dict[str, float]:
-    """bf16 + SDPA base vs ``model`` (deployed formats run as they are), alternately in one process."""
+    """The dense base at the fastest dense dtype (``auto``) + SDPA vs ``model`` (deployed formats run as they are),
+    alternately in one process."""
 
     size, cfg = data_config(base)["input_size"], BenchConfig()
     r = compare(model_runner(base, batch, size, cfg), model_runner(model, batch, size, cfg),
                 device=cfg.resolve_device(), warmup=2, warmup_s=1.0, repeat=repeat)
-    return {"speedup": round(r["speedup"], 3), "bf16_ms": round(r["a_median_ms"], 2),
+    return {"speedup": round(r["speedup"], 3), "dense_ms": round(r["a_median_ms"], 2),
             "ms": round(r["b_median_ms"], 2)}
 
 
@@ -131,8 +69,8 @@ def _without_onednn(run: Any) -> Any:
 
 
 def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[str] | None = None) -> None:
-    """Every deployed format vs the dense bf16 + SDPA model on ``arch``, alternately in one process; first the
-    dense model in fp32 against bf16, so the table shows which dense dtype is the fastest here."""
+    """Every deployed format vs the dense model (fastest dense dtype) + SDPA on ``arch``, alternately in one process;
+    first the dense model in fp32 against bf16, so the table shows which dense dtype is the fastest here."""
 
     base = create_model(arch)
     rows, skipped = [], {}
@@ -142,18 +80,19 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[
         r = compare(model_runner(base, bs, size, bf16), model_runner(copy.deepcopy(base), bs, size, fp32),
                     device=bf16.resolve_device(), warmup=2, warmup_s=1.0, repeat=repeat)
         rows.append({"format": "dense fp32", "batch": bs, "speedup": round(r["speedup"], 3),
-                     "bf16_ms": round(r["a_median_ms"], 2), "ms": round(r["b_median_ms"], 2),
+                     "dense_ms": round(r["a_median_ms"], 2), "ms": round(r["b_median_ms"], 2),
                      "throughput": round(1000 * bs / r["b_median_ms"], 1),
                      "size_mb": round(serialized_size_mb(base), 1)})
         print(f"dense fp32, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
-    formats = {k: v for k, v in SPEED.items() if not only or any(o in k for o in only)}
+    formats = {k: v for k, v in RECIPE["speed"].items() if not only or any(o in k for o in only)}
     device = BenchConfig().resolve_device()
     if device.type == "cuda":  # auto = our Triton GEMM there; also time cuBLASLt's
-        formats["int8 W8A8 (per-token, torch._int_mm)"] = {**SPEED["int8 W8A8 (per-token)"], "backend": "torch"}
-    for name, spec in formats.items():
-        q = copy.deepcopy(base)
+        formats["int8 W8A8 (per-token, torch._int_mm)"] = [{**RECIPE["speed"]["int8 W8A8 (per-token)"][0],
+                                                             "backend": "torch"}]
+    for name, stack in formats.items():
+        q, spec = copy.deepcopy(base), stack[-1]
         try:
-            apply_stack(q, [QuantConfig(**spec)])
+            apply_stack(q, stack)
         except ConfigError as e:  # e.g. bitsandbytes not installed on this machine: say so in the table
             skipped[name] = str(e)
             print(f"{name}: skipped ({e})", flush=True)
@@ -162,31 +101,32 @@ def speed(out: Path, batch_sizes: list[int], arch: str, repeat: int, only: list[
             r = _latency(base, q, bs, repeat)
             rows.append({"format": name, "batch": bs, **r, "throughput": round(1000 * bs / r["ms"], 1),
                          "size_mb": round(serialized_size_mb(q), 1)})
-            print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs bf16", flush=True)
+            print(f"{name}, batch {bs}: {r['speedup']:.3f}x vs dense", flush=True)
             if device.type == "cpu" and int8_linear.HAS_ONEDNN and spec.get("mode") == "deploy" and \
                     spec.get("a_granularity") == "per_token" and "dtype" not in spec and "backend" not in spec:
                 # the CPU path before oneDNN (torch._int_mm), timed against the oneDNN one in the same process
                 new = model_runner(q, bs, data_config(q)["input_size"], BenchConfig())
                 r = compare(_without_onednn(new), new, warmup=1, repeat=repeat)
                 rows.append({"format": f"{name}: oneDNN vs torch._int_mm", "batch": bs,
-                             "speedup": round(r["speedup"], 3), "bf16_ms": None, "ms": round(r["b_median_ms"], 2),
+                             "speedup": round(r["speedup"], 3), "dense_ms": None, "ms": round(r["b_median_ms"], 2),
                              "throughput": round(1000 * bs / r["b_median_ms"], 1), "size_mb": rows[-1]["size_mb"],
                              "int_mm_ms": round(r["a_median_ms"], 2)})
                 print(f"{name}, batch {bs}: oneDNN {r['speedup']:.3f}x vs torch._int_mm", flush=True)
-    res = {"arch": arch, **run_context(device), "repeat": repeat,
+    res = {"arch": arch, **run_context(device), "repeat": repeat, "dense_dtype": str(BenchConfig().dtype.on(device)),
            "fp32_size_mb": round(serialized_size_mb(base), 1), "rows": rows, "skipped": skipped}
     atomic_write_json(out / "speed_deploy_vs_bf16.json", res)
-    lines = [f"# Deployed quantization vs bf16 + SDPA: {arch}", "",
+    lines = [f"# Deployed quantization vs the fastest dense dtype + SDPA: {arch}", "",
              f"Device: {res['device']}; torch {res['versions']['torch']}; {res['date']}. Each format is timed "
-             f"alternately with the bf16 autocast + SDPA model in one process, median of {repeat}. Speedup > 1 "
+             f"alternately with the dense model at {res['dense_dtype']} (`auto`: the fastest dense dtype measured on "
+             f"this machine) + SDPA in one process, median of {repeat}. Speedup > 1 "
              f"means the quantized model is faster. fp32 artifact: {res['fp32_size_mb']} MiB.", "",
              "The `oneDNN vs torch._int_mm` rows time the CPU's int8 engine against the `torch._int_mm` path it "
-             "replaced (speedup > 1: oneDNN is faster; bf16 ms column: the _int_mm time).", "",
-             "| format | batch | speedup | bf16 ms | quantized ms | img/s | size MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['format']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['bf16_ms'] or r.get('int_mm_ms')} | "
-              f"{r['ms']} | {r['throughput']} | {r['size_mb']} |" for r in rows]
-    lines += [f"| {name} | — | skipped: {why} | | | | |" for name, why in skipped.items()]
+             "replaced (speedup > 1: oneDNN is faster; dense ms column: the _int_mm time). The `dense fp32` rows time "
+             "fp32 against bf16 autocast (dense ms column: bf16).", "",
+             markdown_table(["format", "batch", "speedup", "dense ms", "quantized ms", "img/s", "size MiB"],
+                            [[r["format"], r["batch"], f"**{r['speedup']:.2f}x**", r["dense_ms"] or r.get("int_mm_ms"),
+                              r["ms"], r["throughput"], r["size_mb"]] for r in rows]
+                            + [[name, None, f"skipped: {why}", "", "", "", ""] for name, why in skipped.items()])]
     atomic_write_text(out / "speed_deploy_vs_bf16.md", "\n".join(lines) + "\n")
 
 
@@ -201,14 +141,15 @@ def markdown(res: dict[str, Any]) -> str:
              "*simulate* rows are accuracy-only (fake quantization in floating point: their size is the float "
              f"artifact's and they have no latency). Latency: batch {res['latency_batch']} on this machine vs "
              "the bf16 + SDPA float model, alternately in one process (> 1 is faster).", "",
-             "| target | variant | quantizer | executes | size MiB | top-1 | Δ top-1 | digits-c top-1 | "
-             "**digits-c agreement** | latency vs bf16 |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lat = f"{r['latency']['speedup']:.2f}x" if r.get("latency") else "—"
-        lines.append(f"| {r.get('target', '—')} | {r['variant']} | {r['details'] or '—'} | "
-                     f"{'deploy' if r.get('deployable') else ('float' if r is base else 'simulate')} | "
-                     f"{r['size_mb']:.2f} | {r['digits_top1']:.2f} | {r['digits_top1'] - base['digits_top1']:+.2f} | "
-                     f"{r['digits-c_top1']:.2f} | **{r['digits-c_agreement']:.2f}** | {lat} |")
+             markdown_table(
+                 ["target", "variant", "quantizer", "executes", "size MiB", "top-1", "Δ top-1", "digits-c top-1",
+                  "**digits-c agreement**", "latency vs bf16"],
+                 [[r.get("target"), r["variant"], r["details"] or None,
+                   "deploy" if r.get("deployable") else ("float" if r is base else "simulate"), r["size_mb"],
+                   r["digits_top1"], f"{r['digits_top1'] - base['digits_top1']:+.2f}", r["digits-c_top1"],
+                   f"**{r['digits-c_agreement']:.2f}**",
+                   f"{r['latency']['speedup']:.2f}x" if r.get("latency") else None] for r in res["rows"]],
+                 align="llllrrrrrr")]
     return "\n".join(lines) + "\n"
 
 
@@ -239,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def build(spec: dict[str, Any]):
         def fn(base: nn.Module) -> nn.Module:
-            return apply_stack(copy.deepcopy(base), [QuantConfig(**spec, calib_size=args.calib_size)], calib=calib)
+            return apply_stack(copy.deepcopy(base), [{**step, "calib_size": args.calib_size} for step in spec],
+                               calib=calib)
         return fn
 
-    labels = {f"{target}: {name}": (target, name) for target, rows in VARIANTS.items() for name in rows}
-    variants = {key: build(VARIANTS[target][name]) for key, (target, name) in labels.items()}
+    targets = RECIPE["accuracy"]
+    labels = {f"{target}: {name}": (target, name) for target, rows in targets.items() for name in rows}
+    built_by = {key: build(targets[target][name]) for key, (target, name) in labels.items()}
     built: dict[str, nn.Module] = {}
 
     def details(model: nn.Module) -> str:
         return _details(model_info(model).transforms[-1]["config"])
 
-    res = accuracy_table(args.artifact, variants, details=details, keep=built)
+    res = accuracy_table(args.artifact, built_by, details=details, keep=built)
     base = built.pop("uncompressed")
     for row in res["rows"][1:]:
         model = built[row["variant"]]

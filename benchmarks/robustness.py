@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.report import markdown_table
 
 from .cifar10 import CLEAN, load_points
 
@@ -46,12 +47,8 @@ def markdown(labels: list[str], rows: list[dict[str, Any]], base: dict[str, Any]
              f"{att.get('gradient')}. {base['device']}, torch {base['versions']['torch']}, {base['date']}.", "",
              "Reproduce: `vitcompress sweep recipes/cifar10_robustness.yaml --out results/robustness/cifar10_sweep`, "
              "then `python -m benchmarks.robustness`.", "",
-             "| point | top-1 (10k) | top-1 (attacked images) | " + " | ".join(cols) + " |",
-             "|---|---:|---:|" + "---:|" * len(cols)]
-    for r in rows:
-        vals = " | ".join("—" if r[c] is None else f"{r[c]:.2f}" for c in cols)
-        clean = "—" if r["attacked_clean_top1"] is None else f"{r['attacked_clean_top1']:.2f}"
-        lines.append(f"| {r['point']} | {r['top1']:.2f} | {clean} | {vals} |")
+             markdown_table(["point", "top-1 (10k)", "top-1 (attacked images)", *cols],
+                            [[r["point"], r["top1"], r["attacked_clean_top1"], *(r[c] for c in cols)] for r in rows])]
     return "\n".join(lines) + "\n"
 
 

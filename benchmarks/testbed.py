@@ -21,6 +21,7 @@ from vitcompress.data import load_data
 from vitcompress.evaluate import evaluate
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import versions
+from vitcompress.report import markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,17 +79,16 @@ def _report(title: str, base: str, results: dict[str, dict[str, Any]], train_met
         f"(training loop, {train_metrics.get('device', '?')}).",
         f"Device: {clean['device']}; dtype {clean['dtype']}; torch {clean['versions']['torch']}, "
         f"timm {clean['versions']['timm']}; {clean['date']}.", "",
-        "| data | images | top-1 % | agreement % | latency b1 ms | latency b64 ms | img/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        markdown_table(["data", "images", "top-1 %", "agreement %", "latency b1 ms", "latency b64 ms", "img/s"],
+                       [[spec, r["n_images"], r["top1"], r["agreement"],
+                         r.get("latency_ms", {}).get("1", {}).get("median"),
+                         r.get("latency_ms", {}).get("64", {}).get("median"), f"{r['throughput']:.0f}"]
+                        for spec, r in results.items()]),
     ]
-    for spec, r in results.items():
-        lat = r.get("latency_ms", {})
-        lines.append(f"| {spec} | {r['n_images']} | {r['top1']:.2f} | {r['agreement']:.2f} | "
-                     f"{lat.get('1', {}).get('median', float('nan')):.2f} | "
-                     f"{lat.get('64', {}).get('median', float('nan')):.2f} | {r['throughput']:.0f} |")
     if "groups" in corrupt:
-        lines += ["", "digits-c per corruption:", "", "| corruption | images | top-1 % |", "|---|---:|---:|"]
-        lines += [f"| {g} | {m['n_images']} | {m['top1']:.2f} |" for g, m in corrupt["groups"].items()]
+        lines += ["", "digits-c per corruption:", "",
+                  markdown_table(["corruption", "images", "top-1 %"],
+                                 [[g, m["n_images"], m["top1"]] for g, m in corrupt["groups"].items()])]
     lines.append("")
     return "\n".join(lines)
 

@@ -23,52 +23,20 @@ from vitcompress.bench import BenchConfig, compare, count_flops, model_runner
 from vitcompress.data import load_data
 from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
-from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
+from vitcompress.report import markdown_table
 from vitcompress.transforms.sparse_attn.transform import flops_saved
 from vitcompress.transforms.token_merge.adaptive import is_adaptive, measure
 
+from . import variants
 from .accuracy import accuracy_markdown, accuracy_table
 
 WARMUP_S = float(os.environ.get("VITCOMPRESS_BENCH_WARMUP_S", "2.0"))  # per timed pair; the GPU runbook lowers it
 
-DEFAULT_VARIANTS = {
-    "tome r=13": {"r": 13},
-    "tome (16, -1)": {"r": 16, "inflection": -1.0},
-    "tome r=13 prop-attn off": {"r": 13, "prop_attn": "off"},
-    "tome r=13 SDPA mask": {"r": 13, "attention": "torch"},  # on CUDA, tome r=13 runs our fused kernel
-    "evit @ tome r=13 GFLOPs": {"method": "evit", "target_flops": "tome r=13"},
-    "resolution 160 px": {"img_size": 160},
-    # the issue-20 methods: per-image counts run as a packed, padded batch; sparse attention as masked SDPA
-    "ats @ tome r=13 GFLOPs": {"name": "adaptive_tokens", "target_flops": "tome r=13"},
-    "mass @ tome r=13 GFLOPs": {"name": "adaptive_tokens", "method": "mass", "target_flops": "tome r=13"},
-    "sparse attention 50 % (16-token tiles)": {"name": "sparse_attention", "density": 0.5, "block_size": 16},
-}
+RECIPE = variants.load("tokens")  # speed / accuracy variants: benchmarks/recipes/tokens.yaml
 
 
-ACCURACY_VARIANTS = {
-    "tome @ 0.65 GFLOPs": {"target_flops": 0.65},
-    "tome (r, -1) @ 0.65": {"target_flops": 0.65, "inflection": -1.0},
-    "tome @ 0.65, prop-attn off": {"target_flops": 0.65, "prop_attn": "off"},
-    "evit @ 0.65": {"method": "evit", "target_flops": 0.65},
-    "evit_wavg @ 0.65 (the old variant)": {"method": "evit_wavg", "target_flops": 0.65},
-    "tome @ 0.5 GFLOPs": {"target_flops": 0.5},
-    "tome (r, -1) @ 0.5": {"target_flops": 0.5, "inflection": -1.0},
-    "evit @ 0.5": {"method": "evit", "target_flops": 0.5},
-    "resolution 28 px": {"img_size": 28},
-    "resolution 24 px": {"img_size": 24},
-}
-
-
-def _build(model: torch.nn.Module, spec: dict[str, Any], flops_of: dict[str, float]) -> torch.nn.Module:
-    spec = dict(spec)
-    stack: list[Any] = [ResolutionConfig(img_size=spec.pop("img_size"))] if "img_size" in spec else []
-    if isinstance(spec.get("target_flops"), str):  # match another variant's GFLOPs
-        spec["target_flops"] = flops_of[spec["target_flops"]]
-    if "name" in spec:  # another transform than token_merge, as a stack step
-        stack.append(spec)
-    elif spec:
-        stack.append(TokenMergeConfig(**spec))
-    return apply_stack(copy.deepcopy(model), stack)
+def _build(model: torch.nn.Module, stack: variants.Stack, flops_of: dict[str, float]) -> torch.nn.Module:
+    return apply_stack(copy.deepcopy(model), variants.resolve(stack, flops_of))
 
 
 def _flops(model: torch.nn.Module, size: tuple[int, ...], images: torch.Tensor) -> float:
@@ -78,7 +46,7 @@ def _flops(model: torch.nn.Module, size: tuple[int, ...], images: torch.Tensor) 
     return count_flops(model, size) - flops_saved(model)
 
 
-def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run(arch: str, batch_sizes: list[int], repeat: int, stacks: dict[str, variants.Stack]) -> dict[str, Any]:
     base = create_model(arch)
     size = data_config(base)["input_size"]
     cfg = BenchConfig()
@@ -88,8 +56,8 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
     # first digits test images, upsampled (random weights: the counts are the random model's)
     images = next(iter(load_data("digits", data_config(base), limit=max(batch_sizes)).loader(max(batch_sizes))))[0]
     rows, flops_of = [], {}
-    for name, spec in variants.items():
-        model = _build(base, spec, flops_of)
+    for name, stack in stacks.items():
+        model = _build(base, stack, flops_of)
         vsize = data_config(model)["input_size"]
         flops = _flops(model, vsize, images if vsize == size else None)
         flops_of[name] = flops / base_flops
@@ -97,7 +65,7 @@ def run(arch: str, batch_sizes: list[int], repeat: int, variants: dict[str, dict
             imgs = images if vsize == size else None
             r = compare(model_runner(base, bs, size, cfg, images), model_runner(model, bs, vsize, cfg, imgs),
                         device=device, warmup=2, warmup_s=WARMUP_S, repeat=repeat)
-            rows.append({"variant": name, "config": spec, "batch": bs, "speedup": round(r["speedup"], 3),
+            rows.append({"variant": name, "stack": stack, "batch": bs, "speedup": round(r["speedup"], 3),
                          "base_ms": round(r["a_median_ms"], 2), "variant_ms": round(r["b_median_ms"], 2),
                          "base_img_s": round(bs / r["a_median_ms"] * 1000, 1),
                          "variant_img_s": round(bs / r["b_median_ms"] * 1000, 1),
@@ -121,12 +89,11 @@ def markdown(res: dict[str, Any]) -> str:
              f"timm {res['versions']['timm']}; {res['date']}. Base: {res['base_gflops']} GFLOPs/image. "
              f"Each row: variant and unreduced model timed alternately in one process, median of "
              f"{res['repeat']}.", "",
-             "| variant | batch | speedup | base ms | variant ms | img/s base -> variant | GFLOPs (fraction) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['batch']} | **{r['speedup']:.2f}x** | {r['base_ms']} | "
-                     f"{r['variant_ms']} | {r['base_img_s']} -> {r['variant_img_s']} | "
-                     f"{r['gflops']} ({r['gflops_fraction']:.2f}) |")
+             markdown_table(["variant", "batch", "speedup", "base ms", "variant ms", "img/s base -> variant",
+                             "GFLOPs (fraction)"],
+                            [[r["variant"], r["batch"], f"**{r['speedup']:.2f}x**", r["base_ms"], r["variant_ms"],
+                              f"{r['base_img_s']} -> {r['variant_img_s']}",
+                              f"{r['gflops']} ({r['gflops_fraction']:.2f})"] for r in res["rows"]])]
     return "\n".join(lines) + "\n"
 
 
@@ -136,22 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="vit_base_patch16_224")
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--variants", default=None, help="comma-separated subset of: " + "; ".join(DEFAULT_VARIANTS))
+    parser.add_argument("--variants", default=None, help="comma-separated subset of: " + "; ".join(RECIPE["speed"]))
     parser.add_argument("--accuracy", default=None, metavar="ARTIFACT", help="accuracy table for this artifact")
     args = parser.parse_args(argv)
     if args.accuracy:
 
         res = accuracy_table(args.accuracy, {k: (lambda base, v=v: _build(base, v, {}))
-                                             for k, v in ACCURACY_VARIANTS.items()}, details=_schedule)
+                                             for k, v in RECIPE["accuracy"].items()}, details=_schedule)
         atomic_write_json(args.out / "accuracy_digits.json", res)
         atomic_write_text(args.out / "accuracy_digits.md", accuracy_markdown(
             res, "Token reduction accuracy: the digits testbed", "schedule (tokens removed per layer)"))
         print(f"wrote {args.out / 'accuracy_digits'}.json/.md")
         return 0
-    variants = DEFAULT_VARIANTS
-    if args.variants:
-        variants = {k: v for k, v in DEFAULT_VARIANTS.items() if k in args.variants.split(",")}
-    res = run(args.arch, [int(b) for b in args.batch_sizes.split(",")], args.repeat, variants)
+    res = run(args.arch, [int(b) for b in args.batch_sizes.split(",")], args.repeat,
+              variants.select(RECIPE["speed"], args.variants))
     stem = f"speed_{res['arch']}_{'cuda' if 'cpu:' not in res['device'] else 'cpu'}"
     atomic_write_json(args.out / f"{stem}.json", res)
     atomic_write_text(args.out / f"{stem}.md", markdown(res))

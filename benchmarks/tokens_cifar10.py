@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.report import markdown_table
 
 from .cifar10 import CLEAN, CORRUPT, load_points
 
@@ -97,21 +98,21 @@ def markdown(table: list[dict[str, Any]], gl: list[dict[str, Any]], base: dict[s
              "`python -m benchmarks.tokens_cifar10`.", "",
              "ToMe @ GFLOPs: ToMe's top-1 interpolated at the point's GFLOPs. Tokens: kept at the last block, mean "
              "± std over the test images [min, max] (adaptive methods only).", "",
-             "| point | GFLOPs × | top-1 | ToMe @ GFLOPs | vs ToMe | agreement | cifar10-c top-1 | cifar10-c agr. "
-             "| tokens (last) | speedup b1 | speedup b64 | training |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for r in table:
-        tok = "—" if r["tokens_last_mean"] is None else \
-            f"{r['tokens_last_mean']:.1f} ± {r['tokens_last_std']:.1f} {r['tokens_last_range']}"
-        vs = "—" if r["vs_tome"] is None else f"{r['vs_tome']:+.2f}"
-        train = "—" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"
-        lines.append(f"| {r['point']} | {r['gflops_fraction']:.3f} | {r['top1']:.2f} | "
-                     f"{_f(r['tome_top1_at_gflops'])} | {vs} | {r['agreement']:.2f} | {r['c_top1']:.2f} | "
-                     f"{r['c_agreement']:.2f} | {tok} | {_f(r['speedup_b1'])}× | {_f(r['speedup_b64'])}× | {train} |")
-    lines += ["", "## Goals", "", "| goal | measured | met | detail |", "|---|---:|---|---|"]
-    for g in gl:
-        met = "—" if g["met"] is None else "yes" if g["met"] else "**missed**"
-        lines.append(f"| {g['goal']} | {g['measured']} | {met} | {g['detail']} |")
+             markdown_table(
+                 ["point", "GFLOPs ×", "top-1", "ToMe @ GFLOPs", "vs ToMe", "agreement", "cifar10-c top-1",
+                  "cifar10-c agr.", "tokens (last)", "speedup b1", "speedup b64", "training"],
+                 [[r["point"], f"{r['gflops_fraction']:.3f}", r["top1"], r["tome_top1_at_gflops"],
+                   None if r["vs_tome"] is None else f"{r['vs_tome']:+.2f}", r["agreement"], r["c_top1"],
+                   r["c_agreement"],
+                   None if r["tokens_last_mean"] is None else
+                   f"{r['tokens_last_mean']:.1f} ± {r['tokens_last_std']:.1f} {r['tokens_last_range']}",
+                   f"{_f(r['speedup_b1'])}×", f"{_f(r['speedup_b64'])}×",
+                   None if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"] for r in table],
+                 align="lrrrrrrrlrrr"),
+             "", "## Goals", "",
+             markdown_table(["goal", "measured", "met", "detail"],
+                            [[g["goal"], g["measured"], None if g["met"] is None else "yes" if g["met"] else
+                              "**missed**", g["detail"]] for g in gl], align="lrll")]
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ def _keep_blocks(model: nn.Module, cfg: KeepBlocksConfig, ctx) -> dict:
     blocks = list(model.blocks)
     kept = blocks[: cfg.keep] if cfg.where == Where.FRONT else blocks[-cfg.keep:]
     model.blocks = nn.Sequential(*kept)
-    return {"kept": len(kept), "restored": ctx.restore}
+    return {"kept": len(kept)}
 
 
 def _logits(model, seed=0):
@@ -71,7 +71,7 @@ def test_round_trip_replays_transforms_and_records_the_base(tmp_path, tiny_model
     assert manifest["schema_version"] == 1
     assert manifest["transforms"] == [{"name": "test_keep_blocks", "version": 2,
                                        "config": {"name": "test_keep_blocks", "version": 2, "keep": 1, "where": "back"},
-                                       "state": {"kept": 1, "restored": False}}]
+                                       "state": {"kept": 1}}]
     assert manifest["base"]["path"] == "../base" and manifest["metrics"] == {"top1": 1.0}
     assert manifest["provenance"]["data"] == "digits" and "torch" in manifest["provenance"]["versions"]
 

@@ -1,4 +1,7 @@
-"""``vitcompress report DIR``: Pareto fronts, a Markdown report, a picture and a CSV from a sweep directory.
+"""Every results writer: Markdown tables, CSV, the Pareto picture, and ``vitcompress report DIR``.
+
+``markdown_table`` / ``csv_text`` / ``write_results`` are what the benchmark scripts write ``results/`` with;
+the rest builds a sweep's report: Pareto fronts, a Markdown report, a picture and a CSV from a sweep directory.
 
 Reads ``DIR/sweep.json`` (the points of the current recipe, in order) and ``DIR/points/<id>.json``.
 A point is on a front when no other point is at least as good on both axes and better on one:
@@ -12,6 +15,7 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,48 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FAMILY_COLORS = {"base": "black", "token": "tab:blue", "quant": "tab:orange", "prune": "tab:green",
                  "block-sparse": "tab:olive", "stacked": "tab:red"}
+
+
+Cell = str | int | float | None
+
+
+def cell(value: Cell, digits: int = 2) -> str:
+    """One Markdown cell: floats at ``digits`` decimals, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Cell]], *, align: str | None = None,
+                   digits: int = 2) -> str:
+    """A Markdown table. align: one character per column, ``l`` or ``r`` (default: first column left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} columns, header {len(header)}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(cell(v, digits) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV of ``rows`` (dicts with the same keys), header first."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_results(out: str | Path, stem: str, res: dict[str, Any], md: str) -> Path:
+    """Write ``out/stem.json`` and ``out/stem.md`` atomically; returns ``out/stem``."""
+    out = Path(out)
+    atomic_write_json(out / f"{stem}.json", res)
+    atomic_write_text(out / f"{stem}.md", md if md.endswith("\n") else md + "\n")
+    print(f"wrote {out / stem}.json/.md")
+    return out / stem
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
@@ -207,9 +253,5 @@ def write_report(out: str | Path, title: str = "vitcompress sweep") -> dict[str,
     atomic_write_json(out / "pareto.json", res)
     if res["rows"]:
         atomic_write_bytes(out / "pareto.png", plot(res))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(res["rows"][0]))
-        writer.writeheader()
-        writer.writerows(res["rows"])
-        atomic_write_text(out / "points.csv", buf.getvalue())
+        atomic_write_text(out / "points.csv", csv_text(res["rows"]))
     return res

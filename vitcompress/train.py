@@ -22,6 +22,7 @@ from torch import nn
 from .artifact import is_artifact, read_manifest, save_artifact
 from .bench import BenchConfig
 from .data import load_data
+from .device import resolve_device
 from .errors import ConfigError, UserError, check_positive
 from .evaluate import accuracy_metrics, predict
 from .models import build_model, data_config
@@ -68,7 +69,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = F
           recipe: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train per ``cfg``; save an artifact at ``out`` when given. Returns (model, metrics)."""
     torch.manual_seed(cfg.seed)
-    device = BenchConfig(device=cfg.device).resolve_device()
+    device = resolve_device(cfg.device)
     model = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **cfg.model_kwargs)
     dcfg = data_config(model)
     data = load_data(cfg.data, dcfg, split=cfg.split, limit=cfg.limit, purpose="train")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config, StrEnum
+from ..device import resolve_device
 from ..errors import ConfigError
 
 
@@ -105,11 +106,7 @@ class BenchConfig(Config):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got '{self.device}'")
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device '{self.device}' requested but no CUDA device is available")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclasses.dataclass

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bench import BenchConfig
 from ..config import StrEnum
 from ..data import load_data
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..models import data_config, model_info
 from ..training import OptimConfig, fit
@@ -112,7 +112,7 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     if cfg.needs_teacher and teacher is None:
         raise ConfigError("distillation needs the uncompressed model as a teacher (or distill: none)")
     torch.manual_seed(cfg.seed)
-    device = BenchConfig(device=cfg.device).resolve_device()
+    device = resolve_device(cfg.device)
     data = load_data(cfg.data, data_config(model), limit=cfg.limit, purpose="train")
     if not data.has_labels:
         raise ConfigError(f"cannot fine-tune on '{cfg.data}': it has no labels")
@@ -153,11 +153,13 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     return record
 
 
-@register_transform(RecoveryConfig)
+def _rebuild(model: nn.Module, cfg: RecoveryConfig, state: dict[str, Any]) -> None:
+    """Nothing: fine-tuning changes weights only, and the artifact's weights are loaded afterwards."""
+
+
+@register_transform(RecoveryConfig, rebuild=_rebuild)
 def _recover(model: nn.Module, cfg: RecoveryConfig, ctx: TransformContext) -> dict[str, Any]:
-    """Fine-tune in place; the weights it produces are the artifact's, so a restore changes nothing."""
-    if ctx.restore:
-        return ctx.state or {}
+    """Fine-tune in place."""
     record = finetune_(model, cfg, teacher=ctx.teacher)
     return {k: v for k, v in record.items() if k != "config"}
 

@@ -4,15 +4,17 @@ Importing :mod:`vitcompress.transforms` (the package) registers the built-in tra
 holds the registry, so that each method's module can import it without a cycle.
 
 A compression method is a :class:`~vitcompress.config.Config` subclass plus one function registered
-with :func:`register_transform`::
+with :func:`register_transform`, and, when applying it solves something from data, a *rebuild*::
 
-    @register_transform(TokenMergeConfig)
-    def _merge(model, config, ctx) -> dict | None: ...   # modifies model in place
+    def _rebuild(model, config, state) -> None: ...        # the structure, from the recorded state alone
+
+    @register_transform(TokenMergeConfig, rebuild=_rebuild)
+    def _merge(model, config, ctx) -> dict | None: ...    # solves on ctx's data, modifies model in place
 
 The function may return a JSON-able *state* (a solved schedule, pruned shapes, ...). ``compress_``
 records ``{name, version, config, state}`` in the model's history, which the artifact stores; loading an
-artifact replays each record with ``ctx.restore=True`` to rebuild the exact structure before the weights
-are loaded, so a transform must be able to rebuild from its state alone in that mode.
+artifact calls each record's rebuild (:func:`restore_`) to rebuild the exact structure before the weights
+are loaded. A transform without a rebuild is deterministic in its config: restoring re-applies it with no data.
 """
 
 from __future__ import annotations
@@ -36,25 +38,27 @@ class TransformContext:
 
     calib: calibration batches ``(images[B,3,H,W], labels[B])`` from the *train* split, or None.
     teacher: the uncompressed model, for transforms that train (recovery); set by ``pipeline.apply_stack``.
-    restore: True while rebuilding from an artifact (no data; weights are loaded afterwards).
-    state: the state this transform recorded when first applied (only when ``restore``).
     """
 
     calib: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     teacher: nn.Module | None = None
-    restore: bool = False
-    state: dict[str, Any] | None = None
 
 
 TransformFn = Callable[[nn.Module, Any, TransformContext], "dict[str, Any] | None"]
-_REGISTRY: dict[str, tuple[type[Config], TransformFn]] = {}
+RebuildFn = Callable[[nn.Module, Any, "dict[str, Any]"], None]
+_REGISTRY: dict[str, tuple[type[Config], TransformFn, RebuildFn | None]] = {}
 
 
-def register_transform(config_cls: type[Config]) -> Callable[[TransformFn], TransformFn]:
-    """Register ``fn`` as the transform applied for ``config_cls`` (keyed by ``config_cls.NAME``)."""
+def register_transform(config_cls: type[Config], *, rebuild: RebuildFn | None = None,
+                       ) -> Callable[[TransformFn], TransformFn]:
+    """Register ``fn`` as the transform applied for ``config_cls`` (keyed by ``config_cls.NAME``).
+
+    rebuild: ``(model, config, state)`` rebuilds the structure from a recorded state (loading an artifact);
+    None when ``fn`` with no data rebuilds it exactly (the transform is deterministic in its config).
+    """
 
     def deco(fn: TransformFn) -> TransformFn:
-        _REGISTRY[config_cls.NAME] = (config_cls, fn)
+        _REGISTRY[config_cls.NAME] = (config_cls, fn, rebuild)
         return fn
 
     return deco
@@ -62,7 +66,7 @@ def register_transform(config_cls: type[Config]) -> Callable[[TransformFn], Tran
 
 def registered() -> dict[str, type[Config]]:
     """Names of all registered transforms and their config classes."""
-    return {name: cls for name, (cls, _) in _REGISTRY.items()}
+    return {name: entry[0] for name, entry in _REGISTRY.items()}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -87,7 +91,7 @@ def compress_(
     if not info.transforms and info.source:  # the first transform on an artifact: it becomes the base
         sha = read_manifest(info.source).get("files", {}).get(WEIGHTS, {}).get("sha256")
         info.base = {"kind": "artifact", "path": info.source, "sha256": sha}
-    _, fn = _REGISTRY[config.NAME]
+    fn = _REGISTRY[config.NAME][1]
     state = fn(model, config, TransformContext(calib=calib, teacher=teacher)) or {}
     info.transforms.append({"name": config.NAME, "version": config.VERSION, "config": config.to_dict(), "state": state})
     return model
@@ -98,7 +102,10 @@ def restore_(model: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
     info = model_info(model)
     for rec in records:
         config = config_from_dict(rec["config"])
-        _, fn = _REGISTRY[config.NAME]
-        fn(model, config, TransformContext(restore=True, state=rec.get("state") or {}))
+        _, fn, rebuild = _REGISTRY[config.NAME]
+        if rebuild is None:
+            fn(model, config, TransformContext())
+        else:
+            rebuild(model, config, rec.get("state") or {})
         info.transforms.append(rec)
     return model

@@ -75,17 +75,18 @@ def select_blocks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str,
     return masks
 
 
-@register_transform(BlockSparseConfig)
+def _rebuild(model: nn.Module, cfg: BlockSparseConfig, state: dict[str, Any]) -> None:
+    """Empty BlockSparseLinear layers of the recorded block counts (the weights are loaded afterwards)."""
+    for name, rec in (state.get("layers") or {}).items():
+        old = model.get_submodule(name)
+        replace_module(model, name, BlockSparseLinear(
+            old.in_features, old.out_features, cfg.block_size, rec["nnzb"], old.bias is not None,
+            cfg.backend, rec.get("cpu_impl", "dense"), device=old.weight.device))
+
+
+@register_transform(BlockSparseConfig, rebuild=_rebuild)
 def block_sparsify_(model: nn.Module, cfg: BlockSparseConfig, ctx: TransformContext) -> dict[str, Any]:
     """Replace the selected Linears by BlockSparseLinear in place. State: blocks kept and CPU impl per layer."""
-    if ctx.restore:
-        state = ctx.state or {}
-        for name, rec in (state.get("layers") or {}).items():
-            old = model.get_submodule(name)
-            replace_module(model, name, BlockSparseLinear(
-                old.in_features, old.out_features, cfg.block_size, rec["nnzb"], old.bias is not None,
-                cfg.backend, rec.get("cpu_impl", "dense"), device=old.weight.device))
-        return dict(state)
     if cfg.sparsity == 0:
         return {"layers": {}, "sparsity": 0.0}
     if simulated_quantization(model):

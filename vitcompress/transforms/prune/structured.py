@@ -147,16 +147,17 @@ def _check_prunable(model: nn.Module) -> None:
                               "block-sparsifying")
 
 
-@register_transform(PruneConfig)
+def _rebuild(model: nn.Module, cfg: PruneConfig, state: dict[str, Any]) -> None:
+    """The recorded widths (the kept heads and channels come first; the weights are loaded afterwards)."""
+    for blk, h, m in zip(model.blocks, state.get("heads") or [], state.get("mlp") or []):
+        prune_heads_(blk.attn, list(range(h)))
+        prune_mlp_(blk.mlp, list(range(m)))
+
+
+@register_transform(PruneConfig, rebuild=_rebuild)
 def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[str, Any]:
     """Remove heads and MLP channels in place. State: heads and MLP width kept in each block."""
     blocks = list(model.blocks)
-    if ctx.restore:
-        state = ctx.state or {}
-        for blk, h, m in zip(blocks, state.get("heads") or [], state.get("mlp") or []):
-            prune_heads_(blk.attn, list(range(h)))
-            prune_mlp_(blk.mlp, list(range(m)))
-        return dict(state)
     if cfg.heads == 0 and cfg.mlp == 0:
         return {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks]}
     _check_prunable(model)

@@ -25,7 +25,7 @@ from ...errors import ConfigError
 from ..layers import calib_batches
 from ..registry import TransformContext, register_transform
 from .config import QuantConfig
-from .transform import quantize_, select_layers
+from .transform import quantize_, rebuild_quantized, select_layers
 
 
 @dataclasses.dataclass
@@ -107,27 +107,32 @@ def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], candidat
     return bits
 
 
-@register_transform(MixedPrecisionConfig)
-def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: TransformContext) -> dict[str, Any]:
-    """Measure, allocate and apply (or, restoring, re-apply the recorded allocation) in place."""
-    if ctx.restore and ctx.state:
-        alloc = {n: int(b) for n, b in ctx.state["bits"].items()}
-        sens = ctx.state.get("sensitivity", {})
-    else:
-        if ctx.calib is None:
-            raise ConfigError("mixed precision measures sensitivities on calibration images (--calib-data)")
-        calib = list(ctx.calib)
-        sens = sensitivities(model, cfg, calib)
-        params = {n: model.get_submodule(n).weight.numel() for n in sens}
-        alloc = allocate(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
+def _groups(alloc: dict[str, int]) -> dict[int, list[str]]:
+    """Layers by width, widest first (each width is one quantize step)."""
     groups: dict[int, list[str]] = {}
-    for n, b in alloc.items():
+    for n, b in sorted(alloc.items(), key=lambda kv: -kv[1]):
         groups.setdefault(b, []).append(n)
-    states = {}
-    for b in sorted(groups, reverse=True):
-        sub = TransformContext(calib=None if ctx.restore else calib, restore=ctx.restore,
-                               state=(ctx.state or {}).get("groups", {}).get(str(b)))
-        states[str(b)] = quantize_(model, cfg.base(b, groups[b]), sub)
+    return groups
+
+
+def _rebuild(model: nn.Module, cfg: MixedPrecisionConfig, state: dict[str, Any]) -> None:
+    """The recorded allocation, one quantize step per width."""
+    groups = _groups({n: int(b) for n, b in state["bits"].items()})
+    for b, names in groups.items():
+        rebuild_quantized(model, cfg.base(b, names), state.get("groups", {}).get(str(b)) or {})
+
+
+@register_transform(MixedPrecisionConfig, rebuild=_rebuild)
+def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: TransformContext) -> dict[str, Any]:
+    """Measure sensitivities, allocate the widths and apply them in place."""
+    if ctx.calib is None:
+        raise ConfigError("mixed precision measures sensitivities on calibration images (--calib-data)")
+    calib = list(ctx.calib)
+    sens = sensitivities(model, cfg, calib)
+    params = {n: model.get_submodule(n).weight.numel() for n in sens}
+    alloc = allocate(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
+    states = {str(b): quantize_(model, cfg.base(b, names), TransformContext(calib=calib))
+              for b, names in _groups(alloc).items()}
     weights = {n: model.get_submodule(n).weight.numel() for n in alloc}
     mean = sum(alloc[n] * weights[n] for n in alloc) / max(sum(weights.values()), 1)
     return {"bits": alloc, "mean_bits": round(mean, 4), "sensitivity": sens, "groups": states}

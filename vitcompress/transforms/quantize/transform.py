@@ -115,7 +115,19 @@ def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None)
     return clip
 
 
-@register_transform(QuantConfig)
+def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any]) -> None:
+    """The quantized layers' structure (grids, scales and weights are loaded afterwards)."""
+    if cfg.w_bits is None and cfg.a_bits is None:
+        return
+    per_token, fp8 = cfg.a_granularity == ActGranularity.PER_TOKEN, cfg.dtype == QuantDtype.FP8
+    for name, m in select_layers(model, cfg):
+        if cfg.mode == Mode.DEPLOY:
+            replace_module(model, name, _deployed(m, cfg, None, None)[0])
+        else:
+            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+
+
+@register_transform(QuantConfig, rebuild=rebuild_quantized)
 def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict[str, Any]:
     """Quantize the selected layers in place; calibrates on ``ctx.calib`` (train-split images) when needed."""
     layers = select_layers(model, cfg)
@@ -123,13 +135,6 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         return {"layers": [], "calibrated": 0}
     deploy, per_token, fp8 = cfg.mode == Mode.DEPLOY, cfg.a_granularity == ActGranularity.PER_TOKEN, \
         cfg.dtype == QuantDtype.FP8
-    if ctx.restore:
-        for name, m in layers:
-            if deploy:
-                replace_module(model, name, _deployed(m, cfg, None, None)[0])
-            else:
-                convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
-        return dict(ctx.state or {})
     reparam: list[str] = []
     if cfg.needs_calibration and ctx.calib is None:
         raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")

@@ -197,15 +197,17 @@ def solve_flops(model: nn.Module, cfg: AdaptiveTokensConfig, calib: Iterable[Any
     return lo, stats
 
 
-@register_transform(AdaptiveTokensConfig)
+def _rebuild(model: nn.Module, cfg: AdaptiveTokensConfig, state: dict[str, Any]) -> None:
+    """The recorded strength (solved for ``target_flops`` when first applied)."""
+    install(model, cfg, float(state["strength"]))
+
+
+@register_transform(AdaptiveTokensConfig, rebuild=_rebuild)
 def adaptive_tokens_(model: nn.Module, cfg: AdaptiveTokensConfig, ctx: TransformContext) -> dict[str, Any]:
     """Install adaptive token selection in place; records the resolved strength (and, when solved, the
     calibration images' token statistics)."""
     extra: dict[str, Any] = {}
-    if ctx.restore and ctx.state:
-        strength = float(ctx.state["strength"])
-        install(model, cfg, strength)
-    elif cfg.target_flops is not None:
+    if cfg.target_flops is not None:
         if ctx.calib is None:
             raise ConfigError("adaptive_tokens with target_flops needs calibration images")
         strength, stats = solve_flops(model, cfg, ctx.calib)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...bench import BenchConfig
 from ...config import Config, StrEnum
 from ...data import load_data
+from ...device import resolve_device
 from ...errors import ConfigError
 from ...models import data_config, model_info
 from ..registry import TransformContext, register_transform
@@ -132,7 +132,7 @@ def train_merge(model: nn.Module, cfg: LearnedMergeConfig) -> tuple[list[float],
     pos = {layer: j for j, layer in enumerate(layers)}
     lr, temp = cfg.hyper
     torch.manual_seed(cfg.seed)
-    device = BenchConfig(device=cfg.device).resolve_device()
+    device = resolve_device(cfg.device)
     teacher = model.to(device).eval()
     student = copy.deepcopy(teacher)
     for p in student.parameters():
@@ -192,26 +192,30 @@ def diffrate_schedule(model: nn.Module, layers: list[int], rates: list[float]) -
     return capped(model, [max(0, round(by_layer.get(i, 0.0))) for i in range(len(model.blocks))])
 
 
-@register_transform(LearnedMergeConfig)
+def _install(model: nn.Module, cfg: LearnedMergeConfig, state: dict[str, Any]) -> None:
+    """The learned thresholds (LTMP) or merge schedule (DiffRate-style) of ``state``; nothing without layers."""
+    if not state.get("layers"):
+        return
+    if cfg.method == LearnedMethod.LTMP:
+        install_ltmp(model, state["layers"], state["values"])
+    else:
+        install_tome(model, state["schedule"], TokenMergeConfig(schedule=state["schedule"]))
+
+
+@register_transform(LearnedMergeConfig, rebuild=_install)
 def learned_merge_(model: nn.Module, cfg: LearnedMergeConfig, ctx: TransformContext) -> dict[str, Any]:
-    """Learn (or, restoring, reuse) the per-layer thresholds / rates and install them in place."""
+    """Learn the per-layer thresholds / rates and install them in place."""
     if hasattr(model, "_vc_token_state"):
         raise ConfigError("this model already has token reduction; apply one token reduction method")
     if not merge_layers(model, cfg.layers):  # nowhere to merge: strength zero, the model is left as it is
         return {"layers": []}
-    if ctx.restore and ctx.state:
-        out = dict(ctx.state)
-    else:
-        values, record = train_merge(model, cfg)
-        model_info(model).provenance["learned_merge"] = record  # reports show the training beside the point
-        layers = merge_layers(model, cfg.layers)
-        out = {"layers": layers, "values": values, "training": record}
-        if cfg.method == LearnedMethod.DIFFRATE:
-            out["schedule"] = diffrate_schedule(model, layers, values)
-    if cfg.method == LearnedMethod.LTMP:
-        install_ltmp(model, out["layers"], out["values"])
-    else:
-        install_tome(model, out["schedule"], TokenMergeConfig(schedule=out["schedule"]))
+    values, record = train_merge(model, cfg)
+    model_info(model).provenance["learned_merge"] = record  # reports show the training beside the point
+    layers = merge_layers(model, cfg.layers)
+    out = {"layers": layers, "values": values, "training": record}
+    if cfg.method == LearnedMethod.DIFFRATE:
+        out["schedule"] = diffrate_schedule(model, layers, values)
+    _install(model, cfg, out)
     return out
 
 

@@ -277,13 +277,15 @@ def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int]
     return schedule, {"measured_speedup": round(speedup, 3), "speed_batch": cfg.speed_batch}
 
 
-@register_transform(TokenMergeConfig)
+def _rebuild(model: nn.Module, cfg: TokenMergeConfig, state: dict[str, Any]) -> None:
+    """The recorded schedule (an empty record, from older files, resolves it again from the config)."""
+    install(model, state["schedule"] if state else resolve_schedule(model, cfg)[0], cfg)
+
+
+@register_transform(TokenMergeConfig, rebuild=_rebuild)
 def token_merge_(model: nn.Module, cfg: TokenMergeConfig, ctx: TransformContext) -> dict[str, Any]:
     """Apply token merging / pruning in place; records the per-layer schedule it resolved."""
-    if ctx.restore and ctx.state:
-        schedule, extra = ctx.state["schedule"], {}
-    else:
-        schedule, extra = resolve_schedule(model, cfg)
+    schedule, extra = resolve_schedule(model, cfg)
     install(model, schedule, cfg)
     n, _, _, _ = _dims(model)
     return {"schedule": schedule, "tokens": [a for a, _ in ops.token_counts(n, schedule)],
