@@ -8,6 +8,7 @@ import torch
 from conftest import TINY
 
 from vitcompress import compress_, create_model, load_artifact, save_artifact
+from vitcompress.errors import ConfigError
 from vitcompress.transforms import QuantConfig
 from vitcompress.transforms.quantize import ops
 
@@ -82,3 +83,48 @@ def test_round_trip_keeps_the_searched_parameter(kind, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["twin", "adalog"])
+def test_the_hessian_metric_weights_the_attention_output_error(kind):
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(2, 2, 6, 6, generator=g) * 3, -1)
+    v, grad = torch.randn(2, 2, 6, 3, generator=g), torch.randn(2, 2, 6, 3, generator=g)
+    scale = float(p.max())
+    errors = ops.softmax_search_errors(p, scale, 4, kind, v=v, grad=grad)
+
+    def quant(x: float, c: float) -> float:
+        return _twin_ref(x, 4, c) if kind == "twin" else _adalog_ref(x, scale, 4, c)
+
+    ref = []  # element by element: sum over outputs of grad^2 * (sum_j (pq_ij - p_ij) v_jd)^2
+    for c in ops.SOFTMAX_SEARCH[kind]:
+        total = 0.0
+        for b, h, i, d in torch.cartesian_prod(*(torch.arange(n) for n in grad.shape)).tolist():
+            err = sum((quant(p[b, h, i, j].item(), c) - p[b, h, i, j].item()) * v[b, h, j, d].item()
+                      for j in range(6))
+            total += grad[b, h, i, d].item() ** 2 * err**2
+        ref.append(total)
+    torch.testing.assert_close(errors, torch.tensor(ref, dtype=torch.float32), rtol=1e-3, atol=1e-7)
+    # unit gradients and v = I: the output error is the probabilities' error, so the two metrics agree
+    eye = torch.eye(6).expand(2, 2, 6, 6)
+    torch.testing.assert_close(ops.softmax_search_errors(p, scale, 4, kind, v=eye, grad=torch.ones(2, 2, 6, 6)),
+                               ops.softmax_search_errors(p, scale, 4, kind), rtol=1e-4, atol=1e-7)
+
+
+def test_hessian_guided_search_calibrates_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.zeros(4)) for i in (1, 2)]
+    cfg = QuantConfig(w_bits=8, a_bits=4, layers=["qkv", "attn_matmul"], softmax="twin", search_metric="hessian")
+    compress_(model, cfg, calib=calib)
+    assert all(float(b.attn.p_param) in ops.SOFTMAX_SEARCH["twin"] for b in model.blocks)
+    assert all(b.attn._vc_observer is None for b in model.blocks)
+    save_artifact(model, tmp_path / "q")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(load_artifact(tmp_path / "q")(x), model(x))
+
+
+def test_the_hessian_metric_needs_a_searched_softmax():
+    with pytest.raises(ConfigError, match="search_metric"):
+        QuantConfig(a_bits=4, layers=["attn_matmul"], softmax="logsqrt2", search_metric="hessian")

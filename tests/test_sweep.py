@@ -138,3 +138,8 @@ def test_a_sweep_with_attacks_adds_robustness_columns(trained_artifact, tmp_path
     base = pts["base (uncompressed)"]["robustness"]["fgsm 8/255 base"]
     assert base["base_successes"] == 0 or base["transfer_rate"] == 100.0
     assert pts["tome"]["robustness"]["pgd 8/255 self"]["images"] == 16
+    # the Pareto picture gains a robustness panel: the white-box attack's robust top-1 against latency
+    pareto = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    assert pareto["robust_axis"] == "robust: pgd 8/255 self" and pareto["front_robust"]
+    assert "Robustness-vs-latency front (`robust: pgd 8/255 self`)" in report
+    assert (tmp_path / "s" / "pareto.png").stat().st_size > 0

@@ -193,6 +193,8 @@ def quantize(
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
     softmax: str | None = typer.Option(None, "--softmax", help="uniform, log2, logsqrt2, adalog or twin."),
+    search_metric: str | None = typer.Option(
+        None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
@@ -208,7 +210,8 @@ def quantize(
                                recon_iters=recon_iters,
                                reparam=reparam, w_granularity=w_granularity, group_size=group_size,
                                a_granularity=a_granularity, layers=_split(layers), exclude=_split(exclude),
-                               backend=backend, softmax=softmax, dtype=dtype, calib_size=calib_size))
+                               backend=backend, softmax=softmax, search_metric=search_metric, dtype=dtype,
+                               calib_size=calib_size))
     _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
     m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))

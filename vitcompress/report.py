@@ -135,11 +135,21 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
                      **{f"{k}: {lab}": r.get(m) for lab, r in (p.get("robustness") or {}).items()
                         for k, m in (("robust", "robust_top1"), ("transfer", "transfer_rate"))},
                      "front_latency": i in f_lat, "front_size": i in f_size})
+    robust = sorted({k for r in rows for k in r if k.startswith("robust: ")})
+    # the robustness axis: the first attack on the point itself (white-box), else the first transferred one
+    axis = next((k for k in robust if k.endswith(" self")), robust[0] if robust else None)
+    f_rob: list[int] = []
+    if axis:
+        have = [i for i, r in enumerate(rows) if r.get(axis) is not None]
+        f_rob = [have[i] for i in pareto_front([lat[i] for i in have], [rows[i][axis] for i in have])]
+    for i, r in enumerate(rows):
+        r["front_robust"] = i in f_rob
     failed = [{"name": p["name"], "error": p.get("error")} for p in points if p.get("status") != "ok"]
     context = {k: (base or (ok[0] if ok else {})).get(k) for k in ("device", "versions", "date")}
     return {"accuracy_metric": cfg["accuracy"], "reference_batch": int(ref), "dtype": cfg["bench"].get("dtype", "bf16"),
             "speed_model": cfg.get("speed_model"), "context": context, "rows": rows, "failed": failed,
-            "front_latency": [ok[i]["name"] for i in f_lat], "front_size": [ok[i]["name"] for i in f_size]}
+            "front_latency": [ok[i]["name"] for i in f_lat], "front_size": [ok[i]["name"] for i in f_size],
+            "robust_axis": axis, "front_robust": [ok[i]["name"] for i in f_rob]}
 
 
 def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
@@ -173,6 +183,8 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
                      f"{_f(r['size_ratio'], 2)} | {r['gflops']:.3f} |")
     lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency'])}.",
               f"Accuracy-vs-size front: {', '.join(res['front_size'])}.", ""]
+    if res.get("robust_axis"):
+        lines[-1:] = [f"Robustness-vs-latency front (`{res['robust_axis']}`): {', '.join(res['front_robust'])}.", ""]
     if res["failed"]:
         lines += ["Failed points:", ""] + [f"- {f['name']}: {f['error']}" for f in res["failed"]] + [""]
     return "\n".join(lines)
@@ -184,59 +196,73 @@ def _f(v: float | None, digits: int, sign: bool = False) -> str:
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _panel(ax: Any, rows: list[dict[str, Any]], xkey: str, ykey: str, front: str, xlabel: str, ylabel: str) -> None:
+    """One scatter of ``ykey`` (higher is better) against ``xkey`` (lower is better), its front drawn."""
+    rows = [r for r in rows if r.get(ykey) is not None]
+    if not rows:
+        return
+    base = next((r for r in rows if r["family"] == "base"), None)
+    ys_all = sorted(r[ykey] for r in rows)
+    top = ys_all[-1]
+    floor = max(ys_all[0], (base[ykey] if base else top) - 12.0)  # keep the interesting band readable
+    lo = floor - 0.08 * (top - floor + 1e-9) - 0.5
+    for fam, color in FAMILY_COLORS.items():
+        pts = [r for r in rows if r["family"] == fam]
+        for kind, filled in (("deployable", True), ("accuracy-only", False)):
+            sel = [r for r in pts if (r["kind"] == "deployable") == filled]
+            if sel:
+                ax.scatter([r[xkey] for r in sel], [max(r[ykey], lo) for r in sel], s=220 if fam == "base" else 60,
+                           marker="*" if fam == "base" else "o", label=fam if filled else f"{fam} ({kind})",
+                           facecolors=color if filled else "none", edgecolors=color, zorder=3)
+    fr = sorted((r for r in rows if r[front]), key=lambda r: r[xkey])
+    ax.step([r[xkey] for r in fr], [r[ykey] for r in fr], where="post", color="grey", lw=1.5, ls="--",
+            label="Pareto front", zorder=2)
+    if base:
+        ax.axhline(base[ykey], color="black", lw=0.6, alpha=0.4)
+        ax.axvline(base[xkey], color="black", lw=0.6, alpha=0.4)
+    for r in rows:
+        clipped = r[ykey] < lo
+        label = f"{r['n']}" + (f" {r['name']}" if r[front] or r["family"] == "base" else "") + \
+            (f" ({r[ykey]:.1f} %, off scale)" if clipped else "")
+        ax.annotate(label, (r[xkey], max(r[ykey], lo)), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                    fontweight="bold" if r[front] else "normal")
+    ax.set_ylim(lo - 0.3, top + 0.08 * (top - floor + 1e-9) + 0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def plot(res: dict[str, Any]) -> bytes:
-    """PNG bytes: accuracy vs latency (left) and vs size (right), fronts drawn, families coloured."""
+    """PNG bytes: accuracy vs latency and vs size (and, with an attack, robust top-1 vs latency), fronts drawn,
+    families coloured, and a key."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["rows"] if r["accuracy"] is not None]
-    base = next((r for r in rows if r["family"] == "base"), None)
-    accs = sorted(r["accuracy"] for r in rows)
-    top = accs[-1]
-    floor = max(accs[0], (base["accuracy"] if base else top) - 12.0)  # keep the interesting band readable
-    lo = floor - 0.08 * (top - floor + 1e-9) - 0.5
-    fig, all_axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1, 1, 0.72]})
-    axes, key_ax = all_axes[:2], all_axes[2]
-    for ax, key, front, xlabel in ((axes[0], "latency_ms", "front_latency",
-                                    f"latency at batch {res['reference_batch']} (ms, lower is better)"),
-                                   (axes[1], "size_mb", "front_size", "size on disk (MiB, lower is better)")):
-        for fam, color in FAMILY_COLORS.items():
-            pts = [r for r in rows if r["family"] == fam]
-            for kind, filled in (("deployable", True), ("accuracy-only", False)):
-                sel = [r for r in pts if (r["kind"] == "deployable") == filled]
-                if not sel:
-                    continue
-                ys = [max(r["accuracy"], lo) for r in sel]
-                ax.scatter([r[key] for r in sel], ys, s=220 if fam == "base" else 60,
-                           marker="*" if fam == "base" else "o", label=fam if filled else f"{fam} ({kind})",
-                           facecolors=color if filled else "none", edgecolors=color, zorder=3)
-        fr = sorted((r for r in rows if r[front]), key=lambda r: r[key])
-        ax.step([r[key] for r in fr], [r["accuracy"] for r in fr], where="post", color="grey", lw=1.5, ls="--",
-                label="Pareto front", zorder=2)
-        if base:
-            ax.axhline(base["accuracy"], color="black", lw=0.6, alpha=0.4)
-            ax.axvline(base[key], color="black", lw=0.6, alpha=0.4)
-        for n, r in enumerate(rows, 1):
-            clipped = r["accuracy"] < lo
-            label = f"{n}" + (f" {r['name']}" if r[front] or r["family"] == "base" else "") + \
-                (f" ({r['accuracy']:.1f} %, off scale)" if clipped else "")
-            ax.annotate(label, (r[key], max(r["accuracy"], lo)), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points", fontweight="bold" if r[front] else "normal")
-        ax.set_ylim(lo - 0.3, top + 0.08 * (top - floor + 1e-9) + 0.3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{res['accuracy_metric']} (%, higher is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    rows = [{**r, "n": n} for n, r in enumerate((r for r in res["rows"] if r["accuracy"] is not None), 1)]
+    lat = f"latency at batch {res['reference_batch']} (ms, lower is better)"
+    acc = f"{res['accuracy_metric']} (%, higher is better)"
+    panels = [("latency_ms", "accuracy", "front_latency", lat, acc),
+              ("size_mb", "accuracy", "front_size", "size on disk (MiB, lower is better)", acc)]
+    if res.get("robust_axis"):
+        panels.append(("latency_ms", res["robust_axis"], "front_robust", lat,
+                       f"{res['robust_axis']} (robust top-1 %, higher is better)"))
+    fig, all_axes = plt.subplots(1, len(panels) + 1, figsize=(9 * len(panels), 6.2),
+                                 gridspec_kw={"width_ratios": [1] * len(panels) + [0.72]})
+    for ax, (xkey, ykey, front, xlabel, ylabel) in zip(all_axes, panels):
+        _panel(ax, rows, xkey, ykey, front, xlabel, ylabel)
+    all_axes[0].legend(fontsize=7, loc="lower right")
+    key_ax = all_axes[-1]
     key_ax.axis("off")
-    key_lines = [f"{n:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {r['speedup']:5.2f}x {r['size_mb']:6.2f}"
-                 + (" *" if r["kind"] != "deployable" else "") for n, r in enumerate(rows, 1)]
+    key_lines = [f"{r['n']:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {r['speedup']:5.2f}x {r['size_mb']:6.2f}"
+                 + (" *" if r["kind"] != "deployable" else "") for r in rows]
     key_ax.text(0.0, 0.5, "\n".join([f" # {'point':<38} {'acc %':>6} {'speed':>6} {'MiB':>6}", *key_lines,
                                      "", "* accuracy-only (simulated, not a deployment speed)"]),
                 fontsize=8.5, family="monospace", va="center", ha="left", transform=key_ax.transAxes)
     ctx = res["context"]
-    fig.suptitle(f"{res['accuracy_metric']} vs latency and size; bold: on the Pareto front — {ctx.get('device')}, "
+    what = "latency, size" + (" and robustness" if res.get("robust_axis") else "")
+    fig.suptitle(f"{res['accuracy_metric']} vs {what}; bold: on the Pareto front — {ctx.get('device')}, "
                  f"{res['dtype']}, {str(ctx.get('date', ''))[:10]}")
     fig.tight_layout()
     buf = io.BytesIO()

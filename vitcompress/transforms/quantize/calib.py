@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import run_calibration, select_layers
+from ..layers import calib_batches, run_calibration, select_layers
 from . import ops
 from .simulate import QUANTIZABLE, QuantAttention
 
@@ -28,6 +28,40 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
     return x.detach().float().reshape(-1, x.shape[-1])
+
+
+def attention_output_grads(model: nn.Module, attns: dict[str, QuantAttention], calib: Iterable[Any],
+                           calib_size: int) -> dict[str, list[torch.Tensor]]:
+    """Per calibration batch, the task loss's gradient at each attention's output O = softmax(q k^T) v:
+    [B,H,N,Dh] per layer, in batch order. The loss is the cross-entropy against the model's own top-1: the KL to
+    the float model's own predictions has zero gradient at the float model, so PTQ4ViT's Fisher approximation
+    of the Hessian needs labels, and the model's predictions stand in for them. Runs in floating point."""
+    device = next(model.parameters()).device
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in attns}
+    captured: dict[str, torch.Tensor] = {}
+
+    def pre(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured[name] = args[0]
+        return fn
+
+    handles = [a.proj.register_forward_pre_hook(pre(n)) for n, a in attns.items()]
+    for a in attns.values():
+        a._vc_observer = lambda key, t: None  # observed = floating point
+    try:
+        for x, _ in calib_batches(calib, calib_size, device):
+            with torch.enable_grad():
+                logits = model(x.requires_grad_(True)).float()
+                loss = F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
+                found = torch.autograd.grad(loss, [captured[n] for n in attns])
+            for (n, a), g in zip(attns.items(), found):
+                grads[n].append(g.detach().reshape(*g.shape[:2], a.num_heads, -1).transpose(1, 2))
+    finally:
+        for h in handles:
+            h.remove()
+        for a in attns.values():
+            a._vc_observer = None
+    return grads
 
 
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantConfig,
@@ -45,12 +79,24 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
 
     search = str(cfg.softmax) if str(cfg.softmax) in ops.SOFTMAX_SEARCH else None
     errors: dict[str, torch.Tensor] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
+    if search and str(cfg.search_metric) == "hessian" and cfg.static_acts:
+        grads = attention_output_grads(model, {n: m for n, m in layers if isinstance(m, QuantAttention)}, calib,
+                                       cfg.calib_size)
+    values: dict[str, torch.Tensor] = {}  # each attention's v of the current batch (the hessian metric needs it)
+    batch_of: dict[str, int] = {}
 
     def record(name: str, key: str, t: torch.Tensor) -> None:
+        if key == "v" and grads:
+            values[name] = t
         if key == "p":
             rng = (0.0, float(t.max()))
-            if search:  # adalog / twin: each candidate's error on these probabilities, summed over batches
-                err = ops.softmax_search_errors(t, max(rng[1], ops.EPS), int(cfg.a_bits), search)
+            if search:  # adalog / twin: each candidate's error on this batch, summed over batches
+                extra = {}
+                if grads:
+                    i = batch_of[name] = batch_of.get(name, -1) + 1
+                    extra = {"v": values[name], "grad": grads[name][i]}
+                err = ops.softmax_search_errors(t, max(rng[1], ops.EPS), int(cfg.a_bits), search, **extra)
                 errors[name] = errors.get(name, 0) + err
         else:
             rng = ops.act_range(t, str(cfg.observer), int(cfg.a_bits), cfg.percentile)

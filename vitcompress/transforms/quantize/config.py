@@ -54,6 +54,11 @@ class SoftmaxQuant(StrEnum):
     TWIN = "twin"  # PTQ4ViT's twin uniform ranges
 
 
+class SearchMetric(StrEnum):
+    MSE = "mse"  # squared error of the quantized probabilities
+    HESSIAN = "hessian"  # PTQ4ViT: attention-output error weighted by the task loss's squared gradient
+
+
 class QuantDtype(StrEnum):
     INT = "int"
     FP8 = "fp8_e4m3"
@@ -66,12 +71,15 @@ class QuantConfig(Config):
     layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
     or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
     softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
+    search_metric: what the searched softmax quantizers (adalog's base, twin's range ratio) minimise on the
+    calibration images: mse (the probabilities' squared error) or hessian (PTQ4ViT's Hessian-guided metric).
     dtype: int grids, or fp8_e4m3 (W8A8 with float8 e4m3 weights and activations).
     backend (deploy): auto, torch, triton (the int8 GEMM) or bnb (bitsandbytes: w8 LLM.int8, w4 NF4).
     """
 
     NAME = "quantize"
-    VERSION = 3  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ)
+    VERSION = 4  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
+    # v4 search_metric (older dicts: mse, what they ran)
     w_bits: int | None = 8
     a_bits: int | None = 8
     w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
@@ -90,6 +98,7 @@ class QuantConfig(Config):
     recon_iters: int = 1000  # brecq: optimisation steps per block
     reparam: Reparam = Reparam.NONE
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
+    search_metric: SearchMetric = SearchMetric.MSE
     dtype: QuantDtype = QuantDtype.INT
     backend: Backend = Backend.AUTO
 
@@ -122,6 +131,8 @@ class QuantConfig(Config):
             raise ConfigError(f"recon_iters must be >= 1, got {self.recon_iters}")
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
+        if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN):
+            raise ConfigError("search_metric applies to the searched softmax quantizers: softmax adalog or twin")
         if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)
                                             or self.w_granularity != WeightGranularity.PER_CHANNEL):
             raise ConfigError("fp8_e4m3 is 8-bit with per-channel weights: w_bits 8, a_bits 8 or none")

@@ -204,8 +204,19 @@ def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, 
     return softmax_dequant(softmax_codes(p, scale, bits, kind, param), scale, bits, kind, param).to(p.dtype)
 
 
-def softmax_search_errors(p: torch.Tensor, scale: float, bits: int, kind: str) -> torch.Tensor:
-    """Squared error of each :data:`SOFTMAX_SEARCH` candidate on observed probabilities p: [C]."""
+def softmax_search_errors(p: torch.Tensor, scale: float, bits: int, kind: str, v: torch.Tensor | None = None,
+                          grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Each :data:`SOFTMAX_SEARCH` candidate's error on observed probabilities p [B,H,N,N]: [C].
+
+    Without ``v``: the squared error of the probabilities. With v [B,H,N,Dh] and grad [B,H,N,Dh] (the task loss's
+    gradient at the attention output O = p v): PTQ4ViT's Hessian-guided metric, sum(grad^2 * (O_q - O)^2), the
+    output error weighted by a diagonal Fisher approximation of the Hessian.
+    """
+    if v is not None and grad is not None:
+        p, v, g2 = p.detach().float(), v.detach().float(), grad.detach().float() ** 2
+        out = p @ v
+        return torch.stack([(g2 * (fake_quant_softmax(p, scale, bits, kind, c) @ v - out) ** 2).sum()
+                            for c in SOFTMAX_SEARCH[kind]])
     p = p.detach().float().flatten()
     if p.numel() > 2**20:  # a fixed subsample keeps the search cheap on big models
         p = p[torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[: 2**20]]
