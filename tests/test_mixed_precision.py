@@ -54,3 +54,18 @@ def test_round_trip(mixed, tmp_path):
 def test_bad_settings(bad):
     with pytest.raises(ConfigError):
         MixedPrecisionConfig(**bad)
+
+
+def test_cli_mean_bits_runs_mixed_precision(cli, trained_artifact, tmp_path):
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "m", "--mean-bits", "5", "--candidates", "4,6,8",
+                     "--observer", "mse", "--calib-data", "digits", "--calib-size", "16")
+    assert rc == 0, err
+    rec = model_info(load_artifact(tmp_path / "m")).transforms[-1]
+    assert rec["name"] == "mixed_precision" and rec["config"]["quant"] == {"observer": "mse"}
+    assert rec["state"]["mean_bits"] <= 5.0 and rec["config"]["calib_size"] == 16
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "n", "--mean-bits", "5", "--w-bits", "4",
+                     "--calib-data", "digits")
+    assert rc != 0 and "--mean-bits" in err and "Traceback" not in err
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "n", "--candidates", "4,8", "--calib-data",
+                     "digits")
+    assert rc != 0 and "give --mean-bits" in err

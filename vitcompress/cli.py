@@ -53,7 +53,7 @@ from .robustness import AttackConfig
 from .sweep import run_sweep
 from .train import load_recipe, recipe_config
 from .train import train as run_train
-from .transforms import BlockSparseConfig, PruneConfig, QuantConfig, RecoveryConfig
+from .transforms import BlockSparseConfig, MixedPrecisionConfig, PruneConfig, QuantConfig, RecoveryConfig
 
 
 @app.command()
@@ -196,6 +196,10 @@ def quantize(
     search_metric: str | None = typer.Option(
         None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
+    mean_bits: float | None = typer.Option(
+        None, "--mean-bits", help="Mixed precision: a width per layer at this parameter-weighted mean."),
+    candidates: str | None = typer.Option(None, "--candidates", help="Mixed precision: the widths, e.g. 4,6,8."),
+    keep: str | None = typer.Option(None, "--keep", help="Mixed precision: layers held at the widest candidate."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
     pretrained: bool | None = PretrainedOpt,
@@ -205,13 +209,19 @@ def quantize(
     num_classes: int | None = NumClassesOpt,
     model_arg: list[str] | None = ModelArgOpt,
 ) -> None:
-    """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb)."""
-    cfg = QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, observer=observer, rounding=rounding,
-                               recon_iters=recon_iters,
-                               reparam=reparam, w_granularity=w_granularity, group_size=group_size,
-                               a_granularity=a_granularity, layers=_split(layers), exclude=_split(exclude),
-                               backend=backend, softmax=softmax, search_metric=search_metric, dtype=dtype,
-                               calib_size=calib_size))
+    """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb);
+    with --mean-bits, mixed precision (a simulated width per layer from calibration sensitivities)."""
+    fields = _given(observer=observer, rounding=rounding, recon_iters=recon_iters, reparam=reparam,
+                    w_granularity=w_granularity, group_size=group_size, a_granularity=a_granularity,
+                    layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
+                    search_metric=search_metric, dtype=dtype)
+    mixed = _given(mean_bits=mean_bits, candidates=_ints(candidates, "--candidates"), keep=_split(keep))
+    if mixed and _given(w_bits=w_bits, a_bits=a_bits, mode=mode):
+        raise ConfigError("--mean-bits chooses each layer's width (simulated): drop --w-bits / --a-bits / --mode")
+    if mixed and "mean_bits" not in mixed:
+        raise ConfigError("--candidates / --keep are mixed-precision options: give --mean-bits")
+    cfg = MixedPrecisionConfig(**mixed, quant=fields, **_given(calib_size=calib_size)) if mixed else \
+        QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, calib_size=calib_size), **fields)
     _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
     m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
     print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))
