@@ -25,14 +25,16 @@ import torch
 from vitcompress import apply_stack, create_model, data_config
 from vitcompress.bench import BenchConfig
 from vitcompress.data import load_data
-from vitcompress.data.base import ImageData, TensorImages, even_subset
+from vitcompress.data.base import ImageData
 from vitcompress.evaluate import accuracy_metrics, predict
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table, write_results
 
+from .holdout import holdout_sets
+
 TESTBED = "results/cifar10/testbed"
 PRUNE = {"name": "prune", "heads": 0.25, "mlp": 0.5}
-TRAIN_LIMIT, HOLDOUT, N_TRAIN = 10000, 5000, 50000
+TRAIN_LIMIT, HOLDOUT = 10000, 5000
 SWEEP = {"epochs": 2, "lr": 0.0005}  # the sweep's recovery (recipes/cifar10_sweep.yaml), digits defaults otherwise
 CIFAR_AUG = {"aug_flip": 0.5, "aug_rotate": 0.0, "aug_translate": 0.125}  # the testbed recipe's augmentation
 
@@ -55,20 +57,6 @@ def recovery_step(data: str, overrides: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu", **SWEEP, **overrides}
 
 
-def holdout_indices() -> list[int]:
-    """5,000 evenly spaced train indices that recovery's ``limit: 10000`` never trains on."""
-    used = set(even_subset(N_TRAIN, TRAIN_LIMIT))
-    rest = [i for i in range(N_TRAIN) if i not in used]
-    return [rest[i] for i in even_subset(len(rest), HOLDOUT)]
-
-
-def subset(data: ImageData, idx: list[int]) -> ImageData:
-    images = torch.stack([data.dataset[i][0] for i in idx])
-    labels = torch.tensor([data.dataset[i][1] for i in idx])
-    return ImageData(TensorImages(images, labels), name=data.name, split=data.split, has_labels=True,
-                     num_classes=10)
-
-
 def score(model: torch.nn.Module, sets: dict[str, ImageData], refs: dict[str, torch.Tensor]) -> dict[str, Any]:
     out = {}
     for name, d in sets.items():
@@ -86,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = create_model(TESTBED)
     cfg = data_config(base)
-    idx = holdout_indices()
-    held = {"holdout": subset(load_data(args.data, cfg, split="train", purpose="eval"), idx),
-            "holdout-c": subset(load_data(f"cifar10-c:{args.data}", cfg, split="train"), idx)}
+    held = holdout_sets(args.data, cfg, TRAIN_LIMIT, HOLDOUT)
     bench = BenchConfig(dtype="fp32", device="cpu")
     refs = {k: predict(base, d, batch_size=256, cfg=bench)[0] for k, d in held.items()}
     pruned = apply_stack(copy.deepcopy(base), [PRUNE])

@@ -128,3 +128,56 @@ def test_hessian_guided_search_calibrates_and_round_trips(tmp_path):
 def test_the_hessian_metric_needs_a_searched_softmax():
     with pytest.raises(ConfigError, match="search_metric"):
         QuantConfig(a_bits=4, layers=["attn_matmul"], softmax="logsqrt2", search_metric="hessian")
+
+
+def _twin_gelu_ref(x: float, bits: int, d_neg: float, d_pos: float) -> float:
+    half = 2 ** (bits - 1)
+    if x < 0:
+        return min(max(round(x / d_neg), -half), 0) * d_neg
+    return min(max(round(x / d_pos), 0), half - 1) * d_pos
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_post_gelu_twin_matches_a_per_element_reference(bits):
+    x = torch.nn.functional.gelu(torch.randn(500, generator=torch.Generator().manual_seed(bits)) * 2)
+    got = ops.twin_gelu(x, bits, 0.17 / 2 ** (bits - 1), 0.5)
+    want = torch.tensor([_twin_gelu_ref(v, bits, 0.17 / 2 ** (bits - 1), 0.5) for v in x.tolist()])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    assert (got[x < 0] <= 0).all() and len(got[x < 0].unique()) > 1  # the negative range keeps its own levels
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_post_gelu_search_errors_match_a_reference(with_grad):
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.gelu(torch.randn(3, 4, 8, generator=g) * 2)
+    w, grad = torch.randn(5, 8, generator=g), torch.randn(3, 4, 5, generator=g)
+    errors = ops.gelu_search_errors(x, w, 4, grad if with_grad else None)
+    d_neg = -float(x.min()) / 8
+    ref = []
+    for share in ops.GELU_SEARCH:
+        d_pos = share * float(x.max()) / 7
+        xq = torch.tensor([_twin_gelu_ref(v, 4, d_neg, d_pos) for v in x.flatten().tolist()]).reshape(x.shape)
+        d = (xq - x) @ w.t()
+        ref.append(float(((grad**2 if with_grad else 1) * d * d).sum()))
+    torch.testing.assert_close(errors, torch.tensor(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["mse", "hessian"])
+def test_post_gelu_twin_calibrates_fc2_and_round_trips(metric, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.zeros(4)) for i in (1, 2)]
+    compress_(model, QuantConfig(w_bits=8, a_bits=4, post_gelu="twin", search_metric=metric), calib=calib)
+    for b in model.blocks:
+        assert b.mlp.fc2._vc_twin and not b.mlp.fc1._vc_twin and not hasattr(b.mlp.fc1, "a_neg_scale")
+        assert 0 < float(b.mlp.fc2.a_neg_scale) <= 0.1701 / 8  # R1 covers GELU's minimum, -0.17
+    save_artifact(model, tmp_path / "q")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(load_artifact(tmp_path / "q")(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [dict(a_granularity="per_token"), dict(rounding="brecq"), dict(a_bits=None)])
+def test_post_gelu_twin_needs_a_static_integer_grid(bad):
+    with pytest.raises(ConfigError, match="post_gelu twin"):
+        QuantConfig(**{"w_bits": 4, "a_bits": 4, "post_gelu": "twin", **bad})

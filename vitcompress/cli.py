@@ -193,6 +193,7 @@ def quantize(
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
     softmax: str | None = typer.Option(None, "--softmax", help="uniform, log2, logsqrt2, adalog or twin."),
+    post_gelu: str | None = typer.Option(None, "--post-gelu", help="fc2 input quantizer: uniform or twin (PTQ4ViT)."),
     search_metric: str | None = typer.Option(
         None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
@@ -214,7 +215,7 @@ def quantize(
     fields = _given(observer=observer, rounding=rounding, recon_iters=recon_iters, reparam=reparam,
                     w_granularity=w_granularity, group_size=group_size, a_granularity=a_granularity,
                     layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
-                    search_metric=search_metric, dtype=dtype)
+                    post_gelu=post_gelu, search_metric=search_metric, dtype=dtype)
     mixed = _given(mean_bits=mean_bits, candidates=_ints(candidates, "--candidates"), keep=_split(keep))
     if mixed and _given(w_bits=w_bits, a_bits=a_bits, mode=mode):
         raise ConfigError("--mean-bits chooses each layer's width (simulated): drop --w-bits / --a-bits / --mode")

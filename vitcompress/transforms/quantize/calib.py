@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers import calib_batches, run_calibration, select_layers
 from . import ops
-from .simulate import QUANTIZABLE, QuantAttention
+from .simulate import QUANTIZABLE, QuantAttention, post_gelu_twins
 
 if TYPE_CHECKING:
     from .config import QuantConfig
@@ -30,22 +30,30 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().reshape(-1, x.shape[-1])
 
 
-def attention_output_grads(model: nn.Module, attns: dict[str, QuantAttention], calib: Iterable[Any],
-                           calib_size: int) -> dict[str, list[torch.Tensor]]:
-    """Per calibration batch, the task loss's gradient at each attention's output O = softmax(q k^T) v:
-    [B,H,N,Dh] per layer, in batch order. The loss is the cross-entropy against the model's own top-1: the KL to
-    the float model's own predictions has zero gradient at the float model, so PTQ4ViT's Fisher approximation
-    of the Hessian needs labels, and the model's predictions stand in for them. Runs in floating point."""
+def output_grads(model: nn.Module, taps: dict[str, nn.Module], calib: Iterable[Any], calib_size: int,
+                 ) -> dict[str, list[torch.Tensor]]:
+    """Per calibration batch, the task loss's gradient at each tapped output, in batch order: a QuantAttention's
+    O = softmax(q k^T) v as [B,H,N,Dh] (read at its proj's input), a Linear's output as it is. The loss is the
+    cross-entropy against the model's own top-1: the KL to the float model's own predictions has zero gradient at
+    the float model, so PTQ4ViT's Fisher approximation of the Hessian needs labels, and the model's predictions
+    stand in for them. Runs in floating point."""
     device = next(model.parameters()).device
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in attns}
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in taps}
     captured: dict[str, torch.Tensor] = {}
 
-    def pre(name: str):
+    def attn_in(name: str):
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             captured[name] = args[0]
         return fn
 
-    handles = [a.proj.register_forward_pre_hook(pre(n)) for n, a in attns.items()]
+    def linear_out(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            captured[name] = out
+        return fn
+
+    attns = {n: m for n, m in taps.items() if isinstance(m, QuantAttention)}
+    handles = [m.proj.register_forward_pre_hook(attn_in(n)) for n, m in attns.items()]
+    handles += [m.register_forward_hook(linear_out(n)) for n, m in taps.items() if n not in attns]
     for a in attns.values():
         a._vc_observer = lambda key, t: None  # observed = floating point
     try:
@@ -53,9 +61,10 @@ def attention_output_grads(model: nn.Module, attns: dict[str, QuantAttention], c
             with torch.enable_grad():
                 logits = model(x.requires_grad_(True)).float()
                 loss = F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
-                found = torch.autograd.grad(loss, [captured[n] for n in attns])
-            for (n, a), g in zip(attns.items(), found):
-                grads[n].append(g.detach().reshape(*g.shape[:2], a.num_heads, -1).transpose(1, 2))
+                found = torch.autograd.grad(loss, [captured[n] for n in taps])
+            for (n, m), g in zip(taps.items(), found):
+                g = g.detach()
+                grads[n].append(g.reshape(*g.shape[:2], m.num_heads, -1).transpose(1, 2) if n in attns else g)
     finally:
         for h in handles:
             h.remove()
@@ -79,12 +88,22 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
 
     search = str(cfg.softmax) if str(cfg.softmax) in ops.SOFTMAX_SEARCH else None
     errors: dict[str, torch.Tensor] = {}
+    gelu_errors: dict[str, torch.Tensor] = {}
+    twin_range: dict[str, tuple[float, float]] = {}
+    twins = post_gelu_twins(model, layers, str(cfg.post_gelu)) if cfg.static_acts else set()
     grads: dict[str, list[torch.Tensor]] = {}
-    if search and str(cfg.search_metric) == "hessian" and cfg.static_acts:
-        grads = attention_output_grads(model, {n: m for n, m in layers if isinstance(m, QuantAttention)}, calib,
-                                       cfg.calib_size)
+    if str(cfg.search_metric) == "hessian" and cfg.static_acts:
+        taps = {n: m for n, m in layers if (search and isinstance(m, QuantAttention)) or n in twins}
+        grads = output_grads(model, taps, calib, cfg.calib_size)
     values: dict[str, torch.Tensor] = {}  # each attention's v of the current batch (the hessian metric needs it)
     batch_of: dict[str, int] = {}
+
+    def batch_grad(name: str) -> torch.Tensor | None:
+        """This layer's gradient for the batch being observed (None without the hessian metric)."""
+        if name not in grads:
+            return None
+        i = batch_of[name] = batch_of.get(name, -1) + 1
+        return grads[name][i]
 
     def record(name: str, key: str, t: torch.Tensor) -> None:
         if key == "v" and grads:
@@ -92,10 +111,8 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
         if key == "p":
             rng = (0.0, float(t.max()))
             if search:  # adalog / twin: each candidate's error on this batch, summed over batches
-                extra = {}
-                if grads:
-                    i = batch_of[name] = batch_of.get(name, -1) + 1
-                    extra = {"v": values[name], "grad": grads[name][i]}
+                g = batch_grad(name)
+                extra = {} if g is None else {"v": values[name], "grad": g}
                 err = ops.softmax_search_errors(t, max(rng[1], ops.EPS), int(cfg.a_bits), search, **extra)
                 errors[name] = errors.get(name, 0) + err
         else:
@@ -106,6 +123,11 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if cfg.static_acts:
                 record(name, "", args[0])
+            if name in twins:  # the twin grid's positive range: each candidate top's error at this layer's output
+                err = ops.gelu_search_errors(args[0], module.weight, int(cfg.a_bits), batch_grad(name))
+                gelu_errors[name] = gelu_errors.get(name, 0) + err
+                lo, hi = twin_range.get(name, (0.0, 0.0))
+                twin_range[name] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
             if gptq:
                 x = _rows(module, args[0])
                 hessians[name] = hessians.get(name, 0) + x.t() @ x
@@ -132,6 +154,10 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
                 out.setdefault(name, {})[key] = (min(lows), max(highs))
             else:
                 out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))
+    for name, err in gelu_errors.items():  # the twin's positive range: a share of the observed maximum
+        best = ops.GELU_SEARCH[int(err.argmin())]
+        out.setdefault(name, {})["gelu_share"] = (best, best)
+        out[name][""] = twin_range[name]  # the raw extremes: the share applies to the maximum itself
     for name, err in errors.items():  # the searched softmax parameter travels as a degenerate range
         best = ops.SOFTMAX_SEARCH[search][int(err.argmin())]  # type: ignore[index]
         out.setdefault(name, {})["p_param"] = (best, best)

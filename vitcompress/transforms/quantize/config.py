@@ -59,6 +59,11 @@ class SearchMetric(StrEnum):
     HESSIAN = "hessian"  # PTQ4ViT: attention-output error weighted by the task loss's squared gradient
 
 
+class PostGelu(StrEnum):
+    UNIFORM = "uniform"  # the fc2 input on the asymmetric grid like any activation
+    TWIN = "twin"  # PTQ4ViT's twin uniform ranges (negative / positive), R2's top searched per layer
+
+
 class QuantDtype(StrEnum):
     INT = "int"
     FP8 = "fp8_e4m3"
@@ -71,15 +76,17 @@ class QuantConfig(Config):
     layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
     or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
     softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
-    search_metric: what the searched softmax quantizers (adalog's base, twin's range ratio) minimise on the
-    calibration images: mse (the probabilities' squared error) or hessian (PTQ4ViT's Hessian-guided metric).
+    post_gelu: the quantizer of the MLP's post-GELU activations (the fc2 input): uniform, or twin (PTQ4ViT).
+    search_metric: what the searched quantizers (adalog's base, the twins' ranges) minimise on the calibration
+    images: mse (the quantized tensor's or the next layer's squared error) or hessian (PTQ4ViT's Hessian-guided
+    metric: the output error weighted by the task loss's squared gradient).
     dtype: int grids, or fp8_e4m3 (W8A8 with float8 e4m3 weights and activations).
     backend (deploy): auto, torch, triton (the int8 GEMM) or bnb (bitsandbytes: w8 LLM.int8, w4 NF4).
     """
 
     NAME = "quantize"
     VERSION = 4  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
-    # v4 search_metric (older dicts: mse, what they ran)
+    # v4 search_metric and post_gelu (older dicts: mse and uniform, what they ran)
     w_bits: int | None = 8
     a_bits: int | None = 8
     w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
@@ -98,6 +105,7 @@ class QuantConfig(Config):
     recon_iters: int = 1000  # brecq: optimisation steps per block
     reparam: Reparam = Reparam.NONE
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
+    post_gelu: PostGelu = PostGelu.UNIFORM
     search_metric: SearchMetric = SearchMetric.MSE
     dtype: QuantDtype = QuantDtype.INT
     backend: Backend = Backend.AUTO
@@ -131,8 +139,13 @@ class QuantConfig(Config):
             raise ConfigError(f"recon_iters must be >= 1, got {self.recon_iters}")
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
-        if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN):
-            raise ConfigError("search_metric applies to the searched softmax quantizers: softmax adalog or twin")
+        if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN) \
+                and self.post_gelu != PostGelu.TWIN:
+            raise ConfigError("search_metric applies to the searched quantizers: softmax adalog / twin, post_gelu twin")
+        if self.post_gelu == PostGelu.TWIN and not (self.static_acts and self.mode == Mode.SIMULATE and
+                                                   self.dtype == QuantDtype.INT and self.rounding != Rounding.BRECQ):
+            raise ConfigError("post_gelu twin is a static integer grid in --mode simulate (a_bits, per_tensor; "
+                              "not with rounding brecq, whose step sizes are uniform)")
         if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)
                                             or self.w_granularity != WeightGranularity.PER_CHANNEL):
             raise ConfigError("fp8_e4m3 is 8-bit with per-channel weights: w_bits 8, a_bits 8 or none")

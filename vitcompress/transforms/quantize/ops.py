@@ -204,6 +204,37 @@ def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, 
     return softmax_dequant(softmax_codes(p, scale, bits, kind, param), scale, bits, kind, param).to(p.dtype)
 
 
+GELU_SEARCH = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # R2's top as a share of the observed maximum
+
+
+def twin_gelu(x: torch.Tensor, bits: int, d_neg: torch.Tensor | float, d_pos: torch.Tensor | float) -> torch.Tensor:
+    """PTQ4ViT's twin uniform quantizer of post-GELU values x (fake-quantized, dtype kept): a sign bit picks one of
+    two (b-1)-bit ranges, R1 = [-2^(b-1) d_neg, 0] for the negative values (GELU's lie in [-0.17, 0], so a fine
+    step keeps them) and R2 = [0, (2^(b-1) - 1) d_pos] for the positive ones."""
+    half = 2 ** (bits - 1)
+    xf = x.float()
+    neg = torch.round(xf / d_neg).clamp(-half, 0) * d_neg
+    pos = torch.round(xf / d_pos).clamp(0, half - 1) * d_pos
+    return torch.where(xf < 0, neg, pos).to(x.dtype)
+
+
+def gelu_search_errors(x: torch.Tensor, weight: torch.Tensor, bits: int, grad: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
+    """Each :data:`GELU_SEARCH` candidate's error at the next layer's output: [C]. x [..., I] post-GELU values,
+    weight [O, I]; R2 tops at the share of this batch's maximum, R1 covers its minimum. The error is
+    sum(((q(x) - x) W^T)^2), weighted elementwise by grad^2 (grad [..., O], the task loss's gradient at the
+    output: PTQ4ViT's Hessian-guided metric) when given."""
+    x, w = x.detach().float(), weight.detach().float()
+    half = 2 ** (bits - 1)
+    d_neg = max(-float(x.min()), EPS) / half
+    g2 = None if grad is None else grad.detach().float() ** 2
+    out = []
+    for share in GELU_SEARCH:
+        d = (twin_gelu(x, bits, d_neg, max(share * float(x.max()), EPS) / (half - 1)) - x) @ w.t()
+        out.append((d * d if g2 is None else g2 * d * d).sum())
+    return torch.stack(out)
+
+
 def softmax_search_errors(p: torch.Tensor, scale: float, bits: int, kind: str, v: torch.Tensor | None = None,
                           grad: torch.Tensor | None = None) -> torch.Tensor:
     """Each :data:`SOFTMAX_SEARCH` candidate's error on observed probabilities p [B,H,N,N]: [C].

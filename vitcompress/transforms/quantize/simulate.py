@@ -56,10 +56,18 @@ class _ActQuant:
 
 
 class FakeQuantLinear(_ActQuant, nn.Linear):
-    """``nn.Linear`` x [..., in] -> [..., out] whose input is fake-quantized."""
+    """``nn.Linear`` x [..., in] -> [..., out] whose input is fake-quantized; a post-GELU input (fc2) may take
+    PTQ4ViT's twin uniform grid (``_vc_twin``: buffers a_neg_scale, the negative range's step, and a_scale, the
+    positive one's)."""
+
+    _vc_twin = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._fq(x, self.a_scale, self.a_zero), self.weight, self.bias)
+        if self._vc_twin:
+            xq = self._straight_through(x, ops.twin_gelu(x, self._vc_a_bits, self.a_neg_scale, self.a_scale))
+        else:
+            xq = self._fq(x, self.a_scale, self.a_zero)
+        return F.linear(xq, self.weight, self.bias)
 
 
 class FakeQuantConv2d(_ActQuant, nn.Conv2d):
@@ -109,8 +117,10 @@ class QuantAttention(_ActQuant, Attention):
         return (p @ v.float()).to(v.dtype)
 
 
-def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, softmax: str = "none") -> None:
-    """Switch ``module`` (Linear, Conv2d or timm Attention) to its fake-quant class, in place, with unit grids."""
+def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, softmax: str = "none",
+            twin: bool = False) -> None:
+    """Switch ``module`` (Linear, Conv2d or timm Attention) to its fake-quant class, in place, with unit grids;
+    twin: a Linear's input takes the post-GELU twin uniform grid."""
     dev = next(module.parameters()).device
     if isinstance(module, Attention):
         if type(module) not in (Attention, QuantAttention):  # another transform's attention (sparse, ...)
@@ -127,7 +137,23 @@ def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, s
         module.__class__ = FakeQuantConv2d if isinstance(module, nn.Conv2d) else FakeQuantLinear
         module.register_buffer("a_scale", torch.ones((), device=dev))
         module.register_buffer("a_zero", torch.zeros((), device=dev))
+        if twin:
+            module._vc_twin = True
+            module.register_buffer("a_neg_scale", torch.ones((), device=dev))
     module._vc_a_bits, module._vc_per_token, module._vc_fp8 = a_bits, per_token, fp8
+
+
+def post_gelu_twins(model: nn.Module, layers: list[tuple[str, nn.Module]], post_gelu: str) -> set[str]:
+    """The selected Linear layers whose input is a GELU's output (timm Mlp's fc2) when ``post_gelu`` is twin."""
+    if post_gelu != "twin":
+        return set()
+    out = set()
+    for name, m in layers:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(m, nn.Linear) and getattr(parent, "fc2", None) is m and isinstance(getattr(parent, "act", None),
+                                                                                       nn.GELU):
+            out.add(name)
+    return out
 
 
 def act_grid(lo: float, hi: float, bits: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +176,12 @@ def set_grids(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None
                 module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
             if "p_param" in ranges and hasattr(module, "p_param"):
                 module.p_param.fill_(ranges["p_param"][0])
+        elif "" in ranges and getattr(module, "_vc_twin", False):
+            lo, hi = ranges[""]
+            half = 2 ** (bits - 1)
+            share = ranges.get("gelu_share", (1.0, 1.0))[0]
+            module.a_neg_scale.fill_(max(-lo, ops.EPS) / half)
+            module.a_scale.fill_(max(share * hi, ops.EPS) / (half - 1))
         elif "" in ranges:
             s, z = act_grid(*ranges[""], bits, fp8)
             module.a_scale.copy_(s)

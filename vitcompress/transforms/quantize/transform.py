@@ -42,7 +42,7 @@ from .config import (
 from .int8_linear import Int8Linear
 from .lowbit_linear import Fp8Linear, WeightOnlyLinear
 from .reconstruct import reconstruct_blocks_
-from .simulate import QUANTIZABLE, convert, set_grids
+from .simulate import QUANTIZABLE, convert, post_gelu_twins, set_grids
 
 __all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
 
@@ -120,11 +120,13 @@ def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any])
     if cfg.w_bits is None and cfg.a_bits is None:
         return
     per_token, fp8 = cfg.a_granularity == ActGranularity.PER_TOKEN, cfg.dtype == QuantDtype.FP8
-    for name, m in select_layers(model, cfg):
+    layers = select_layers(model, cfg)
+    twins = post_gelu_twins(model, layers, str(cfg.post_gelu))
+    for name, m in layers:
         if cfg.mode == Mode.DEPLOY:
             replace_module(model, name, _deployed(m, cfg, None, None)[0])
         else:
-            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax), twin=name in twins)
 
 
 @register_transform(QuantConfig, rebuild=rebuild_quantized)
@@ -147,6 +149,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
                 convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
     sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
+    twins = post_gelu_twins(model, layers, str(cfg.post_gelu))
     clips = {}
     for name, m in layers:
         if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
@@ -161,7 +164,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential else hessians.get(name)
             clips[name] = _round_weight_(m, cfg, h)
         if not isinstance(m, Attention):
-            convert(m, cfg.a_bits, per_token, fp8)
+            convert(m, cfg.a_bits, per_token, fp8, twin=name in twins)
         set_grids(m, ranges.get(name, {}))
     recon = {}
     if float_model is not None:
