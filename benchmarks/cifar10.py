@@ -91,6 +91,19 @@ def goals(points: dict[str, dict[str, Any]], testbed: dict[str, Any]) -> list[di
     return out
 
 
+def recovery_goals(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pruning goals again, with the recovery settings chosen on held-out train data (cifar10_recovery)."""
+    test = {r["candidate"]: r for r in rec["test"]}
+    base, before, chosen = test["testbed"], test["pruned, no recovery"], test[rec["chosen"]]
+    loss = base["test_top1"] - chosen["test_top1"]
+    gain = chosen["cifar10-c_agreement"] - before["cifar10-c_agreement"]
+    return [{"goal": "heads 25 % + MLP 50 %, recovery chosen on held-out train data: top-1 loss",
+             "measured": round(loss, 2), "target": "<= 2.5", "met": loss <= 2.5, "detail": rec["chosen"]},
+            {"goal": "the chosen recovery raises cifar10-c agreement (after - before, pts)", "measured": round(gain, 2),
+             "target": "> 0", "met": gain > 0,
+             "detail": f"{before['cifar10-c_agreement']:.2f} -> {chosen['cifar10-c_agreement']:.2f} %"}]
+
+
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any], sweep: Path) -> str:
     lines = ["# CIFAR-10 goals", "",
              f"From the sweep in `{sweep}` (10,000 test images; cifar10-c: the same images, one seeded corruption "
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=Path, default=Path("results/cifar10/sweep"))
     parser.add_argument("--testbed", type=Path, default=Path("results/cifar10/testbed"))
     parser.add_argument("--out", type=Path, default=Path("results/cifar10"))
+    parser.add_argument("--recovery", type=Path, default=Path("results/cifar10/recovery/recovery.json"),
+                        help="the held-out recovery search (benchmarks.cifar10_recovery), when present")
     args = parser.parse_args(argv)
     points = load_points(args.sweep)
     if "base (uncompressed)" not in points:
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     testbed = json.loads((args.testbed / "vitcompress.json").read_text()).get("metrics", {})
     rows = goals(points, testbed)
+    if args.recovery.exists():
+        rows += recovery_goals(json.loads(args.recovery.read_text()))
     atomic_write_json(args.out / "goals.json", {"goals": rows, "sweep": str(args.sweep)})
     atomic_write_text(args.out / "goals.md", markdown(rows, points["base (uncompressed)"], args.sweep))
     print(markdown(rows, points["base (uncompressed)"], args.sweep))

@@ -48,7 +48,7 @@ if has quant; then  # W8A8 deploy (oneDNN int8) vs the fastest dense dtype on Vi
 fi
 
 if has accuracy; then  # the same int8 engine's accuracy: W8A8 deploy on the digits testbed, digits-c agreement
-  B=$(python -c "from vitcompress.train import baseline; print(baseline())")
+  B=$(python -c "from vitcompress.train import baseline; print(baseline())" | tail -1)
   for gran in per_tensor per_token; do
     vitcompress quantize "$B" --out "$WORK/w8a8_$gran" --mode deploy --a-granularity "$gran" --calib-data digits
     vitcompress eval "$WORK/w8a8_$gran" --data digits-c --no-speed --json "$OUT/w8a8_${gran}_digits_c.json"

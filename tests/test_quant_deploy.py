@@ -1,6 +1,9 @@
 """Deployed quantization besides int8 W8A8: weight-only int8/int4, FP8 e4m3 W8A8, bitsandbytes LLM.int8 / NF4."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from vitcompress.kernels.int8_gemm import quantize_per_token_ref
 
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
+from vitcompress.device import onednn_int8_exact
 from vitcompress.models import data_config
 from vitcompress.transforms import QuantConfig
 from vitcompress.transforms.quantize import int8_linear, ops
@@ -162,7 +166,7 @@ def test_cpu_int8_runs_onednn_and_matches_int_mm(per_token, monkeypatch):
     out = mod(x)
     assert mod in int8_linear._PACKED  # the oneDNN path ran
     monkeypatch.setattr(int8_linear, "HAS_ONEDNN", False)
-    ref = mod(x)
+    ref = mod(x) if int8_linear.ONEDNN_EXACT else _codes_ref(mod, x, 63)  # without VNNI: 7-bit activations
     monkeypatch.setattr(int8_linear, "HAS_ONEDNN", True)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     mod.w_int8.copy_(-mod.w_int8)
@@ -182,3 +186,52 @@ def test_cpu_int8_leaves_the_input_alone_and_blocks_match_whole(monkeypatch):
     assert torch.equal(q.int() - 128, ref.int()) and torch.equal(s[:, 0], ref_s)
     q, _ = int8_linear._to_uint8(x.bfloat16(), 0.05)
     assert torch.equal(q.int() - 128, torch.round(x.bfloat16().float() / 0.05).clamp(-127, 127).int())
+
+
+def _codes_ref(mod: nn.Module, x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The W8A8 layer's output computed exactly in float64 from its codes, activations on +-qmax."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    s = x2.abs().amax(1, keepdim=True) / qmax if mod.per_token else mod.a_scale.double() * 127 / qmax
+    q = torch.round(x2 / s).clamp(-qmax, qmax)
+    out = (q @ mod.w_int8.double().t()) * s * mod.w_scale.double() + mod.bias.double()
+    return out.float().reshape(*x.shape[:-1], -1)
+
+
+AVX2_CHILD = """
+import torch
+from torch import nn
+from vitcompress.transforms.quantize import int8_linear
+assert not int8_linear.ONEDNN_EXACT
+torch.manual_seed(0)
+lin = nn.Linear(768, 64)
+with torch.no_grad():
+    lin.weight.copy_(torch.sign(torch.randn(64, 768)) * 0.05)  # every weight at +-127: pair sums far past int16
+x = torch.rand(16, 768) * 4 + 1  # large positive activations: codes near the top of the grid
+for per_token in (True, False):
+    mod = int8_linear.Int8Linear.from_linear(lin, per_token=per_token, a_absmax=5.0, backend="torch")
+    out = mod(x)
+    assert mod in int8_linear._PACKED
+    x2 = x.double()
+    s = x2.abs().amax(1, keepdim=True) / 63 if per_token else mod.a_scale.double() * 127 / 63
+    ref = (torch.round(x2 / s).clamp(-63, 63) @ mod.w_int8.double().t()) * s * mod.w_scale.double() + lin.bias.double()
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-3 * ref.abs().max().item(), (per_token, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not int8_linear.HAS_ONEDNN, reason="this torch build has no oneDNN int8 linear")
+def test_cpu_int8_is_exact_without_vnni():
+    """oneDNN capped below VNNI (an AVX2-only CPU such as Zen 3) sums u8 x s8 pairs in saturating int16: with
+    8-bit activation codes a ViT-B-sized layer was off by up to 1e5. The layer then takes 7-bit codes and its
+    output equals the exact product of those codes."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", AVX2_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_onednn_exactness_follows_the_isa_cap(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not onednn_int8_exact()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not onednn_int8_exact()

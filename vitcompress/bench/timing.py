@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config, StrEnum
-from ..device import resolve_device
+from ..device import cpu_flags, resolve_device
 from ..errors import ConfigError
 
 
@@ -72,12 +72,7 @@ def fastest_cpu_dtype() -> Dtype:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's flags)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @dataclasses.dataclass

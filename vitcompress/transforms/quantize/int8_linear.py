@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from ...device import onednn_int8_exact
 from ...kernels._triton import runs_kernel
 from ...kernels.int8_gemm import int8_gemm, quantize_per_token
 from . import ops
@@ -22,18 +23,24 @@ QMAX = 127
 # torch's CPU int8 engine (oneDNN: VNNI / AMX kernels, prepacked weights); torch._int_mm on a CPU is a slow
 # reference loop (18x slower than fp32 on ViT-B), so a CPU uses oneDNN wherever this torch has it
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+# Without VNNI / AMX, oneDNN's u8 x s8 GEMM adds adjacent products in saturating int16 (up to 2 x 255 x 127 = 64,770
+# > 32,767: measured, outputs off by up to 1e5 on ViT-B shapes). There the activations take 7-bit codes
+# (+-63 around a zero point of 64, so u8 <= 127 and every pair sum <= 2 x 127 x 127 = 32,258): exact, at half the
+# activation resolution; the int8 weights and the artifact stay the same.
+ONEDNN_EXACT = onednn_int8_exact()
 # Prepacked weights per layer, outside the module: an opaque oneDNN tensor must not reach deepcopy or state_dict
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 CHUNK = 1 << 18  # elements per row block of the activation quantizer: its float temporaries stay in cache
 
 
-def _to_uint8(x: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (int8 codes + 128 as uint8 [M, K], per-row scales fp32 [M, 1] when ``scale`` is None).
+def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, K] -> (codes + qmax + 1 as uint8 [M, K], per-row scales fp32 [M, 1] when ``scale`` is None).
 
-    Symmetric, round half to even, clamped to +-127: the codes of ``quantize_per_token_ref`` (per row) or of the
-    static path (one scale). Done in row blocks: on whole [M, K] tensors the four elementwise passes go to memory
-    (ViT-B fc2 at batch 16: 51 ms, against 9 ms in blocks)."""
+    Symmetric, round half to even, clamped to +-qmax: at qmax 127 the codes of ``quantize_per_token_ref`` (per
+    row) or of the static path (one scale); qmax 63 is the 7-bit grid of CPUs without VNNI. Done in row blocks:
+    on whole [M, K] tensors the four elementwise passes go to memory (ViT-B fc2 at batch 16: 51 ms, against 9 ms
+    in blocks)."""
     out = torch.empty(x.shape, dtype=torch.uint8)
     scales = None if scale is not None else torch.empty(x.shape[0], 1)
     rows = max(1, CHUNK // max(1, x.shape[1]))
@@ -41,11 +48,11 @@ def _to_uint8(x: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch
     for i in range(0, x.shape[0], rows):
         xi = x[i:i + rows].float()
         if scale is None:
-            scales[i:i + rows] = si = xi.abs().amax(1, keepdim=True).clamp_min_(ops.EPS).div_(QMAX)
+            scales[i:i + rows] = si = xi.abs().amax(1, keepdim=True).clamp_min_(ops.EPS).div_(qmax)
         else:
             si = scale
         xi = xi.div_(si) if own else xi.div(si)
-        out[i:i + rows] = xi.round_().clamp_(-QMAX, QMAX).add_(128)
+        out[i:i + rows] = xi.round_().clamp_(-qmax, qmax).add_(qmax + 1)
     return out, scales
 
 
@@ -144,19 +151,21 @@ class Int8Linear(ScaledLinear):
     def _onednn(self, x2: torch.Tensor) -> torch.Tensor:
         """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
         (fp32 or bf16). oneDNN takes uint8 activations with a zero point: the int8 codes + 128 are the same grid.
-        A static scale and the bias go into oneDNN's epilogue; per-token scales are applied to its fp32 output."""
+        A static scale and the bias go into oneDNN's epilogue; per-token scales are applied to its fp32 output.
+        Without VNNI the activations take 7-bit codes (see ``ONEDNN_EXACT``)."""
         packed, zeros = self._packed()
+        qmax = QMAX if ONEDNN_EXACT else 63
         if self.per_token:
-            qx, s = _to_uint8(x2, None)
-            out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, self.w_scale, zeros, None, 1.0, 0,
+            qx, s = _to_uint8(x2, None, qmax)
+            out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, self.w_scale, zeros, None, 1.0, 0,
                                                      torch.float32, "none", [], "").mul_(s)
             return (out if self.bias is None else out.add_(self.bias)).to(x2.dtype)
-        a = float(self.a_scale)
-        qx, _ = _to_uint8(x2, a)
+        a = float(self.a_scale) * QMAX / qmax  # the calibrated range, on the coarser grid without VNNI
+        qx, _ = _to_uint8(x2, a, qmax)
         out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
         bias = None if self.bias is None else self.bias.to(out_dtype)
-        return torch.ops.onednn.qlinear_pointwise(qx, a, 128, packed, self.w_scale, zeros, bias, 1.0, 0, out_dtype,
-                                                  "none", [], "").to(x2.dtype)
+        return torch.ops.onednn.qlinear_pointwise(qx, a, qmax + 1, packed, self.w_scale, zeros, bias, 1.0, 0,
+                                                  out_dtype, "none", [], "").to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
 
