@@ -166,7 +166,7 @@ def test_cpu_int8_runs_onednn_and_matches_int_mm(per_token, monkeypatch):
     out = mod(x)
     assert mod in int8_linear._PACKED  # the oneDNN path ran
     monkeypatch.setattr(int8_linear, "HAS_ONEDNN", False)
-    ref = mod(x) if int8_linear.ONEDNN_EXACT else _codes_ref(mod, x, 63)  # without VNNI: 7-bit activations
+    ref = mod(x) if int8_linear.ONEDNN_EXACT else _codes_ref(mod, x, 127, halved=True)  # no VNNI: 7-bit weights
     monkeypatch.setattr(int8_linear, "HAS_ONEDNN", True)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     mod.w_int8.copy_(-mod.w_int8)
@@ -188,12 +188,16 @@ def test_cpu_int8_leaves_the_input_alone_and_blocks_match_whole(monkeypatch):
     assert torch.equal(q.int() - 128, torch.round(x.bfloat16().float() / 0.05).clamp(-127, 127).int())
 
 
-def _codes_ref(mod: nn.Module, x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """The W8A8 layer's output computed exactly in float64 from its codes, activations on +-qmax."""
+def _codes_ref(mod: nn.Module, x: torch.Tensor, qmax: int, halved: bool = False) -> torch.Tensor:
+    """The W8A8 layer's output computed exactly in float64 from its codes: activations on +-qmax, and the int8
+    weights as they are or halved onto +-63 (``halved``, with twice the scale)."""
     x2 = x.reshape(-1, x.shape[-1]).double()
     s = x2.abs().amax(1, keepdim=True) / qmax if mod.per_token else mod.a_scale.double() * 127 / qmax
     q = torch.round(x2 / s).clamp(-qmax, qmax)
-    out = (q @ mod.w_int8.double().t()) * s * mod.w_scale.double() + mod.bias.double()
+    w, ws = mod.w_int8.double(), mod.w_scale.double()
+    if halved:
+        w, ws = torch.round(w / 2).clamp(-63, 63), ws * 2
+    out = (q @ w.t()) * s * ws + mod.bias.double()
     return out.float().reshape(*x.shape[:-1], -1)
 
 
@@ -207,15 +211,18 @@ lin = nn.Linear(768, 64)
 with torch.no_grad():
     lin.weight.copy_(torch.sign(torch.randn(64, 768)) * 0.05)  # every weight at +-127: pair sums far past int16
 x = torch.rand(16, 768) * 4 + 1  # large positive activations: codes near the top of the grid
-for per_token in (True, False):
-    mod = int8_linear.Int8Linear.from_linear(lin, per_token=per_token, a_absmax=5.0, backend="torch")
-    out = mod(x)
-    assert mod in int8_linear._PACKED
-    x2 = x.double()
-    s = x2.abs().amax(1, keepdim=True) / 63 if per_token else mod.a_scale.double() * 127 / 63
-    ref = (torch.round(x2 / s).clamp(-63, 63) @ mod.w_int8.double().t()) * s * mod.w_scale.double() + lin.bias.double()
-    err = (out.double() - ref).abs().max().item()
-    assert err < 1e-3 * ref.abs().max().item(), (per_token, err)
+for mode, qmax, wdiv in (("weights", 127, 2), ("acts", 63, 1)):
+    int8_linear.NO_VNNI = mode
+    for per_token in (True, False):
+        mod = int8_linear.Int8Linear.from_linear(lin, per_token=per_token, a_absmax=5.0, backend="torch")
+        out = mod(x)
+        assert mod in int8_linear._PACKED
+        x2 = x.double()
+        s = x2.abs().amax(1, keepdim=True) / qmax if per_token else mod.a_scale.double() * 127 / qmax
+        w = torch.round(mod.w_int8.double() / wdiv).clamp(-(127 // wdiv), 127 // wdiv)
+        ref = (torch.round(x2 / s).clamp(-qmax, qmax) @ w.t()) * s * mod.w_scale.double() * wdiv + lin.bias.double()
+        err = (out.double() - ref).abs().max().item()
+        assert err < 1e-3 * ref.abs().max().item(), (mode, per_token, err)
 print("ok")
 """
 
@@ -223,8 +230,8 @@ print("ok")
 @pytest.mark.skipif(not int8_linear.HAS_ONEDNN, reason="this torch build has no oneDNN int8 linear")
 def test_cpu_int8_is_exact_without_vnni():
     """oneDNN capped below VNNI (an AVX2-only CPU such as Zen 3) sums u8 x s8 pairs in saturating int16: with
-    8-bit activation codes a ViT-B-sized layer was off by up to 1e5. The layer then takes 7-bit codes and its
-    output equals the exact product of those codes."""
+    8-bit codes on both sides a ViT-B-sized layer was off by up to 1e5. There one side takes 7 bits (the weights by
+    default, or the activations) and the output equals the exact product of those codes."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", AVX2_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
