@@ -100,3 +100,18 @@ def cifar10_dir():
     if not (SHARED_CIFAR10 / "test.parquet").is_file():
         pytest.skip("../shared/data/cifar10 is not here (a user's clone): CIFAR-10 tests skipped")
     return SHARED_CIFAR10
+
+
+def require_exact_int8() -> None:
+    """Skip a test of 8-bit faithfulness on a CPU without VNNI: there every int8 GEMM torch has (oneDNN's and
+    torch._int_mm alike) sums in saturating int16, so the CPU path packs the weights on 7 bits instead (tested
+    against its own exact reference in test_quant_deploy, under an AVX2 cap on any CPU)."""
+    from vitcompress.transforms.quantize import int8_linear
+
+    if not int8_linear.ONEDNN_EXACT:
+        pytest.skip("this CPU's int8 GEMMs saturate without VNNI: no exact 8-bit path to compare with")
+
+
+@pytest.fixture
+def exact_int8() -> None:
+    require_exact_int8()

@@ -7,6 +7,7 @@ from conftest import TINY
 from vitcompress import create_model, data_config
 from vitcompress.bench import BenchConfig, compare, count_flops, peak_memory_mb, time_callable, time_model
 from vitcompress.bench.measure import serialized_size_mb, state_bytes
+from vitcompress.bench.timing import fastest_cpu_dtype
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
 from vitcompress.evaluate import accuracy_metrics, evaluate
@@ -40,7 +41,7 @@ def test_eval_of_a_trained_artifact(trained_artifact):
         result["latency_ms"]["4"]["median"] > 0
     assert result["params"] == sum(p.numel() for p in model.parameters())
     assert result["size_mb"] == pytest.approx((trained_artifact / "model.safetensors").stat().st_size / 2**20, rel=1e-6)
-    assert result["dtype"] == "bf16" and result["versions"]["torch"] == torch.__version__
+    assert result["dtype"] == str(fastest_cpu_dtype()) and result["versions"]["torch"] == torch.__version__
 
 
 def test_eval_reports_every_corruption(trained_artifact):

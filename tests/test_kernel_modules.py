@@ -49,7 +49,7 @@ class PlainBlock(nn.Module):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_drop_ins_work_in_a_plain_pytorch_block(autocast):
+def test_drop_ins_work_in_a_plain_pytorch_block(autocast, exact_int8):
     """fp32, and bf16 autocast (the setup users run: every kernel then sees bf16 activations); tolerance 1e-3 and
     1e-2 (bf16 rounds to 8 bits) between the Triton kernels and their torch references."""
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_fused_attention_rejects_dense_masks():
         fa(torch.randn(1, 5, TINY["embed_dim"]), attn_mask=torch.zeros(5, 5))
 
 
-def test_quantize_deploy_runs_on_the_triton_int8_gemm():
+def test_quantize_deploy_runs_on_the_triton_int8_gemm(exact_int8):
     import copy
 
     from vitcompress import compress_
@@ -102,7 +102,7 @@ def test_quantize_backend_errors(cli, trained_artifact, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_drop_ins_compile_as_one_graph(compiler):
+def test_drop_ins_compile_as_one_graph(compiler, exact_int8):
     """The kernels are torch custom ops with fake implementations: torch.compile captures the block without a
     graph break (aot_eager traces with fake tensors, then runs the ops) and gives the eager result. Inductor
     (C++ on the CPU, ~30 s) also asserts that each op's real output has the size and strides of its fake one

@@ -161,7 +161,7 @@ def test_int8_linear_loads_the_old_transposed_weight_key():
     assert torch.equal(fresh.w_int8, q.w_int8)
 
 
-def test_int8_linear_matches_an_integer_reference():
+def test_int8_linear_matches_an_integer_reference(exact_int8):
     from vitcompress.transforms.quantize.int8_linear import Int8Linear
 
     torch.manual_seed(0)

@@ -162,22 +162,52 @@ def test_post_gelu_search_errors_match_a_reference(with_grad):
     torch.testing.assert_close(errors, torch.tensor(ref), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("metric", ["mse", "hessian"])
-def test_post_gelu_twin_calibrates_fc2_and_round_trips(metric, tmp_path):
+@pytest.mark.parametrize("bits", [4, 6])
+def test_post_gelu_adalog_matches_a_per_element_reference(bits):
+    x = torch.nn.functional.gelu(torch.randn(500, generator=torch.Generator().manual_seed(bits)) * 2)
+    scale = float(x.max()) + ops.GELU_SHIFT
+    got = ops.adalog_gelu(x, bits, scale, 1.5)
+    want = torch.tensor([_adalog_ref(v + ops.GELU_SHIFT, scale, bits, 1.5) - ops.GELU_SHIFT for v in x.tolist()])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert (got >= -ops.GELU_SHIFT - 1e-6).all() and len(got[x < 0].unique()) > 1  # negatives keep levels
+
+
+def test_post_gelu_adalog_search_errors_match_a_reference():
+    g = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.gelu(torch.randn(3, 4, 8, generator=g) * 2)
+    w = torch.randn(5, 8, generator=g)
+    errors = ops.gelu_search_errors(x, w, 4, None, "adalog")
+    scale = float(x.max()) + ops.GELU_SHIFT
+    ref = []
+    for r in ops.SOFTMAX_SEARCH["adalog"]:
+        xq = torch.tensor([_adalog_ref(v + ops.GELU_SHIFT, scale, 4, r) - ops.GELU_SHIFT
+                           for v in x.flatten().tolist()]).reshape(x.shape)
+        ref.append(float(((((xq - x) @ w.t())) ** 2).sum()))
+    torch.testing.assert_close(errors, torch.tensor(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,metric", [("twin", "mse"), ("twin", "hessian"), ("adalog", "mse"),
+                                         ("adalog", "hessian")])
+def test_post_gelu_quantizers_calibrate_fc2_and_round_trip(kind, metric, tmp_path):
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch16_224", **TINY)
     calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.zeros(4)) for i in (1, 2)]
-    compress_(model, QuantConfig(w_bits=8, a_bits=4, post_gelu="twin", search_metric=metric), calib=calib)
+    compress_(model, QuantConfig(w_bits=8, a_bits=4, post_gelu=kind, search_metric=metric), calib=calib)
     for b in model.blocks:
-        assert b.mlp.fc2._vc_twin and not b.mlp.fc1._vc_twin and not hasattr(b.mlp.fc1, "a_neg_scale")
-        assert 0 < float(b.mlp.fc2.a_neg_scale) <= 0.1701 / 8  # R1 covers GELU's minimum, -0.17
+        assert b.mlp.fc2._vc_post_gelu == kind and b.mlp.fc1._vc_post_gelu == "uniform"
+        assert not hasattr(b.mlp.fc1, "a_neg_scale") and not hasattr(b.mlp.fc1, "a_param")
+        if kind == "twin":
+            assert 0 < float(b.mlp.fc2.a_neg_scale) <= 0.1701 / 8  # R1 covers GELU's minimum, -0.17
+        else:
+            assert float(b.mlp.fc2.a_param) in ops.SOFTMAX_SEARCH["adalog"]
     save_artifact(model, tmp_path / "q")
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(load_artifact(tmp_path / "q")(x), model(x))
 
 
+@pytest.mark.parametrize("kind", ["twin", "adalog"])
 @pytest.mark.parametrize("bad", [dict(a_granularity="per_token"), dict(rounding="brecq"), dict(a_bits=None)])
-def test_post_gelu_twin_needs_a_static_integer_grid(bad):
-    with pytest.raises(ConfigError, match="post_gelu twin"):
-        QuantConfig(**{"w_bits": 4, "a_bits": 4, "post_gelu": "twin", **bad})
+def test_post_gelu_quantizers_need_a_static_integer_grid(kind, bad):
+    with pytest.raises(ConfigError, match=f"post_gelu {kind}"):
+        QuantConfig(**{"w_bits": 4, "a_bits": 4, "post_gelu": kind, **bad})

@@ -193,7 +193,7 @@ def quantize(
     exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
     backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
     softmax: str | None = typer.Option(None, "--softmax", help="uniform, log2, logsqrt2, adalog or twin."),
-    post_gelu: str | None = typer.Option(None, "--post-gelu", help="fc2 input quantizer: uniform or twin (PTQ4ViT)."),
+    post_gelu: str | None = typer.Option(None, "--post-gelu", help="fc2 input: uniform, twin (PTQ4ViT) or adalog."),
     search_metric: str | None = typer.Option(
         None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers import calib_batches, run_calibration, select_layers
 from . import ops
-from .simulate import QUANTIZABLE, QuantAttention, post_gelu_twins
+from .simulate import QUANTIZABLE, QuantAttention, post_gelu_layers
 
 if TYPE_CHECKING:
     from .config import QuantConfig
@@ -90,7 +90,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     errors: dict[str, torch.Tensor] = {}
     gelu_errors: dict[str, torch.Tensor] = {}
     twin_range: dict[str, tuple[float, float]] = {}
-    twins = post_gelu_twins(model, layers, str(cfg.post_gelu)) if cfg.static_acts else set()
+    twins = post_gelu_layers(model, layers, str(cfg.post_gelu)) if cfg.static_acts else set()
     grads: dict[str, list[torch.Tensor]] = {}
     if str(cfg.search_metric) == "hessian" and cfg.static_acts:
         taps = {n: m for n, m in layers if (search and isinstance(m, QuantAttention)) or n in twins}
@@ -123,8 +123,9 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if cfg.static_acts:
                 record(name, "", args[0])
-            if name in twins:  # the twin grid's positive range: each candidate top's error at this layer's output
-                err = ops.gelu_search_errors(args[0], module.weight, int(cfg.a_bits), batch_grad(name))
+            if name in twins:  # the post-GELU grid's parameter: each candidate's error at this layer's output
+                err = ops.gelu_search_errors(args[0], module.weight, int(cfg.a_bits), batch_grad(name),
+                                             str(cfg.post_gelu))
                 gelu_errors[name] = gelu_errors.get(name, 0) + err
                 lo, hi = twin_range.get(name, (0.0, 0.0))
                 twin_range[name] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
@@ -154,10 +155,10 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
                 out.setdefault(name, {})[key] = (min(lows), max(highs))
             else:
                 out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))
-    for name, err in gelu_errors.items():  # the twin's positive range: a share of the observed maximum
-        best = ops.GELU_SEARCH[int(err.argmin())]
-        out.setdefault(name, {})["gelu_share"] = (best, best)
-        out[name][""] = twin_range[name]  # the raw extremes: the share applies to the maximum itself
+    for name, err in gelu_errors.items():  # twin: R2's top as a share of the maximum; adalog: its base
+        best = ops.post_gelu_candidates(str(cfg.post_gelu))[int(err.argmin())]
+        out.setdefault(name, {})["gelu_param"] = (best, best)
+        out[name][""] = twin_range[name]  # the raw extremes: the grids are set from the maximum itself
     for name, err in errors.items():  # the searched softmax parameter travels as a degenerate range
         best = ops.SOFTMAX_SEARCH[search][int(err.argmin())]  # type: ignore[index]
         out.setdefault(name, {})["p_param"] = (best, best)

@@ -62,6 +62,7 @@ class SearchMetric(StrEnum):
 class PostGelu(StrEnum):
     UNIFORM = "uniform"  # the fc2 input on the asymmetric grid like any activation
     TWIN = "twin"  # PTQ4ViT's twin uniform ranges (negative / positive), R2's top searched per layer
+    ADALOG = "adalog"  # AdaLog: shifted by GELU's minimum (the bias reparameterization), log base searched
 
 
 class QuantDtype(StrEnum):
@@ -76,7 +77,7 @@ class QuantConfig(Config):
     layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
     or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
     softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
-    post_gelu: the quantizer of the MLP's post-GELU activations (the fc2 input): uniform, or twin (PTQ4ViT).
+    post_gelu: the quantizer of the MLP's post-GELU activations (the fc2 input): uniform, twin (PTQ4ViT) or adalog.
     search_metric: what the searched quantizers (adalog's base, the twins' ranges) minimise on the calibration
     images: mse (the quantized tensor's or the next layer's squared error) or hessian (PTQ4ViT's Hessian-guided
     metric: the output error weighted by the task loss's squared gradient).
@@ -140,12 +141,12 @@ class QuantConfig(Config):
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
         if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN) \
-                and self.post_gelu != PostGelu.TWIN:
-            raise ConfigError("search_metric applies to the searched quantizers: softmax adalog / twin, post_gelu twin")
-        if self.post_gelu == PostGelu.TWIN and not (self.static_acts and self.mode == Mode.SIMULATE and
+                and self.post_gelu == PostGelu.UNIFORM:
+            raise ConfigError("search_metric applies to the searched quantizers: softmax / post_gelu adalog or twin")
+        if self.post_gelu != PostGelu.UNIFORM and not (self.static_acts and self.mode == Mode.SIMULATE and
                                                    self.dtype == QuantDtype.INT and self.rounding != Rounding.BRECQ):
-            raise ConfigError("post_gelu twin is a static integer grid in --mode simulate (a_bits, per_tensor; "
-                              "not with rounding brecq, whose step sizes are uniform)")
+            raise ConfigError(f"post_gelu {self.post_gelu} is a static integer grid in --mode simulate (a_bits, "
+                              "per_tensor; not with rounding brecq, whose step sizes are uniform)")
         if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)
                                             or self.w_granularity != WeightGranularity.PER_CHANNEL):
             raise ConfigError("fp8_e4m3 is 8-bit with per-channel weights: w_bits 8, a_bits 8 or none")

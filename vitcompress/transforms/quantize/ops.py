@@ -218,19 +218,43 @@ def twin_gelu(x: torch.Tensor, bits: int, d_neg: torch.Tensor | float, d_pos: to
     return torch.where(xf < 0, neg, pos).to(x.dtype)
 
 
+GELU_SHIFT = 0.1700  # AdaLog's bias: -min GELU(x) = 0.16997, so that x + shift >= 0 (folded into fc2's bias)
+
+
+def adalog_gelu(x: torch.Tensor, bits: int, scale: torch.Tensor | float, r: torch.Tensor | float) -> torch.Tensor:
+    """AdaLog's post-GELU quantizer (fake-quantized, dtype kept): x + GELU_SHIFT on the adaptive log grid of base
+    2^(1/r) below ``scale`` (as its softmax quantizer: the top code stands for 0), then the shift removed. In
+    deployment the shift folds into the next layer's bias (W (y - b) = W y - W b), which is the bias
+    reparameterization that lets a log grid hold GELU's negative values."""
+    y = (x.float() + GELU_SHIFT).clamp_min(0)
+    return (fake_quant_softmax(y, scale, bits, "adalog", r) - GELU_SHIFT).to(x.dtype)
+
+
+def post_gelu_candidates(kind: str) -> tuple[float, ...]:
+    """The searched parameter of a post-GELU quantizer: twin's R2 top as a share of the maximum, adalog's r."""
+    return GELU_SEARCH if kind == "twin" else SOFTMAX_SEARCH["adalog"]
+
+
+def post_gelu_quant(x: torch.Tensor, bits: int, kind: str, lo: float, hi: float, param: float) -> torch.Tensor:
+    """A post-GELU quantizer set from the observed range [lo, hi] and its searched parameter."""
+    if kind == "twin":
+        half = 2 ** (bits - 1)
+        return twin_gelu(x, bits, max(-lo, EPS) / half, max(param * hi, EPS) / (half - 1))
+    return adalog_gelu(x, bits, max(hi + GELU_SHIFT, EPS), param)
+
+
 def gelu_search_errors(x: torch.Tensor, weight: torch.Tensor, bits: int, grad: torch.Tensor | None = None,
-                       ) -> torch.Tensor:
-    """Each :data:`GELU_SEARCH` candidate's error at the next layer's output: [C]. x [..., I] post-GELU values,
-    weight [O, I]; R2 tops at the share of this batch's maximum, R1 covers its minimum. The error is
-    sum(((q(x) - x) W^T)^2), weighted elementwise by grad^2 (grad [..., O], the task loss's gradient at the
-    output: PTQ4ViT's Hessian-guided metric) when given."""
+                       kind: str = "twin") -> torch.Tensor:
+    """Each candidate's (:func:`post_gelu_candidates`) error at the next layer's output: [C]. x [..., I] post-GELU
+    values, weight [O, I]; the grid is set from this batch's range. The error is sum(((q(x) - x) W^T)^2), weighted
+    elementwise by grad^2 (grad [..., O], the task loss's gradient at the output: PTQ4ViT's Hessian-guided metric)
+    when given."""
     x, w = x.detach().float(), weight.detach().float()
-    half = 2 ** (bits - 1)
-    d_neg = max(-float(x.min()), EPS) / half
+    lo, hi = float(x.min()), float(x.max())
     g2 = None if grad is None else grad.detach().float() ** 2
     out = []
-    for share in GELU_SEARCH:
-        d = (twin_gelu(x, bits, d_neg, max(share * float(x.max()), EPS) / (half - 1)) - x) @ w.t()
+    for c in post_gelu_candidates(kind):
+        d = (post_gelu_quant(x, bits, kind, lo, hi, c) - x) @ w.t()
         out.append((d * d if g2 is None else g2 * d * d).sum())
     return torch.stack(out)
 

@@ -56,15 +56,17 @@ class _ActQuant:
 
 
 class FakeQuantLinear(_ActQuant, nn.Linear):
-    """``nn.Linear`` x [..., in] -> [..., out] whose input is fake-quantized; a post-GELU input (fc2) may take
-    PTQ4ViT's twin uniform grid (``_vc_twin``: buffers a_neg_scale, the negative range's step, and a_scale, the
-    positive one's)."""
+    """``nn.Linear`` x [..., in] -> [..., out] whose input is fake-quantized; a post-GELU input (fc2) may take a
+    post-GELU grid (``_vc_post_gelu``): PTQ4ViT's twin uniform (buffers a_neg_scale, the negative range's step, and
+    a_scale, the positive one's) or AdaLog's shifted log grid (a_scale, its top; a_param, its codes per octave)."""
 
-    _vc_twin = False
+    _vc_post_gelu = "uniform"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._vc_twin:
+        if self._vc_post_gelu == "twin":
             xq = self._straight_through(x, ops.twin_gelu(x, self._vc_a_bits, self.a_neg_scale, self.a_scale))
+        elif self._vc_post_gelu == "adalog":
+            xq = self._straight_through(x, ops.adalog_gelu(x, self._vc_a_bits, self.a_scale, self.a_param))
         else:
             xq = self._fq(x, self.a_scale, self.a_zero)
         return F.linear(xq, self.weight, self.bias)
@@ -118,9 +120,9 @@ class QuantAttention(_ActQuant, Attention):
 
 
 def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, softmax: str = "none",
-            twin: bool = False) -> None:
+            post_gelu: str = "uniform") -> None:
     """Switch ``module`` (Linear, Conv2d or timm Attention) to its fake-quant class, in place, with unit grids;
-    twin: a Linear's input takes the post-GELU twin uniform grid."""
+    post_gelu: a Linear's input takes that post-GELU grid (twin or adalog)."""
     dev = next(module.parameters()).device
     if isinstance(module, Attention):
         if type(module) not in (Attention, QuantAttention):  # another transform's attention (sparse, ...)
@@ -137,15 +139,16 @@ def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, s
         module.__class__ = FakeQuantConv2d if isinstance(module, nn.Conv2d) else FakeQuantLinear
         module.register_buffer("a_scale", torch.ones((), device=dev))
         module.register_buffer("a_zero", torch.zeros((), device=dev))
-        if twin:
-            module._vc_twin = True
-            module.register_buffer("a_neg_scale", torch.ones((), device=dev))
+        if post_gelu != "uniform":
+            module._vc_post_gelu = post_gelu
+            extra = "a_neg_scale" if post_gelu == "twin" else "a_param"
+            module.register_buffer(extra, torch.ones((), device=dev))
     module._vc_a_bits, module._vc_per_token, module._vc_fp8 = a_bits, per_token, fp8
 
 
-def post_gelu_twins(model: nn.Module, layers: list[tuple[str, nn.Module]], post_gelu: str) -> set[str]:
-    """The selected Linear layers whose input is a GELU's output (timm Mlp's fc2) when ``post_gelu`` is twin."""
-    if post_gelu != "twin":
+def post_gelu_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], post_gelu: str) -> set[str]:
+    """The selected Linear layers whose input is a GELU's output (timm Mlp's fc2), unless ``post_gelu`` is uniform."""
+    if post_gelu == "uniform":
         return set()
     out = set()
     for name, m in layers:
@@ -176,12 +179,15 @@ def set_grids(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None
                 module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
             if "p_param" in ranges and hasattr(module, "p_param"):
                 module.p_param.fill_(ranges["p_param"][0])
-        elif "" in ranges and getattr(module, "_vc_twin", False):
+        elif "" in ranges and getattr(module, "_vc_post_gelu", "uniform") == "twin":
             lo, hi = ranges[""]
             half = 2 ** (bits - 1)
-            share = ranges.get("gelu_share", (1.0, 1.0))[0]
+            share = ranges.get("gelu_param", (1.0, 1.0))[0]
             module.a_neg_scale.fill_(max(-lo, ops.EPS) / half)
             module.a_scale.fill_(max(share * hi, ops.EPS) / (half - 1))
+        elif "" in ranges and getattr(module, "_vc_post_gelu", "uniform") == "adalog":
+            module.a_scale.fill_(max(ranges[""][1] + ops.GELU_SHIFT, ops.EPS))
+            module.a_param.fill_(ranges.get("gelu_param", (2.0, 2.0))[0])
         elif "" in ranges:
             s, z = act_grid(*ranges[""], bits, fp8)
             module.a_scale.copy_(s)

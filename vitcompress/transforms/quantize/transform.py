@@ -42,7 +42,7 @@ from .config import (
 from .int8_linear import Int8Linear
 from .lowbit_linear import Fp8Linear, WeightOnlyLinear
 from .reconstruct import reconstruct_blocks_
-from .simulate import QUANTIZABLE, convert, post_gelu_twins, set_grids
+from .simulate import QUANTIZABLE, convert, post_gelu_layers, set_grids
 
 __all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
 
@@ -121,12 +121,12 @@ def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any])
         return
     per_token, fp8 = cfg.a_granularity == ActGranularity.PER_TOKEN, cfg.dtype == QuantDtype.FP8
     layers = select_layers(model, cfg)
-    twins = post_gelu_twins(model, layers, str(cfg.post_gelu))
+    gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
     for name, m in layers:
         if cfg.mode == Mode.DEPLOY:
             replace_module(model, name, _deployed(m, cfg, None, None)[0])
         else:
-            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax), twin=name in twins)
+            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax), str(cfg.post_gelu) if name in gelus else "uniform")
 
 
 @register_transform(QuantConfig, rebuild=rebuild_quantized)
@@ -149,7 +149,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
                 convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
     sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
-    twins = post_gelu_twins(model, layers, str(cfg.post_gelu))
+    gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
     clips = {}
     for name, m in layers:
         if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
@@ -164,7 +164,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential else hessians.get(name)
             clips[name] = _round_weight_(m, cfg, h)
         if not isinstance(m, Attention):
-            convert(m, cfg.a_bits, per_token, fp8, twin=name in twins)
+            convert(m, cfg.a_bits, per_token, fp8, post_gelu=str(cfg.post_gelu) if name in gelus else "uniform")
         set_grids(m, ranges.get(name, {}))
     recon = {}
     if float_model is not None:
