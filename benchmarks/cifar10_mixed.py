@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress import Calibration, apply_stack, create_model, data_config
-from vitcompress.bench import BenchConfig
-from vitcompress.evaluate import accuracy_metrics, predict
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table, write_results
 
-from .holdout import holdout_sets
+from .holdout import FP32_CPU, holdout_sets, reference_logits, score
 
 TESTBED = "results/cifar10/testbed"
 CALIB, MIXED_CALIB = 256, 64  # the sweep's calibration images, and mixed precision's own calib_size default
@@ -42,17 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     base = create_model(TESTBED)
-    bench = BenchConfig(dtype="fp32", device="cpu")
     held = holdout_sets(args.data, data_config(base), (CALIB, MIXED_CALIB))
-    refs = {k: predict(base, d, batch_size=256, cfg=bench)[0] for k, d in held.items()}
+    refs = reference_logits(base, held)
     rows = []
     for name, stack in stacks().items():
         t0 = time.perf_counter()
         model = apply_stack(copy.deepcopy(base), stack, calib=Calibration(args.data, CALIB))
-        row: dict[str, Any] = {"stack": name, "config": stack[0], "seconds": round(time.perf_counter() - t0, 1)}
-        for k, d in held.items():
-            m = accuracy_metrics(*predict(model, d, batch_size=256, cfg=bench)[:2], refs[k])
-            row[f"{k}_top1"], row[f"{k}_agreement"] = round(m["top1"], 2), round(m["agreement"], 2)
+        row: dict[str, Any] = {"stack": name, "config": stack[0], "seconds": round(time.perf_counter() - t0, 1),
+                               **score(model, held, refs)}
         if stack[0]["name"] == "mixed_precision":
             row["mean_bits"] = model.vitcompress_info.transforms[-1]["state"]["mean_bits"]
         rows.append(row)
@@ -61,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(mixed, key=lambda r: (r["holdout_top1"], r["holdout_agreement"]))
     res = {"command": f"python -m benchmarks.cifar10_mixed --data {args.data} --out {args.out}", "rows": rows,
            "chosen": best["stack"], "chosen_step": best["config"], "dtype": "fp32",
-           **run_context(bench.resolve_device())}
+           **run_context(FP32_CPU.resolve_device())}
     cols = ["holdout_top1", "holdout_agreement", "holdout-c_top1", "holdout-c_agreement"]
     md = "\n".join([
         "# Mixed precision at a mean of 5 bits: the candidate widths chosen on held-out train data", "",

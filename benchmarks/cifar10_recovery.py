@@ -20,17 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vitcompress import apply_stack, create_model, data_config
-from vitcompress.bench import BenchConfig
 from vitcompress.data import load_data
-from vitcompress.data.base import ImageData
-from vitcompress.evaluate import accuracy_metrics, predict
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table, write_results
 
-from .holdout import holdout_sets
+from .holdout import FP32_CPU, holdout_sets, reference_logits, score
 
 TESTBED = "results/cifar10/testbed"
 PRUNE = {"name": "prune", "heads": 0.25, "mlp": 0.5}
@@ -57,15 +52,6 @@ def recovery_step(data: str, overrides: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu", **SWEEP, **overrides}
 
 
-def score(model: torch.nn.Module, sets: dict[str, ImageData], refs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    out = {}
-    for name, d in sets.items():
-        logits, labels, _ = predict(model, d, batch_size=256, cfg=BenchConfig(dtype="fp32", device="cpu"))
-        m = accuracy_metrics(logits, labels, refs.get(name))
-        out[f"{name}_top1"], out[f"{name}_agreement"] = round(m["top1"], 2), m["agreement"] and round(m["agreement"], 2)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="the CIFAR-10 copy (hub Parquet layout)")
@@ -75,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     base = create_model(TESTBED)
     cfg = data_config(base)
     held = holdout_sets(args.data, cfg, TRAIN_LIMIT, HOLDOUT)
-    bench = BenchConfig(dtype="fp32", device="cpu")
-    refs = {k: predict(base, d, batch_size=256, cfg=bench)[0] for k, d in held.items()}
+    refs = reference_logits(base, held)
     pruned = apply_stack(copy.deepcopy(base), [PRUNE])
     rows = [{"candidate": "testbed", **score(base, held, refs)},
             {"candidate": "pruned, no recovery", **score(pruned, held, refs)}]
@@ -90,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     tried = rows[2:]
     best = max(tried, key=lambda r: (r["holdout-c_agreement"], r["holdout_top1"]))
     test = {"test": load_data(args.data, cfg, split="test"), "cifar10-c": load_data(f"cifar10-c:{args.data}", cfg)}
-    test_refs = {k: predict(base, d, batch_size=256, cfg=bench)[0] for k, d in test.items()}
+    test_refs = reference_logits(base, test)
     final = [{"candidate": "testbed", **score(base, test, test_refs)},
              {"candidate": "pruned, no recovery", **score(pruned, test, test_refs)}]
     for r in [tried[0]] + ([best] if best is not tried[0] else []):
@@ -100,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"command": "python -m benchmarks.cifar10_recovery --data " + args.data + " --out " + str(args.out),
            "prune": PRUNE, "train_images": TRAIN_LIMIT, "holdout_images": HOLDOUT, "chosen": best["candidate"],
            "chosen_step": recovery_step(args.data, CANDIDATES[best["candidate"]]), "dtype": "fp32",
-           **run_context(bench.resolve_device()), "holdout": rows, "test": final}
+           **run_context(FP32_CPU.resolve_device()), "holdout": rows, "test": final}
     write_results(args.out, "recovery", res, markdown(res))
     print(f"chosen: {best['candidate']}")
     return 0

@@ -9,11 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+from vitcompress.bench import BenchConfig
 from vitcompress.data import load_data
 from vitcompress.data.base import ImageData, TensorImages, even_subset
+from vitcompress.evaluate import accuracy_metrics, predict
 
 N_TRAIN = 50000
+FP32_CPU = BenchConfig(dtype="fp32", device="cpu")  # held-out and test scores: the testbed's own fp32 numbers
 
 
 def holdout_indices(used_limits: int | tuple[int, ...], n: int = 5000, total: int = N_TRAIN) -> list[int]:
@@ -38,3 +42,18 @@ def holdout_sets(data: str, cfg: dict[str, Any], used_limits: int | tuple[int, .
     idx = holdout_indices(used_limits, n)
     return {"holdout": subset(load_data(data, cfg, split="train", purpose="eval"), idx),
             "holdout-c": subset(load_data(f"cifar10-c:{data}", cfg, split="train"), idx)}
+
+
+def reference_logits(base: nn.Module, sets: dict[str, ImageData]) -> dict[str, torch.Tensor]:
+    """The uncompressed model's logits [N, C] on each set, for agreement."""
+    return {k: predict(base, d, batch_size=256, cfg=FP32_CPU)[0] for k, d in sets.items()}
+
+
+def score(model: nn.Module, sets: dict[str, ImageData], refs: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """``{set}_top1`` and ``{set}_agreement`` (with ``refs[set]``; None without one), in percent, 2 decimals."""
+    out: dict[str, float | None] = {}
+    for name, d in sets.items():
+        logits, labels, _ = predict(model, d, batch_size=256, cfg=FP32_CPU)
+        m = accuracy_metrics(logits, labels, refs.get(name))
+        out[f"{name}_top1"], out[f"{name}_agreement"] = round(m["top1"], 2), m["agreement"] and round(m["agreement"], 2)
+    return out

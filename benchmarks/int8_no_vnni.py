@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 from vitcompress import Calibration, apply_stack, create_model, data_config
-from vitcompress.bench import BenchConfig
-from vitcompress.evaluate import accuracy_metrics, predict
 from vitcompress.io import atomic_write_json
 from vitcompress.provenance import run_context
 from vitcompress.transforms.quantize import int8_linear
 
-from .holdout import holdout_sets
+from .holdout import FP32_CPU, holdout_sets, reference_logits, score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: oneDNN's int8 GEMM is exact here: run under ONEDNN_MAX_CPU_ISA=AVX2", file=sys.stderr)
         return 2
     base = create_model("results/cifar10/testbed")
-    bench = BenchConfig(dtype="fp32", device="cpu")
     held = holdout_sets(args.data, data_config(base), 256)
-    refs = {k: predict(base, d, batch_size=256, cfg=bench)[0] for k, d in held.items()}
+    refs = reference_logits(base, held)
     rows = {}
     for gran in ("per_tensor", "per_token"):
         model = apply_stack(copy.deepcopy(base), [{"name": "quantize", "mode": "deploy", "a_granularity": gran,
@@ -42,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("acts", "weights"):
             int8_linear.NO_VNNI = mode
             int8_linear._PACKED.clear()  # repack: the weights' codes depend on the mode
-            for k, d in held.items():
-                m = accuracy_metrics(*predict(model, d, batch_size=256, cfg=bench)[:2], refs[k])
-                rows[f"{mode} {gran} {k}"] = round(m["agreement"], 2)
+            scores = score(model, held, refs)
+            for k in held:
+                rows[f"{mode} {gran} {k}"] = scores[f"{k}_agreement"]
                 print(mode, gran, k, rows[f"{mode} {gran} {k}"], flush=True)
-    score = {mode: sum(v for k, v in rows.items() if k.startswith(mode)) / 4 for mode in ("acts", "weights")}
-    res = {"agreement": rows, "mean_agreement": score, "chosen": max(score, key=score.get),
-           **run_context(bench.resolve_device())}
+    means = {mode: sum(v for k, v in rows.items() if k.startswith(mode)) / 4 for mode in ("acts", "weights")}
+    res = {"agreement": rows, "mean_agreement": means, "chosen": max(means, key=means.get),
+           **run_context(FP32_CPU.resolve_device())}
     atomic_write_json(args.out / "int8_no_vnni_mode.json", res)
-    print("chosen:", res["chosen"], score)
+    print("chosen:", res["chosen"], means)
     return 0
 
 

@@ -89,11 +89,11 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     search = str(cfg.softmax) if str(cfg.softmax) in ops.SOFTMAX_SEARCH else None
     errors: dict[str, torch.Tensor] = {}
     gelu_errors: dict[str, torch.Tensor] = {}
-    twin_range: dict[str, tuple[float, float]] = {}
-    twins = post_gelu_layers(model, layers, str(cfg.post_gelu)) if cfg.static_acts else set()
+    gelu_range: dict[str, tuple[float, float]] = {}
+    gelus = post_gelu_layers(model, layers, str(cfg.post_gelu)) if cfg.static_acts else set()
     grads: dict[str, list[torch.Tensor]] = {}
     if str(cfg.search_metric) == "hessian" and cfg.static_acts:
-        taps = {n: m for n, m in layers if (search and isinstance(m, QuantAttention)) or n in twins}
+        taps = {n: m for n, m in layers if (search and isinstance(m, QuantAttention)) or n in gelus}
         grads = output_grads(model, taps, calib, cfg.calib_size)
     values: dict[str, torch.Tensor] = {}  # each attention's v of the current batch (the hessian metric needs it)
     batch_of: dict[str, int] = {}
@@ -123,12 +123,12 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
         def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if cfg.static_acts:
                 record(name, "", args[0])
-            if name in twins:  # the post-GELU grid's parameter: each candidate's error at this layer's output
+            if name in gelus:  # the post-GELU grid's parameter: each candidate's error at this layer's output
                 err = ops.gelu_search_errors(args[0], module.weight, int(cfg.a_bits), batch_grad(name),
                                              str(cfg.post_gelu))
                 gelu_errors[name] = gelu_errors.get(name, 0) + err
-                lo, hi = twin_range.get(name, (0.0, 0.0))
-                twin_range[name] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
+                lo, hi = gelu_range.get(name, (0.0, 0.0))
+                gelu_range[name] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
             if gptq:
                 x = _rows(module, args[0])
                 hessians[name] = hessians.get(name, 0) + x.t() @ x
@@ -158,7 +158,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     for name, err in gelu_errors.items():  # twin: R2's top as a share of the maximum; adalog: its base
         best = ops.post_gelu_candidates(str(cfg.post_gelu))[int(err.argmin())]
         out.setdefault(name, {})["gelu_param"] = (best, best)
-        out[name][""] = twin_range[name]  # the raw extremes: the grids are set from the maximum itself
+        out[name][""] = gelu_range[name]  # the raw extremes: the grids are set from the maximum itself
     for name, err in errors.items():  # the searched softmax parameter travels as a degenerate range
         best = ops.SOFTMAX_SEARCH[search][int(err.argmin())]  # type: ignore[index]
         out.setdefault(name, {})["p_param"] = (best, best)

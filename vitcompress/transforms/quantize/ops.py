@@ -235,12 +235,21 @@ def post_gelu_candidates(kind: str) -> tuple[float, ...]:
     return GELU_SEARCH if kind == "twin" else SOFTMAX_SEARCH["adalog"]
 
 
-def post_gelu_quant(x: torch.Tensor, bits: int, kind: str, lo: float, hi: float, param: float) -> torch.Tensor:
-    """A post-GELU quantizer set from the observed range [lo, hi] and its searched parameter."""
+def post_gelu_grid(kind: str, bits: int, lo: float, hi: float, param: float) -> dict[str, float]:
+    """A post-GELU quantizer's buffers from the observed range [lo, hi] and its searched parameter: twin's steps
+    (a_neg_scale: R1 covers lo; a_scale: R2 tops at param x hi), or adalog's top (a_scale) and base (a_param)."""
     if kind == "twin":
         half = 2 ** (bits - 1)
-        return twin_gelu(x, bits, max(-lo, EPS) / half, max(param * hi, EPS) / (half - 1))
-    return adalog_gelu(x, bits, max(hi + GELU_SHIFT, EPS), param)
+        return {"a_neg_scale": max(-lo, EPS) / half, "a_scale": max(param * hi, EPS) / (half - 1)}
+    return {"a_scale": max(hi + GELU_SHIFT, EPS), "a_param": param}
+
+
+def post_gelu_quant(x: torch.Tensor, bits: int, kind: str, lo: float, hi: float, param: float) -> torch.Tensor:
+    """A post-GELU quantizer set from the observed range [lo, hi] and its searched parameter."""
+    g = post_gelu_grid(kind, bits, lo, hi, param)
+    if kind == "twin":
+        return twin_gelu(x, bits, g["a_neg_scale"], g["a_scale"])
+    return adalog_gelu(x, bits, g["a_scale"], g["a_param"])
 
 
 def gelu_search_errors(x: torch.Tensor, weight: torch.Tensor, bits: int, grad: torch.Tensor | None = None,

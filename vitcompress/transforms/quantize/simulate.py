@@ -179,15 +179,11 @@ def set_grids(module: nn.Module, ranges: dict[str, tuple[float, float]]) -> None
                 module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
             if "p_param" in ranges and hasattr(module, "p_param"):
                 module.p_param.fill_(ranges["p_param"][0])
-        elif "" in ranges and getattr(module, "_vc_post_gelu", "uniform") == "twin":
-            lo, hi = ranges[""]
-            half = 2 ** (bits - 1)
-            share = ranges.get("gelu_param", (1.0, 1.0))[0]
-            module.a_neg_scale.fill_(max(-lo, ops.EPS) / half)
-            module.a_scale.fill_(max(share * hi, ops.EPS) / (half - 1))
-        elif "" in ranges and getattr(module, "_vc_post_gelu", "uniform") == "adalog":
-            module.a_scale.fill_(max(ranges[""][1] + ops.GELU_SHIFT, ops.EPS))
-            module.a_param.fill_(ranges.get("gelu_param", (2.0, 2.0))[0])
+        elif "" in ranges and getattr(module, "_vc_post_gelu", "uniform") != "uniform":
+            kind = module._vc_post_gelu
+            param = ranges.get("gelu_param", (1.0 if kind == "twin" else 2.0,) * 2)[0]
+            for buf, v in ops.post_gelu_grid(kind, bits, *ranges[""], param).items():
+                getattr(module, buf).fill_(v)
         elif "" in ranges:
             s, z = act_grid(*ranges[""], bits, fp8)
             module.a_scale.copy_(s)
