@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .tuned import GemmPath, gemm_path
+
 try:  # optional: the torch references run without it
     import triton
     import triton.language as tl
@@ -59,11 +61,12 @@ def _probe() -> bool:
     return triton is not None
 
 
-def runs_kernel(backend: str, *tensors: torch.Tensor) -> bool:
+def runs_kernel(backend: str, *tensors: torch.Tensor, shape: tuple[str, int, int, int] | None = None) -> bool:
     """Whether an op (``int8_gemm(..., backend=)`` etc.) or a drop-in layer runs its Triton kernel on ``tensors``
     rather than its torch reference: never for ``torch`` (or ``bnb``, not ours); always for ``triton`` (an error
     without triton; on CPU tensors only under ``TRITON_INTERPRET=1``); for ``auto`` only on CUDA tensors with
-    triton installed. The one such predicate in vitcompress."""
+    triton installed and, where the op gives its ``shape`` (``(op, M, N, K)``), only where the per-architecture
+    table (:mod:`.tuned`) measured our kernel faster than the vendor path. The one such predicate in vitcompress."""
     if backend in (Backend.TORCH, Backend.BNB):
         return False
     if backend == Backend.TRITON:
@@ -72,7 +75,9 @@ def runs_kernel(backend: str, *tensors: torch.Tensor) -> bool:
         return True
     if backend != Backend.AUTO:
         raise ValueError(f"backend must be one of {', '.join(b.value for b in Backend)}, got '{backend}'")
-    return available() and all(t.is_cuda for t in tensors)
+    if not (available() and all(t.is_cuda for t in tensors)):
+        return False
+    return shape is None or gemm_path(*shape, tensors[0].device) == GemmPath.TRITON
 
 
 def builder(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -22,7 +22,8 @@ BLOCK_SIZES = (16, 32, 64, 128)
 def bsr_dense(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The dense [N, K] weight of a BSR (crow [N/B+1], col [nnzb], values [nnzb,B,B]); differentiable in values."""
     b = values.shape[-1]
-    rows = torch.repeat_interleave(torch.arange(n // b, device=values.device), crow.diff())
+    # output_size: the row of each block without a host sync (and a static shape for torch.compile)
+    rows = torch.repeat_interleave(torch.arange(n // b, device=values.device), crow.diff(), output_size=values.shape[0])
     w = values.new_zeros(n // b, k // b, b, b).index_put((rows, col), values)
     return w.permute(0, 2, 1, 3).reshape(n, k)
 

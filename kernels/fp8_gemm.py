@@ -51,8 +51,14 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
                             bias.to(out_dtype), out_dtype=out_dtype)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a compiled graph takes the probe's answer as a constant
 def scaled_mm_rowwise(device: str) -> bool:
+    """See :func:`_scaled_mm_rowwise` (cached)."""
+    return _scaled_mm_rowwise(device)
+
+
+@functools.cache
+def _scaled_mm_rowwise(device: str) -> bool:
     """Whether ``torch._scaled_mm`` takes row-wise scales on this device ("cpu" or "cuda:0"): it needs CUDA
     capability >= 8.9, and on the CPU a recent torch (2.11's CPU kernel takes per-tensor scales only). Probed once."""
     dev = torch.device(device)
@@ -116,7 +122,11 @@ def _fp8_gemm_flops(a_q, w_q, *args, out_shape=None, **kwargs) -> int:
 def fp8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
              backend: str = "auto") -> torch.Tensor:
-    """See :func:`fp8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
-    if not runs_kernel(backend, a_q, w_q):
+    """See :func:`fp8_gemm_ref`. backend: auto (triton where usable and the GEMM table measured it faster than
+    ``torch._scaled_mm`` at this shape), triton or torch (``torch._scaled_mm`` where it takes row-wise scales)."""
+    if not runs_kernel(backend, a_q, w_q, shape=("fp8", a_q.shape[0], w_q.shape[1], a_q.shape[1])):
+        if a_q.is_cuda and not gelu and w_q.stride(0) == 1 and scaled_mm_rowwise(str(a_q.device)) and \
+                not (a_q.shape[1] % 16 or w_q.shape[1] % 16):
+            return scaled_mm(a_q, w_q, a_scale, w_scale, bias, out_dtype)
         return fp8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
     return _fp8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)

@@ -30,14 +30,22 @@ def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w
                   bias: torch.Tensor | None = None, gelu: bool = False,
                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a_q int8 [M,K], w_q int8 [K,N], a_scale fp32 [M], w_scale fp32 [N], bias [N] -> [M,N] ``out_dtype``."""
-    acc = (a_q.to(torch.int32) @ w_q.to(torch.int32)) if a_q.device.type == "cpu" else \
-        torch._int_mm(a_q, w_q)
+    acc = (a_q.to(torch.int32) @ w_q.to(torch.int32)) if a_q.device.type == "cpu" else int_mm(a_q, w_q)
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()[None, :]
     if gelu:
         out = F.gelu(out)
     return out.to(out_dtype)
+
+
+def int_mm(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` (cuBLASLt's int8 GEMM: a_q [M,K] x w_q [K,N] -> int32 [M,N]), padding M <= 16 rows to
+    17, which it needs on CUDA."""
+    m = a_q.shape[0]
+    if a_q.is_cuda and m <= 16:
+        a_q = torch.cat([a_q, a_q.new_zeros(17 - m, a_q.shape[1])])
+    return torch._int_mm(a_q, w_q)[:m]
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +217,9 @@ def _(x, weight, bias, eps):
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
               backend: str = "auto") -> torch.Tensor:
-    """See :func:`int8_gemm_ref`. backend: auto (triton where usable), triton or torch."""
-    if not runs_kernel(backend, a_q, w_q):
+    """See :func:`int8_gemm_ref`. backend: auto (triton where usable and the GEMM table measured it faster than
+    ``torch._int_mm`` at this shape), triton or torch (``torch._int_mm`` on CUDA)."""
+    if not runs_kernel(backend, a_q, w_q, shape=("int8", a_q.shape[0], w_q.shape[1], a_q.shape[1])):
         return int8_gemm_ref(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
     return _int8_gemm_op(a_q, w_q, a_scale, w_scale, bias, gelu, out_dtype)
 

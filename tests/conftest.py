@@ -54,6 +54,9 @@ def infer(model, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
+    # rich sizes its console from COLUMNS when there is no terminal (80 otherwise): a fixed, wide console, so that
+    # no test's output depends on the terminal or on the length of the checkout's path
+    monkeypatch.setenv("COLUMNS", "400")
     monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
 

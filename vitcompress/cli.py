@@ -90,7 +90,9 @@ def eval_(
         None, "--bench-batch-sizes", help="Latency batch sizes, e.g. 1,16,64."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, bf16, fp16 or fp32 (autocast)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
-    compile_: bool | None = typer.Option(None, "--compile", help="Time with torch.compile."),
+    compile_: bool | None = typer.Option(
+        None, "--compile", help="Time the compiled deploy path (fullgraph, frozen weights, CUDA graphs on a GPU)."),
+    compile_mode: str | None = typer.Option(None, "--compile-mode", help="default or max-autotune."),
     repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
     no_speed: bool | None = typer.Option(None, "--no-speed", help="Skip latency and memory."),
     json_out: Path | None = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
@@ -113,7 +115,7 @@ def eval_(
     """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data.
 
     MODEL may be an exported .onnx/.pt2 file: its agreement is then measured against the artifact it came from."""
-    bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, repeat=repeat,
+    bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, compile_mode=compile_mode, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
     m = _runtime_model(model, runtime, runtime_opts) or \
         _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)

@@ -32,7 +32,9 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first level with an exact int8 dot product (VNNI)
+# oneDNN ISA caps below the first level with an exact int8 dot product (VNNI). oneDNN reads the cap from
+# ONEDNN_MAX_CPU_ISA and, still, from its older name DNNL_MAX_CPU_ISA (the new name wins where both are set)
+_ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 _NO_VNNI_CAPS = {"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"}
 
 
@@ -40,6 +42,7 @@ def onednn_int8_exact() -> bool:
     """Whether oneDNN's u8 x s8 int8 GEMM sums products exactly on this CPU: with VNNI or AMX it does; without
     (AVX2-only CPUs such as AMD Zen 3, AVX-512 without VNNI, or oneDNN capped below VNNI) it multiplies with
     vpmaddubsw, whose int16 pair sums saturate once two adjacent u8 x s8 products pass 32767."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in _NO_VNNI_CAPS:
+    cap = next((os.environ[v] for v in _ISA_CAP_VARS if os.environ.get(v)), "ALL")
+    if cap.strip().upper() in _NO_VNNI_CAPS:
         return False
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())

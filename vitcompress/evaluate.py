@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .bench import BenchConfig, Dtype, count_flops, peak_memory_mb, serialized_size_mb, time_model
+from .bench import (
+    BenchConfig,
+    Dtype,
+    compile_options,
+    count_flops,
+    peak_memory_mb,
+    serialized_size_mb,
+    static_shapes,
+    time_model,
+)
 from .bench.timing import attention_backend
 from .data import ImageData, load_data
 from .errors import check_positive
@@ -132,6 +141,11 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
         result.update(speed_metrics(model, bench))
     result.update({"dtype": str(bench.dtype.on(bench.resolve_device())), "sdpa": bench.sdpa, "compile": bench.compile,
                    **run_context(bench.resolve_device())})
+    if bench.compile and not isinstance(model, RuntimeModel):  # how it compiled: graphs or not, and why
+        opts = compile_options(model, bench.resolve_device(), bench.compile_mode)
+        result["compiled"] = {"mode": str(bench.compile_mode), "fullgraph": opts["fullgraph"],
+                              "cuda_graphs": opts["options"]["triton.cudagraphs"],
+                              "static_shapes": static_shapes(model)}
     return result
 
 

@@ -1,7 +1,8 @@
 """Latency measurement: warm up, repeat, report median and p95; A-vs-B side by side, alternating.
 
 CUDA events on a GPU, ``time.perf_counter`` on a CPU. By default a model runs the way a user would run
-the dense baseline: bf16 autocast with timm's fused SDPA attention; ``compile=True`` adds torch.compile.
+the dense baseline: bf16 autocast with timm's fused SDPA attention; ``compile=True`` runs the compiled deploy
+path (:mod:`vitcompress.bench.compiled`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ..config import Config, StrEnum
 from ..device import cpu_flags, resolve_device
 from ..errors import ConfigError
+from .compiled import CompileMode, compile_model
 
 
 class Dtype(StrEnum):
@@ -77,7 +79,10 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclasses.dataclass
 class BenchConfig(Config):
-    """How to run and time a model. device: ``auto`` (cuda if present), ``cpu``, ``cuda``, ``cuda:N``."""
+    """How to run and time a model. device: ``auto`` (cuda if present), ``cpu``, ``cuda``, ``cuda:N``.
+
+    compile: the compiled deploy path (:mod:`vitcompress.bench.compiled`: fullgraph, frozen weights, a CUDA graph
+    per batch size on a GPU), compiled as ``compile_mode`` says."""
 
     NAME = "bench"
     VERSION = 1
@@ -85,6 +90,7 @@ class BenchConfig(Config):
     dtype: Dtype = Dtype.AUTO
     sdpa: bool = True
     compile: bool = False
+    compile_mode: CompileMode = CompileMode.DEFAULT
     warmup: int = 3
     warmup_s: float = 1.0
     repeat: int = 15
@@ -190,7 +196,7 @@ def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...],
     """
     device = cfg.resolve_device()
     model = model.to(device).eval()
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = compile_model(model, device, cfg.compile_mode) if cfg.compile else model
     if images is None:
         x = torch.randn(batch_size, *input_size, device=device)
     else:

@@ -31,10 +31,11 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 
     kernel: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
     :func:`vitcompress.kernels.attention.attention` with it as a per-key bias (inference); ``auto`` picks triton
-    on CUDA tensors when it is installed. seq_lens [B]: tokens at positions >= len are padding; the kernel
-    skips them (varlen), SDPA relies on ``bias`` being -inf there. Returns (output [B,N,C], keys averaged over
-    heads [B,N,Dh], CLS attention over heads [B,N] or None). significance: the CLS row times each value's norm
-    (ATS's score, unnormalised) instead of the bare CLS row.
+    on CUDA tensors when it is installed and, for a bias alone, where the per-architecture table
+    (:mod:`vitcompress.kernels.tuned`) measured it faster than SDPA at this shape. seq_lens [B]: tokens at
+    positions >= len are padding; the kernel skips them (varlen), SDPA relies on ``bias`` being -inf there.
+    Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS attention over heads [B,N] or None).
+    significance: the CLS row times each value's norm (ATS's score, unnormalised) instead of the bare CLS row.
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -43,7 +44,8 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     attend = getattr(attn, "_vc_attend", None)
     if attend is not None:
         out = attend(q, k, v, mask)
-    elif (mask is not None or seq_lens is not None) and not attn.training and runs_kernel(kernel, q):
+    elif (mask is not None or seq_lens is not None) and not attn.training and runs_kernel(
+            kernel, q, shape=None if seq_lens is not None else ("attention", b * attn.num_heads, n, attn.head_dim)):
         out = fused(q, k, v, key_bias=None if bias is None else bias[:, 0, 0, :], seq_lens=seq_lens,
                     scale=attn.scale, backend="triton")
     else:

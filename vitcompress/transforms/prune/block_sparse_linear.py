@@ -110,7 +110,8 @@ class BlockSparseLinear(nn.Module):
                 f"density={self.density:.3f}, backend={self.backend}, cpu_impl={self.cpu_impl}")
 
     def _cached_dense(self, dtype: torch.dtype) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.values.requires_grad:
+        # compiled: the scatter is part of the graph (a frozen graph folds it into a constant weight)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.values.requires_grad):
             return self.dense_weight(dtype)
         try:
             key = (self.values._version, self.values.data_ptr(), dtype, self.values.device)
@@ -132,7 +133,9 @@ class BlockSparseLinear(nn.Module):
             y = bsr_gemm(x.reshape(-1, self.in_features).to(dtype), self.crow_indices, self.col_indices,
                          self.values, self.bias, self.out_features, backend="triton")
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.cpu_impl == "bsr" and not x.is_cuda and not (torch.is_grad_enabled() and self.values.requires_grad):
+        sparse_ok = not torch.compiler.is_compiling()  # torch.sparse tensors do not trace: compiled runs dense
+        if self.cpu_impl == "bsr" and sparse_ok and not x.is_cuda and not (torch.is_grad_enabled()
+                                                                            and self.values.requires_grad):
             with warnings.catch_warnings():  # "BSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 w = torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values.detach().float(),

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ...device import onednn_int8_exact
 from ...kernels._triton import runs_kernel
-from ...kernels.int8_gemm import int8_gemm, quantize_per_token
+from ...kernels.int8_gemm import int8_gemm, int_mm, quantize_per_token
 from . import ops
 
 QMAX = 127
@@ -33,8 +33,9 @@ HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, 
 # (results/quant/cpu_avx2_emulated/int8_no_vnni_mode.json). The artifact stays the same.
 ONEDNN_EXACT = onednn_int8_exact()
 NO_VNNI = os.environ.get("VITCOMPRESS_NO_VNNI", "weights")  # acts or weights: which side takes 7 bits there
-# Prepacked weights per layer, outside the module: an opaque oneDNN tensor must not reach deepcopy or state_dict
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Prepacked weights, outside the modules (an opaque oneDNN tensor must not reach deepcopy, state_dict or a traced
+# graph): {(data_ptr, shape, version, 7-bit mode): (weakref to the int8 weight, packed, zero points, scales)}
+_PACKED: dict[tuple, tuple] = {}
 
 CHUNK = 1 << 18  # elements per row block of the activation quantizer: its float temporaries stay in cache
 
@@ -59,6 +60,77 @@ def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX) -> tuple[t
         xi = xi.div_(si) if own else xi.div(si)
         out[i:i + rows] = xi.round_().clamp_(-qmax, qmax).add_(qmax + 1)
     return out, scales
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return (w.data_ptr(), tuple(w.shape), -1 if w.is_inference() else w._version)  # inference: no version counter
+
+
+def _forget_packed(w: torch.Tensor | None) -> None:
+    if w is not None:
+        for key in [k for k in _PACKED if k[0] == w.data_ptr()]:
+            del _PACKED[key]
+
+
+def is_packed(w_int8: torch.Tensor) -> bool:
+    """Whether the oneDNN path has packed these weight codes (it ran on them)."""
+    return any(v[0]() is w_int8 for v in _PACKED.values())
+
+
+def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]) for int8 codes [out, in]:
+    packed once, again only when the weight changes. Without VNNI in ``weights`` mode the codes are halved onto
+    7 bits. Cached by the weight's storage and version; an entry whose weight was freed is dropped (its address
+    may be reused)."""
+    mode = ONEDNN_EXACT or NO_VNNI
+    key = (*_weight_key(w_int8), mode)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is not None:
+        return hit[1], hit[2], hit[3]
+    for k in [k for k, v in _PACKED.items() if v[0]() is None]:
+        del _PACKED[k]
+    w, scale = w_int8, w_scale
+    if not ONEDNN_EXACT and NO_VNNI == "weights":
+        w, scale = torch.round(w.float() / 2).clamp(-63, 63).to(torch.int8), scale * 2
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    zeros = torch.zeros(w_int8.shape[0], dtype=torch.long)
+    _PACKED[key] = (weakref.ref(w_int8), packed, zeros, scale)
+    return packed, zeros, scale
+
+
+@torch.library.custom_op("vitcompress::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                       bias: torch.Tensor | None, per_token: bool) -> torch.Tensor:
+    """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
+    (fp32 or bf16), for int8 weight codes [out, in] with scales [out]. One opaque op, so that a compiled graph
+    keeps it whole (its fake implementation gives the shape). oneDNN takes uint8 activations with a zero point:
+    the int8 codes + 128 are the same grid. A static scale ``a_scale`` [] and the bias go into oneDNN's
+    epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
+    ``ONEDNN_EXACT``)."""
+    packed, zeros, ws = packed_weight(w_int8, w_scale)
+    qmax = QMAX if ONEDNN_EXACT or NO_VNNI == "weights" else 63
+    if per_token:
+        qx, s = _to_uint8(x2, None, qmax)
+        out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, ws, zeros, None, 1.0, 0,
+                                                 torch.float32, "none", [], "").mul_(s)
+        return (out if bias is None else out.add_(bias)).to(x2.dtype)
+    a = float(a_scale) * QMAX / qmax  # the calibrated range, on the coarser grid without VNNI
+    qx, _ = _to_uint8(x2, a, qmax)
+    out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    bias = None if bias is None else bias.to(out_dtype)
+    return torch.ops.onednn.qlinear_pointwise(qx, a, qmax + 1, packed, ws, zeros, bias, 1.0, 0,
+                                              out_dtype, "none", [], "").to(x2.dtype)
+
+
+@onednn_int8_linear.register_fake
+def _(x2, w_int8, w_scale, a_scale, bias, per_token):  # noqa: ANN001
+    return x2.new_empty(x2.shape[0], w_int8.shape[0])
+
+
+@register_flop_formula(torch.ops.vitcompress.onednn_int8_linear)
+def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+    """2 * M * K * N for x2 [M, K] and weight codes [N, K]."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
 if HAS_ONEDNN:
@@ -120,7 +192,7 @@ class Int8Linear(ScaledLinear):
         old = state_dict.pop(prefix + "w_qt", None)  # artifacts from before 2026-11-22 stored [in, out]
         if old is not None:
             state_dict[prefix + "w_int8"] = old.t().contiguous()
-        _PACKED.pop(self, None)  # new weights: repack on the next call
+        _forget_packed(getattr(self, "w_int8", None))  # new weights: repack on the next call
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
@@ -130,7 +202,8 @@ class Int8Linear(ScaledLinear):
         """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale.
 
         backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
-        (``torch._int_mm``), or ``auto`` (triton on CUDA when it is installed).
+        (``torch._int_mm``), or ``auto`` (on CUDA, whichever of the two the per-architecture GEMM table measured
+        faster at each shape: :mod:`vitcompress.kernels.tuned`).
         """
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
                   backend)
@@ -143,49 +216,19 @@ class Int8Linear(ScaledLinear):
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
 
-    def _packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]); packed once, again only
-        when the weight changes. Without VNNI in ``weights`` mode the codes are halved onto 7 bits."""
-        w = self.w_int8
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version)  # inference tensors have no version counter
-        cached = _PACKED.get(self)
-        if cached is None or cached[0] != key:
-            scale = self.w_scale
-            if not ONEDNN_EXACT and NO_VNNI == "weights":
-                w, scale = torch.round(w.float() / 2).clamp(-63, 63).to(torch.int8), scale * 2
-            cached = (key, torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(self.out_features, dtype=torch.long),
-                      scale)
-            _PACKED[self] = cached
-        return cached[1], cached[2], cached[3]
-
-    def _onednn(self, x2: torch.Tensor) -> torch.Tensor:
-        """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
-        (fp32 or bf16). oneDNN takes uint8 activations with a zero point: the int8 codes + 128 are the same grid.
-        A static scale and the bias go into oneDNN's epilogue; per-token scales are applied to its fp32 output.
-        Without VNNI one side takes 7 bits (see ``ONEDNN_EXACT``)."""
-        packed, zeros, w_scale = self._packed()
-        qmax = QMAX if ONEDNN_EXACT or NO_VNNI == "weights" else 63
-        if self.per_token:
-            qx, s = _to_uint8(x2, None, qmax)
-            out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, w_scale, zeros, None, 1.0, 0,
-                                                     torch.float32, "none", [], "").mul_(s)
-            return (out if self.bias is None else out.add_(self.bias)).to(x2.dtype)
-        a = float(self.a_scale) * QMAX / qmax  # the calibrated range, on the coarser grid without VNNI
-        qx, _ = _to_uint8(x2, a, qmax)
-        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        bias = None if self.bias is None else self.bias.to(out_dtype)
-        return torch.ops.onednn.qlinear_pointwise(qx, a, qmax + 1, packed, w_scale, zeros, bias, 1.0, 0,
-                                                  out_dtype, "none", [], "").to(x2.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        kernel = runs_kernel(self.backend, x)
+        # auto: our kernel only where the GEMM table measured it faster than torch._int_mm at this shape
+        kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
         if not kernel and x.device.type == "cpu" and HAS_ONEDNN:
-            return self._onednn(x2).reshape(*shape[:-1], self.out_features)
-        if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference
-            q, s = quantize_per_token(x2, backend="triton" if kernel else "torch")
+            out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
+                                                           self.per_token)
+            return out.reshape(*shape[:-1], self.out_features)
+        if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference (which a
+            # compiled graph fuses into the LayerNorm / GELU before it, so it takes the reference there)
+            fused = kernel and not torch.compiler.is_compiling()
+            q, s = quantize_per_token(x2, backend="triton" if fused else "torch")
         else:
             s = self.a_scale.expand(x2.shape[0])
             q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
@@ -193,10 +236,7 @@ class Int8Linear(ScaledLinear):
             out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, self.bias, out_dtype=x.dtype,
                             backend="triton")
             return out.reshape(*shape[:-1], self.out_features)
-        m = q.shape[0]
-        if q.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16
-            q = torch.cat([q, q.new_zeros(17 - m, q.shape[1])])
-        acc = torch._int_mm(q, self.w_int8.t())[:m]
+        acc = int_mm(q, self.w_int8.t())
         out = acc.float() * (s[:, None] * self.w_scale)
         if self.bias is not None:
             out = out + self.bias

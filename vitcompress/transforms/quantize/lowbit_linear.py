@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels._triton import runs_kernel
 from ...kernels.fp8_gemm import fp8_gemm, scaled_mm_rowwise
 from . import ops
 from .int8_linear import ScaledLinear
@@ -134,7 +135,8 @@ class Fp8Linear(ScaledLinear):
         s = ops.fp8_scale(x2.detach().abs().amax(1, keepdim=True)) if self.per_token else \
             self.a_scale.expand(x2.shape[0], 1)
         q = ops.fp8_codes(x2, s)
-        if self.backend == "triton":  # bias fused into the kernel's epilogue
+        # triton always; auto where the GEMM table measured our kernel faster than torch._scaled_mm at this shape
+        if runs_kernel(self.backend, x, shape=("fp8", x2.shape[0], self.out_features, self.in_features)):
 
             out = fp8_gemm(q, self.w_fp8.t(), s[:, 0].contiguous(), self.w_scale, self.bias, out_dtype=torch.bfloat16,
                            backend="triton")

@@ -89,6 +89,11 @@ class ReducibleBlock(Block):
     _vc_first: bool
     _vc_index: int = 0
 
+    @property
+    def _vc_dynamic_shapes(self) -> bool:
+        """Whether this block's token count depends on the images (no fullgraph, no CUDA graph)."""
+        return self._vc_adapt or self._vc_state.adaptive
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 ) -> torch.Tensor:
         st = self._vc_state

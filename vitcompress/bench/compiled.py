@@ -1,0 +1,66 @@
+"""The compiled deploy path: ``torch.compile(fullgraph=True)`` over frozen weights, replayed in a CUDA graph per
+batch size on a GPU.
+
+Below batch 256 a ViT-B on an H100/H200 waits on kernel launches: eager dense takes 7 ms at batch 1 and 8 ms at
+batch 64, and every compression method adds launches. Compiling the whole model into one graph (Inductor fuses
+the quantize / dequantize, LayerNorm, GELU and residual elementwise work, and the token merge's gathers) and
+replaying it as one CUDA graph removes that floor. Weights are frozen (``freezing``): Inductor folds what depends
+only on them, such as a block-sparse layer's dense weight, into constants.
+
+A model whose shapes depend on its input's content (adaptive token counts: ATS, significance mass, learned
+thresholds) cannot be captured in a CUDA graph. Its modules say so through ``_vc_dynamic_shapes``; it is compiled
+without ``fullgraph`` and without graphs, and :func:`static_shapes` reports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import StrEnum
+
+
+class CompileMode(StrEnum):
+    """How :func:`compile_model` compiles. ``default``: Inductor with frozen weights, fullgraph, CUDA graphs on a
+    GPU; ``max-autotune``: the same plus Inductor's GEMM / kernel autotuning (minutes of compilation)."""
+
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune"
+
+
+def static_shapes(model: nn.Module) -> bool:
+    """Whether every forward of ``model`` has the same shapes for the same input shape: False when a module's
+    token count depends on the images (``_vc_dynamic_shapes``), which rules out fullgraph and CUDA graphs."""
+    return not any(getattr(m, "_vc_dynamic_shapes", False) for m in model.modules())
+
+
+def compile_options(model: nn.Module, device: torch.device, mode: CompileMode | str = CompileMode.DEFAULT,
+                    ) -> dict[str, object]:
+    """The ``torch.compile`` arguments for ``model`` on ``device`` (also what a report records)."""
+    mode = CompileMode(mode)
+    static = static_shapes(model)
+    options: dict[str, object] = {"freezing": True, "triton.cudagraphs": device.type == "cuda" and static}
+    if mode == CompileMode.MAX_AUTOTUNE:
+        options.update({"max_autotune": True, "coordinate_descent_tuning": True})
+    return {"fullgraph": static, "dynamic": False, "options": options}
+
+
+def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMode | str = CompileMode.DEFAULT,
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` compiled for inference on ``device``: x [B,3,H,W] -> logits [B,classes].
+
+    Shapes are static (``dynamic=False``): each batch size compiles, and on a GPU captures, its own graph once.
+    With CUDA graphs an output lives in the graph's memory until the next call: copy it to keep it.
+    """
+    device = torch.device(device)
+    compiled = torch.compile(model, **compile_options(model, device, mode))
+    graphs = device.type == "cuda" and static_shapes(model)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if graphs:  # each call is a new step: the previous call's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+
+    return run
