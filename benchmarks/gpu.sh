@@ -4,6 +4,13 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh               # device tool: carry [".whl"], command `bash benchmarks/gpu.sh`
 #   STEPS="tests kernels-gemm tokens" OUT=... bash benchmarks/gpu.sh     # a subset (a short lease, a rerun)
+#   STEPS=headline OUT=... bash benchmarks/gpu.sh       # the first call on any lent GPU (<= 6 minutes)
+#
+# `headline` always runs first: it measures this GPU's GEMM table (python -m vitcompress.kernels.tune, into
+# tuned/<arch>.json: commit it to kernels/tuned/), then times ViT-B/16 at batch 1 / 64 / 256, eager and compiled
+# dense against every deployable method and the best stacks, compiled (benchmarks/headline.py), with the CIFAR-10
+# accuracy that the CPU measured beforehand (results/headline/cifar10). Its compiles run in HEADLINE_JOBS
+# worker processes first, sharing one Inductor cache.
 #
 # Each step has its own time limit, so one slow or failing step cannot take the others' time; each writes its
 # files as it goes (the sweep resumes). Everything lands in $OUT/gpu_results.tar.gz (the device tool returns at
@@ -11,13 +18,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
-STEPS=${STEPS:-"tests tokens quant prune kernels-gemm kernels-bsr kernels-attention sweep"}
+STEPS=${STEPS:-"headline tests tokens quant prune kernels-gemm kernels-bsr kernels-attention sweep"}
 W=$(mktemp -d)/gpu
 mkdir -p "$W"
 LOG="$OUT/runbook.log"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export VITCOMPRESS_CACHE="$W/cache" VITCOMPRESS_BENCH_WARMUP_S=${VITCOMPRESS_BENCH_WARMUP_S:-0.3}
+export TORCHINDUCTOR_CACHE_DIR="$W/../inductor" TRITON_CACHE_DIR="$W/../triton"  # shared by the compile workers
 T0=$(date +%s)
 
 pack() { tar czf "$OUT/gpu_results.tar.gz.tmp" -C "$W/.." gpu && mv "$OUT/gpu_results.tar.gz.tmp" "$OUT/gpu_results.tar.gz"; }
@@ -39,6 +47,14 @@ fi
 print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 } >"$W/environment.txt" 2>&1
 cat "$W/environment.txt" >>"$LOG"
+
+# The headline first: the GEMM table (its own limit), then the compiled ViT-B/16 table; the table steers `auto`.
+case " $STEPS " in *" headline "*) STEPS="$STEPS headline-table" ;; esac
+ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm{m}{n}')" 2>/dev/null || echo sm)
+step headline-table "${TABLE_LIMIT:-75}" $PY -m vitcompress.kernels.tune --out "$W/tuned/$ARCH.json" --repeat 15
+[ -f "$W/tuned/$ARCH.json" ] && export VITCOMPRESS_GEMM_TABLE="$W/tuned/$ARCH.json"
+step headline "${HEADLINE_LIMIT:-300}" $PY -m benchmarks.headline --out "$W/headline" \
+  --jobs "${HEADLINE_JOBS:-4}" --repeat 20 --accuracy results/headline/cifar10 ${HEADLINE_VARIANTS:+--variants "$HEADLINE_VARIANTS"}
 
 # Not in the default STEPS: choose the CIFAR-10 testbed recipe on held-out train data (needs .cifar10_pack.pt,
 # carried: `python -m benchmarks.cifar10_recipes pack`). 4 candidates at once take about 210 s on an H200.

@@ -6,6 +6,7 @@ These run Inductor's CPU backend; the GPU runbook's ``headline`` step times the 
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -101,3 +102,15 @@ def test_bench_runner_runs_the_compiled_path():
     out = model_runner(model, 2, (3, 32, 32), cfg, images=images(2))()
     with torch.inference_mode():
         torch.testing.assert_close(out, ref(images(2)), atol=1e-4, rtol=0)
+
+
+def test_eval_compile_records_how_it_compiled(cli, tmp_path):
+    out = tmp_path / "e.json"
+    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+                     "--data", "synthetic:4", "--reference", "none", "--device", "cpu", "--dtype", "fp32",
+                     "--compile", "--bench-batch-sizes", "2", "--repeat", "1", "--json", out)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["compile"] is True
+    assert res["compiled"] == {"mode": "default", "fullgraph": True, "cuda_graphs": False, "static_shapes": True}
+    assert res["latency_ms"]["2"]["median_ms"] > 0

@@ -7,7 +7,6 @@ from conftest import TINY
 from vitcompress import create_model, data_config
 from vitcompress.bench import BenchConfig, compare, count_flops, peak_memory_mb, time_callable, time_model
 from vitcompress.bench.measure import serialized_size_mb, state_bytes
-from vitcompress.bench.timing import fastest_cpu_dtype
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
 from vitcompress.evaluate import accuracy_metrics, evaluate
@@ -41,7 +40,7 @@ def test_eval_of_a_trained_artifact(trained_artifact):
         result["latency_ms"]["4"]["median"] > 0
     assert result["params"] == sum(p.numel() for p in model.parameters())
     assert result["size_mb"] == pytest.approx((trained_artifact / "model.safetensors").stat().st_size / 2**20, rel=1e-6)
-    assert result["dtype"] == str(fastest_cpu_dtype()) and result["versions"]["torch"] == torch.__version__
+    assert result["dtype"] in ("bf16", "fp32") and result["versions"]["torch"] == torch.__version__
 
 
 def test_eval_reports_every_corruption(trained_artifact):
@@ -118,3 +117,39 @@ def test_auto_dtype_on_a_cpu_is_the_measured_fastest_dense_dtype(monkeypatch):
     monkeypatch.setattr(timing, "cpu_has_native_bf16", lambda: True)
     assert timing.fastest_cpu_dtype() in (timing.Dtype.BF16, timing.Dtype.FP32)  # measured
     timing.fastest_cpu_dtype.cache_clear()
+
+
+def test_auto_dtype_is_measured_on_the_model_at_its_batch_and_cached(monkeypatch, tmp_path):
+    """auto times the model it will run at the batch shape it will run, once per machine: the dtype of an accuracy
+    figure does not depend on a later timing run."""
+    import torch
+
+    from vitcompress.bench import timing
+
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.delenv("VITCOMPRESS_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(timing, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(timing, "_MODEL_DTYPES", {})
+    calls = []
+    monkeypatch.setattr(timing, "_measure_dtype", lambda m, x: calls.append(tuple(x.shape)) or timing.Dtype.FP32)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    x1, x8 = torch.zeros(1, 3, 32, 32), torch.zeros(8, 3, 32, 32)
+    assert timing.Dtype.AUTO.on(torch.device("cpu"), model, x1) == timing.Dtype.FP32
+    assert timing.Dtype.AUTO.on(torch.device("cpu"), model, x1) == timing.Dtype.FP32
+    assert timing.Dtype.AUTO.on(torch.device("cpu"), model, x8) == timing.Dtype.FP32
+    assert calls == [(1, 3, 32, 32), (8, 3, 32, 32)]  # once per batch shape
+    monkeypatch.setattr(timing, "_MODEL_DTYPES", {})  # a new process: read back from the cache file
+    assert timing.Dtype.AUTO.on(torch.device("cpu"), model, x1) == timing.Dtype.FP32 and len(calls) == 2
+    assert "auto_dtype.json" in {p.name for p in tmp_path.iterdir()}
+    assert timing.Dtype.BF16.on(torch.device("cpu"), model, x1) == timing.Dtype.BF16  # a given dtype wins
+
+
+def test_eval_records_the_dtype_that_ran_and_it_is_stable(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path))
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    data = load_data("digits", data_config(model), limit=16)
+    bench = BenchConfig(device="cpu", batch_sizes=(1, 4), repeat=1, warmup=0, warmup_s=0)
+    runs = [evaluate(model, data, reference=None, batch_size=8, bench=bench) for _ in range(2)]
+    assert runs[0]["dtype"] == runs[1]["dtype"] in ("bf16", "fp32")
+    assert {r["latency_ms"]["1"]["dtype"] for r in runs} <= {"bf16", "fp32"}
+    assert [r["latency_ms"]["4"]["dtype"] for r in runs][0] == runs[1]["latency_ms"]["4"]["dtype"]

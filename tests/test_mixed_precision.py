@@ -69,3 +69,10 @@ def test_cli_mean_bits_runs_mixed_precision(cli, trained_artifact, tmp_path):
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "n", "--candidates", "4,8", "--calib-data",
                      "digits")
     assert rc != 0 and "give --mean-bits" in err
+
+
+def test_a_misspelt_keep_name_is_refused():
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(4, 3, 32, 32), torch.zeros(4))]
+    with pytest.raises(ConfigError, match="blocks.0.mlp.fc9"):
+        compress_(model, MixedPrecisionConfig(mean_bits=5.0, calib_size=4, keep=["blocks.0.mlp.fc9"]), calib=calib)

@@ -50,16 +50,18 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     check_positive("batch size", batch_size)
     cfg = cfg or BenchConfig()
     device = cfg.resolve_device()
-    dtype = cfg.dtype.on(device)
     model = model.to(device).eval()
+    dtype: Dtype | None = None  # auto: measured for this model at the first batch's shape (cached per machine)
     rank, size = distributed.shard()
     batch_ids, items = distributed.batch_indices(len(data), batch_size, rank, size) if size > 1 else (None, None)
     loader = data.loader(batch_size, workers=workers, indices=items)
     outs = []
     with attention_backend(model, cfg.sdpa), progress_bar(progress, len(loader), f"eval {data.name}") as tick:
         for x, y, g in loader:
+            x = x.to(device)
+            dtype = dtype or cfg.dtype.on(device, model, x)
             with torch.autocast(device.type, dtype=dtype.torch, enabled=dtype != Dtype.FP32):
-                out = model(x.to(device))
+                out = model(x)
             outs.append(torch.cat([out.float().cpu(), y[:, None].float(), g[:, None].float()], 1))
             tick()
     if size > 1:
@@ -139,7 +141,8 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
                       gflops_note="mean per image over the data (adaptive token counts)")
     if speed and distributed.is_main():  # under torchrun only rank 0 times (the others would contend)
         result.update(speed_metrics(model, bench))
-    result.update({"dtype": str(bench.dtype.on(bench.resolve_device())), "sdpa": bench.sdpa, "compile": bench.compile,
+    result.update({"dtype": str(accuracy_dtype(model, data, batch_size, bench)), "sdpa": bench.sdpa,
+                   "compile": bench.compile,
                    **run_context(bench.resolve_device())})
     if bench.compile and not isinstance(model, RuntimeModel):  # how it compiled: graphs or not, and why
         opts = compile_options(model, bench.resolve_device(), bench.compile_mode)
@@ -147,6 +150,15 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
                               "cuda_graphs": opts["options"]["triton.cudagraphs"],
                               "static_shapes": static_shapes(model)}
     return result
+
+
+def accuracy_dtype(model: nn.Module, data: ImageData, batch_size: int, bench: BenchConfig) -> Dtype:
+    """The dtype the accuracy pass ran in (``auto`` resolved for this model at its batch shape, as predict did)."""
+    device = bench.resolve_device()
+    if isinstance(model, RuntimeModel) or bench.dtype != Dtype.AUTO or device.type != "cpu" or not len(data):
+        return bench.dtype.on(device)
+    example = torch.zeros(min(batch_size, len(data)), *data_config(model)["input_size"])
+    return bench.dtype.on(device, model, example)
 
 
 def static_metrics(model: nn.Module) -> dict[str, Any]:
@@ -164,7 +176,8 @@ def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:
     input_size = data_config(model)["input_size"]
     lat = time_model(model, input_size, bench)
     largest = str(max(bench.batch_sizes))
-    return {"latency_ms": {bs: {"median": v["median_ms"], "p95": v["p95_ms"]} for bs, v in lat.items()},
+    return {"latency_ms": {bs: {"median": v["median_ms"], "p95": v["p95_ms"], "dtype": v["dtype"]}
+                           for bs, v in lat.items()},
             "throughput": lat[largest]["throughput"],
             "throughput_by_batch": {bs: v["throughput"] for bs, v in lat.items()},
             "peak_mem_mb": peak_memory_mb(model, int(largest), input_size, bench), "peak_mem_batch": int(largest)}

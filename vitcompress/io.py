@@ -59,3 +59,8 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def cache_dir() -> Path:
+    """``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``: trained testbeds and per-machine measurements."""
+    return Path(os.environ.get("VITCOMPRESS_CACHE") or Path.home() / ".cache" / "vitcompress")

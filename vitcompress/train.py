@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from .data import load_data
 from .device import resolve_device
 from .errors import ConfigError, UserError, check_positive
 from .evaluate import accuracy_metrics, predict
+from .io import cache_dir
 from .models import build_model, data_config
 from .recipes import recipe_path
 from .training import OptimConfig, fit
@@ -111,11 +111,6 @@ def recipe_config(doc: dict[str, Any], **overrides: Any) -> TrainConfig:
     if "data" in overrides and "eval_data" not in overrides and section.get("eval_data") == section.get("data"):
         overrides["eval_data"] = overrides["data"]
     return TrainConfig.from_dict({**section, **overrides})
-
-
-def cache_dir() -> Path:
-    """``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``."""
-    return Path(os.environ.get("VITCOMPRESS_CACHE") or Path.home() / ".cache" / "vitcompress")
 
 
 def baseline(recipe: str = "digits_vit", *, progress: bool = False, log=print) -> Path:

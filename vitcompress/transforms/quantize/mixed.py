@@ -127,6 +127,11 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
     """Measure sensitivities, allocate the widths and apply them in place."""
     if ctx.calib is None:
         raise ConfigError("mixed precision measures sensitivities on calibration images (--calib-data)")
+    known = [n for n, _ in select_layers(model, cfg.base(cfg.candidates[0]))]
+    unknown = sorted(set(cfg.keep) - set(known))
+    if unknown:  # a misspelt name would silently hold nothing wide
+        raise ConfigError(f"keep names layers that are not quantized here: {', '.join(unknown)} "
+                          f"(e.g. {', '.join(known[:3])}{', ...' if len(known) > 3 else ''})")
     calib = list(ctx.calib)
     sens = sensitivities(model, cfg, calib)
     params = {n: model.get_submodule(n).weight.numel() for n in sens}
