@@ -8,7 +8,7 @@ from torch import nn
 
 import vitcompress
 from vitcompress import compress_, create_model, load_artifact, model_info, register_transform, save_artifact
-from vitcompress.artifact import MANIFEST, WEIGHTS
+from vitcompress.artifact import LOCK, MANIFEST, VERSION_PREFIX, WEIGHTS, version_dir
 from vitcompress.config import Config, StrEnum
 from vitcompress.errors import CheckpointError, ConfigError
 from vitcompress.pipeline import load_base
@@ -59,7 +59,9 @@ def test_round_trip_is_bit_exact(tmp_path, tiny_model):
     loaded = load_artifact(tmp_path / "a")
     assert torch.equal(_logits(loaded), _logits(tiny_model))
     assert model_info(loaded).kwargs == TINY
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [WEIGHTS, MANIFEST]  # no temp files left
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())  # one version folder, the two links, the lock
+    assert names[0] == LOCK and names[1].startswith(VERSION_PREFIX) and names[2:] == [WEIGHTS, MANIFEST]
+    assert sorted(p.name for p in (tmp_path / "a" / names[1]).iterdir()) == [WEIGHTS, MANIFEST]  # no temp files
 
 
 def test_round_trip_replays_transforms_and_records_the_base(tmp_path, tiny_model):
@@ -117,7 +119,7 @@ def test_truncated_weights_are_detected(saved):
 
 
 def test_missing_weights(saved):
-    (saved / WEIGHTS).unlink()
+    (version_dir(saved) / WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="incomplete: model.safetensors is missing"):
         load_artifact(saved)
 

@@ -113,4 +113,4 @@ def test_eval_compile_records_how_it_compiled(cli, tmp_path):
     res = json.loads(out.read_text())
     assert res["compile"] is True
     assert res["compiled"] == {"mode": "default", "fullgraph": True, "cuda_graphs": False, "static_shapes": True}
-    assert res["latency_ms"]["2"]["median_ms"] > 0
+    assert res["latency_ms"]["2"]["median"] > 0

@@ -143,3 +143,22 @@ def test_a_sweep_with_attacks_adds_robustness_columns(trained_artifact, tmp_path
     assert pareto["robust_axis"] == "robust: pgd 8/255 self" and pareto["front_robust"]
     assert "Robustness-vs-latency front (`robust: pgd 8/255 self`)" in report
     assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
+
+
+def test_four_workers_on_one_sweep_folder_compute_each_point_once(trained_artifact, tmp_path):
+    """Four `vitcompress sweep` processes started together on one --out share its points (a lock per point)."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(trained_artifact)))
+    out = tmp_path / "sweep"
+    procs = [subprocess.Popen([sys.executable, "-m", "vitcompress", "sweep", str(recipe), "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    ran = [line for log in logs for line in log.splitlines() if line.startswith("sweep: ran '")]
+    names = sorted(line.split("'")[1] for line in ran)
+    assert names == sorted(["base (uncompressed)", "tome", "w8a8", "mlp", "impossible", "W4A8", "W8A8"]), logs  # once
+    assert len({json.loads(p.read_text())["pid"] for p in (out / "points").glob("*.json")}) >= 2  # shared
+    assert (out / "report.md").is_file()

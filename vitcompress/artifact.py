@@ -3,14 +3,29 @@
 The manifest holds a schema version, the timm id and kwargs, the ordered transforms (each with its config
 and recorded state), the uncompressed base, provenance and the last measured metrics, plus the size and
 SHA-256 of the weights file, so that a truncated or swapped weights file is caught at load time.
-Both files are written atomically, weights first: the manifest is the commit point.
+
+An artifact is committed as one unit. Each save writes a new version folder, ``OUT/.v-<id>/`` (the weights, hashed
+from the file this process wrote, then the manifest), and then flips one symbolic link, ``OUT/vitcompress.json ->
+.v-<id>/vitcompress.json``, with one atomic rename: a reader resolves that link once and reads both files from the
+version it names, so it sees the old artifact or the new one, never a mix, and a writer killed at any instant
+leaves the previous artifact intact. ``OUT/model.safetensors`` is a second link, for people and tools that open
+the weights by name. One writer at a time: an advisory lock (``OUT/.lock``) is held from the start of a command
+to its save. A later writer removes what a killed one left (old version folders, temporary files) and nothing
+else. Artifacts with the two files side by side (before 2026-12) load as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
-from .io import atomic_write, atomic_write_json
+from .errors import CheckpointError, WriteError
+from .io import json_text, write_error
 from .models import model_info
 from .provenance import utc_now, versions
 
@@ -28,10 +43,75 @@ WEIGHTS = "model.safetensors"
 FORMAT = "vitcompress-artifact"
 SCHEMA_VERSION = 1
 WEIGHTS_METADATA = {"format": "pt"}
+LOCK = ".lock"
+VERSION_PREFIX = ".v-"
+# what this module writes inside an artifact folder besides the two names: a later writer may remove these
+_OWN = re.compile(r"^(\.lock|\.v-[0-9a-f]{32}|\.(model\.safetensors|vitcompress\.json)\.[^/]*\.tmp)$")
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def version_dir(path: str | os.PathLike) -> Path:
+    """The folder that holds the current manifest and weights of the artifact at ``path``: the version the manifest
+    link names, or ``path`` itself for an artifact with the two files side by side."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_symlink():
+        return path
+    target = Path(os.readlink(mpath))
+    if target.is_absolute() or len(target.parts) != 2 or not target.parts[0].startswith(VERSION_PREFIX):
+        raise CheckpointError(f"artifact {path} is corrupt: {MANIFEST} links outside the artifact ({target})")
+    return path / target.parts[0]
+
+
+def own_leftovers(out: Path) -> list[Path]:
+    """What a vitcompress writer left in ``out`` besides the committed artifact: version folders no manifest names,
+    temporary files, the lock."""
+    current = version_dir(out) if (out / MANIFEST).is_symlink() else None
+    return [p for p in out.iterdir() if _OWN.match(p.name) and p != current and p.name != LOCK]
+
+
+def only_own_files(out: Path) -> bool:
+    """Whether ``out`` holds nothing but files a vitcompress writer made (a killed writer's leftovers)."""
+    return all(_OWN.match(p.name) for p in out.iterdir())
+
+
+_HELD: dict[str, tuple[int, int]] = {}  # resolved folder -> (lock file descriptor, depth): re-entrant per process
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the advisory write lock of the artifact folder ``out`` (created if needed). Another process holding it
+    is a one-line :class:`WriteError`, or, with ``wait``, waited for. Re-entrant within one process."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = str(out.resolve())
+        if key in _HELD:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth + 1)
+        else:
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                raise WriteError(f"{out} is being written by another vitcompress process (it holds {out / LOCK}): "
+                                 "wait for it (--wait) or choose another --out") from None
+            _HELD[key] = (fd, 1)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    try:
+        yield out
+    finally:
+        fd, depth = _HELD[key]
+        if depth > 1:
+            _HELD[key] = (fd, depth - 1)
+        else:
+            del _HELD[key]
+            os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -60,7 +140,7 @@ def check_writable(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"cannot write artifact: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
+    if out.is_dir() and not is_artifact(out) and not only_own_files(out):
         raise CheckpointError(f"refusing to write into {out}: it exists, is not empty and is not a vitcompress "
                               "artifact (choose a new --out)")
     return out
@@ -80,11 +160,57 @@ def save_artifact(
     if provenance:
         info.provenance.update(provenance)
     out = check_writable(out)
-    out.mkdir(parents=True, exist_ok=True)
-
     tensors = weight_tensors(model)
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=WEIGHTS_METADATA))
+    with writer_lock(out):
+        try:
+            _commit(out, tensors, info)
+        except OSError as exc:
+            raise write_error(out, exc) from None
+        except Exception as exc:  # safetensors reports a failed write (EFBIG, ENOSPC) as its own error type
+            if type(exc).__name__ == "SafetensorError":
+                raise write_error(out, exc) from None
+            raise
+    info.source = str(out.resolve())
+    return out
 
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link(out: Path, name: str, target: str) -> None:
+    """Point ``out/name`` at ``target`` with one atomic rename (a temporary link first)."""
+    tmp = out / f".{name}.{uuid.uuid4().hex}.tmp"
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, out / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the tests: ``VITCOMPRESS_CRASH_AT=name`` kills this process here, as a power cut or
+    ``kill -9`` would (tests/test_faults.py)."""
+    if os.environ.get("VITCOMPRESS_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _commit(out: Path, tensors: dict[str, torch.Tensor], info: Any) -> None:
+    """Write a new version folder and flip the manifest link to it (the caller holds the lock)."""
+    for p in own_leftovers(out):  # a killed writer's version folders and temporary files
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    vid = f"{VERSION_PREFIX}{uuid.uuid4().hex}"
+    vdir = out / vid
+    vdir.mkdir()
+    save_file(tensors, str(vdir / WEIGHTS), metadata=WEIGHTS_METADATA)
+    _fsync(vdir / WEIGHTS)
+    _crash_point("weights")
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -93,17 +219,29 @@ def save_artifact(
         "base": _relative_base(info.base, out),
         "provenance": {**info.provenance, "saved": utc_now(), "versions": versions()},
         "metrics": info.metrics,
-        "files": {WEIGHTS: {"bytes": (out / WEIGHTS).stat().st_size, "sha256": sha256_file(out / WEIGHTS)}},
+        # the file this process wrote, hashed before anything points at it
+        "files": {WEIGHTS: {"bytes": (vdir / WEIGHTS).stat().st_size, "sha256": sha256_file(vdir / WEIGHTS)}},
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    info.source = str(out.resolve())
-    return out
+    (vdir / MANIFEST).write_text(json_text(manifest))
+    _fsync(vdir / MANIFEST)
+    _fsync(vdir)
+    old = version_dir(out) if (out / MANIFEST).is_symlink() else None
+    _crash_point("manifest")
+    _link(out, MANIFEST, f"{vid}/{MANIFEST}")  # the commit point
+    _fsync(out)
+    _crash_point("committed")
+    _link(out, WEIGHTS, f"{vid}/{WEIGHTS}")
+    if old is not None and old != vdir:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed, validated manifest of the artifact at ``path``."""
-    path = Path(path)
-    mpath = path / MANIFEST
+    return _read_manifest(Path(path), version_dir(path))
+
+
+def _read_manifest(path: Path, vdir: Path) -> dict[str, Any]:
+    mpath = vdir / MANIFEST
     if not mpath.is_file():
         raise CheckpointError(f"not a vitcompress artifact: {path} (no {MANIFEST})")
     try:
@@ -125,8 +263,19 @@ def read_weights(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[
     """The manifest and the state dict of the artifact at ``path``, checked against the manifest's size and
     SHA-256 when ``verify``. Rebuilding the model from them is :func:`vitcompress.pipeline.load_artifact`."""
     path = Path(path)
-    manifest = read_manifest(path)
-    wpath = path / WEIGHTS
+    for attempt in range(3):  # a writer may replace the version between resolving the link and opening its files
+        vdir = version_dir(path)
+        try:
+            return _read_weights(path, vdir, verify)
+        except CheckpointError:
+            if attempt == 2 or version_dir(path) == vdir:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_weights(path: Path, vdir: Path, verify: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    manifest = _read_manifest(path, vdir)
+    wpath = vdir / WEIGHTS
     if not wpath.is_file():
         raise CheckpointError(f"artifact {path} is incomplete: {WEIGHTS} is missing")
     expected = manifest.get("files", {}).get(WEIGHTS, {})

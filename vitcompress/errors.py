@@ -30,6 +30,11 @@ class ConfigError(UserError):
     """Impossible or malformed settings."""
 
 
+class WriteError(UserError):
+    """A file could not be written (full disk, file size limit, read-only or forbidden folder, I/O error), or a
+    folder is being written by another process. Nothing previous is lost."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message (at most ``limit`` characters), or its type name when it has none:
     what a one-line error shows of a third-party exception."""

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import WriteError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -16,9 +18,25 @@ def _umask() -> int:
     return mask
 
 
+def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError:
+    """A one-line :class:`WriteError` for an OS error met writing ``path`` (its cause in words: no space left,
+    file too large, read-only file system, permission denied, I/O error)."""
+    text = str(exc).strip()
+    cause = getattr(exc, "strerror", None) or (text.splitlines()[0][:200] if text else type(exc).__name__)
+    return WriteError(f"cannot write {path}: {cause}")
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
-    """Call ``writer(tmp_path)`` and rename the result to ``path``; readers never see a partial file."""
+    """Call ``writer(tmp_path)`` and rename the result to ``path``; readers never see a partial file. An OS error
+    (a full disk, a read-only folder, ...) is a one-line :class:`WriteError`, and ``path`` keeps what it held."""
     path = Path(path)
+    try:
+        return _atomic_write(path, writer)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _atomic_write(path: Path, writer: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -48,7 +66,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every vitcompress file uses (enums, paths and tensors of one value handled)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
 
 
 def _json_default(obj: Any) -> Any:

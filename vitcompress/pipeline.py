@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,17 @@ import timm
 import torch
 from torch import nn
 
-from .artifact import WEIGHTS, absolute_base, check_writable, is_artifact, read_manifest, read_weights, save_artifact
+from .artifact import (
+    WEIGHTS,
+    absolute_base,
+    check_writable,
+    is_artifact,
+    only_own_files,
+    read_manifest,
+    read_weights,
+    save_artifact,
+    writer_lock,
+)
 from .config import Config
 from .data import load_data
 from .errors import CheckpointError, ConfigError, ModelError
@@ -153,10 +164,17 @@ def compress_to(out: str | os.PathLike, model: nn.Module, stack: Sequence[Step],
                 calib: Calibration | None = None) -> list[dict[str, Any]]:
     """Apply ``stack`` to ``model`` and save it as an artifact at ``out`` (checked first: a user's folder is never
     overwritten). Returns the records this stack added (``{name, version, config, state}``)."""
-    check_writable(out)
+    out = check_writable(out)
     if not stack:
         raise ConfigError("nothing to apply: the stack is empty")
     before = len(model_info(model).transforms)
-    apply_stack(model, stack, calib=calib)
-    save_artifact(model, out)
+    created = not out.exists()
+    try:
+        with writer_lock(out):  # one writer from the start: a second command on the same --out is refused
+            apply_stack(model, stack, calib=calib)
+            save_artifact(model, out)
+    except BaseException:
+        if created and out.is_dir() and only_own_files(out):  # nothing committed: remove what this run made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return model_info(model).transforms[before:]

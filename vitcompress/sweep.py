@@ -14,12 +14,16 @@ written at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
+import os
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -277,31 +281,78 @@ def _finished(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _claim(pdir: Path, pid: str, wait: bool, since: float) -> Iterator[bool]:
+    """Claim point ``pid`` for this process (an advisory lock on ``points/<id>.lock``): yields whether it is ours to
+    run, False when another worker holds it (``wait=False``), finished it, or failed it since this worker started
+    (``since``, a time.time(): a failure from an earlier run is retried, one from a sibling worker is not).
+    Workers sharing one sweep folder thus split its points instead of computing each one twice."""
+    pdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(pdir / f"{pid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        record = pdir / f"{pid}.json"
+        yield not _finished(record) and not (record.exists() and record.stat().st_mtime >= since)
+    finally:
+        os.close(fd)
+
+
+def _process_start() -> float:
+    """When this process started (time.time() scale; Linux's /proc, else now): a sibling worker's failure recorded
+    after it is not retried."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def _run_points(ctx: _Context, todo: list[tuple[str, Point]], pdir: Path, progress: bool, log,
                 ) -> list[dict[str, Any]]:
-    """Measure each point; write its record atomically as soon as it is done (failures included)."""
-
+    """Measure each point that no other worker holds; write its record atomically as soon as it is done (failures
+    included). Points another worker held are waited for at the end, and run here if it died without finishing."""
     records = []
+    held: list[tuple[str, Point]] = []
+    since = _process_start()
     with progress_bar(progress, len(todo), "sweep") as tick:
         for pid, p in todo:
-            tick(0, description=f"sweep: {p.name}")
-            t0 = time.perf_counter()
-            rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
-                                   "recovery": p.recovery, "stack": p.stack, "rank": ctx.rank}
-            try:
-                rec.update(ctx.measure(p))
-                rec["status"] = "ok"
-            except (UserError, RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as exc:
-                msg = str(exc).splitlines()[0] if str(exc) else ""
-                rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}" if msg
-                            else type(exc).__name__})
-                log(f"sweep: point '{p.name}' failed: {rec['error']}")
-            rec["seconds"] = round(time.perf_counter() - t0, 2)
-            rec.update(run_context(ctx.bench.resolve_device()))
-            atomic_write_json(pdir / f"{pid}.json", rec)
-            records.append(rec)
+            with _claim(pdir, pid, wait=False, since=since) as ours:
+                if ours:
+                    records.append(_run_point(ctx, pid, p, pdir, log, tick))
+                elif not _finished(pdir / f"{pid}.json"):
+                    held.append((pid, p))
             tick()
+        for pid, p in held:  # another worker had it: wait for it, and take it over only if that worker died
+            with _claim(pdir, pid, wait=True, since=since) as ours:  # before writing its record
+                if ours:
+                    records.append(_run_point(ctx, pid, p, pdir, log, tick))
     return records
+
+
+def _run_point(ctx: _Context, pid: str, p: Point, pdir: Path, log, tick) -> dict[str, Any]:
+    tick(0, description=f"sweep: {p.name}")
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
+                           "recovery": p.recovery, "stack": p.stack, "rank": ctx.rank, "pid": os.getpid()}
+    try:
+        rec.update(ctx.measure(p))
+        rec["status"] = "ok"
+    except (UserError, RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__})
+        log(f"sweep: point '{p.name}' failed: {rec['error']}")
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    rec.update(run_context(ctx.bench.resolve_device()))
+    atomic_write_json(pdir / f"{pid}.json", rec)
+    log(f"sweep: ran '{p.name}' ({rec['status']}, {rec['seconds']} s)")
+    return rec
 
 
 def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path, *, progress: bool = False,

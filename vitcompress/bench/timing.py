@@ -96,15 +96,13 @@ def model_dtype(model: nn.Module, example: torch.Tensor) -> Dtype:
     fp32 (alternating timings, median of 3 after a warm-up), else fp32. Measured once per machine, torch version,
     thread count, model structure and input shape, and cached in ``$VITCOMPRESS_CACHE/auto_dtype.json``, so that
     the dtype of an accuracy figure does not flip between runs. Without native bf16: fp32, unmeasured;
-    ``VITCOMPRESS_CPU_DTYPE`` overrides; under torch.distributed the per-process probe of
-    :func:`fastest_cpu_dtype` is used (ranks must agree without timing each other)."""
+    ``VITCOMPRESS_CPU_DTYPE`` overrides; under torch.distributed a cached answer is used, else the probe of
+    :func:`fastest_cpu_dtype` (ranks must agree without timing each other)."""
     forced = os.environ.get("VITCOMPRESS_CPU_DTYPE")
     if forced:
         return Dtype(forced)
     if not cpu_has_native_bf16():
         return Dtype.FP32
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return fastest_cpu_dtype()
     key = f"{device_name(torch.device('cpu'))}|torch {torch.__version__}|{model_signature(model)}|" \
           f"{tuple(example.shape)}"
     if key in _MODEL_DTYPES:
@@ -114,6 +112,8 @@ def model_dtype(model: nn.Module, example: torch.Tensor) -> Dtype:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
+    if key not in cached and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return fastest_cpu_dtype()  # ranks must agree without timing each other: a cached answer, else the probe
     if key not in cached:
         cached[key] = str(_measure_dtype(model, example))
         with contextlib.suppress(OSError):  # a read-only cache: measured again next time, never an error
