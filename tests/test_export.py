@@ -180,3 +180,25 @@ def test_cli_errors_are_one_line(trained_artifact, tmp_path, cli, args, match):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     rc, out, err = cli(*[a.format(art=trained_artifact, tmp=tmp_path) for a in args])
     assert rc != 0 and match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_damaged_export_is_refused_before_it_runs(tiny_model, tmp_path, cli, fmt):
+    """Exports carry a checksum of their weights (ONNX metadata, a .pt2 sidecar); eval checks it first."""
+    out = tmp_path / f"m.{fmt}"
+    export_model(tiny_model, out, ExportConfig(format=fmt))
+    if fmt == "onnx":  # flip bytes inside the largest initializer: a valid file with damaged weights
+        proto = onnx.load(str(out))
+        init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        raw = bytearray(init.raw_data)
+        raw[: 64] = bytes(64)
+        init.raw_data = bytes(raw)
+        out.write_bytes(proto.SerializeToString())
+    else:
+        (tmp_path / f"m.{fmt}.sha256").write_text("0" * 64 + f"  m.{fmt}\n")
+    rc, _, err = cli("eval", out, "--data", "digits", "--limit", "8", "--no-speed", "--reference", "none")
+    assert rc != 0 and "do not match the checksum" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = cli("eval", out, "--data", "digits", "--limit", "8", "--no-speed", "--reference", "none",
+                     "--no-verify")
+    assert rc == 0, err
+    RuntimeModel(tmp_path / f"m.{fmt}", verify=False)

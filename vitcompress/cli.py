@@ -96,6 +96,8 @@ def eval_(
     repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
     no_speed: bool | None = typer.Option(None, "--no-speed", help="Skip latency and memory."),
     json_out: Path | None = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
+    no_verify: bool | None = typer.Option(
+        None, "--no-verify", help="Run MODEL without checking its weights against their recorded SHA-256."),
     workers: int | None = typer.Option(None, "--workers", help="Data-loading worker processes."),
     pretrained: bool | None = PretrainedOpt,
     checkpoint: Path | None = CheckpointOpt,
@@ -117,8 +119,8 @@ def eval_(
     MODEL may be an exported .onnx/.pt2 file: its agreement is then measured against the artifact it came from."""
     bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, compile_mode=compile_mode, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
-    m = _runtime_model(model, runtime, runtime_opts) or \
-        _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _runtime_model(model, runtime, runtime_opts, verify=not no_verify) or \
+        _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg, verify=not no_verify)
     ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
     attack_fields = _given(eps=eps, steps=steps, source=attack_source)
     if attack_fields and attack is None:

@@ -41,11 +41,12 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
 
 
 def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
-           patch_size: int | None, num_classes: int | None, model_arg: list[str] | None) -> nn.Module:
+           patch_size: int | None, num_classes: int | None, model_arg: list[str] | None, *,
+           verify: bool = True) -> nn.Module:
     """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
     kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
               **_key_values(model_arg, "--model-arg", " (a timm.create_model argument)")}
-    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, **kwargs)
+    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, verify=verify, **kwargs)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -74,13 +75,14 @@ def _needs_calibration(stack: list[Any], calib: Calibration | None) -> None:
             raise ConfigError(f"{c.NAME} with these settings needs --calib-data (e.g. digits)")
 
 
-def _runtime_model(model: str, runtime: str | None, runtime_opts: list[str] | None) -> nn.Module | None:
+def _runtime_model(model: str, runtime: str | None, runtime_opts: list[str] | None, *, verify: bool = True,
+                   ) -> nn.Module | None:
     """An exported file under an explicit --runtime / --runtime-opts, or None to take the usual path."""
     if runtime is None and not runtime_opts:
         return None
     if not is_exported(model):
         raise ConfigError(f"--runtime and --runtime-opts apply to exported .onnx/.pt2 files, not '{model}'")
-    return load_runtime_model(model, runtime, _key_values(runtime_opts, "--runtime-opts"))
+    return load_runtime_model(model, runtime, _key_values(runtime_opts, "--runtime-opts"), verify=verify)
 
 
 def _key_values(items: list[str] | None, flag: str, what: str = "") -> dict[str, Any]:

@@ -26,19 +26,19 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError:
     return WriteError(f"cannot write {path}: {cause}")
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], suffix: str = ".tmp") -> Path:
     """Call ``writer(tmp_path)`` and rename the result to ``path``; readers never see a partial file. An OS error
     (a full disk, a read-only folder, ...) is a one-line :class:`WriteError`, and ``path`` keeps what it held."""
     path = Path(path)
     try:
-        return _atomic_write(path, writer)
+        return _atomic_write(path, writer, suffix)
     except OSError as exc:
         raise write_error(path, exc) from None
 
 
-def _atomic_write(path: Path, writer: Callable[[str], None]) -> Path:
+def _atomic_write(path: Path, writer: Callable[[str], None], suffix: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         writer(tmp)

@@ -47,15 +47,16 @@ CALIB_BATCH = 32
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
-                 **kwargs: Any) -> nn.Module:
+                 verify: bool = True, **kwargs: Any) -> nn.Module:
     """A supported ViT from a timm id, the model saved in a vitcompress artifact directory (eval mode, CPU), or an
-    exported .onnx / .pt2 file run by its default runtime."""
+    exported .onnx / .pt2 file run by its default runtime. ``verify``: check an artifact's or an export's weights
+    against their recorded SHA-256 first."""
     exported = is_exported(name)
     if exported or is_artifact(name):
         if pretrained or checkpoint or kwargs:
             raise ModelError(f"{name} is {'an exported model' if exported else 'an artifact'}; --pretrained, "
                              "--checkpoint and overrides apply to timm ids only")
-        return load_runtime_model(name) if exported else load_artifact(name)
+        return load_runtime_model(name, verify=verify) if exported else load_artifact(name, verify=verify)
     return build_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
 

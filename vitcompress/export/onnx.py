@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import warnings
@@ -25,10 +26,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..artifact import sha256_file
 from ..bench import count_flops
 from ..config import Config, StrEnum
 from ..errors import ConfigError, ModelError, first_line
-from ..io import atomic_write, atomic_write_bytes
+from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 from ..models import data_config, model_info
 from ..transforms.layers import replace_module, use_torch_references_
 from ..transforms.prune.block_sparse_linear import BlockSparseLinear
@@ -202,7 +204,9 @@ def export_model(model: nn.Module, out: str | Path, cfg: ExportConfig | None = N
         if cfg.format == Format.PT2:
             dims = {"x": {0: torch.export.Dim("batch", min=1)}} if cfg.batch_size == "dynamic" else None
             prog = torch.export.export(m, (x,), dynamic_shapes=dims)
-            atomic_write(out, lambda tmp: torch.export.save(prog, tmp, extra_files={META_KEY: json.dumps(meta)}))
+            atomic_write(out, lambda tmp: torch.export.save(prog, tmp, extra_files={META_KEY: json.dumps(meta)}),
+                         suffix=".tmp.pt2")  # torch warns about an archive name not ending in .pt2
+            atomic_write_text(out.with_name(out.name + ".sha256"), f"{sha256_file(out)}  {out.name}\n")
         else:
             summary.update(_export_onnx(m, x, out, cfg, meta))
     except ConfigError:
@@ -226,12 +230,39 @@ def _export_onnx(m: nn.Module, x: torch.Tensor, out: Path, cfg: ExportConfig, me
     # the tracer annotates some intermediate shapes wrongly under a dynamic batch (token merging's gathers): drop
     # the annotations; runtimes infer shapes themselves
     del proto.graph.value_info[:]
+    meta = {**meta, "weights_sha256": weights_digest(proto)}  # eval checks it before it runs the file
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, default=str))
     onnx.checker.check_model(proto)
     atomic_write_bytes(out, proto.SerializeToString())
     ops = [n.op_type for n in proto.graph.node]
     return {"int8_weights": folded, "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear")}
+
+
+def weights_digest(proto: Any) -> str:
+    """SHA-256 of an ONNX graph's initializers (names and serialized tensors, in order): what a damaged weight
+    changes."""
+    h = hashlib.sha256()
+    for init in proto.graph.initializer:
+        h.update(init.name.encode())
+        h.update(init.SerializeToString())
+    return h.hexdigest()
+
+
+def verify_export(path: str | Path, meta: dict[str, Any]) -> None:
+    """ModelError unless the exported file's weights match the checksum recorded at export: the initializers'
+    digest in an .onnx file's metadata, the whole file's in a .pt2's ``.sha256`` sidecar. Files exported before
+    checksums existed carry none and pass."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        side = path.with_name(path.name + ".sha256")
+        want, got = (side.read_text().split()[0], sha256_file(path)) if side.is_file() else (None, None)
+    else:
+        want = meta.get("weights_sha256")
+        got = weights_digest(onnx.load(str(path))) if want else None
+    if want and want != got:
+        raise ModelError(f"{path} is corrupt: its weights do not match the checksum recorded at export (re-export "
+                         "it, or pass --no-verify to run it anyway)")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

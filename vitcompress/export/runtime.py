@@ -16,7 +16,7 @@ from torch import nn
 from ..config import StrEnum, parse_enum
 from ..errors import ConfigError, ModelError, first_line
 from ..models import INFO_ATTR, ModelInfo
-from .onnx import read_metadata
+from .onnx import read_metadata, verify_export
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
 
@@ -60,7 +60,8 @@ class RuntimeModel(nn.Module):
     A static-batch export is fed in chunks of its batch size (the last chunk zero-padded and cut).
     """
 
-    def __init__(self, path: str | Path, runtime: Runtime | str | None = None, opts: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, runtime: Runtime | str | None = None, opts: dict[str, Any] | None = None,
+                 verify: bool = True):
         super().__init__()
         self.path = Path(path)
         default = Runtime.TORCH if self.path.suffix == ".pt2" else Runtime.ONNXRUNTIME
@@ -73,6 +74,8 @@ class RuntimeModel(nn.Module):
             raise ModelError(f"{self.path} is not a readable ONNX/pt2 file: {type(exc).__name__}") from None
         if not self.meta:
             raise ModelError(f"{self.path} has no vitcompress metadata: export it with `vitcompress export`")
+        if verify:  # a damaged weight is refused before it runs (6 % agreement, silently, otherwise)
+            verify_export(self.path, self.meta)
         if (self.runtime == Runtime.TORCH) != (self.path.suffix == ".pt2"):
             raise ConfigError(f"runtime {self.runtime} cannot run a {self.path.suffix} file")
         self.opts = dict(opts or {})
@@ -127,6 +130,7 @@ class RuntimeModel(nn.Module):
 
 
 def load_runtime_model(path: str | Path, runtime: Runtime | str | None = None,
-                       opts: dict[str, Any] | None = None) -> RuntimeModel:
-    """The exported file at ``path`` as an ``nn.Module`` run by ``runtime`` (default: by its suffix)."""
-    return RuntimeModel(path, runtime, opts)
+                       opts: dict[str, Any] | None = None, verify: bool = True) -> RuntimeModel:
+    """The exported file at ``path`` as an ``nn.Module`` run by ``runtime`` (default: by its suffix), its weights
+    checked against the export's checksum unless ``verify`` is False."""
+    return RuntimeModel(path, runtime, opts, verify)
