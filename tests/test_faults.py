@@ -142,3 +142,46 @@ def test_other_writes_on_a_full_disk_are_one_line_errors(cmd, previous, tmp_path
 def test_an_artifacts_version_folder_is_named_by_its_manifest_link(previous):
     out, _ = previous
     assert (out / MANIFEST).is_symlink() and version_dir(out).parent == out
+
+
+def _read_only_run(ro_dir, *args):
+    """``vitcompress ARGS`` with ``ro_dir`` mounted read-only (a private mount namespace: EROFS on any write)."""
+    import shlex
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only bind mount")
+    cmd = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "vitcompress", *args))
+    d = shlex.quote(str(ro_dir))
+    script = f"mount --bind {d} {d} && mount -o remount,ro,bind {d} || exit 97; exec {cmd}"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if r.returncode == 97:
+        pytest.skip("this machine does not allow a private read-only bind mount")
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "merge", "prune", "eval", "sweep", "report", "export"])
+def test_a_read_only_folder_is_a_one_line_error(cmd, trained_artifact, tmp_path):
+    import yaml
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"sweep": {
+        "base": {"artifact": str(trained_artifact)}, "eval_data": ["digits"], "eval_limit": 16,
+        "accuracy": "digits:top1", "bench": {"device": "cpu", "batch_sizes": [1], "warmup": 0, "warmup_s": 0,
+                                             "repeat": 1}, "points": [{"name": "tome", "stack": [
+                                                 {"name": "token_merge", "r": 1}]}]}}))
+    if cmd == "report":  # a finished sweep, then its folder goes read-only
+        assert _cli("sweep", recipe, "--out", ro / "s", "--no-report")[0] == 0
+    args = {
+        "quantize": ["quantize", trained_artifact, "--out", ro / "q", *QUANT],
+        "merge": ["merge", trained_artifact, "--r", "1", "--out", ro / "m"],
+        "prune": ["prune", trained_artifact, "--mlp", "0.5", "--out", ro / "p"],
+        "eval": ["eval", trained_artifact, "--data", "digits", "--limit", "8", "--no-speed", "--json", ro / "e.json"],
+        "sweep": ["sweep", recipe, "--out", ro / "s"],
+        "report": ["report", ro / "s"],
+        "export": ["export", trained_artifact, "--out", ro / "m.onnx"],
+    }[cmd]
+    rc, err = _read_only_run(ro, *args)
+    assert rc != 0 and _one_line(err) and ("Read-only file system" in err or "cannot write" in err), err
