@@ -129,6 +129,9 @@ def test_pt2_round_trip(tiny_model, tmp_path):
     ([{"name": "quantize", "w_bits": 8, "a_bits": 8}], "simulated quantization"),
     ([{"name": "quantize", "mode": "deploy", "a_granularity": "per_token"}], "per token"),
     ([{"name": "quantize", "mode": "deploy", "w_bits": 4, "a_bits": None}], "int4"),
+    ([{"name": "adaptive_tokens", "budget": 0.5}], "per-image token count"),
+    ([{"name": "adaptive_tokens", "method": "mass", "mass": 0.6}], "per-image token count"),
+    ([{"name": "sparse_attention", "density": 0.5, "block_size": 8}], "chooses its blocks per image"),
 ])
 def test_unexportable_stacks_are_refused(tiny_model, tmp_path, stack, match):
     model = apply_stack(tiny_model, stack, calib=CALIB)

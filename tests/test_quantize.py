@@ -227,6 +227,12 @@ def test_gptq_cli(tmp_path, cli, trained_artifact):
     assert rc == 0, err
     cfg = json.loads((tmp_path / "g" / "vitcompress.json").read_text())["transforms"][0]["config"]
     assert cfg["rounding"] == "gptq" and cfg["a_bits"] is None
+    rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "h", "--calib-data", "digits",
+                     "--w-bits", "4", "--a-bits", "none", "--rounding", "gptq", "--calib-size", "16",
+                     "--act-order", "--gptq-one-pass", "--gptq-damp", "0.05")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "h" / "vitcompress.json").read_text())["transforms"][0]["config"]
+    assert cfg["act_order"] is True and cfg["gptq_sequential"] is False and cfg["gptq_damp"] == 0.05
 
 
 def test_repq_reparam_keeps_the_float_function(tiny_model):

@@ -189,6 +189,13 @@ def quantize(
     observer: str | None = typer.Option(None, "--observer", help="Activation ranges: minmax, percentile or mse."),
     rounding: str | None = typer.Option(None, "--rounding", help="Weight rounding: rtn, gptq or brecq."),
     recon_iters: int | None = typer.Option(None, "--recon-iters", help="brecq: optimisation steps per block."),
+    act_order: bool | None = typer.Option(
+        None, "--act-order/--no-act-order", help="gptq: quantize columns in decreasing Hessian diagonal."),
+    gptq_sequential: bool | None = typer.Option(
+        None, "--gptq-sequential/--gptq-one-pass",
+        help="gptq: each layer's Hessian from the already quantized model (sequential) or the float one."),
+    gptq_damp: float | None = typer.Option(None, "--gptq-damp", help="gptq: Hessian damping, a fraction of its "
+                                                                      "mean diagonal."),
     reparam: str | None = typer.Option(None, "--reparam", help="Reparameterization: none or repq (RepQ-ViT)."),
     w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
@@ -216,7 +223,8 @@ def quantize(
 ) -> None:
     """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb);
     with --mean-bits, mixed precision (a simulated width per layer from calibration sensitivities)."""
-    fields = _given(observer=observer, rounding=rounding, recon_iters=recon_iters, reparam=reparam,
+    fields = _given(observer=observer, rounding=rounding, recon_iters=recon_iters, act_order=act_order,
+                    gptq_sequential=gptq_sequential, gptq_damp=gptq_damp, reparam=reparam,
                     w_granularity=w_granularity, group_size=group_size, a_granularity=a_granularity,
                     layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
                     post_gelu=post_gelu, search_metric=search_metric, dtype=dtype)

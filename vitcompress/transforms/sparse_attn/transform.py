@@ -59,6 +59,8 @@ class SparseAttention(Attention):
     _vc_density: float
     _vc_block: int
     _vc_kernel: Backend
+    # its block mask is chosen per image by a top-k and a scatter, which the ONNX exporter cannot trace
+    _vc_export_refusal = "sparse attention chooses its blocks per image, which has no ONNX form: export without it"
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 ) -> torch.Tensor:
