@@ -22,14 +22,8 @@ from .bench import BenchConfig
 from .cli_common import (
     CalibDataOpt,
     CalibSizeOpt,
-    CheckpointOpt,
-    ImgSizeOpt,
     ModelArg,
-    ModelArgOpt,
-    NumClassesOpt,
     OutOpt,
-    PatchSizeOpt,
-    PretrainedOpt,
     _calibration,
     _CliError,
     _given,
@@ -39,6 +33,7 @@ from .cli_common import (
     _runtime_model,
     _split,
     app,
+    model_options,
 )
 from .cli_output import print_eval, print_fronts, print_records, print_table
 from .demo import run_demo
@@ -78,6 +73,7 @@ def train(
 
 
 @app.command("eval")
+@model_options
 def eval_(
     model: str = ModelArg,
     data: str = typer.Option(..., "--data", help="digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a directory."),
@@ -99,12 +95,6 @@ def eval_(
     no_verify: bool | None = typer.Option(
         None, "--no-verify", help="Run MODEL without checking its weights against their recorded SHA-256."),
     workers: int | None = typer.Option(None, "--workers", help="Data-loading worker processes."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
     runtime: str | None = typer.Option(
         None, "--runtime", help="Exported files: onnxruntime or openvino (.onnx), torch (.pt2)."),
     runtime_opts: list[str] | None = typer.Option(
@@ -113,6 +103,7 @@ def eval_(
     eps: str | None = typer.Option(None, "--eps", help="Attack radius in pixels, e.g. 2/255."),
     steps: int | None = typer.Option(None, "--steps", help="PGD steps."),
     attack_source: str | None = typer.Option(None, "--attack-source", help="self (white-box) or base (transfer)."),
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data.
 
@@ -120,7 +111,7 @@ def eval_(
     bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, compile_mode=compile_mode, repeat=repeat,
                                  batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
     m = _runtime_model(model, runtime, runtime_opts, verify=not no_verify) or \
-        _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg, verify=not no_verify)
+        _model(model, **(model_opts or {}), verify=not no_verify)
     ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
     attack_fields = _given(eps=eps, steps=steps, source=attack_source)
     if attack_fields and attack is None:
@@ -138,6 +129,7 @@ def eval_(
 
 
 @app.command()
+@model_options
 def prune(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -155,12 +147,7 @@ def prune(
     attn_only: bool | None = typer.Option(None, "--attn-only", help="Recovery: fine-tune only the attention."),
     lr: float | None = typer.Option(None, "--lr", help="Recovery: learning rate."),
     device: str | None = typer.Option(None, "--device", help="Recovery: auto, cpu or cuda[:N]."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Structured (heads, MLP width) and block-structured pruning, with optional distillation recovery."""
     common = _given(criterion=criterion, calib_size=calib_size)
@@ -175,11 +162,12 @@ def prune(
     recovery = _given(epochs=epochs, data=data, distill=distill, attn_only=attn_only, lr=lr, device=device)
     stack += [RecoveryConfig(**recovery)] if recovery else []
     _needs_calibration(stack, calib := _calibration(calib_data, calib_size))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("prune", out, compress_to(out, m, stack, calib=calib))
 
 
 @app.command()
+@model_options
 def quantize(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -214,12 +202,7 @@ def quantize(
     keep: str | None = typer.Option(None, "--keep", help="Mixed precision: layers held at the widest candidate."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb);
     with --mean-bits, mixed precision (a simulated width per layer from calibration sensitivities)."""
@@ -236,11 +219,12 @@ def quantize(
     cfg = MixedPrecisionConfig(**mixed, quant=fields, **_given(calib_size=calib_size)) if mixed else \
         QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, calib_size=calib_size), **fields)
     _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))
 
 
 @app.command()
+@model_options
 def export(
     model: str = ModelArg,
     out: Path = typer.Option(..., "--out", help="File to write: .onnx or .pt2 (an existing file is never replaced)."),
@@ -249,16 +233,11 @@ def export(
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (13..21)."),
     qdq_activations: str | None = typer.Option(
         None, "--qdq-activations", help="int8 (symmetric; TensorRT) or uint8 (zero point 128; ORT on x86)."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Export MODEL (timm id, checkpoint or artifact, any stack) to ONNX or a torch.export program."""
     cfg = ExportConfig(**_given(format=format_, batch_size=batch_size, opset=opset, qdq_activations=qdq_activations))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     summary = export_model(m, out, cfg)
     print_table("export", {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary.items()})
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +44,8 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{name} must be comma-separated integers, got '{text}'") from None
 
 
-def _model(model: str, pretrained: bool | None, checkpoint: Path | None, img_size: int | None,
-           patch_size: int | None, num_classes: int | None, model_arg: list[str] | None, *,
+def _model(model: str, pretrained: bool | None = None, checkpoint: Path | None = None, img_size: int | None = None,
+           patch_size: int | None = None, num_classes: int | None = None, model_arg: list[str] | None = None, *,
            verify: bool = True) -> nn.Module:
     """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
     kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
@@ -61,6 +65,32 @@ ImgSizeOpt = typer.Option(None, "--img-size", help="Input resolution override (p
 PatchSizeOpt = typer.Option(None, "--patch-size", help="Patch size override.")
 NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override (a fine-tuned N-class model).")
 ModelArgOpt = typer.Option(None, "--model-arg", help="KEY=VALUE for timm.create_model (repeatable): embed_dim=128.")
+# The model options, declared once: @model_options adds them to a command, which receives them as one dict
+MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "pretrained": (bool | None, PretrainedOpt), "checkpoint": (Path | None, CheckpointOpt),
+    "img_size": (int | None, ImgSizeOpt), "patch_size": (int | None, PatchSizeOpt),
+    "num_classes": (int | None, NumClassesOpt), "model_arg": (list[str] | None, ModelArgOpt),
+}
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a Typer command the model options (:data:`MODEL_OPTIONS`, after its own parameters); the command
+    takes them as ``model_opts: dict`` (pass it on: ``_model(model, **model_opts)``)."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "model_opts"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, (ann, opt) in MODEL_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, model_opts={k: kwargs.pop(k, None) for k in MODEL_OPTIONS}, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    hints = {k: v for k, v in typing.get_type_hints(fn).items() if k != "model_opts"}
+    command.__annotations__ = {**hints, **{name: ann for name, (ann, _) in MODEL_OPTIONS.items()}}
+    return command
+
+
 CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
 CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.")
 
@@ -99,4 +129,4 @@ def _key_values(items: list[str] | None, flag: str, what: str = "") -> dict[str,
 
 __all__ = ["CalibDataOpt", "CalibSizeOpt", "CheckpointOpt", "ImgSizeOpt", "ModelArg", "ModelArgOpt", "NumClassesOpt",
            "OutOpt", "PatchSizeOpt", "PretrainedOpt", "_CliError", "_calibration", "_given", "_ints", "_key_values",
-           "_model", "_needs_calibration", "_runtime_model", "_split", "app"]
+           "_model", "_needs_calibration", "_runtime_model", "_split", "app", "model_options"]

@@ -11,20 +11,15 @@ import typer
 from .cli_common import (
     CalibDataOpt,
     CalibSizeOpt,
-    CheckpointOpt,
-    ImgSizeOpt,
     ModelArg,
-    ModelArgOpt,
-    NumClassesOpt,
     OutOpt,
-    PatchSizeOpt,
-    PretrainedOpt,
     _calibration,
     _given,
     _ints,
     _model,
     _needs_calibration,
     app,
+    model_options,
 )
 from .cli_output import print_records
 from .pipeline import compress_to
@@ -38,6 +33,7 @@ from .transforms import (
 
 
 @app.command()
+@model_options
 def merge(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -53,12 +49,7 @@ def merge(
     inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
     layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
     resolution: int | None = typer.Option(None, "--resolution", help="Also run at this input size (the baseline)."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Token merging (ToMe) or pruning (EViT), training-free; writes an artifact."""
     merge_fields = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
@@ -66,11 +57,12 @@ def merge(
                           attention=attention, inflection=inflection, layers=_ints(layers, "--layers"))
     stack: list[Any] = [ResolutionConfig(img_size=resolution)] if resolution is not None else []
     stack += [TokenMergeConfig(**merge_fields)] if merge_fields or not stack else []
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("merge", out, compress_to(out, m, stack))
 
 
 @app.command()
+@model_options
 def adapt(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -82,23 +74,19 @@ def adapt(
     attention: str | None = typer.Option(None, "--attention", help="Padded batch's attention: auto, torch, triton."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Adaptive token counts per image (ATS-style), training-free; writes an artifact."""
     stack: list[Any] = [AdaptiveTokensConfig(**_given(
         method=method, budget=budget, mass=mass, target_flops=target_flops, layers=_ints(layers, "--layers"),
         attention=attention, calib_size=calib_size))]
     _needs_calibration(stack, calib := _calibration(calib_data, calib_size))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("adapt", out, compress_to(out, m, stack, calib=calib))
 
 
 @app.command("sparse-attn")
+@model_options
 def sparse_attn(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -106,21 +94,17 @@ def sparse_attn(
     block_size: int | None = typer.Option(None, "--block-size", help="Tile edge in tokens (kernel: >= 16)."),
     layers: str | None = typer.Option(None, "--layers", help="Blocks to sparsify, e.g. 2,3 (default all)."),
     attention: str | None = typer.Option(None, "--attention", help="auto, torch (masked SDPA) or triton."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Training-free block-sparse attention (Sparsifiner-style); writes an artifact."""
     cfg = SparseAttentionConfig(**_given(density=density, block_size=block_size, layers=_ints(layers, "--layers"),
                                          attention=attention))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("sparse-attn", out, compress_to(out, m, [cfg]))
 
 
 @app.command("learn-merge")
+@model_options
 def learn_merge(
     model: str = ModelArg,
     out: Path = OutOpt,
@@ -135,16 +119,11 @@ def learn_merge(
     flops_weight: float | None = typer.Option(None, "--flops-weight", help="Weight of the FLOPs term of the loss."),
     layers: str | None = typer.Option(None, "--layers", help="Blocks that merge, e.g. 0,1,2 (default all)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
-    pretrained: bool | None = PretrainedOpt,
-    checkpoint: Path | None = CheckpointOpt,
-    img_size: int | None = ImgSizeOpt,
-    patch_size: int | None = PatchSizeOpt,
-    num_classes: int | None = NumClassesOpt,
-    model_arg: list[str] | None = ModelArgOpt,
+    model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Learned token merging under a FLOPs budget (LTMP / DiffRate-style), backbone frozen; writes an artifact."""
     cfg = LearnedMergeConfig(**_given(
         method=method, target_flops=target_flops, data=data, limit=limit, epochs=epochs, batch_size=batch_size,
         lr=lr, temperature=temperature, flops_weight=flops_weight, layers=_ints(layers, "--layers"), device=device))
-    m = _model(model, pretrained, checkpoint, img_size, patch_size, num_classes, model_arg)
+    m = _model(model, **(model_opts or {}))
     print_records("learn-merge", out, compress_to(out, m, [cfg]))
