@@ -1,7 +1,7 @@
 """The headline: ViT-B/16, every deployable method compiled, against eager and compiled dense, in one run.
 
     python -m benchmarks.headline --out DIR [--device cuda] [--batch-sizes 1,64,256] [--jobs 4]
-                                  [--accuracy results/headline/cifar10] [--variants NAME,NAME]
+                                  [--accuracy results/headline/cifar10] [--variants "NAME;NAME"]
 
 The variants are the points of ``benchmarks/recipes/headline.yaml`` (a sweep recipe, whose CIFAR-10 testbed run
 on the CPU gives each stack's accuracy: ``--accuracy`` reads it). Each is applied to ViT-B/16 with random weights
@@ -44,11 +44,11 @@ WITHIN_PT = 1.0  # the best stack is chosen among those within this many points 
 
 
 def variants(names: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """name -> stack, from the recipe (optionally only the comma-separated ``names``)."""
+    """name -> stack, from the recipe (optionally only the ``;``-separated ``names``: names hold commas)."""
     stacks = {p["name"]: p["stack"] for p in load_sweep(RECIPE).points}
     if not names:
         return stacks
-    wanted = [n for n in names.split(",") if n]
+    wanted = [n.strip() for n in names.split(";") if n.strip()]
     unknown = [n for n in wanted if n not in stacks]
     if unknown:
         sys.exit(f"headline: unknown variant(s) {unknown}; known: {list(stacks)}")
@@ -83,7 +83,7 @@ def _spawn_warmers(names: list[str], jobs: int, args: argparse.Namespace) -> Non
     groups = [names[i::jobs] for i in range(jobs)]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.headline", "--warm-only", "--out", str(args.out),
                                "--device", args.device, "--dtype", args.dtype, "--batch-sizes", args.batch_sizes,
-                               "--variants", ",".join(g)]) for g in groups if g]
+                               "--variants", ";".join(g)]) for g in groups if g]
     for p in procs:
         p.wait()
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--jobs", type=int, default=1, help="compile in this many worker processes first")
     p.add_argument("--dense-mode", default="max-autotune", choices=[m.value for m in CompileMode])
-    p.add_argument("--variants", help="comma-separated point names of the recipe (default: all)")
+    p.add_argument("--variants", help="point names of the recipe, separated by ';' (default: all)")
     p.add_argument("--accuracy", type=Path, help="the recipe's CIFAR-10 sweep directory (CPU)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)

@@ -26,6 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import fp8_gemm as f8
+from . import int8_gemm as i8
+from ._triton import triton
+from .attention import attention
 from .tuned import TABLE_VERSION, arch_name, read_table
 
 GEMM_SHAPES = {  # name: (N, K)
@@ -63,9 +67,6 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> flo
 
 def gemm_candidates(op: str, m: int, n: int, k: int, device: torch.device) -> dict[str, Callable[[], object]]:
     """The callables timed for one quantized GEMM: ``vendor``, ``triton`` and ``dense`` (bf16)."""
-    from . import fp8_gemm as f8
-    from . import int8_gemm as i8
-
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, generator=g, dtype=torch.float32)
     w = torch.randn(n, k, device=device, generator=g, dtype=torch.float32) / k**0.5
@@ -89,8 +90,6 @@ def gemm_candidates(op: str, m: int, n: int, k: int, device: torch.device) -> di
 
 def attention_candidates(bh: int, n: int, d: int, device: torch.device) -> dict[str, Callable[[], object]]:
     """SDPA with a float per-key mask (``vendor``) against our kernel with a key bias (``triton``), bf16."""
-    from .attention import attention
-
     heads = 12 if bh % 12 == 0 else 1
     b = bh // heads
     g = torch.Generator(device=device).manual_seed(0)
@@ -142,12 +141,12 @@ def seed_from(path: Path) -> dict[str, Any]:
              "fp8": ("fp8 torch._scaled_mm (row-wise)", "fp8 gemm (ours, fused epilogue)")}
     grouped: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for row in res["gemm"]:
-        for op, (vendor, triton) in names.items():
+        for op, (vendor, ours) in names.items():
             ms = row["ms"]
-            if ms.get(vendor) is None or ms.get(triton) is None:
+            if ms.get(vendor) is None or ms.get(ours) is None:
                 continue
             grouped.setdefault(f"{op}:{row['N']}x{row['K']}", []).append(
-                (row["M"], {"vendor": ms[vendor], "triton": ms[triton], "dense": ms["bf16 matmul"]}))
+                (row["M"], {"vendor": ms[vendor], "triton": ms[ours], "dense": ms["bf16 matmul"]}))
     entries = {}
     for key, items in grouped.items():
         items.sort(key=lambda t: t[0])
@@ -167,11 +166,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
+    return None if triton is None else triton.__version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from .config import Config
 from .data import load_data
 from .errors import ConfigError, UserError
 from .evaluate import accuracy_metrics, predict, predict_traced, static_metrics
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .models import data_config
 from .pipeline import Calibration, apply_stack, create_model
 from .provenance import run_context
@@ -283,12 +283,14 @@ def _finished(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _claim(pdir: Path, pid: str, wait: bool, since: float) -> Iterator[bool]:
-    """Claim point ``pid`` for this process (an advisory lock on ``points/<id>.lock``): yields whether it is ours to
+    """Claim point ``pid`` for this process (an advisory lock on ``.locks/<id>.lock``): yields whether it is ours to
     run, False when another worker holds it (``wait=False``), finished it, or failed it since this worker started
     (``since``, a time.time(): a failure from an earlier run is retried, one from a sibling worker is not).
     Workers sharing one sweep folder thus split its points instead of computing each one twice."""
-    pdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(pdir / f"{pid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    locks = pdir.parent / ".locks"  # beside the points, ignored by git (a sweep folder is often committed)
+    if not (locks / ".gitignore").is_file():
+        atomic_write_text(locks / ".gitignore", "*\n")
+    fd = os.open(locks / f"{pid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
