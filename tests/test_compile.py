@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from conftest import images, wide_model
+from conftest import TINY, images, wide_model
 
-from vitcompress import apply_stack, data_config
+from vitcompress import apply_stack, create_model, data_config
 from vitcompress.bench import BenchConfig, compile_model, compile_options, model_runner, static_shapes
 
 FP8 = {"name": "quantize", "mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"}
@@ -114,3 +114,15 @@ def test_eval_compile_records_how_it_compiled(cli, tmp_path):
     assert res["compile"] is True
     assert res["compiled"] == {"mode": "default", "fullgraph": True, "cuda_graphs": False, "static_shapes": True}
     assert res["latency_ms"]["2"]["median"] > 0
+
+
+def test_many_models_compile_in_one_process():
+    """A sweep or the headline compiles many models in one process: each one more guarded graph on timm's forward,
+    past torch's default limit of 8 (which made fullgraph compiles fail)."""
+    torch._dynamo.reset()
+    x = images(2)
+    for i in range(10):
+        torch.manual_seed(i)
+        model = create_model("vit_tiny_patch16_224", **{**TINY, "depth": 1}).eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(compile_model(model, "cpu")(x), model(x), atol=1e-4, rtol=0)

@@ -22,6 +22,9 @@ from torch import nn
 from ..config import StrEnum
 
 
+RECOMPILE_LIMIT = 1024  # compiled graphs per forward code object in one process (see compile_model)
+
+
 class CompileMode(StrEnum):
     """How :func:`compile_model` compiles. ``default``: Inductor with frozen weights, fullgraph, CUDA graphs on a
     GPU; ``max-autotune``: the same plus Inductor's GEMM / kernel autotuning (minutes of compilation)."""
@@ -55,6 +58,11 @@ def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMod
     With CUDA graphs an output lives in the graph's memory until the next call: copy it to keep it.
     """
     device = torch.device(device)
+    # Every model compiled in a process shares timm's forward code with the others, each (model, batch size) one
+    # more guarded entry on it: torch's default limit (8) would stop a sweep or the headline after a few models
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
     compiled = torch.compile(model, **compile_options(model, device, mode))
     graphs = device.type == "cuda" and static_shapes(model)
 
