@@ -9,7 +9,7 @@
 # `headline` always runs first: it measures this GPU's GEMM table (python -m vitcompress.kernels.tune, into
 # tuned/<arch>.json: commit it to kernels/tuned/), then times ViT-B/16 at batch 1 / 64 / 256, eager and compiled
 # dense against every deployable method and the best stacks, compiled (benchmarks/headline.py), with the CIFAR-10
-# accuracy that the CPU measured beforehand (results/headline/cifar10). Its compiles run in HEADLINE_JOBS
+# accuracy that the CPU measured beforehand (results/headline/cifar10). Its compiles run in HEADLINE_JOBS (6)
 # worker processes first, sharing one Inductor cache.
 #
 # Each step has its own time limit, so one slow or failing step cannot take the others' time; each writes its
@@ -54,7 +54,7 @@ ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'
 step headline-table "${TABLE_LIMIT:-75}" $PY -m vitcompress.kernels.tune --out "$W/tuned/$ARCH.json" --repeat 15
 [ -f "$W/tuned/$ARCH.json" ] && export VITCOMPRESS_GEMM_TABLE="$W/tuned/$ARCH.json"
 step headline "${HEADLINE_LIMIT:-300}" $PY -m benchmarks.headline --out "$W/headline" \
-  --jobs "${HEADLINE_JOBS:-4}" --repeat 20 --accuracy results/headline/cifar10 ${HEADLINE_VARIANTS:+--variants "$HEADLINE_VARIANTS"}
+  --jobs "${HEADLINE_JOBS:-6}" --repeat 20 --accuracy results/headline/cifar10 ${HEADLINE_VARIANTS:+--variants "$HEADLINE_VARIANTS"}
 
 # Not in the default STEPS: choose the CIFAR-10 testbed recipe on held-out train data (needs .cifar10_pack.pt,
 # carried: `python -m benchmarks.cifar10_recipes pack`). 4 candidates at once take about 210 s on an H200.

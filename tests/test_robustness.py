@@ -99,3 +99,27 @@ def test_cli_attack_and_one_line_errors(cli, trained_artifact):
                 ["--attack", "pgd", "--steps", "0"]):
         rc, _, err = cli("eval", trained_artifact, "--data", "digits", "--limit", "8", "--no-speed", *bad)
         assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err, (bad, err)
+
+
+@pytest.mark.parametrize("dtype,per_token", [("int", True), ("int", False), ("fp8_e4m3", True), ("fp8_e4m3", False)])
+def test_the_gradient_twin_of_a_deployed_layer_is_its_function(dtype, per_token):
+    """The attack differentiates what the deployed layer computes: its weights (7-bit ones on a CPU without VNNI)
+    and its activation rounding, not a float copy; the rounding passes the gradient straight through."""
+    from vitcompress.transforms.quantize.int8_linear import Int8Linear
+    from vitcompress.transforms.quantize.lowbit_linear import Fp8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    cls = Int8Linear if dtype == "int" else Fp8Linear
+    mod = cls.from_linear(lin, per_token=per_token, a_absmax=3.0, backend="torch")
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        deployed = mod(x)
+    twin = mod.gradient_twin()
+    xg = x.clone().requires_grad_(True)
+    out = twin(xg)
+    float_copy = torch.nn.functional.linear(x, mod.dequantized_weight(), mod.bias.detach())
+    err_twin, err_float = (out.detach() - deployed).abs().max(), (float_copy - deployed).abs().max()
+    assert err_twin <= 1e-3 * deployed.abs().max() and err_twin < err_float / 5, (err_twin, err_float)
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad, twin.weight.sum(0).expand_as(xg))  # straight through the rounding

@@ -4,8 +4,9 @@ The attacks are L-inf in pixel space ([0, 1] images, ``eps`` e.g. 2/255), applie
 normalisation. Compressed models have non-differentiable parts, so the gradient comes from a *gradient twin*
 (BPDA, Athalye et al. 2018): a float copy in which
 
-- deployable quantized layers (int8 / fp8 / weight-only) become ``nn.Linear`` with their dequantized weights
-  (activation rounding passes the gradient straight through);
+- deployable quantized layers (int8 / fp8 / weight-only) become their own ``gradient_twin()``: the function they
+  compute where they run (the same weights, 7-bit ones too, and the same activation rounding), with the rounding's
+  gradient passed straight through;
 - simulated quantizers round in the forward pass and pass the gradient straight through (STE);
 - token merging / pruning and sparse attention keep their discrete choices (which tokens merge, which tiles
   run) fixed and differentiate through the values, as their training does;
@@ -34,8 +35,6 @@ from .errors import ConfigError
 from .models import data_config
 from .transforms.layers import use_torch_references_
 from .transforms.prune.block_sparse_linear import BlockSparseLinear
-from .transforms.quantize.int8_linear import ScaledLinear
-from .transforms.quantize.lowbit_linear import WeightOnlyLinear
 from .transforms.quantize.simulate import _ActQuant
 
 
@@ -49,8 +48,9 @@ class AttackSource(StrEnum):
     BASE = "base"  # crafted on the uncompressed base, transferred
 
 
-GRADIENT_NOTE = ("BPDA gradient twin: dequantized weights for deployed int8/fp8/weight-only layers, straight-through "
-                 "rounding for simulated quantizers, token merging and sparse attention with their choices fixed")
+GRADIENT_NOTE = ("BPDA gradient twin: deployed int8/fp8/weight-only layers as the function they compute (their weights "
+                 "and activation rounding, straight-through), straight-through rounding for simulated quantizers, "
+                 "token merging and sparse attention with their choices fixed")
 
 
 def parse_eps(value: str | float) -> float:
@@ -90,13 +90,9 @@ def gradient_twin(model: nn.Module) -> nn.Module:
     """A float32 copy of ``model`` that autograd can differentiate (see the module docstring)."""
     twin = copy.deepcopy(model).float().eval()
     for name, mod in list(twin.named_modules()):
-        if isinstance(mod, (ScaledLinear, WeightOnlyLinear)):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            lin.weight.data.copy_(mod.dequantized_weight().float())
-            if mod.bias is not None:
-                lin.bias.data.copy_(mod.bias.detach().float())
+        if hasattr(mod, "gradient_twin"):  # a deployed layer gives its own: its weights, its activation rounding
             parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent) if parent else twin, child, lin)
+            setattr(twin.get_submodule(parent) if parent else twin, child, mod.gradient_twin())
         elif isinstance(mod, _ActQuant):
             mod._vc_ste = True
         elif isinstance(mod, BlockSparseLinear):

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..config import StrEnum
 
-
 RECOMPILE_LIMIT = 1024  # compiled graphs per forward code object in one process (see compile_model)
 
 

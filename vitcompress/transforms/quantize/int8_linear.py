@@ -140,6 +140,33 @@ if HAS_ONEDNN:
         return 2 * qx_shape[0] * qx_shape[-1] * out_shape[-1]
 
 
+class TwinLinear(nn.Module):
+    """A deployed low-precision Linear as a differentiable function: x [..., in] -> [..., out] =
+    linear(round(x), weight) + bias, where ``round`` is the layer's activation quantizer (``int`` on +-qmax, or
+    ``fp8`` e4m3; per token when ``a_scale`` is None, else that static scale) in the forward pass and the identity in
+    the backward pass (straight-through), and ``weight`` [out, in] is what the deployed GEMM multiplies by."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None, kind: str,
+                 qmax: int = QMAX):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("a_scale", None if a_scale is None else a_scale.detach().float().clone())
+        self.kind, self.qmax = kind, qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.kind == "int":
+            s = x.abs().amax(-1, keepdim=True).clamp_min(ops.EPS) / self.qmax if self.a_scale is None else \
+                self.a_scale
+            rounded = torch.round(x / s).clamp(-self.qmax, self.qmax) * s
+        else:
+            s = ops.fp8_scale(x.abs().amax(-1, keepdim=True)) if self.a_scale is None else self.a_scale
+            rounded = ops.fp8_codes(x, s).float() * s
+        x = x + (rounded - x).detach()  # straight through
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 class ScaledLinear(nn.Module):
     """Base of the W8A8 drop-ins: x [..., in] -> [..., out], low-precision weights with a per-channel scale.
 
@@ -165,6 +192,11 @@ class ScaledLinear(nn.Module):
         return self._codes().float() * self.w_scale[:, None]
 
     def _codes(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gradient_twin(self) -> nn.Module:
+        """The function this layer computes where it runs, differentiable (an attack's gradient twin): the same
+        weights and the same activation rounding, with straight-through gradients."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -215,6 +247,18 @@ class Int8Linear(ScaledLinear):
         if a_absmax is not None:
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
+
+    def gradient_twin(self) -> nn.Module:
+        """The deployed function (see :meth:`ScaledLinear.gradient_twin`): on a CPU without VNNI, the 7-bit side
+        (weights or activations) that the oneDNN path runs."""
+        w, scale, qmax = self.w_int8, self.w_scale, QMAX
+        if not self.w_int8.is_cuda and HAS_ONEDNN and not ONEDNN_EXACT:
+            if NO_VNNI == "weights":
+                w, scale = torch.round(w.float() / 2).clamp(-63, 63), scale * 2
+            else:
+                qmax = 63
+        a_scale = None if self.per_token else self.a_scale * QMAX / qmax
+        return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

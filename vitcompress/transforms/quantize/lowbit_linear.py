@@ -17,7 +17,7 @@ from torch import nn
 from ...kernels._triton import runs_kernel
 from ...kernels.fp8_gemm import fp8_gemm, scaled_mm_rowwise
 from . import ops
-from .int8_linear import ScaledLinear
+from .int8_linear import ScaledLinear, TwinLinear
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -82,6 +82,14 @@ class WeightOnlyLinear(nn.Module):
         scale = self.w_scale[..., None] if self.group_size else self.w_scale
         return ops.weight_dequant(self.codes(), scale)
 
+    def gradient_twin(self) -> nn.Module:
+        """Weight-only: the dequantized weights, float activations (what the deployed GEMM computes)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight.data.copy_(self.dequantized_weight().float())
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach().float())
+        return lin
+
     def extra_repr(self) -> str:
         grid = f"group {self.group_size}" if self.group_size else "per channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {grid}"
@@ -122,6 +130,10 @@ class Fp8Linear(ScaledLinear):
 
     def _codes(self) -> torch.Tensor:
         return self.w_fp8
+
+    def gradient_twin(self) -> nn.Module:
+        """The deployed function: e4m3 weights and e4m3 activations, straight-through gradients."""
+        return TwinLinear(self.dequantized_weight(), self.bias, None if self.per_token else self.a_scale, "fp8")
 
     def uses_scaled_mm(self, x: torch.Tensor) -> bool:
         """Whether torch._scaled_mm with row-wise scales runs here (CUDA capability >= 8.9 or a recent torch on
