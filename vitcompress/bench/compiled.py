@@ -46,7 +46,8 @@ def compile_options(model: nn.Module, device: torch.device, mode: CompileMode | 
     options: dict[str, object] = {"freezing": True, "triton.cudagraphs": device.type == "cuda" and static}
     if mode == CompileMode.MAX_AUTOTUNE:
         options.update({"max_autotune": True, "coordinate_descent_tuning": True})
-    return {"fullgraph": static, "dynamic": False, "options": options}
+    # per-image token counts change shapes from batch to batch: dynamic shapes there, not a recompile per width
+    return {"fullgraph": static, "dynamic": False if static else None, "options": options}
 
 
 def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMode | str = CompileMode.DEFAULT,
