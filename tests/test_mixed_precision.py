@@ -58,9 +58,10 @@ def test_bad_settings(bad):
 
 def test_cli_mean_bits_runs_mixed_precision(cli, trained_artifact, tmp_path):
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "m", "--mean-bits", "5", "--candidates", "4,6,8",
-                     "--observer", "mse", "--calib-data", "digits", "--calib-size", "16")
+                     "--observer", "mse", "--calib-data", "digits", "--calib-size", "16", "--solver", "greedy")
     assert rc == 0, err
     rec = model_info(load_artifact(tmp_path / "m")).transforms[-1]
+    assert rec["config"]["solver"] == "greedy"
     assert rec["name"] == "mixed_precision" and rec["config"]["quant"] == {"observer": "mse"}
     assert rec["state"]["mean_bits"] <= 5.0 and rec["config"]["calib_size"] == 16
     rc, _, err = cli("quantize", trained_artifact, "--out", tmp_path / "n", "--mean-bits", "5", "--w-bits", "4",
@@ -76,3 +77,39 @@ def test_a_misspelt_keep_name_is_refused():
     calib = [(torch.randn(4, 3, 32, 32), torch.zeros(4))]
     with pytest.raises(ConfigError, match="blocks.0.mlp.fc9"):
         compress_(model, MixedPrecisionConfig(mean_bits=5.0, calib_size=4, keep=["blocks.0.mlp.fc9"]), calib=calib)
+
+
+def test_the_exact_solver_is_optimal_and_never_worse_than_greedy():
+    import itertools
+    import random
+
+    from vitcompress.transforms.quantize.mixed import allocate_exact
+
+    rng = random.Random(0)
+    cands = [4, 6, 8]
+    for _ in range(20):
+        names = [f"l{i}" for i in range(5)]
+        params = {n: rng.choice([64, 128, 256]) for n in names}
+        sens = {}
+        for n in names:
+            hi = rng.random()
+            sens[n] = {8: 0.0, 6: hi * rng.random(), 4: hi}
+        mean = rng.choice([4.5, 5.0, 6.0, 7.0])
+        total = sum(params.values())
+        best = min((sum(sens[n][b] for n, b in zip(names, combo)), combo)
+                   for combo in itertools.product(cands, repeat=len(names))
+                   if sum(b * params[n] for n, b in zip(names, combo)) <= mean * total + 1e-9)
+        exact = allocate_exact(sens, params, cands, mean)
+        cost = sum(sens[n][b] for n, b in exact.items())
+        assert sum(exact[n] * params[n] for n in names) <= mean * total + 1e-9
+        assert cost == pytest.approx(best[0])
+        greedy = allocate(sens, params, cands, mean)
+        assert cost <= sum(sens[n][b] for n, b in greedy.items()) + 1e-12
+    assert allocate_exact({"a": {4: 1.0, 8: 0.0}}, {"a": 10}, [4, 8], 6.0, keep=[]) == {"a": 4}
+    with pytest.raises(ConfigError, match="out of reach"):
+        allocate_exact({"a": {4: 1.0, 8: 0.0}}, {"a": 10}, [4, 8], 6.0, keep=["a"])
+
+
+def test_older_mixed_precision_configs_keep_the_greedy_solver():
+    cfg = MixedPrecisionConfig.from_dict({"name": "mixed_precision", "version": 1, "mean_bits": 5.0})
+    assert cfg.solver == "greedy" and MixedPrecisionConfig().solver == "exact"

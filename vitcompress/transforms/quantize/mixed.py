@@ -2,9 +2,11 @@
 
 1. Sensitivity: for each selected layer and each candidate width b, quantize that layer alone to WbAb (on a copy,
    with the base settings) and measure KL(float || quantized) of the logits on the calibration images.
-2. Allocation: start every layer at the widest candidate; while the parameter-weighted mean weight width is over
-   ``mean_bits``, take the one-step narrowing with the least sensitivity added per bit saved (greedy on the
-   marginal cost, the usual knapsack heuristic). Layers named in ``keep`` stay at the widest candidate.
+2. Allocation, ``solver``: ``exact`` (the default) minimises the summed sensitivity under the budget by dynamic
+   programming over the bits spent (a multiple-choice knapsack, exact since every layer's cost is a whole multiple
+   of the parameter counts' greatest common divisor); ``greedy`` starts every layer at the widest candidate and,
+   while the parameter-weighted mean weight width is over ``mean_bits``, takes the one-step narrowing with the least
+   sensitivity added per bit saved. Layers named in ``keep`` stay at the widest candidate.
 3. Apply: one :class:`~.config.QuantConfig` per width, over the layers given that width (narrowest last), each
    calibrated on the model as the earlier groups left it. The allocation is recorded; a restore replays it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,12 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Config
+from ...config import Config, StrEnum
 from ...errors import ConfigError
 from ..layers import calib_batches
 from ..registry import TransformContext, register_transform
 from .config import QuantConfig
 from .transform import quantize_, rebuild_quantized, select_layers
+
+
+class Solver(StrEnum):
+    EXACT = "exact"  # dynamic programming over the bits spent: the least summed sensitivity within the budget
+    GREEDY = "greedy"  # marginal cost per bit saved (the earlier default)
 
 
 @dataclasses.dataclass
@@ -35,13 +43,18 @@ class MixedPrecisionConfig(Config):
     layers, ...; simulate mode); keep: layers held at the widest candidate (e.g. the first and the last)."""
 
     NAME = "mixed_precision"
-    VERSION = 1
+    VERSION = 2  # v2 added solver (v1 dicts: greedy, as they ran)
     mean_bits: float = 5.0
     candidates: list[int] = dataclasses.field(default_factory=lambda: [4, 6, 8])
     quant: dict[str, Any] = dataclasses.field(default_factory=dict)
     keep: list[str] = dataclasses.field(default_factory=list)
     calib_size: int = 64
+    solver: Solver = Solver.EXACT
     needs_calibration = True
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return {"solver": Solver.GREEDY, **data} if version < 2 else data
 
     def validate(self) -> None:
         if not self.candidates or any(int(b) != b or not 2 <= b <= 8 for b in self.candidates):
@@ -107,6 +120,32 @@ def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], candidat
     return bits
 
 
+def allocate_exact(sens: dict[str, dict[int, float]], params: dict[str, int], candidates: list[int],
+                   mean_bits: float, keep: Iterable[str] = ()) -> dict[str, int]:
+    """The widths with the least summed sensitivity whose parameter-weighted mean is <= ``mean_bits``: a dynamic
+    program over the budget in units of ``gcd(params)`` bits (every layer's cost is a whole number of units)."""
+    names = list(sens)
+    unit = math.gcd(*(params[n] for n in names))
+    budget = math.floor(mean_bits * sum(params.values()) / unit + 1e-9)
+    options = {n: [candidates[-1]] if n in set(keep) else candidates for n in names}
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # units spent -> (sensitivity, widths so far)
+    for n in names:
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for spent, (cost, widths) in best.items():
+            for b in options[n]:
+                total = spent + b * params[n] // unit
+                if total > budget:
+                    continue
+                cand = (cost + sens[n][b], [*widths, b])
+                if total not in nxt or cand[0] < nxt[total][0]:
+                    nxt[total] = cand
+        best = nxt
+        if not best:
+            raise ConfigError(f"mean_bits {mean_bits} is out of reach: the layers held wide leave no room")
+    _, widths = min(best.values(), key=lambda t: t[0])
+    return dict(zip(names, widths))
+
+
 def _groups(alloc: dict[str, int]) -> dict[int, list[str]]:
     """Layers by width, widest first (each width is one quantize step)."""
     groups: dict[int, list[str]] = {}
@@ -135,7 +174,8 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
     calib = list(ctx.calib)
     sens = sensitivities(model, cfg, calib)
     params = {n: model.get_submodule(n).weight.numel() for n in sens}
-    alloc = allocate(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
+    solve = allocate_exact if cfg.solver == Solver.EXACT else allocate
+    alloc = solve(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
     states = {str(b): quantize_(model, cfg.base(b, names), TransformContext(calib=calib))
               for b, names in _groups(alloc).items()}
     weights = {n: model.get_submodule(n).weight.numel() for n in alloc}
@@ -143,4 +183,4 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
     return {"bits": alloc, "mean_bits": round(mean, 4), "sensitivity": sens, "groups": states}
 
 
-__all__ = ["MixedPrecisionConfig", "allocate", "mixed_precision_", "sensitivities"]
+__all__ = ["MixedPrecisionConfig", "Solver", "allocate", "allocate_exact", "mixed_precision_", "sensitivities"]
