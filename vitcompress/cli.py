@@ -202,6 +202,8 @@ def quantize(
     keep: str | None = typer.Option(None, "--keep", help="Mixed precision: layers held at the widest candidate."),
     solver: str | None = typer.Option(None, "--solver", help="Mixed precision: exact (dynamic programming) or "
                                                              "greedy."),
+    sensitivity: str | None = typer.Option(
+        None, "--sensitivity", help="Mixed precision: kl (each layer alone) or hessian (HAWQ-v2 trace)."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
     model_opts: dict[str, Any] | None = None,
@@ -214,11 +216,12 @@ def quantize(
                     layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
                     post_gelu=post_gelu, search_metric=search_metric, dtype=dtype)
     mixed = _given(mean_bits=mean_bits, candidates=_ints(candidates, "--candidates"), keep=_split(keep),
-                   solver=solver)
+                   solver=solver, sensitivity=sensitivity)
     if mixed and _given(w_bits=w_bits, a_bits=a_bits, mode=mode):
         raise ConfigError("--mean-bits chooses each layer's width (simulated): drop --w-bits / --a-bits / --mode")
     if mixed and "mean_bits" not in mixed:
-        raise ConfigError("--candidates / --keep / --solver are mixed-precision options: give --mean-bits")
+        raise ConfigError("--candidates / --keep / --solver / --sensitivity are mixed-precision options: give "
+                          "--mean-bits")
     cfg = MixedPrecisionConfig(**mixed, quant=fields, **_given(calib_size=calib_size)) if mixed else \
         QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, calib_size=calib_size), **fields)
     _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))

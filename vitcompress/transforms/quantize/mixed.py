@@ -1,7 +1,9 @@
 """Mixed-precision PTQ: a bit width per layer under a size budget, from a sensitivity measured on calibration images.
 
-1. Sensitivity: for each selected layer and each candidate width b, quantize that layer alone to WbAb (on a copy,
-   with the base settings) and measure KL(float || quantized) of the logits on the calibration images.
+1. Sensitivity, ``sensitivity``: ``kl`` quantizes each selected layer alone to WbAb (on a copy, with the base
+   settings) and measures KL(float || quantized) of the logits on the calibration images; ``hessian`` is HAWQ-v2's
+   (Dong et al., 2020): the mean Hessian trace of the loss over the layer's weights, estimated by Hutchinson's method,
+   times the squared weight quantization error ||Q_b(W) - W||^2 (weights only, no forward per width).
 2. Allocation, ``solver``: ``exact`` (the default) minimises the summed sensitivity under the budget by dynamic
    programming over the bits spent (a multiple-choice knapsack, exact since every layer's cost is a whole multiple
    of the parameter counts' greatest common divisor); ``greedy`` starts every layer at the widest candidate and,
@@ -22,13 +24,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import Config, StrEnum
 from ...errors import ConfigError
 from ..layers import calib_batches
 from ..registry import TransformContext, register_transform
+from . import ops
 from .config import QuantConfig
 from .transform import quantize_, rebuild_quantized, select_layers
+
+
+class Sensitivity(StrEnum):
+    KL = "kl"  # each layer alone at WbAb: KL of the logits (measured, weights and activations)
+    HESSIAN = "hessian"  # HAWQ-v2: mean Hessian trace x squared weight error (weights only)
 
 
 class Solver(StrEnum):
@@ -50,6 +59,8 @@ class MixedPrecisionConfig(Config):
     keep: list[str] = dataclasses.field(default_factory=list)
     calib_size: int = 64
     solver: Solver = Solver.EXACT
+    sensitivity: Sensitivity = Sensitivity.KL
+    hutchinson_samples: int = 16
     needs_calibration = True
 
     @classmethod
@@ -64,6 +75,8 @@ class MixedPrecisionConfig(Config):
             raise ConfigError(f"mean_bits {self.mean_bits} is outside the candidates' range {self.candidates}")
         if {"w_bits", "a_bits", "mode"} & set(self.quant):
             raise ConfigError("quant sets everything but the widths and the mode (mixed precision simulates)")
+        if self.hutchinson_samples < 1:
+            raise ConfigError(f"hutchinson_samples must be >= 1, got {self.hutchinson_samples}")
         self.base(self.candidates[0])  # the QuantConfig must be valid
 
     def base(self, bits: int, layers: list[str] | None = None) -> QuantConfig:
@@ -91,6 +104,55 @@ def sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any])
             quantize_(trial, cfg.base(bits, [name]), TransformContext(calib=calib))
             logp = F.log_softmax(_logits(trial, images), -1)
             out[name][bits] = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    return out
+
+
+def hessian_traces(model: nn.Module, names: list[str], images: list[torch.Tensor], samples: int = 16,
+                   seed: int = 0) -> dict[str, float]:
+    """Mean Hessian trace Tr(H_W) / n of the loss over each named layer's weight W (n elements), by Hutchinson's
+    estimator E[v^T H v] over Rademacher v (HAWQ-v2). The loss is the cross-entropy to the model's own float
+    predictions (no labels needed), summed over ``images`` (a list of [B,3,H,W] batches)."""
+    model = copy.deepcopy(model).float().eval()
+    weights = [model.get_submodule(n).weight for n in names]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    traces = [0.0] * len(names)
+    with sdpa_kernel(SDPBackend.MATH):  # Hessian-vector products need double backward, which fused SDPA lacks
+        for x in images:
+            _accumulate(model, weights, x, samples, gen, traces)
+    return {n: t / w.numel() for n, t, w in zip(names, traces, weights)}
+
+
+def _accumulate(model: nn.Module, weights: list[torch.Tensor], x: torch.Tensor, samples: int,
+                gen: torch.Generator, traces: list[float]) -> None:
+    """Add one batch's Hutchinson estimate of each weight's Hessian trace to ``traces``."""
+    with torch.no_grad():
+        target = model(x).argmax(-1)
+    loss = F.cross_entropy(model(x), target, reduction="sum")
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    for _ in range(samples):
+        vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
+        hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+        for i, (v, hv) in enumerate(zip(vs, hvs)):
+            traces[i] += float((v * hv).sum()) / samples
+
+
+def hessian_sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any],
+                          ) -> dict[str, dict[int, float]]:
+    """HAWQ-v2's sensitivity per layer and width: Tr(H_W) / n x ||Q_b(W) - W||^2."""
+    device = next(model.parameters()).device
+    images = [x for x, _ in calib_batches(calib, cfg.calib_size, device)]
+    base = cfg.base(cfg.candidates[0])
+    names = [n for n, m in select_layers(model, base) if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    traces = hessian_traces(model, names, images, cfg.hutchinson_samples)
+    group = base.group
+    out = {}
+    for n in names:
+        w = model.get_submodule(n).weight.detach().float().reshape(model.get_submodule(n).weight.shape[0], -1)
+        out[n] = {b: traces[n] * float((ops.fake_quant_weight(w, b, group) - w).pow(2).sum()) for b in cfg.candidates}
     return out
 
 
@@ -172,7 +234,7 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
         raise ConfigError(f"keep names layers that are not quantized here: {', '.join(unknown)} "
                           f"(e.g. {', '.join(known[:3])}{', ...' if len(known) > 3 else ''})")
     calib = list(ctx.calib)
-    sens = sensitivities(model, cfg, calib)
+    sens = (hessian_sensitivities if cfg.sensitivity == Sensitivity.HESSIAN else sensitivities)(model, cfg, calib)
     params = {n: model.get_submodule(n).weight.numel() for n in sens}
     solve = allocate_exact if cfg.solver == Solver.EXACT else allocate
     alloc = solve(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
@@ -183,4 +245,5 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
     return {"bits": alloc, "mean_bits": round(mean, 4), "sensitivity": sens, "groups": states}
 
 
-__all__ = ["MixedPrecisionConfig", "Solver", "allocate", "allocate_exact", "mixed_precision_", "sensitivities"]
+__all__ = ["MixedPrecisionConfig", "Sensitivity", "Solver", "allocate", "allocate_exact", "hessian_sensitivities",
+           "hessian_traces", "mixed_precision_", "sensitivities"]
