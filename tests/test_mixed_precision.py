@@ -149,3 +149,19 @@ def test_hessian_sensitivity_allocates_within_the_budget():
     assert state["mean_bits"] <= 5.0 and len(set(state["bits"].values())) > 1
     sens = state["sensitivity"]
     assert all(s[4] >= s[6] >= s[8] >= 0 for s in sens.values())  # a coarser grid never costs less
+
+
+@pytest.mark.parametrize("quant", [{"layers": ["attn_matmul", "fc1"]},
+                                   {"softmax": "log2", "layers": ["attn_matmul", "fc1", "fc2"]}])
+def test_attention_matmuls_and_softmax_quantizers_take_part(quant, tmp_path):
+    """The attention matmuls (no weights: they cost no size) and a softmax quantizer work in mixed precision."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(8))]
+    compress_(model, MixedPrecisionConfig(mean_bits=6.0, calib_size=8, quant=quant), calib=calib)
+    state = model_info(model).transforms[-1]["state"]
+    assert state["bits"]["blocks.0.attn"] == 8 and state["mean_bits"] <= 6.0  # free, so it stays widest
+    save_artifact(model, tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(load_artifact(tmp_path / "m")(x), model(x))

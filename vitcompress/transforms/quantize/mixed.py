@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers.attention import Attention
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -79,8 +80,13 @@ class MixedPrecisionConfig(Config):
             raise ConfigError(f"hutchinson_samples must be >= 1, got {self.hutchinson_samples}")
         self.base(self.candidates[0])  # the QuantConfig must be valid
 
-    def base(self, bits: int, layers: list[str] | None = None) -> QuantConfig:
-        extra = {"layers": layers} if layers is not None else {}
+    def base(self, bits: int, layers: list[str] | None = None, model: nn.Module | None = None) -> QuantConfig:
+        """The QuantConfig for ``layers`` at ``bits``; a subset without attention modules (given ``model``) takes no
+        softmax quantizer, which only an attention module has."""
+        extra: dict[str, Any] = {"layers": layers} if layers is not None else {}
+        if layers is not None and model is not None and not any(
+                isinstance(model.get_submodule(n), Attention) for n in layers):
+            extra["softmax"] = "none"
         return QuantConfig.from_dict({**self.quant, "w_bits": bits, "a_bits": bits, "calib_size": self.calib_size,
                                       **extra})
 
@@ -101,7 +107,7 @@ def sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any])
         out[name] = {}
         for bits in cfg.candidates:
             trial = copy.deepcopy(model)
-            quantize_(trial, cfg.base(bits, [name]), TransformContext(calib=calib))
+            quantize_(trial, cfg.base(bits, [name], model), TransformContext(calib=calib))
             logp = F.log_softmax(_logits(trial, images), -1)
             out[name][bits] = float((ref.exp() * (ref - logp)).sum(-1).mean())
     return out
@@ -172,6 +178,8 @@ def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], candidat
             i = candidates.index(bits[n])
             if n in fixed or i == 0:
                 continue
+            if not params[n]:  # narrowing a layer without weights saves no size
+                continue
             lower = candidates[i - 1]
             cost = (sens[n][lower] - sens[n][bits[n]]) / ((bits[n] - lower) * params[n])
             if cost < best_cost:
@@ -187,7 +195,7 @@ def allocate_exact(sens: dict[str, dict[int, float]], params: dict[str, int], ca
     """The widths with the least summed sensitivity whose parameter-weighted mean is <= ``mean_bits``: a dynamic
     program over the budget in units of ``gcd(params)`` bits (every layer's cost is a whole number of units)."""
     names = list(sens)
-    unit = math.gcd(*(params[n] for n in names))
+    unit = math.gcd(*(params[n] for n in names)) or 1
     budget = math.floor(mean_bits * sum(params.values()) / unit + 1e-9)
     options = {n: [candidates[-1]] if n in set(keep) else candidates for n in names}
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # units spent -> (sensitivity, widths so far)
@@ -208,6 +216,11 @@ def allocate_exact(sens: dict[str, dict[int, float]], params: dict[str, int], ca
     return dict(zip(names, widths))
 
 
+def _weights(model: nn.Module, name: str) -> int:
+    w = getattr(model.get_submodule(name), "weight", None)
+    return w.numel() if isinstance(w, torch.Tensor) else 0
+
+
 def _groups(alloc: dict[str, int]) -> dict[int, list[str]]:
     """Layers by width, widest first (each width is one quantize step)."""
     groups: dict[int, list[str]] = {}
@@ -220,7 +233,7 @@ def _rebuild(model: nn.Module, cfg: MixedPrecisionConfig, state: dict[str, Any])
     """The recorded allocation, one quantize step per width."""
     groups = _groups({n: int(b) for n, b in state["bits"].items()})
     for b, names in groups.items():
-        rebuild_quantized(model, cfg.base(b, names), state.get("groups", {}).get(str(b)) or {})
+        rebuild_quantized(model, cfg.base(b, names, model), state.get("groups", {}).get(str(b)) or {})
 
 
 @register_transform(MixedPrecisionConfig, rebuild=_rebuild)
@@ -235,12 +248,12 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Transform
                           f"(e.g. {', '.join(known[:3])}{', ...' if len(known) > 3 else ''})")
     calib = list(ctx.calib)
     sens = (hessian_sensitivities if cfg.sensitivity == Sensitivity.HESSIAN else sensitivities)(model, cfg, calib)
-    params = {n: model.get_submodule(n).weight.numel() for n in sens}
+    params = {n: _weights(model, n) for n in sens}  # an attention matmul has no weights: it costs no size
     solve = allocate_exact if cfg.solver == Solver.EXACT else allocate
     alloc = solve(sens, params, cfg.candidates, cfg.mean_bits, cfg.keep)
-    states = {str(b): quantize_(model, cfg.base(b, names), TransformContext(calib=calib))
+    states = {str(b): quantize_(model, cfg.base(b, names, model), TransformContext(calib=calib))
               for b, names in _groups(alloc).items()}
-    weights = {n: model.get_submodule(n).weight.numel() for n in alloc}
+    weights = {n: _weights(model, n) for n in alloc}
     mean = sum(alloc[n] * weights[n] for n in alloc) / max(sum(weights.values()), 1)
     return {"bits": alloc, "mean_bits": round(mean, 4), "sensitivity": sens, "groups": states}
 
