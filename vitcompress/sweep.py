@@ -297,10 +297,19 @@ def _claim(pdir: Path, pid: str, wait: bool, since: float) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        record = pdir / f"{pid}.json"
-        yield not _finished(record) and not (record.exists() and record.stat().st_mtime >= since)
+        yield not _finished(pdir / f"{pid}.json") and not _failed_by_sibling(pdir / f"{pid}.json", since)
     finally:
         os.close(fd)
+
+
+def _failed_by_sibling(path: Path, since: float) -> bool:
+    """Whether the record at ``path`` is a failure another worker process wrote after this one started (not to be
+    retried now; a failure from an earlier run, or from this process, is)."""
+    try:
+        rec = json.loads(path.read_text())
+        return rec.get("pid") != os.getpid() and path.stat().st_mtime >= since
+    except (OSError, ValueError):
+        return False
 
 
 def _process_start() -> float:

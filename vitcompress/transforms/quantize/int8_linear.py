@@ -147,8 +147,9 @@ class TwinLinear(nn.Module):
     the backward pass (straight-through), and ``weight`` [out, in] is what the deployed GEMM multiplies by."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None, kind: str,
-                 qmax: int = QMAX):
+                 qmax: int = QMAX, bf16_product: bool = False):
         super().__init__()
+        self.bf16_product = bf16_product  # the deployed GEMM returns its product in bf16 (torch._scaled_mm)
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("a_scale", None if a_scale is None else a_scale.detach().float().clone())
@@ -164,7 +165,10 @@ class TwinLinear(nn.Module):
             s = ops.fp8_scale(x.abs().amax(-1, keepdim=True)) if self.a_scale is None else self.a_scale
             rounded = ops.fp8_codes(x, s).float() * s
         x = x + (rounded - x).detach()  # straight through
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        out = x @ self.weight.t()
+        if self.bf16_product:
+            out = out + (out.bfloat16().float() - out).detach()
+        return out if self.bias is None else out + self.bias
 
 
 class ScaledLinear(nn.Module):

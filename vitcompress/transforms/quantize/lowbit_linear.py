@@ -133,7 +133,9 @@ class Fp8Linear(ScaledLinear):
 
     def gradient_twin(self) -> nn.Module:
         """The deployed function: e4m3 weights and e4m3 activations, straight-through gradients."""
-        return TwinLinear(self.dequantized_weight(), self.bias, None if self.per_token else self.a_scale, "fp8")
+        scaled_mm = self.backend != "triton" and self.uses_scaled_mm(self.w_fp8)  # its product comes back in bf16
+        return TwinLinear(self.dequantized_weight(), self.bias, None if self.per_token else self.a_scale, "fp8",
+                          bf16_product=scaled_mm)
 
     def uses_scaled_mm(self, x: torch.Tensor) -> bool:
         """Whether torch._scaled_mm with row-wise scales runs here (CUDA capability >= 8.9 or a recent torch on
