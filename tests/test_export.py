@@ -207,12 +207,7 @@ def test_a_damaged_export_is_refused_before_it_runs(tiny_model, tmp_path, cli, f
     RuntimeModel(tmp_path / f"m.{fmt}", verify=False)
 
 
-MERGED_SHAPES = pytest.mark.xfail(strict=True, reason="known bug (#29): a token-merged export declares rank-1 "
-                                  "shapes for two intermediate values per block, and ONNX Runtime warns on every run")
-
-
-@pytest.mark.parametrize("name", [pytest.param("merged", marks=MERGED_SHAPES),
-                                  pytest.param("merged_pruned_int8", marks=MERGED_SHAPES), "int8"])
+@pytest.mark.parametrize("name", ["merged", "merged_pruned_int8", "int8"])
 def test_onnx_runtime_runs_the_exports_without_a_warning(tiny_model, tmp_path, capfd, name):
     """Exports declare correct shapes, or none, for every intermediate value: ONNX Runtime (which prints a
     warning per mismatched value on every run) prints nothing, at a batch other than the traced one."""

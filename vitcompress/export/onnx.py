@@ -238,6 +238,7 @@ def _export_onnx(m: nn.Module, x: torch.Tensor, out: Path, cfg: ExportConfig, me
     # the tracer annotates some intermediate shapes wrongly under a dynamic batch (token merging's gathers): drop
     # the annotations; runtimes infer shapes themselves
     del proto.graph.value_info[:]
+    _drop_branch_shapes(proto.graph)
     meta = {**meta, "weights_sha256": weights_digest(proto)}  # eval checks it before it runs the file
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, default=str))
     onnx.checker.check_model(proto)
@@ -245,6 +246,19 @@ def _export_onnx(m: nn.Module, x: torch.Tensor, out: Path, cfg: ExportConfig, me
     ops = [n.op_type for n in proto.graph.node]
     return {"int8_weights": folded, "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear")}
+
+
+def _drop_branch_shapes(graph: Any) -> None:
+    """Clear the shapes declared for the values inside control-flow subgraphs (the ``If`` branches the tracer emits
+    around token merging's gathers): the tracer gives one branch's rank to both, and ONNX Runtime then warns on every
+    run. Runtimes infer the shapes themselves."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                del sub.value_info[:]
+                for out in sub.output:
+                    out.type.tensor_type.ClearField("shape")
+                _drop_branch_shapes(sub)
 
 
 def weights_digest(proto: Any) -> str:
