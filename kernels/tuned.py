@@ -90,6 +90,18 @@ def lookup(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> Gem
     return GemmPath(entry["best"][i])
 
 
+def dense_faster(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> bool:
+    """Whether ``table`` measured the bf16 matmul faster than both quantized paths for ``op`` at M x N x K (False
+    where it has no such entry or no timings)."""
+    entry = None if table is None else table["entries"].get(f"{op}:{n}x{k}")
+    if entry is None or not entry.get("ms"):
+        return False
+    ms = entry["m"]
+    i = min(range(len(ms)), key=lambda j: abs(math.log(max(m, 1)) - math.log(ms[j])))
+    t = entry["ms"]
+    return t["dense"][i] < min(t["vendor"][i], t["triton"][i])
+
+
 @torch.compiler.assume_constant_result  # a compiled graph bakes the choice in (shapes are static there)
 def _cuda_arch(index: int) -> str:
     return arch_name(torch.device("cuda", index))

@@ -196,6 +196,11 @@ def quantize(
     search_metric: str | None = typer.Option(
         None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
     dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
+    dense_fallback: str | None = typer.Option(
+        None, "--dense-fallback", help="Deploy W8A8 for this GPU (e.g. sm90): layers its GEMM table measured "
+                                       "faster in bf16 stay bf16."),
+    dense_fallback_rows: int | None = typer.Option(
+        None, "--dense-fallback-rows", help="Rows (batch x tokens) that --dense-fallback compares at."),
     mean_bits: float | None = typer.Option(
         None, "--mean-bits", help="Mixed precision: a width per layer at this parameter-weighted mean."),
     candidates: str | None = typer.Option(None, "--candidates", help="Mixed precision: the widths, e.g. 4,6,8."),
@@ -214,7 +219,8 @@ def quantize(
                     gptq_sequential=gptq_sequential, gptq_damp=gptq_damp, reparam=reparam,
                     w_granularity=w_granularity, group_size=group_size, a_granularity=a_granularity,
                     layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
-                    post_gelu=post_gelu, search_metric=search_metric, dtype=dtype)
+                    post_gelu=post_gelu, search_metric=search_metric, dtype=dtype, dense_fallback=dense_fallback,
+                    dense_fallback_rows=dense_fallback_rows)
     mixed = _given(mean_bits=mean_bits, candidates=_ints(candidates, "--candidates"), keep=_split(keep),
                    solver=solver, sensitivity=sensitivity)
     if mixed and _given(w_bits=w_bits, a_bits=a_bits, mode=mode):

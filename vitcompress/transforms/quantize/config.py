@@ -8,6 +8,7 @@ from typing import Any
 from ...config import Config, StrEnum
 from ...errors import ConfigError
 from ...kernels._triton import Backend
+from ...kernels.tuned import table_for
 
 
 class Mode(StrEnum):
@@ -83,6 +84,9 @@ class QuantConfig(Config):
     metric: the output error weighted by the task loss's squared gradient).
     dtype: int grids, or fp8_e4m3 (W8A8 with float8 e4m3 weights and activations).
     backend (deploy): auto, torch, triton (the int8 GEMM) or bnb (bitsandbytes: w8 LLM.int8, w4 NF4).
+    dense_fallback (deploy, W8A8): a GPU architecture with a GEMM table (``sm90``): a layer whose quantized GEMM that
+    table measured slower than bf16 at ``dense_fallback_rows`` rows (batch x tokens) stays bf16; the artifact
+    records which (``kept_dense``).
     """
 
     NAME = "quantize"
@@ -110,6 +114,8 @@ class QuantConfig(Config):
     search_metric: SearchMetric = SearchMetric.MSE
     dtype: QuantDtype = QuantDtype.INT
     backend: Backend = Backend.AUTO
+    dense_fallback: str | None = None
+    dense_fallback_rows: int = 12608  # batch 64 x 197 tokens (ViT-B/16)
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -127,6 +133,15 @@ class QuantConfig(Config):
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if not self.layers:
             raise ConfigError("no layers to quantize")
+        if self.dense_fallback is not None:
+            if self.mode != Mode.DEPLOY or self.deploy_kind not in ("int8", "fp8"):
+                raise ConfigError("dense_fallback chooses between a W8A8 GEMM and bf16: it needs --mode deploy with "
+                                  "int8 or fp8 W8A8")
+            if table_for(self.dense_fallback) is None:
+                raise ConfigError(f"no GEMM table for '{self.dense_fallback}' (kernels/tuned/{self.dense_fallback}"
+                                  ".json): measure one on that GPU with python -m vitcompress.kernels.tune")
+            if self.dense_fallback_rows < 1:
+                raise ConfigError(f"dense_fallback_rows must be >= 1, got {self.dense_fallback_rows}")
         if self.reparam == Reparam.REPQ and not self.static_acts:
             raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
                               "a_granularity per_tensor")

@@ -23,6 +23,7 @@ from timm.layers.attention import Attention
 from torch import nn
 
 from ...errors import ConfigError
+from ...kernels.tuned import dense_faster, table_for
 from ..layers import replace_module
 from ..layers import select_layers as _select
 from ..registry import TransformContext, register_transform
@@ -115,12 +116,23 @@ def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None)
     return clip
 
 
+def dense_fallback_layers(layers: list[tuple[str, nn.Module]], cfg: QuantConfig) -> list[str]:
+    """The Linear layers that ``cfg.dense_fallback``'s GEMM table measured faster in bf16 than quantized, at
+    ``cfg.dense_fallback_rows`` rows: they stay bf16."""
+    if cfg.dense_fallback is None:
+        return []
+    table, op = table_for(cfg.dense_fallback), "fp8" if cfg.dtype == QuantDtype.FP8 else "int8"
+    return [n for n, m in layers if isinstance(m, nn.Linear) and
+            dense_faster(table, op, cfg.dense_fallback_rows, m.out_features, m.in_features)]
+
+
 def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any]) -> None:
     """The quantized layers' structure (grids, scales and weights are loaded afterwards)."""
     if cfg.w_bits is None and cfg.a_bits is None:
         return
     per_token, fp8 = cfg.a_granularity == ActGranularity.PER_TOKEN, cfg.dtype == QuantDtype.FP8
-    layers = select_layers(model, cfg)
+    kept = set(state.get("kept_dense") or [])
+    layers = [(n, m) for n, m in select_layers(model, cfg) if n not in kept]
     gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
     for name, m in layers:
         if cfg.mode == Mode.DEPLOY:
@@ -133,6 +145,8 @@ def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any])
 def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict[str, Any]:
     """Quantize the selected layers in place; calibrates on ``ctx.calib`` (train-split images) when needed."""
     layers = select_layers(model, cfg)
+    kept = dense_fallback_layers(layers, cfg)
+    layers = [(n, m) for n, m in layers if n not in kept]
     if cfg.w_bits is None and cfg.a_bits is None:
         return {"layers": [], "calibrated": 0}
     deploy, per_token, fp8 = cfg.mode == Mode.DEPLOY, cfg.a_granularity == ActGranularity.PER_TOKEN, \
@@ -173,4 +187,5 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": deploy,
             **({"reconstruction": recon} if recon else {}),
             "deploy_kind": cfg.deploy_kind if deploy else None, "reparam": reparam,
+            **({"kept_dense": kept} if cfg.dense_fallback else {}),
             "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
