@@ -6,8 +6,10 @@ run time. Under ``backend="auto"`` every caller asks :func:`gemm_path`:
 
 - ``vendor``: torch's own kernel (``torch._int_mm`` for int8, row-wise ``torch._scaled_mm`` for fp8, SDPA with a
   float mask for attention); Inductor fuses the quantize and dequantize around it in a compiled graph;
-- ``triton``: our kernel with its fused epilogue;
-- ``dense``: the layer's dequantized weight in bf16 (a quantized layer whose GEMM is slower than bf16 at its shape).
+- ``triton``: our kernel with its fused epilogue.
+
+Each entry also times the bf16 matmul at the same shape: :func:`dense_faster` tells a quantizer which layers to
+keep in bf16 (``QuantConfig.dense_fallback``).
 
 A shape the table does not hold takes ``vendor``, so ``auto`` is never slower than the path it replaces. Entries
 are keyed ``OP:NxK`` (``int8:2304x768``: N outputs, K inputs; ``attention:NxD``: tokens, head dim) and hold a sorted
@@ -35,7 +37,6 @@ class GemmPath(str, enum.Enum):
 
     VENDOR = "vendor"
     TRITON = "triton"
-    DENSE = "dense"
 
     def __str__(self) -> str:
         return self.value
@@ -80,25 +81,28 @@ def table_for(arch: str) -> dict[str, Any] | None:
     return _TABLES[key]
 
 
-def lookup(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> GemmPath:
-    """The best path in ``table`` for ``op`` at M x N x K (``vendor`` where the table has no entry)."""
+def _nearest(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> tuple[dict[str, Any], int] | None:
+    """The entry for ``op`` at N x K and the index of its row count nearest ``m`` in log space, or None."""
     entry = None if table is None else table["entries"].get(f"{op}:{n}x{k}")
     if entry is None:
-        return GemmPath.VENDOR
+        return None
     ms = entry["m"]
-    i = min(range(len(ms)), key=lambda j: abs(math.log(max(m, 1)) - math.log(ms[j])))
-    return GemmPath(entry["best"][i])
+    return entry, min(range(len(ms)), key=lambda j: abs(math.log(max(m, 1)) - math.log(ms[j])))
+
+
+def lookup(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> GemmPath:
+    """The best path in ``table`` for ``op`` at M x N x K (``vendor`` where the table has no entry)."""
+    hit = _nearest(table, op, m, n, k)
+    return GemmPath.VENDOR if hit is None else GemmPath(hit[0]["best"][hit[1]])
 
 
 def dense_faster(table: dict[str, Any] | None, op: str, m: int, n: int, k: int) -> bool:
     """Whether ``table`` measured the bf16 matmul faster than both quantized paths for ``op`` at M x N x K (False
     where it has no such entry or no timings)."""
-    entry = None if table is None else table["entries"].get(f"{op}:{n}x{k}")
-    if entry is None or not entry.get("ms"):
+    hit = _nearest(table, op, m, n, k)
+    if hit is None or not hit[0].get("ms"):
         return False
-    ms = entry["m"]
-    i = min(range(len(ms)), key=lambda j: abs(math.log(max(m, 1)) - math.log(ms[j])))
-    t = entry["ms"]
+    t, i = hit[0]["ms"], hit[1]
     return t["dense"][i] < min(t["vendor"][i], t["triton"][i])
 
 
