@@ -77,6 +77,19 @@ def is_packed(w_int8: torch.Tensor) -> bool:
     return any(v[0]() is w_int8 for v in _PACKED.values())
 
 
+def cpu_weight_codes(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight codes [out, in] int8 and scales [out] that oneDNN's int8 path multiplies on this CPU: the 8-bit
+    ones, or, without VNNI in ``weights`` mode, the codes halved onto +-63 with the scales doubled."""
+    if ONEDNN_EXACT or NO_VNNI != "weights":
+        return w_int8, w_scale
+    return torch.round(w_int8.float() / 2).clamp(-63, 63).to(torch.int8), w_scale * 2
+
+
+def cpu_act_qmax() -> int:
+    """The activations' code range on oneDNN's int8 path: +-127, or +-63 without VNNI in ``acts`` mode."""
+    return QMAX if ONEDNN_EXACT or NO_VNNI == "weights" else 63
+
+
 def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]) for int8 codes [out, in]:
     packed once, again only when the weight changes. Without VNNI in ``weights`` mode the codes are halved onto
@@ -89,9 +102,7 @@ def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Te
         return hit[1], hit[2], hit[3]
     for k in [k for k, v in _PACKED.items() if v[0]() is None]:
         del _PACKED[k]
-    w, scale = w_int8, w_scale
-    if not ONEDNN_EXACT and NO_VNNI == "weights":
-        w, scale = torch.round(w.float() / 2).clamp(-63, 63).to(torch.int8), scale * 2
+    w, scale = cpu_weight_codes(w_int8, w_scale)
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     zeros = torch.zeros(w_int8.shape[0], dtype=torch.long)
     _PACKED[key] = (weakref.ref(w_int8), packed, zeros, scale)
@@ -108,7 +119,7 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
     epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
     ``ONEDNN_EXACT``)."""
     packed, zeros, ws = packed_weight(w_int8, w_scale)
-    qmax = QMAX if ONEDNN_EXACT or NO_VNNI == "weights" else 63
+    qmax = cpu_act_qmax()
     if per_token:
         qx, s = _to_uint8(x2, None, qmax)
         out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, ws, zeros, None, 1.0, 0,
@@ -256,11 +267,8 @@ class Int8Linear(ScaledLinear):
         """The deployed function (see :meth:`ScaledLinear.gradient_twin`): on a CPU without VNNI, the 7-bit side
         (weights or activations) that the oneDNN path runs."""
         w, scale, qmax = self.w_int8, self.w_scale, QMAX
-        if not self.w_int8.is_cuda and HAS_ONEDNN and not ONEDNN_EXACT:
-            if NO_VNNI == "weights":
-                w, scale = torch.round(w.float() / 2).clamp(-63, 63), scale * 2
-            else:
-                qmax = 63
+        if not self.w_int8.is_cuda and HAS_ONEDNN:
+            (w, scale), qmax = cpu_weight_codes(w, scale), cpu_act_qmax()
         a_scale = None if self.per_token else self.a_scale * QMAX / qmax
         return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", qmax)
 
