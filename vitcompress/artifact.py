@@ -17,7 +17,6 @@ else. Artifacts with the two files side by side (before 2026-12) load as they ar
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, WriteError
-from .io import json_text, write_error
+from .io import file_lock, json_text, write_error
 from .models import model_info
 from .provenance import utc_now, versions
 
@@ -78,7 +77,7 @@ def only_own_files(out: Path) -> bool:
     return all(_OWN.match(p.name) for p in out.iterdir())
 
 
-_HELD: dict[str, tuple[int, int]] = {}  # resolved folder -> (lock file descriptor, depth): re-entrant per process
+_HELD: dict[str, int] = {}  # resolved folder -> depth: the lock is re-entrant within a process
 
 
 @contextlib.contextmanager
@@ -89,29 +88,28 @@ def writer_lock(out: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]
     try:
         out.mkdir(parents=True, exist_ok=True)
         key = str(out.resolve())
-        if key in _HELD:
-            fd, depth = _HELD[key]
-            _HELD[key] = (fd, depth + 1)
-        else:
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                raise WriteError(f"{out} is being written by another vitcompress process (it holds {out / LOCK}): "
-                                 "wait for it (--wait) or choose another --out") from None
-            _HELD[key] = (fd, 1)
     except OSError as exc:
         raise write_error(out, exc) from None
-    try:
-        yield out
-    finally:
-        fd, depth = _HELD[key]
-        if depth > 1:
-            _HELD[key] = (fd, depth - 1)
-        else:
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield out
+        finally:
+            _HELD[key] -= 1
+        return
+    with contextlib.ExitStack() as stack:
+        try:  # only taking the lock is wrapped: the caller's own errors pass through unchanged
+            held = stack.enter_context(file_lock(out / LOCK, wait=wait))
+        except OSError as exc:
+            raise write_error(out, exc) from None
+        if not held:
+            raise WriteError(f"{out} is being written by another vitcompress process (it holds {out / LOCK}): "
+                             "wait for it or choose another --out")
+        _HELD[key] = 1
+        try:
+            yield out
+        finally:
             del _HELD[key]
-            os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

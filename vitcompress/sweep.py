@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -37,7 +36,7 @@ from .config import Config
 from .data import load_data
 from .errors import ConfigError, UserError
 from .evaluate import accuracy_metrics, predict, predict_traced, static_metrics
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, file_lock
 from .models import data_config
 from .pipeline import Calibration, apply_stack, create_model
 from .provenance import run_context
@@ -290,16 +289,8 @@ def _claim(pdir: Path, pid: str, wait: bool, since: float) -> Iterator[bool]:
     locks = pdir.parent / ".locks"  # beside the points, ignored by git (a sweep folder is often committed)
     if not (locks / ".gitignore").is_file():
         atomic_write_text(locks / ".gitignore", "*\n")
-    fd = os.open(locks / f"{pid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield not _finished(pdir / f"{pid}.json") and not _failed_by_sibling(pdir / f"{pid}.json", since)
-    finally:
-        os.close(fd)
+    with file_lock(locks / f"{pid}.lock", wait=wait) as held:
+        yield held and not _finished(pdir / f"{pid}.json") and not _failed_by_sibling(pdir / f"{pid}.json", since)
 
 
 def _failed_by_sibling(path: Path, since: float) -> bool:
