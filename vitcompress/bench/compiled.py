@@ -54,8 +54,9 @@ def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMod
                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` compiled for inference on ``device``: x [B,3,H,W] -> logits [B,classes].
 
-    Shapes are static (``dynamic=False``): each batch size compiles, and on a GPU captures, its own graph once.
-    With CUDA graphs an output lives in the graph's memory until the next call: copy it to keep it.
+    Static shapes (``dynamic=False``): each batch size compiles, and on a GPU captures, its own graph once; a model
+    with per-image token counts compiles with dynamic shapes instead. With CUDA graphs an output lives in the
+    graph's memory until the next call: copy it to keep it.
     """
     device = torch.device(device)
     # Every model compiled in a process shares timm's forward code with the others, each (model, batch size) one
@@ -63,8 +64,9 @@ def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMod
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
-    compiled = torch.compile(model, **compile_options(model, device, mode))
-    graphs = device.type == "cuda" and static_shapes(model)
+    opts = compile_options(model, device, mode)
+    compiled = torch.compile(model, **opts)
+    graphs = bool(opts["options"]["triton.cudagraphs"])  # type: ignore[index]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if graphs:  # each call is a new step: the previous call's outputs may be overwritten
