@@ -118,12 +118,11 @@ def accuracy_of(sweep_dir: Path | None) -> dict[str, dict[str, float]]:
     if sweep_dir is None or not (sweep_dir / "sweep.json").is_file():
         return {}
     desc, points = load_points(sweep_dir)
-    spec = desc.get("config", {}).get("accuracy", "").partition(":")[0] if isinstance(desc.get("config"), dict) \
-        else ""
+    spec = desc["config"]["accuracy"].partition(":")[0]  # the sweep's accuracy DATA (validated to be evaluated)
     out: dict[str, dict[str, float]] = {}
     for p in points:
         acc = p.get("accuracy", {})
-        clean = acc.get(spec) or next((v for k, v in acc.items() if not k.startswith("cifar10-c")), {})
+        clean = acc.get(spec, {})
         corrupt = next((v for k, v in acc.items() if k.startswith("cifar10-c")), {})
         out[p["name"]] = {"top1": clean.get("top1"), "agreement_c": corrupt.get("agreement")}
     base = out.get("base (uncompressed)", {}).get("top1")
