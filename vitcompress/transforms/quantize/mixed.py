@@ -157,7 +157,8 @@ def hessian_sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: li
     group = base.group
     out = {}
     for n in names:
-        w = model.get_submodule(n).weight.detach().float().reshape(model.get_submodule(n).weight.shape[0], -1)
+        weight = model.get_submodule(n).weight
+        w = weight.detach().float().reshape(weight.shape[0], -1)
         out[n] = {b: traces[n] * float((ops.fake_quant_weight(w, b, group) - w).pow(2).sum()) for b in cfg.candidates}
     return out
 
