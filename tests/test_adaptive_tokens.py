@@ -157,8 +157,8 @@ def test_cannot_stack_two_token_reductions():
 def test_the_varlen_kernel_path_matches_the_masked_sdpa():
     pytest.importorskip("triton")
     ref, tri = _model(), _model()
-    compress_(ref, AdaptiveTokensConfig(budget=0.25, attention="torch"))
-    compress_(tri, AdaptiveTokensConfig(budget=0.25, attention="triton"))
+    compress_(ref, AdaptiveTokensConfig(budget=0.25, backend="torch"))
+    compress_(tri, AdaptiveTokensConfig(budget=0.25, backend="triton"))
     x = _x(3)
     torch.testing.assert_close(_fwd(tri, x), _fwd(ref, x), atol=1e-4, rtol=1e-4)
 

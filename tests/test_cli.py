@@ -116,11 +116,11 @@ def test_bad_inputs_fail_in_one_line(tmp_path, cli, ckpt, trained_artifact):
 
 
 def test_merge_then_eval_against_the_base(tmp_path, cli, trained_artifact):
-    rc, out, err = cli("merge", trained_artifact, "--out", tmp_path / "m", "--target-flops", "0.7", "--attention",
+    rc, out, err = cli("merge", trained_artifact, "--out", tmp_path / "m", "--target-flops", "0.7", "--backend",
                        "triton")
     assert rc == 0, err
     manifest = json.loads((tmp_path / "m" / "vitcompress.json").read_text())
-    assert manifest["transforms"][0]["config"]["attention"] == "triton"
+    assert manifest["transforms"][0]["config"]["backend"] == "triton"
     state = manifest["transforms"][0]["state"]
     assert manifest["transforms"][0]["name"] == "token_merge" and state["flops_fraction"] <= 0.7
     assert manifest["base"]["path"].endswith("tiny")
@@ -149,7 +149,7 @@ def test_merge_bad_settings_fail_in_one_line(tmp_path, cli, trained_artifact):
         (["--keep-rate", "0.5"], "is for method evit"),
         (["--target-flops", "0.01"], "out of reach"),
         (["--resolution", "30"], "multiple of the patch size"),
-        (["--r", "2", "--attention", "cuda"], "attention must be one of: auto, torch, triton"),
+        (["--r", "2", "--backend", "cuda"], "backend must be one of: auto, torch, triton"),
     ]:
         rc, _, err = cli("merge", trained_artifact, *out, *args)
         _one_clean_line(rc, err, pattern)

@@ -35,7 +35,7 @@ STACKS = {
     "int8": [{"name": "quantize", "mode": "deploy", "a_granularity": "per_tensor"}],
     "weight_only_int8": [{"name": "quantize", "mode": "deploy", "a_bits": None}],
     "resolution": [{"name": "resolution", "img_size": 24}],
-    "merged_triton_attention": [{"name": "token_merge", "r": 3, "attention": "triton"}],  # via its torch reference
+    "merged_triton_attention": [{"name": "token_merge", "r": 3, "backend": "triton"}],  # via its torch reference
     "merged_pruned_int8": [{"name": "prune", "mlp": 0.5}, {"name": "token_merge", "r": 3},
                            {"name": "quantize", "mode": "deploy"}],
 }

@@ -111,7 +111,7 @@ def test_the_gradient_twin_of_a_deployed_layer_is_its_function(dtype, per_token)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     cls = Int8Linear if dtype == "int" else Fp8Linear
-    mod = cls.from_linear(lin, per_token=per_token, a_absmax=3.0, backend="torch")
+    mod = cls.from_linear(lin, per_token=per_token, a_absmax=3.0, backend="auto")
     x = torch.randn(5, 64)
     with torch.inference_mode():
         deployed = mod(x)

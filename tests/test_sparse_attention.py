@@ -75,8 +75,8 @@ def test_the_masked_attention_is_exactly_the_pattern(family):
 def test_the_block_sparse_kernel_path_matches_the_masked_sdpa():
     pytest.importorskip("triton")
     ref, tri = _model(), _model()
-    compress_(ref, SparseAttentionConfig(density=0.5, block_size=16, attention="torch"))
-    compress_(tri, SparseAttentionConfig(density=0.5, block_size=16, attention="triton"))
+    compress_(ref, SparseAttentionConfig(density=0.5, block_size=16, backend="torch"))
+    compress_(tri, SparseAttentionConfig(density=0.5, block_size=16, backend="triton"))
     x = _x(2)
     torch.testing.assert_close(_fwd(tri, x), _fwd(ref, x), atol=1e-4, rtol=1e-4)
 
@@ -113,7 +113,7 @@ def test_sdpa_sees_the_same_logits_as_timm_where_every_tile_is_kept():
     torch.testing.assert_close(attn._vc_attend(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
 
 
-@pytest.mark.parametrize("bad", [dict(density=0.0), dict(block_size=12), dict(block_size=8, attention="triton"),
+@pytest.mark.parametrize("bad", [dict(density=0.0), dict(block_size=12), dict(block_size=8, backend="triton"),
                                  dict(layers=[7])])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):

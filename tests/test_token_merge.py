@@ -168,7 +168,7 @@ def test_evit_uses_no_proportional_attention_unless_asked():
     ({"target_flops": 1.5}, "target_flops is a fraction"),
     ({"r": 2, "inflection": 2}, "inflection must be in"),
     ({"r": 2, "prop_attn": "maybe"}, "prop_attn must be one of: auto, on, off"),
-    ({"r": 2, "attention": "cuda"}, "attention must be one of: auto, torch, triton"),
+    ({"r": 2, "backend": "cuda"}, "backend must be one of: auto, torch, triton"),
 ])
 def test_bad_configs(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -223,8 +223,8 @@ def test_proportional_attention_through_the_fused_kernel(family):
     (Triton's interpreter here), and give SDPA-with-a-float-mask's logits."""
     pytest.importorskip("triton")
     sdpa, fused = _model(family), _model(family)
-    compress_(sdpa, TokenMergeConfig(r=8, prop_attn="on", attention="torch"))
-    compress_(fused, TokenMergeConfig(r=8, prop_attn="on", attention="triton"))
+    compress_(sdpa, TokenMergeConfig(r=8, prop_attn="on", backend="torch"))
+    compress_(fused, TokenMergeConfig(r=8, prop_attn="on", backend="triton"))
     calls = []
     import vitcompress.transforms.attention as glue
 
@@ -234,7 +234,7 @@ def test_proportional_attention_through_the_fused_kernel(family):
         out = _fwd(fused, _x())
     assert len(calls) == WIDE["depth"] - 1  # every layer after the first merge has a size bias
     torch.testing.assert_close(out, _fwd(sdpa, _x()), rtol=1e-4, atol=1e-4)
-    assert TokenMergeConfig.from_dict({"name": "token_merge", "version": 1, "r": 2}).attention == "auto"
+    assert TokenMergeConfig.from_dict({"name": "token_merge", "version": 1, "r": 2}).backend == "auto"
 
 
 def test_gap_pooling_is_size_weighted():

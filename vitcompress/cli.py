@@ -7,6 +7,7 @@ stderr and exit non-zero, with no traceback.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -259,14 +260,28 @@ def sweep(
     recipe: str = typer.Argument(..., help="Sweep recipe YAML (a path, or a bundled name: demo, vit_b16_gpu)."),
     out: Path = typer.Option(..., "--out", help="Sweep directory (re-running resumes it)."),
     no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
+    data: str | None = typer.Option(None, "--data", help="The recipe's ${data}: a data spec or path."),
+    var: list[str] | None = typer.Option(None, "--var", help="NAME=VALUE for the recipe's ${NAME} (repeatable)."),
 ) -> None:
     """Measure compression stacks on one base model; resumable; writes the Pareto report."""
+    variables = dict(_var(v) for v in var or [])
+    if data is not None:
+        variables["data"] = data
     with distributed.session():  # under torchrun the points are split across ranks
         rank, size = distributed.world()
         run_sweep(recipe, out, progress=sys.stderr.isatty() and rank == 0, log=lambda m: typer.echo(m, err=True),
-                  report=not no_report, shard=(rank, size))
+                  report=not no_report, shard=(rank, size), variables=variables,
+                  command=shlex.join(["vitcompress", "sweep", *sys.argv[sys.argv.index("sweep") + 1:]])
+                  if "sweep" in sys.argv else None)
     if not no_report and rank == 0:
         print_fronts(out)
+
+
+def _var(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.isidentifier():
+        raise ConfigError(f"--var takes NAME=VALUE, got '{text}'")
+    return name, value
 
 
 @app.command()

@@ -44,7 +44,7 @@ def merge(
     schedule: str | None = typer.Option(None, "--schedule", help="Tokens removed per layer, e.g. 8,8,4,0."),
     method: str | None = typer.Option(None, "--method", help="tome or evit."),
     prop_attn: str | None = typer.Option(None, "--prop-attn", help="Proportional attention: auto, on or off."),
-    attention: str | None = typer.Option(None, "--attention",
+    backend: str | None = typer.Option(None, "--backend",
                                          help="Merged layers' attention kernel: auto, torch or triton."),
     inflection: float | None = typer.Option(None, "--inflection", help="ToMe schedule tilt: -1 decreasing."),
     layers: str | None = typer.Option(None, "--layers", help="EViT reduction layers, e.g. 3,6,9."),
@@ -54,7 +54,7 @@ def merge(
     """Token merging (ToMe) or pruning (EViT), training-free; writes an artifact."""
     merge_fields = _given(r=r, keep_rate=keep_rate, target_flops=target_flops, target_speedup=target_speedup,
                           schedule=_ints(schedule, "--schedule"), method=method, prop_attn=prop_attn,
-                          attention=attention, inflection=inflection, layers=_ints(layers, "--layers"))
+                          backend=backend, inflection=inflection, layers=_ints(layers, "--layers"))
     stack: list[Any] = [ResolutionConfig(img_size=resolution)] if resolution is not None else []
     stack += [TokenMergeConfig(**merge_fields)] if merge_fields or not stack else []
     m = _model(model, **(model_opts or {}))
@@ -71,7 +71,7 @@ def adapt(
     mass: float | None = typer.Option(None, "--mass", help="mass: share of the significance kept."),
     target_flops: float | None = typer.Option(None, "--target-flops", help="Mean fraction of the base GFLOPs."),
     layers: str | None = typer.Option(None, "--layers", help="Blocks that select tokens, e.g. 3,4,5."),
-    attention: str | None = typer.Option(None, "--attention", help="Padded batch's attention: auto, torch, triton."),
+    backend: str | None = typer.Option(None, "--backend", help="Padded batch's attention: auto, torch, triton."),
     calib_data: str | None = CalibDataOpt,
     calib_size: int | None = CalibSizeOpt,
     model_opts: dict[str, Any] | None = None,
@@ -79,7 +79,7 @@ def adapt(
     """Adaptive token counts per image (ATS-style), training-free; writes an artifact."""
     stack: list[Any] = [AdaptiveTokensConfig(**_given(
         method=method, budget=budget, mass=mass, target_flops=target_flops, layers=_ints(layers, "--layers"),
-        attention=attention, calib_size=calib_size))]
+        backend=backend, calib_size=calib_size))]
     _needs_calibration(stack, calib := _calibration(calib_data, calib_size))
     m = _model(model, **(model_opts or {}))
     print_records("adapt", out, compress_to(out, m, stack, calib=calib))
@@ -93,12 +93,12 @@ def sparse_attn(
     density: float | None = typer.Option(None, "--density", help="Fraction of key blocks each query block reads."),
     block_size: int | None = typer.Option(None, "--block-size", help="Tile edge in tokens (kernel: >= 16)."),
     layers: str | None = typer.Option(None, "--layers", help="Blocks to sparsify, e.g. 2,3 (default all)."),
-    attention: str | None = typer.Option(None, "--attention", help="auto, torch (masked SDPA) or triton."),
+    backend: str | None = typer.Option(None, "--backend", help="auto, torch (masked SDPA) or triton."),
     model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Training-free block-sparse attention (Sparsifiner-style); writes an artifact."""
     cfg = SparseAttentionConfig(**_given(density=density, block_size=block_size, layers=_ints(layers, "--layers"),
-                                         attention=attention))
+                                         backend=backend))
     m = _model(model, **(model_opts or {}))
     print_records("sparse-attn", out, compress_to(out, m, [cfg]))
 

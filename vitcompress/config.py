@@ -33,6 +33,16 @@ class Config:
 
     NAME: ClassVar[str] = "config"
     VERSION: ClassVar[int] = 1
+    FAMILY: ClassVar[str] = "other"  # how sweeps and reports group a transform (token, quant, prune, ...)
+
+    @property
+    def deployable(self) -> bool:
+        """Whether the model this config makes runs as deployed (False: it only simulates, e.g. fake quantization)."""
+        return True
+
+    def report_fields(self) -> dict[str, Any]:
+        """What reports show of this step besides accuracy and speed (e.g. ``w_bits``, the mean weight width)."""
+        return {}
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -74,6 +84,14 @@ class Config:
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
+
+
+def upgrade_backend(data: dict[str, Any], version: int, since: int) -> dict[str, Any]:
+    """A config dict from before ``since``, when the kernel preference was called ``attention``, with it renamed to
+    ``backend`` (the one name every layer and config uses)."""
+    if version < since and "attention" in data:
+        data = {k: v for k, v in data.items() if k != "attention"} | {"backend": data["attention"]}
+    return data
 
 
 def _plain(value: Any) -> Any:

@@ -32,8 +32,6 @@ from .models import data_config, model_info
 from .pipeline import load_base
 from .provenance import run_context
 from .robustness import AttackConfig, AttackSource, attack_eval
-from .transforms.sparse_attn.transform import flops_saved
-from .transforms.token_merge.adaptive import is_adaptive, token_trace, trace_summary
 from .ui import progress_bar
 
 
@@ -72,11 +70,12 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
 def predict_traced(model: nn.Module, data: ImageData, **kwargs: Any,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]:
     """:func:`predict`, plus the token statistics of an adaptive-token model (None for any other)."""
-    if not is_adaptive(model):
+    st = getattr(model, "_vc_token_state", None)  # a token family's state: it says whether counts vary per image
+    if st is None or not st.adaptive or st.summarize is None:
         return (*predict(model, data, **kwargs), None)
-    with token_trace(model) as forwards:
+    with st.tracing(len(model.blocks)) as forwards:
         out = predict(model, data, **kwargs)
-    return (*out, trace_summary(model, forwards) if forwards else None)
+    return (*out, st.summarize(model, forwards) if forwards else None)
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None,
@@ -165,7 +164,9 @@ def static_metrics(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, RuntimeModel):  # an exported file: what its metadata records, and the file's size
         return model.static_metrics()
     input_size = data_config(model)["input_size"]
-    flops = count_flops(model, input_size) - flops_saved(model)  # sparse attention's skipped tiles
+    # what a dense count of a layer overstates (sparse attention's skipped tiles), declared by the layer's family
+    flops = count_flops(model, input_size) - sum(m.flops_saved(model) for m in model.modules()
+                                                  if hasattr(m, "flops_saved"))
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,
             "size_mb": serialized_size_mb(model)}
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .goals import judge
+from .transforms import config_from_dict
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-FAMILY_COLORS = {"base": "black", "token": "tab:blue", "quant": "tab:orange", "prune": "tab:green",
-                 "block-sparse": "tab:olive", "stacked": "tab:red"}
+FAMILY_COLORS = {"base": "black", "dense": "dimgrey", "peer": "tab:brown", "token": "tab:blue", "quant": "tab:orange",
+                 "prune": "tab:green", "block-sparse": "tab:olive", "stacked": "tab:red"}
+SPARE_COLORS = ["tab:purple", "tab:pink", "tab:cyan", "tab:gray"]  # families without a colour of their own
 
 
 Cell = str | int | float | None
@@ -98,37 +101,64 @@ def load_points(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _metric(p: dict[str, Any], accuracy: str) -> float | None:
-    spec, _, key = accuracy.partition(":")
+    spec, _, key = accuracy.rpartition(":")
     v = p.get("accuracy", {}).get(spec, {}).get(key)
     if v is None and key == "top1":  # no labels: fall back to agreement
         v = p.get("accuracy", {}).get(spec, {}).get("agreement")
     return v
 
 
+def _dense_best(ok: list[dict[str, Any]]) -> dict[str, tuple[str, float]]:
+    """Per batch size: the fastest dense row (the base in any runtime), as (name, its speedup over the anchor)."""
+    best: dict[str, tuple[str, float]] = {}
+    for p in ok:
+        if p["family"] in ("base", "dense") or p.get("dense"):
+            for bs, sp in (p.get("speedup") or {}).items():
+                if bs not in best or sp > best[bs][1]:
+                    best[bs] = (p["name"], sp)
+    return best
+
+
+def _dtype(p: dict[str, Any], ref: str) -> str | None:
+    """The dtype the point ran in at the reference batch (recorded since auto resolves per model and batch)."""
+    d = p.get("dtype")
+    return d.get(ref) if isinstance(d, dict) else d
+
+
 def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fronts and per-point summaries (deltas and speedups against the base)."""
+    """Fronts and per-point summaries (deltas against the base; speed-ups against the anchor and the fastest dense
+    row)."""
     cfg = sweep["config"]
     ref = str(cfg.get("reference_batch") or max(cfg["bench"].get("batch_sizes", [1])))
     ok = [p for p in points if p.get("status") == "ok"]
     base = next((p for p in ok if p["family"] == "base"), None)
     acc = [_metric(p, cfg["accuracy"]) for p in ok]
+    timed = [p for p in ok if p.get("speedup")]
     # Absolute latencies drift between points (10-30 % on a busy CPU); each point's speedup was measured side by
-    # side with the base, so latency = the sweep's median base latency / speedup is drift-free.
-    base_ms = statistics.median([p["base_latency_ms"][ref] for p in ok]) if ok else 0.0
-    lat = [base_ms / p["speedup"][ref] for p in ok]
+    # side with the base (the anchor), so latency = the sweep's median anchor latency / speedup is drift-free, and
+    # the speed-up over the fastest dense row is a ratio of two such ratios.
+    base_ms = {bs: statistics.median([p["base_latency_ms"][bs] for p in timed if bs in p["base_latency_ms"]])
+               for bs in (timed[0]["speedup"] if timed else {})}
+    best = _dense_best(ok)
+    lat = [base_ms[ref] / p["speedup"][ref] if p.get("speedup") else None for p in ok]
     size = [p["size_mb"] for p in ok]
     valid = [i for i, a in enumerate(acc) if a is not None]
-    f_lat = [valid[i] for i in pareto_front([lat[i] for i in valid], [acc[i] for i in valid])]
+    with_lat = [i for i in valid if lat[i] is not None]
+    f_lat = [with_lat[i] for i in pareto_front([lat[i] for i in with_lat], [acc[i] for i in with_lat])]
     f_size = [valid[i] for i in pareto_front([size[i] for i in valid], [acc[i] for i in valid])]
     rows = []
     for i, p in enumerate(ok):
-        rows.append({"id": p["id"], "name": p["name"], "family": p["family"],
-                     "kind": "deployable" if p["deployable"] else "accuracy-only", "recovery": p["recovery"],
-                     "accuracy": acc[i], "delta": None if base is None or acc[i] is None
+        sp = p.get("speedup") or {}
+        rows.append({"id": p["id"], "name": p["name"], "family": p["family"], "runtime": p.get("runtime", "torch"),
+                     "dtype": _dtype(p, ref), "kind": "deployable" if p["deployable"] else "accuracy-only",
+                     "recovery": p["recovery"], "accuracy": acc[i], "delta": None if base is None or acc[i] is None
                      else acc[i] - _metric(base, cfg["accuracy"]),
                      **{f"{s}_{k}": m.get(k) for s, m in p["accuracy"].items() for k in ("top1", "agreement")},
-                     "latency_ms": lat[i], "measured_ms": p["latency_ms"][ref]["median"],
-                     "speedup": p["speedup"][ref], "throughput": int(ref) * 1e3 / lat[i],
+                     "latency_ms": lat[i], "measured_ms": (p.get("latency_ms") or {}).get(ref, {}).get("median"),
+                     "speedup": sp.get(ref), "vs_best_dense": sp[ref] / best[ref][1] if ref in sp else None,
+                     "latency_by_batch": {bs: base_ms[bs] / v for bs, v in sp.items()},
+                     "vs_best_dense_by_batch": {bs: v / best[bs][1] for bs, v in sp.items()},
+                     "throughput": None if lat[i] is None else int(ref) * 1e3 / lat[i],
                      "peak_mem_mb": p.get("peak_mem_mb"), "size_mb": size[i],
                      "size_ratio": None if base is None else size[i] / base["size_mb"],
                      "gflops": p["gflops"], "params": p["params"],
@@ -140,28 +170,53 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
     axis = next((k for k in robust if k.endswith(" self")), robust[0] if robust else None)
     f_rob: list[int] = []
     if axis:
-        have = [i for i, r in enumerate(rows) if r.get(axis) is not None]
+        have = [i for i, r in enumerate(rows) if r.get(axis) is not None and lat[i] is not None]
         f_rob = [have[i] for i in pareto_front([lat[i] for i in have], [rows[i][axis] for i in have])]
     for i, r in enumerate(rows):
         r["front_robust"] = i in f_rob
     failed = [{"name": p["name"], "error": p.get("error")} for p in points if p.get("status") != "ok"]
     context = {k: (base or (ok[0] if ok else {})).get(k) for k in ("device", "versions", "date")}
-    return {"accuracy_metric": cfg["accuracy"], "reference_batch": int(ref), "dtype": cfg["bench"].get("dtype", "bf16"),
+    dtypes = sorted({r["dtype"] for r in rows if r["dtype"]})
+    goals = judge(cfg.get("goals") or [], points, cfg["accuracy"]) if cfg.get("eval_data") else []
+    return {"accuracy_metric": cfg["accuracy"] if cfg.get("eval_data") else None, "reference_batch": int(ref),
+            "dtype": "/".join(dtypes) or str(cfg["bench"].get("dtype", "auto")),
+            "batch_sizes": list(base_ms), "best_dense": {bs: name for bs, (name, _) in best.items()},
             "speed_model": cfg.get("speed_model"), "context": context, "rows": rows, "failed": failed,
             "front_latency": [ok[i]["name"] for i in f_lat], "front_size": [ok[i]["name"] for i in f_size],
-            "robust_axis": axis, "front_robust": [ok[i]["name"] for i in f_rob]}
+            "robust_axis": axis, "front_robust": [ok[i]["name"] for i in f_rob], "goals": goals,
+            "bits_front": _bits_front(rows, ok)}
 
 
-def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
+def _report_fields(p: dict[str, Any]) -> dict[str, Any]:
+    """What a point's families show in reports: recorded, or (points recorded before that) derived from its stack."""
+    if "report" in p:
+        return p["report"]
+    return {k: v for s in p.get("stack") or [] for k, v in config_from_dict(s).report_fields().items()}
+
+
+def _bits_front(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points whose family reports a weight width (``w_bits``), with the accuracy-vs-bits front marked."""
+    have = [(r, _report_fields(p)["w_bits"]) for r, p in zip(rows, ok) if _report_fields(p).get("w_bits")
+            and r["accuracy"] is not None]
+    front = {i for i in pareto_front([b for _, b in have], [r["accuracy"] for r, _ in have])}
+    return [{"name": r["name"], "w_bits": b, "accuracy": r["accuracy"], "front": i in front,
+             **{k: v for k, v in r.items() if k.endswith(("_top1", "_agreement"))}} for i, (r, b) in enumerate(have)]
+
+
+def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str | None = None) -> str:
     ctx, ref = res["context"], res["reference_batch"]
     versions = ctx.get("versions") or {}
+    best = res.get("best_dense") or {}
     lines = [f"# {title}", "",
-             f"Device: {ctx.get('device')}; dtype {res['dtype']} autocast + SDPA; torch {versions.get('torch')}, "
-             f"timm {versions.get('timm')}, triton {versions.get('triton')}; {ctx.get('date')}.",
-             f"Accuracy axis: `{res['accuracy_metric']}`. Each point is timed alternately with the base in one "
-             f"process at batch {ref} (median); speedup = base / point, and latency = the sweep's median base "
-             "latency / speedup, which removes the drift between points (img/s follows from it). The base's own "
-             "speedup (the base timed against itself) shows the timing noise."
+             f"Device: {ctx.get('device')}; dtype as run: {res['dtype']} (per row below); torch "
+             f"{versions.get('torch')}, timm {versions.get('timm')}, triton {versions.get('triton')}"
+             + "".join(f", {k} {versions[k]}" for k in ("onnxruntime", "openvino", "nncf") if versions.get(k))
+             + f"; {ctx.get('date')}.", *([f"Command: `{command}`", ""] if command else []),
+             (f"Accuracy axis: `{res['accuracy_metric']}`. " if res["accuracy_metric"] else "Speed only. ")
+             + f"Each point is timed alternately with the anchor (the base in torch) in one process at batch {ref} "
+             "(median); latency = the sweep's median anchor latency / the point's speed-up over it, which removes "
+             "the drift between points (img/s follows from it). **× best dense** = the point's speed-up over the "
+             f"fastest dense row of this table (at b{ref}: {best.get(str(ref), '—')}), whatever runtime that is."
              + (f" Latency, size and GFLOPs are measured on `{res['speed_model']['model']}` with the same stack "
                 "(random weights)." if res.get("speed_model") else ""),
              "★ = on the accuracy-vs-latency front, ◆ = on the accuracy-vs-size front. *accuracy-only* points "
@@ -170,19 +225,47 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep") -> str:
         return "\n".join([*lines, "No finished points yet.", ""])
     acc_cols = [k for k in res["rows"][0] if k.endswith(("_top1", "_agreement"))]
     acc_cols += sorted({k for r in res["rows"] for k in r if k.startswith(("robust: ", "transfer: "))})
-    lines.append("| point | family | kind | recovery | front | accuracy | Δ | " + " | ".join(acc_cols)
-                 + f" | latency ms b{ref} | speedup | img/s | peak MiB | size MiB | size × | GFLOPs |")
-    lines.append("|---|---|---|---|:-:|" + "---:|" * (2 + len(acc_cols) + 7))
-    for r in sorted(res["rows"], key=lambda r: r["latency_ms"]):
+    accuracy = res["accuracy_metric"] is not None
+    speed = any(r["latency_ms"] is not None for r in res["rows"])
+    head = ["point", "family", "runtime", "dtype", "kind", "recovery", "front",
+            *(["accuracy", "Δ", *acc_cols] if accuracy else []),
+            *([f"latency ms b{ref}", "× best dense", "img/s", "peak MiB"] if speed else []),
+            "size MiB", "size ×", "GFLOPs"]
+    body = []
+    for r in sorted(res["rows"], key=lambda r: (r["latency_ms"] is None, r["latency_ms"] or 0)):
         mark = ("★" if r["front_latency"] else "") + ("◆" if r["front_size"] else "")
-        name = f"**{r['name']}**" if r["front_latency"] else r["name"]
-        accs = " | ".join(_f(r.get(k), 2) for k in acc_cols)
-        lines.append(f"| {name} | {r['family']} | {r['kind']} | {r['recovery']} | {mark} | {_f(r['accuracy'], 2)} | "
-                     f"{_f(r['delta'], 2, sign=True)} | {accs} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× | "
-                     f"{r['throughput']:.0f} | {_f(r['peak_mem_mb'], 1)} | {r['size_mb']:.2f} | "
-                     f"{_f(r['size_ratio'], 2)} | {r['gflops']:.3f} |")
-    lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency'])}.",
-              f"Accuracy-vs-size front: {', '.join(res['front_size'])}.", ""]
+        body.append([f"**{r['name']}**" if r["front_latency"] else r["name"], r["family"], r["runtime"],
+                     r["dtype"] or "—", r["kind"], r["recovery"], mark,
+                     *([_f(r["accuracy"], 2), _f(r["delta"], 2, sign=True), *(_f(r.get(k), 2) for k in acc_cols)]
+                       if accuracy else []),
+                     *([_f(r["latency_ms"], 3), f"{_f(r['vs_best_dense'], 2)}×", _f(r["throughput"], 0),
+                        _f(r["peak_mem_mb"], 1)] if speed else []),
+                     f"{r['size_mb']:.2f}", _f(r["size_ratio"], 2), f"{r['gflops']:.3f}"])
+    lines.append(markdown_table(head, body, align="l" * 7 + "r" * (len(head) - 7)))
+    if len(res.get("batch_sizes") or []) > 1:
+        bss = res["batch_sizes"]
+        lines += ["", "Per batch size: latency (ms) and speed-up over the fastest dense row at that batch ("
+                  + ", ".join(f"b{b}: {best.get(b, '—')}" for b in bss) + ").", "",
+                  "| point | " + " | ".join(f"b{b} ms | b{b} × best dense" for b in bss) + " |",
+                  "|---|" + "---:|" * (2 * len(bss))]
+        for r in res["rows"]:
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{_f(r['latency_by_batch'].get(b), 2)} | {_f(r['vs_best_dense_by_batch'].get(b), 2)}×"
+                for b in bss) + " |")
+    if res.get("bits_front"):
+        cols = [k for k in res["bits_front"][0] if k.endswith(("_top1", "_agreement"))]
+        lines += ["", "Weight bits (the family's mean weight width) against accuracy; ★ = on the front (no point "
+                  "has fewer bits and a higher accuracy).", "",
+                  markdown_table(["point", "mean bits", *cols, "front"],
+                                 [[b["name"], b["w_bits"], *(b[c] for c in cols), "★" if b["front"] else ""]
+                                  for b in sorted(res["bits_front"], key=lambda b: (b["w_bits"], -b["accuracy"]))])]
+    if res.get("goals"):
+        lines += ["", "## Goals", "", markdown_table(
+            ["goal", "measured", "target", "met", "detail"],
+            [[g["goal"], g["measured"], g["target"] or "", "—" if g["met"] is None else "yes" if g["met"]
+              else "**missed**", g["detail"]] for g in res["goals"]], align="lrlll")]
+    lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency']) or '—'}.",
+              f"Accuracy-vs-size front: {', '.join(res['front_size']) or '—'}.", ""]
     if res.get("robust_axis"):
         lines[-1:] = [f"Robustness-vs-latency front (`{res['robust_axis']}`): {', '.join(res['front_robust'])}.", ""]
     if res["failed"]:
@@ -206,7 +289,11 @@ def _panel(ax: Any, rows: list[dict[str, Any]], xkey: str, ykey: str, front: str
     top = ys_all[-1]
     floor = max(ys_all[0], (base[ykey] if base else top) - 12.0)  # keep the interesting band readable
     lo = floor - 0.08 * (top - floor + 1e-9) - 0.5
-    for fam, color in FAMILY_COLORS.items():
+    fams = list(dict.fromkeys([*(f for f in FAMILY_COLORS if any(r["family"] == f for r in rows)),
+                               *(r["family"] for r in rows)]))
+    spare = iter(SPARE_COLORS * len(fams))
+    for fam in fams:
+        color = FAMILY_COLORS.get(fam) or next(spare)
         pts = [r for r in rows if r["family"] == fam]
         for kind, filled in (("deployable", True), ("accuracy-only", False)):
             sel = [r for r in pts if (r["kind"] == "deployable") == filled]
@@ -240,7 +327,8 @@ def plot(res: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [{**r, "n": n} for n, r in enumerate((r for r in res["rows"] if r["accuracy"] is not None), 1)]
+    rows = [{**r, "n": n} for n, r in enumerate((r for r in res["rows"] if r["accuracy"] is not None
+                                                 and r["latency_ms"] is not None), 1)]
     lat = f"latency at batch {res['reference_batch']} (ms, lower is better)"
     acc = f"{res['accuracy_metric']} (%, higher is better)"
     panels = [("latency_ms", "accuracy", "front_latency", lat, acc),
@@ -271,13 +359,15 @@ def plot(res: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def write_report(out: str | Path, title: str = "vitcompress sweep") -> dict[str, Any]:
+def write_report(out: str | Path, title: str | None = None) -> dict[str, Any]:
     """Write report.md, pareto.png, points.csv and pareto.json into the sweep directory ``out``."""
     out = Path(out)
-    res = analyse(*load_points(out))
-    atomic_write_text(out / "report.md", markdown(res, title))
+    sweep, points = load_points(out)
+    res = analyse(sweep, points)
+    title = title or sweep["config"].get("title") or "vitcompress sweep"
+    atomic_write_text(out / "report.md", markdown(res, title, sweep.get("command")))
     atomic_write_json(out / "pareto.json", res)
-    if res["rows"]:
+    if any(r["latency_ms"] is not None and r["accuracy"] is not None for r in res["rows"]):
         atomic_write_bytes(out / "pareto.png", plot(res))
         atomic_write_text(out / "points.csv", csv_text(res["rows"]))
     return res

@@ -4,10 +4,11 @@ The attacks are L-inf in pixel space ([0, 1] images, ``eps`` e.g. 2/255), applie
 normalisation. Compressed models have non-differentiable parts, so the gradient comes from a *gradient twin*
 (BPDA, Athalye et al. 2018): a float copy in which
 
-- deployable quantized layers (int8 / fp8 / weight-only) become their own ``gradient_twin()``: the function they
-  compute where they run (the same weights, 7-bit ones too, and the same activation rounding), with the rounding's
-  gradient passed straight through;
-- simulated quantizers round in the forward pass and pass the gradient straight through (STE);
+- every layer with a ``gradient_twin()`` (each method family declares its own) becomes what that returns:
+  deployable quantized layers (int8 / fp8 / weight-only) the function they compute where they run (the same
+  weights, 7-bit ones too, and the same activation rounding), with the rounding's gradient passed straight
+  through; simulated quantizers themselves, rounding in the forward pass with straight-through gradients (STE);
+  block-sparse layers their dense path;
 - token merging / pruning and sparse attention keep their discrete choices (which tokens merge, which tiles
   run) fixed and differentiate through the values, as their training does;
 - kernels run their torch references.
@@ -34,8 +35,6 @@ from .data import ImageData
 from .errors import ConfigError
 from .models import data_config
 from .transforms.layers import use_torch_references_
-from .transforms.prune.block_sparse_linear import BlockSparseLinear
-from .transforms.quantize.simulate import _ActQuant
 
 
 class AttackMethod(StrEnum):
@@ -90,13 +89,9 @@ def gradient_twin(model: nn.Module) -> nn.Module:
     """A float32 copy of ``model`` that autograd can differentiate (see the module docstring)."""
     twin = copy.deepcopy(model).float().eval()
     for name, mod in list(twin.named_modules()):
-        if hasattr(mod, "gradient_twin"):  # a deployed layer gives its own: its weights, its activation rounding
+        if hasattr(mod, "gradient_twin"):  # each family's layer gives its own: its weights, its activation rounding
             parent, _, child = name.rpartition(".")
             setattr(twin.get_submodule(parent) if parent else twin, child, mod.gradient_twin())
-        elif isinstance(mod, _ActQuant):
-            mod._vc_ste = True
-        elif isinstance(mod, BlockSparseLinear):
-            mod.cpu_impl = "dense"
     use_torch_references_(twin)
     for p in twin.parameters():
         p.requires_grad_(False)

@@ -33,10 +33,7 @@ from ..errors import ConfigError, ModelError, first_line
 from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 from ..models import data_config, model_info
 from ..transforms.layers import replace_module, use_torch_references_
-from ..transforms.prune.block_sparse_linear import BlockSparseLinear
-from ..transforms.quantize.int8_linear import Int8Linear
-from ..transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear
-from ..transforms.quantize.simulate import FakeQuantConv2d, FakeQuantLinear, QuantAttention
+from ..transforms.quantize.qdq import QdqActivations, QDQLinear  # noqa: F401  (re-exported: the export API)
 
 META_KEY = "vitcompress"  # ONNX metadata_props key: the JSON of :func:`metadata`
 
@@ -44,11 +41,6 @@ META_KEY = "vitcompress"  # ONNX metadata_props key: the JSON of :func:`metadata
 class Format(StrEnum):
     ONNX = "onnx"
     PT2 = "pt2"
-
-
-class QdqActivations(StrEnum):
-    INT8 = "int8"  # symmetric, zero point 0: what TensorRT takes
-    UINT8 = "uint8"  # the same grid shifted by 128 (zero point 128): what ONNX Runtime's x86 kernels prefer
 
 
 @dataclasses.dataclass
@@ -75,42 +67,12 @@ class ExportConfig(Config):
             raise ConfigError(f"opset must be in 13..21 (per-channel QDQ needs 13), got {self.opset}")
 
 
-class QDQLinear(nn.Module):
-    """x [..., in] -> [..., out] as ONNX writes it: (optional) activation fake-quant per tensor, then a MatMul with
-    the per-channel int8 weight. Buffers: weight_t float32 [in, out] (codes x scale, exact), w_scale [out],
-    a_scale [] (absent for weight-only)."""
-
-    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 a_scale: torch.Tensor | None, act_dtype: QdqActivations):
-        super().__init__()
-        self.register_buffer("weight_t", (codes.float() * w_scale[:, None].float()).t().contiguous())
-        self.register_buffer("w_scale", w_scale.float().clone())
-        self.register_buffer("w_zero", torch.zeros_like(w_scale, dtype=torch.int32))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
-        self.a_scale = None if a_scale is None else float(a_scale)
-        self.a_zero, self.a_range = (128, (0, 255)) if act_dtype == QdqActivations.UINT8 else (0, (-128, 127))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_scale is not None:
-            x = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, *self.a_range)
-        w = torch.fake_quantize_per_channel_affine(self.weight_t, self.w_scale, self.w_zero, 1, -128, 127)
-        out = torch.matmul(x, w)
-        return out if self.bias is None else out + self.bias
-
-
-def _dense_linear(mod: BlockSparseLinear) -> nn.Linear:
-    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-    with torch.no_grad():
-        lin.weight.copy_(mod.dense_weight(torch.float32))
-        if mod.bias is not None:
-            lin.bias.copy_(mod.bias.float())
-    return lin
-
-
 def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str]]:
     """A float32 CPU copy of ``model`` that exports faithfully, and notes on what changed form.
 
-    Raises :class:`ConfigError` (one line) for what has no faithful ONNX form.
+    Each method family says how its layers export (the family protocol, see ARCHITECTURE.md): a layer with
+    ``_vc_export_refusal`` has no faithful form and is refused in one line (:class:`ConfigError`); a layer with
+    ``export_form(qdq_activations)`` is replaced by what it returns (its ``export_note``, if any, is reported).
     """
     for name, mod in model.named_modules():  # what a family declares it cannot export, refused in one line
         if getattr(mod, "_vc_dynamic_shapes", False):
@@ -124,27 +86,15 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
     use_torch_references_(m)  # Triton drop-ins (fused attention, ...) export through their torch reference
     notes: list[str] = []
     for name, mod in list(m.named_modules()):
-        if isinstance(mod, (FakeQuantLinear, FakeQuantConv2d, QuantAttention)):
-            raise ConfigError(f"{name} is simulated quantization (an accuracy study): export needs --mode deploy")
-        if isinstance(mod, Fp8Linear):
-            raise ConfigError(f"{name} is fp8: ONNX Runtime and OpenVINO have no fp8 GEMM on a CPU; export int8")
-        if isinstance(mod, Int8Linear):
-            if mod.per_token:
-                raise ConfigError(f"{name} quantizes activations per token on the fly, which has no static QDQ form: "
-                                  "quantize with --a-granularity per_tensor (calibrated)")
-            new = QDQLinear(mod.w_int8, mod.w_scale, mod.bias, mod.a_scale, cfg.qdq_activations)
-        elif isinstance(mod, WeightOnlyLinear):
-            if mod.bits != 8 or mod.group_size:
-                raise ConfigError(f"{name} is int{mod.bits}" + (f" in groups of {mod.group_size}" if mod.group_size
-                                                                 else "") + ": only per-channel int8 weights export")
-            new = QDQLinear(mod.codes(), mod.w_scale[:, 0], mod.bias, None, cfg.qdq_activations)
-        elif isinstance(mod, BlockSparseLinear):
-            new = _dense_linear(mod)
-            note = "block-sparse layers export as dense (masked) weights: ONNX has no block-sparse GEMM"
-            if note not in notes:
-                notes.append(note)
-        else:
+        if not hasattr(mod, "export_form"):
             continue
+        try:
+            new = mod.export_form(cfg.qdq_activations)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        note = getattr(mod, "export_note", None)
+        if note and note not in notes:
+            notes.append(note)
         replace_module(m, name, new)
     return m, notes
 

@@ -57,11 +57,12 @@ def _openvino(path: Path, opts: dict[str, Any]) -> Any:
 class RuntimeModel(nn.Module):
     """An exported model: x [B,3,H,W] float32 -> logits [B,C] float32 on the CPU, run by ``runtime``.
 
-    A static-batch export is fed in chunks of its batch size (the last chunk zero-padded and cut).
+    A static-batch export is fed in chunks of its batch size (the last chunk zero-padded and cut). ``meta``: the
+    metadata of a file that has none of its own (a peer tool's output, e.g. NNCF's OpenVINO IR ``.xml``).
     """
 
     def __init__(self, path: str | Path, runtime: Runtime | str | None = None, opts: dict[str, Any] | None = None,
-                 verify: bool = True):
+                 verify: bool = True, meta: dict[str, Any] | None = None):
         super().__init__()
         self.path = Path(path)
         default = Runtime.TORCH if self.path.suffix == ".pt2" else Runtime.ONNXRUNTIME
@@ -69,12 +70,12 @@ class RuntimeModel(nn.Module):
         if not self.path.is_file():
             raise ModelError(f"exported model not found: {self.path}")
         try:
-            self.meta = read_metadata(self.path)
+            self.meta = meta or read_metadata(self.path)
         except Exception as exc:  # a corrupt or foreign file: one line naming it
             raise ModelError(f"{self.path} is not a readable ONNX/pt2 file: {type(exc).__name__}") from None
         if not self.meta:
             raise ModelError(f"{self.path} has no vitcompress metadata: export it with `vitcompress export`")
-        if verify:  # a damaged weight is refused before it runs (6 % agreement, silently, otherwise)
+        if verify and meta is None:  # a damaged weight is refused before it runs (6 % agreement, silently, otherwise)
             verify_export(self.path, self.meta)
         if (self.runtime == Runtime.TORCH) != (self.path.suffix == ".pt2"):
             raise ConfigError(f"runtime {self.runtime} cannot run a {self.path.suffix} file")
@@ -126,7 +127,8 @@ class RuntimeModel(nn.Module):
         """params and GFLOPs recorded at export, and the file's size on disk in MiB."""
         gflops = self.meta.get("gflops")
         return {"params": self.meta.get("params"), "gflops": gflops, "gmacs": None if gflops is None else gflops / 2,
-                "size_mb": self.path.stat().st_size / 2**20}
+                "size_mb": sum(p.stat().st_size for p in (self.path, self.path.with_suffix(".bin"))
+                               if p.is_file()) / 2**20}  # an OpenVINO IR keeps its weights in the .bin
 
 
 def load_runtime_model(path: str | Path, runtime: Runtime | str | None = None,

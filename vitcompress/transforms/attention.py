@@ -25,11 +25,11 @@ def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, cls_row: bool = False,
-              kernel: str = "torch", seq_lens: torch.Tensor | None = None, significance: bool = False,
+              backend: str = "torch", seq_lens: torch.Tensor | None = None, significance: bool = False,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Self-attention x [B,N,C] with an optional per-key bias [B,1,1,N].
 
-    kernel: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
+    backend: where a bias is given, ``torch`` runs SDPA with it as a float mask; ``triton`` runs
     :func:`vitcompress.kernels.attention.attention` with it as a per-key bias (inference); ``auto`` picks triton
     on CUDA tensors when it is installed and, for a bias alone, where the per-architecture table
     (:mod:`vitcompress.kernels.tuned`) measured it faster than SDPA at this shape. seq_lens [B]: tokens at
@@ -45,7 +45,7 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     if attend is not None:
         out = attend(q, k, v, mask)
     elif (mask is not None or seq_lens is not None) and not attn.training and runs_kernel(
-            kernel, q, shape=None if seq_lens is not None else ("attention", b * attn.num_heads, n, attn.head_dim)):
+            backend, q, shape=None if seq_lens is not None else ("attention", b * attn.num_heads, n, attn.head_dim)):
         out = fused(q, k, v, key_bias=None if bias is None else bias[:, 0, 0, :], seq_lens=seq_lens,
                     scale=attn.scale, backend="triton")
     else:

@@ -50,16 +50,11 @@ def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, wh
 
 
 def use_torch_references_(model: nn.Module) -> None:
-    """Make every kernel choice in ``model`` its torch reference, in place: the drop-ins' ``backend``, sparse
-    attention's ``_vc_kernel`` and token merging's shared attention kernel (export and autograd need them)."""
-    for mod in model.modules():
-        if isinstance(getattr(mod, "backend", None), str) and mod.backend in ("auto", "triton"):
-            mod.backend = "torch"
-        if isinstance(getattr(mod, "_vc_kernel", None), str):
-            mod._vc_kernel = "torch"
-    state = getattr(model, "_vc_token_state", None)
-    if state is not None:
-        state.kernel = "torch"
+    """Make every kernel choice in ``model`` its torch reference, in place: every layer's ``backend`` and token
+    merging's shared attention ``backend`` (export and autograd need them)."""
+    for holder in [*model.modules(), getattr(model, "_vc_token_state", None)]:
+        if isinstance(getattr(holder, "backend", None), str) and holder.backend in ("auto", "triton"):
+            holder.backend = "torch"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -45,6 +45,8 @@ class RecoveryConfig(OptimConfig):
     """Fine-tuning after compression. data: a dataset spec whose *train* split is used."""
 
     NAME = "recovery"
+
+    FAMILY = "recovery"
     VERSION = 1
     data: str = "digits"
     limit: int | None = None

@@ -21,6 +21,8 @@ class ResolutionConfig(Config):
     """img_size: the new square input size in pixels (a multiple of the patch size)."""
 
     NAME = "resolution"
+
+    FAMILY = "token"
     VERSION = 1
     img_size: int = 224
 

@@ -35,6 +35,8 @@ class BlockSparseConfig(Config):
     """
 
     NAME = "block_sparse"
+
+    FAMILY = "block-sparse"
     VERSION = 1
     sparsity: float = 0.0
     block_size: int = 32

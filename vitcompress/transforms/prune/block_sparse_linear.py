@@ -40,6 +40,21 @@ class BlockSparseLinear(nn.Module):
     """x [..., in] -> [..., out], with ``nnzb`` nonzero BxB weight blocks."""
 
     _vc_compressed = True
+    export_note = "block-sparse layers export as dense (masked) weights: ONNX has no block-sparse GEMM"
+
+    def export_form(self, qdq_activations: str) -> nn.Module:
+        """The ONNX form: a dense ``nn.Linear`` holding the masked weight."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight(torch.float32))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.float())
+        return lin
+
+    def gradient_twin(self) -> nn.Module:
+        """An attack's twin: itself on the dense CPU path (the sparse one has no autograd)."""
+        self.cpu_impl = "dense"
+        return self
 
     def __init__(self, in_features: int, out_features: int, block_size: int, nnzb: int, bias: bool = True,
                  backend: str = "auto", cpu_impl: str = "dense", device: torch.device | str | None = None):

@@ -38,6 +38,8 @@ class PruneConfig(Config):
     """heads / mlp: the fraction of attention heads / MLP hidden channels removed, in [0, 1)."""
 
     NAME = "prune"
+
+    FAMILY = "prune"
     VERSION = 1
     heads: float = 0.0
     mlp: float = 0.0

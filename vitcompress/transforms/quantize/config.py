@@ -90,6 +90,8 @@ class QuantConfig(Config):
     """
 
     NAME = "quantize"
+
+    FAMILY = "quant"
     VERSION = 4  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
     # v4 search_metric and post_gelu (older dicts: mse and uniform, what they ran)
     w_bits: int | None = 8
@@ -121,6 +123,13 @@ class QuantConfig(Config):
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         """v1/v2 collected every GPTQ Hessian in one pass over the float model: say so in the upgraded dict."""
         return {**data, "gptq_sequential": False} if version < 3 else data
+
+    def report_fields(self) -> dict[str, Any]:
+        return {"w_bits": self.w_bits} if self.w_bits else {}
+
+    @property
+    def deployable(self) -> bool:
+        return self.mode != Mode.SIMULATE  # simulate = fake quantization in floating point, an accuracy study
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits"):

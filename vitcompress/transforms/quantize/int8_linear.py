@@ -8,7 +8,6 @@ weights, so it is about a quarter of the float size for these layers.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -16,23 +15,24 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ...device import onednn_int8_exact
+from ...errors import ConfigError
 from ...kernels._triton import runs_kernel
 from ...kernels.int8_gemm import int8_gemm, int_mm, quantize_per_token
 from . import ops
+from .qdq import QdqActivations, QDQLinear
 
 QMAX = 127
 # torch's CPU int8 engine (oneDNN: VNNI / AMX kernels, prepacked weights); torch._int_mm on a CPU is a slow
-# reference loop (18x slower than fp32 on ViT-B), so a CPU uses oneDNN wherever this torch has it
+# reference loop (18x slower than fp32 on ViT-B), so backend auto on a CPU runs oneDNN wherever this torch has it,
+# and backend torch the reference (the one kernel preference decides; see ``cpu_path``)
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 # Without VNNI / AMX, oneDNN's u8 x s8 GEMM adds adjacent products in saturating int16 (up to 2 x 255 x 127 = 64,770
 # > 32,767: measured, outputs off by up to 1e5 on ViT-B shapes). There one side takes 7 bits, which keeps every pair
-# sum inside int16 and the GEMM exact: ``weights`` (the default) halves the int8 weight codes onto +-63 when they
-# are packed (2 x 255 x 63 = 32,130), ``acts`` puts the activations on +-63 around a zero point of 64
-# (2 x 127 x 127 = 32,258). Chosen on held-out train images: the CIFAR-10 testbed's W8A8 agreement with the float
-# model was 98.7 % (weights) against 97.8 % (acts), mean of static / per-token, clean / corrupted
-# (results/quant/cpu_avx2_emulated/int8_no_vnni_mode.json). The artifact stays the same.
+# sum inside int16 and the GEMM exact: the int8 weight codes are halved onto +-63 when they are packed
+# (2 x 255 x 63 = 32,130). Chosen over 7-bit activations on held-out train images: the CIFAR-10 testbed's W8A8
+# agreement with the float model was 98.7 % against 97.8 % (results/quant/cpu_avx2_emulated/int8_no_vnni_mode.json).
+# The artifact stays the same.
 ONEDNN_EXACT = onednn_int8_exact()
-NO_VNNI = os.environ.get("VITCOMPRESS_NO_VNNI", "weights")  # acts or weights: which side takes 7 bits there
 # Prepacked weights, outside the modules (an opaque oneDNN tensor must not reach deepcopy, state_dict or a traced
 # graph): {(data_ptr, shape, version, 7-bit mode): (weakref to the int8 weight, packed, zero points, scales)}
 _PACKED: dict[tuple, tuple] = {}
@@ -79,24 +79,23 @@ def is_packed(w_int8: torch.Tensor) -> bool:
 
 def cpu_weight_codes(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight codes [out, in] int8 and scales [out] that oneDNN's int8 path multiplies on this CPU: the 8-bit
-    ones, or, without VNNI in ``weights`` mode, the codes halved onto +-63 with the scales doubled."""
-    if ONEDNN_EXACT or NO_VNNI != "weights":
+    ones, or, without VNNI, the codes halved onto +-63 with the scales doubled."""
+    if ONEDNN_EXACT:
         return w_int8, w_scale
     return torch.round(w_int8.float() / 2).clamp(-63, 63).to(torch.int8), w_scale * 2
 
 
-def cpu_act_qmax() -> int:
-    """The activations' code range on oneDNN's int8 path: +-127, or +-63 without VNNI in ``acts`` mode."""
-    return QMAX if ONEDNN_EXACT or NO_VNNI == "weights" else 63
+def cpu_path(backend: str, x: torch.Tensor) -> bool:
+    """Whether a W8A8 layer with kernel preference ``backend`` runs oneDNN's int8 linear on ``x``: on a CPU under
+    ``auto`` where this torch has it (``torch`` runs the ``torch._int_mm`` reference)."""
+    return x.device.type == "cpu" and backend == "auto" and HAS_ONEDNN
 
 
 def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]) for int8 codes [out, in]:
-    packed once, again only when the weight changes. Without VNNI in ``weights`` mode the codes are halved onto
-    7 bits. Cached by the weight's storage and version; an entry whose weight was freed is dropped (its address
-    may be reused)."""
-    mode = ONEDNN_EXACT or NO_VNNI
-    key = (*_weight_key(w_int8), mode)
+    packed once, again only when the weight changes. Without VNNI the codes are halved onto 7 bits. Cached by the
+    weight's storage and version; an entry whose weight was freed is dropped (its address may be reused)."""
+    key = (*_weight_key(w_int8), ONEDNN_EXACT)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is not None:
         return hit[1], hit[2], hit[3]
@@ -119,13 +118,13 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
     epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
     ``ONEDNN_EXACT``)."""
     packed, zeros, ws = packed_weight(w_int8, w_scale)
-    qmax = cpu_act_qmax()
+    qmax = QMAX
     if per_token:
         qx, s = _to_uint8(x2, None, qmax)
         out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, ws, zeros, None, 1.0, 0,
                                                  torch.float32, "none", [], "").mul_(s)
         return (out if bias is None else out.add_(bias)).to(x2.dtype)
-    a = float(a_scale) * QMAX / qmax  # the calibrated range, on the coarser grid without VNNI
+    a = float(a_scale)
     qx, _ = _to_uint8(x2, a, qmax)
     out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
     bias = None if bias is None else bias.to(out_dtype)
@@ -250,7 +249,7 @@ class Int8Linear(ScaledLinear):
 
         backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
         (``torch._int_mm``), or ``auto`` (on CUDA, whichever of the two the per-architecture GEMM table measured
-        faster at each shape: :mod:`vitcompress.kernels.tuned`).
+        faster at each shape: :mod:`vitcompress.kernels.tuned`; on a CPU, oneDNN's int8 linear).
         """
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
                   backend)
@@ -264,20 +263,27 @@ class Int8Linear(ScaledLinear):
         return mod
 
     def gradient_twin(self) -> nn.Module:
-        """The deployed function (see :meth:`ScaledLinear.gradient_twin`): on a CPU without VNNI, the 7-bit side
-        (weights or activations) that the oneDNN path runs."""
-        w, scale, qmax = self.w_int8, self.w_scale, QMAX
-        if not self.w_int8.is_cuda and HAS_ONEDNN:
-            (w, scale), qmax = cpu_weight_codes(w, scale), cpu_act_qmax()
-        a_scale = None if self.per_token else self.a_scale * QMAX / qmax
-        return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", qmax)
+        """The deployed function (see :meth:`ScaledLinear.gradient_twin`): on a CPU without VNNI, the 7-bit weights
+        that the oneDNN path runs."""
+        w, scale = self.w_int8, self.w_scale
+        if cpu_path(self.backend, self.w_int8):
+            w, scale = cpu_weight_codes(w, scale)
+        a_scale = None if self.per_token else self.a_scale
+        return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX)
+
+    def export_form(self, qdq_activations: str) -> nn.Module:
+        """The ONNX form: a :class:`QDQLinear` with the same codes (per-token activations have none)."""
+        if self.per_token:
+            raise ConfigError("it quantizes activations per token on the fly, which has no static QDQ form: "
+                              "quantize with --a-granularity per_tensor (calibrated)")
+        return QDQLinear(self.w_int8, self.w_scale, self.bias, self.a_scale, QdqActivations(qdq_activations))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # auto: our kernel only where the GEMM table measured it faster than torch._int_mm at this shape
         kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
-        if not kernel and x.device.type == "cpu" and HAS_ONEDNN:
+        if not kernel and cpu_path(self.backend, x):
             out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
                                                            self.per_token)
             return out.reshape(*shape[:-1], self.out_features)

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ConfigError
 from ...kernels._triton import runs_kernel
 from ...kernels.fp8_gemm import fp8_gemm, scaled_mm_rowwise
 from . import ops
 from .int8_linear import ScaledLinear, TwinLinear
+from .qdq import QdqActivations, QDQLinear
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,13 @@ class WeightOnlyLinear(nn.Module):
             lin.bias.data.copy_(self.bias.detach().float())
         return lin
 
+    def export_form(self, qdq_activations: str) -> nn.Module:
+        """The ONNX form: per-channel int8 weights as QDQ (int4 and groups have none in ONNX Runtime / OpenVINO)."""
+        if self.bits != 8 or self.group_size:
+            raise ConfigError(f"int{self.bits}" + (f" in groups of {self.group_size}" if self.group_size else "")
+                              + ": only per-channel int8 weights export")
+        return QDQLinear(self.codes(), self.w_scale[:, 0], self.bias, None, QdqActivations(qdq_activations))
+
     def extra_repr(self) -> str:
         grid = f"group {self.group_size}" if self.group_size else "per channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {grid}"
@@ -105,6 +114,8 @@ class Fp8Linear(ScaledLinear):
     Buffers: w_fp8 float8_e4m3fn [out, in], w_scale float32 [out], a_scale float32 [] (static per tensor;
     unused per token). Parameter: bias [out] or None.
     """
+
+    _vc_export_refusal = "fp8: ONNX Runtime and OpenVINO have no fp8 GEMM on a CPU; export int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto"):

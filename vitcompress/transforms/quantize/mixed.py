@@ -53,6 +53,8 @@ class MixedPrecisionConfig(Config):
     layers, ...; simulate mode); keep: layers held at the widest candidate (e.g. the first and the last)."""
 
     NAME = "mixed_precision"
+
+    FAMILY = "quant"
     VERSION = 2  # v2 added solver (v1 dicts: greedy, as they ran)
     mean_bits: float = 5.0
     candidates: list[int] = dataclasses.field(default_factory=lambda: [4, 6, 8])
@@ -67,6 +69,13 @@ class MixedPrecisionConfig(Config):
     @classmethod
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         return {"solver": Solver.GREEDY, **data} if version < 2 else data
+
+    def report_fields(self) -> dict[str, Any]:
+        return {"w_bits": float(self.mean_bits)}  # the budget: the allocation stays at or under it
+
+    @property
+    def deployable(self) -> bool:
+        return False  # mixed precision simulates its bit widths (fake quantization)
 
     def validate(self) -> None:
         if not self.candidates or any(int(b) != b or not 2 <= b <= 8 for b in self.candidates):

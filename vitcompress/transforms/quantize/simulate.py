@@ -38,6 +38,12 @@ class _ActQuant:
     _vc_fp8: bool
     _vc_ste = False  # straight-through gradients (rounding's own gradient is 0): set on gradient twins
     _vc_lsq = False  # straight-through rounding with the scale's gradient: set during block reconstruction
+    _vc_export_refusal = "simulated quantization (an accuracy study) has no deployed form: export needs --mode deploy"
+
+    def gradient_twin(self) -> nn.Module:
+        """An attack's twin of this layer: itself, with straight-through rounding (its own gradient is 0)."""
+        self._vc_ste = True
+        return self
 
     def _fq(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """x [..., C]: per-token over the last dim, else the static (scale, zero)."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
 
-from ...config import Config
+from ...config import Config, upgrade_backend
 from ...errors import ConfigError
 from ...kernels._triton import Backend, runs_kernel
 from ...kernels.attention import attention as fused
@@ -32,24 +32,30 @@ from . import ops
 class SparseAttentionConfig(Config):
     """density: fraction of key blocks each query block computes (1 = dense: off); block_size: the tile edge
     in tokens (a power of 2; the Triton kernel needs >= 16); layers: blocks to sparsify (default all);
-    attention: ``triton`` the block-sparse kernel, ``torch`` SDPA with the pattern as a mask, ``auto``
+    backend: ``triton`` the block-sparse kernel, ``torch`` SDPA with the pattern as a mask, ``auto``
     triton on CUDA."""
 
     NAME = "sparse_attention"
-    VERSION = 1
+
+    FAMILY = "attention"
+    VERSION = 2  # 2: attention -> backend
     density: float = 0.5
     block_size: int = 16
     layers: list[int] | None = None
-    attention: Backend = Backend.AUTO
+    backend: Backend = Backend.AUTO
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return upgrade_backend(data, version, 2)
 
     def validate(self) -> None:
         if not 0 < self.density <= 1:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1) or self.block_size > 128:
             raise ConfigError(f"block_size must be a power of 2 in [2, 128], got {self.block_size}")
-        if self.attention == Backend.BNB:
-            raise ConfigError("attention must be one of: auto, torch, triton (bnb is for quantized layers)")
-        if self.attention == Backend.TRITON and self.block_size < 16:
+        if self.backend == Backend.BNB:
+            raise ConfigError("backend must be one of: auto, torch, triton (bnb is for quantized layers)")
+        if self.backend == Backend.TRITON and self.block_size < 16:
             raise ConfigError(f"the Triton kernel needs block_size >= 16, got {self.block_size}")
 
 
@@ -58,7 +64,7 @@ class SparseAttention(Attention):
 
     _vc_density: float
     _vc_block: int
-    _vc_kernel: Backend
+    backend: Backend  # the one kernel-preference attribute, as on every layer
     # its block mask is chosen per image by a top-k and a scatter, which the ONNX exporter cannot trace
     _vc_export_refusal = "sparse attention chooses its blocks per image, which has no ONNX form: export without it"
 
@@ -68,12 +74,20 @@ class SparseAttention(Attention):
             raise ValueError("sparse attention does not take attention masks")
         return attention(self, x)[0]
 
+    def flops_saved(self, model: nn.Module) -> float:
+        """FLOPs per image this layer's skipped tiles save (what a dense FLOP count of the masked SDPA overstates),
+        at the tokens its block gets (after token merging, when a fixed schedule is installed)."""
+        n0 = model.patch_embed.num_patches + model.num_prefix_tokens
+        tokens = tokens_per_layer(model) or [n0] * len(model.blocks)
+        n = next(t for blk, t in zip(model.blocks, tokens) if blk.attn is self)
+        return 4 * n * n * self.num_heads * self.head_dim * (1 - ops.density(n, self._vc_block, self._vc_density))
+
     def _vc_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    ) -> torch.Tensor:
         """q, k, v [B,H,N,Dh], bias [B,1,1,N] or None -> softmax(q k^T * scale + bias) v over the kept tiles."""
         bs, n = self._vc_block, q.shape[2]
         mask = ops.block_mask(q, k, bias, bs, self._vc_density, self.scale)
-        if not self.training and bs >= 16 and runs_kernel(self._vc_kernel, q):
+        if not self.training and bs >= 16 and runs_kernel(self.backend, q):
             return fused(q, k, v, key_bias=None if bias is None else bias[:, 0, 0, :], block_mask=mask,
                          block_size=bs, scale=self.scale, backend=Backend.TRITON)
         allowed = ops.token_mask(mask, n, bs)
@@ -100,20 +114,6 @@ def flops_fraction(model: nn.Module, density: float, layers: list[int]) -> float
     return (dense - saved) / dense
 
 
-def flops_saved(model: nn.Module) -> float:
-    """FLOPs per image the skipped tiles save (what a dense FLOP count of the masked SDPA overstates), at the
-    tokens each block gets (after token merging, when a fixed schedule is installed)."""
-    n0 = model.patch_embed.num_patches + model.num_prefix_tokens
-    tokens = tokens_per_layer(model) or [n0] * len(model.blocks)
-    saved = 0.0
-    for blk, n in zip(model.blocks, tokens):
-        attn = blk.attn
-        if isinstance(attn, SparseAttention):
-            saved += 4 * n * n * attn.num_heads * attn.head_dim * (1 - ops.density(n, attn._vc_block,
-                                                                                  attn._vc_density))
-    return saved
-
-
 @register_transform(SparseAttentionConfig)
 def sparse_attention_(model: nn.Module, cfg: SparseAttentionConfig, ctx: TransformContext) -> dict[str, Any]:
     """Switch the attention of ``cfg.layers`` to :class:`SparseAttention` in place (nothing at density 1)."""
@@ -126,7 +126,7 @@ def sparse_attention_(model: nn.Module, cfg: SparseAttentionConfig, ctx: Transfo
                 raise ConfigError(f"blocks.{i}.attn is {type(attn).__name__}: sparse attention needs timm's "
                                   "Attention (apply it before quantization)")
             attn.__class__ = SparseAttention
-            attn._vc_density, attn._vc_block, attn._vc_kernel = cfg.density, cfg.block_size, cfg.attention
+            attn._vc_density, attn._vc_block, attn.backend = cfg.density, cfg.block_size, cfg.backend
     tile_density = ops.density(n, cfg.block_size, cfg.density) if cfg.density < 1 else 1.0
     return {"layers": layers, "tiles": ops.keep_blocks(n, cfg.block_size, cfg.density),
             "tile_density": round(tile_density, 4),

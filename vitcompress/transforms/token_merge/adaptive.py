@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import Config, StrEnum
+from ...config import Config, StrEnum, upgrade_backend
 from ...errors import ConfigError
 from ...kernels._triton import Backend
 from ..layers import calib_batches
@@ -49,27 +49,33 @@ class AdaptiveTokensConfig(Config):
     mass: (mass) share of the significance the kept tokens must hold; 1 = off;
     target_flops: mean GFLOPs fraction over ``calib_size`` calibration images, solved by bisection.
     layers: where tokens are selected (default: every block from depth/4 on, as ATS's 3..11 of 12).
-    attention: the padded batch's masked attention: ``triton`` (varlen by ``seq_lens``), ``torch`` (SDPA with a
+    backend: the padded batch's masked attention: ``triton`` (varlen by ``seq_lens``), ``torch`` (SDPA with a
     -inf mask), ``auto`` triton on CUDA.
     """
 
     NAME = "adaptive_tokens"
-    VERSION = 1
+
+    FAMILY = "token"
+    VERSION = 2  # 2: attention -> backend
     method: AdaptiveMethod = AdaptiveMethod.SAMPLE
     budget: float | None = None
     mass: float | None = None
     target_flops: float | None = None
     layers: list[int] | None = None
     calib_size: int = 256
-    attention: Backend = Backend.AUTO
+    backend: Backend = Backend.AUTO
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return upgrade_backend(data, version, 2)
 
     @property
     def needs_calibration(self) -> bool:
         return self.target_flops is not None
 
     def validate(self) -> None:
-        if self.attention == Backend.BNB:
-            raise ConfigError("attention must be one of: auto, torch, triton (bnb is for quantized layers)")
+        if self.backend == Backend.BNB:
+            raise ConfigError("backend must be one of: auto, torch, triton (bnb is for quantized layers)")
         given = [n for n in ("budget", "mass", "target_flops") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ConfigError("give exactly one of budget, mass, target_flops" + (f" (got {', '.join(given)})"
@@ -108,8 +114,8 @@ def install(model: nn.Module, cfg: AdaptiveTokensConfig, strength: float) -> Non
         raise ConfigError(f"layers must be in [0, {depth - 1}], got {layers}")
     if (cfg.method == AdaptiveMethod.MASS and strength >= 1) or not layers:
         return
-    state = TokenState(protected=model.num_prefix_tokens, prop_attn=False, method=None, kernel=cfg.attention,
-                       select=selector(model, cfg.method, strength))
+    state = TokenState(protected=model.num_prefix_tokens, prop_attn=False, method=None, backend=cfg.backend,
+                       select=selector(model, cfg.method, strength), summarize=trace_summary)
     install_blocks(model, state, [0] * depth, [i in layers for i in range(depth)])
 
 
@@ -124,17 +130,11 @@ def token_trace(model: nn.Module) -> Iterator[list[list[tuple[torch.Tensor, torc
     """Record, for every forward run inside, the (tokens into attention [B], into the MLP [B]) of each block.
     Yields the list of forwards (empty for a model without token reduction)."""
     st: TokenState | None = getattr(model, "_vc_token_state", None)
-    forwards: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     if st is None:
-        yield forwards
+        yield []
         return
-    st.trace = []
-    try:
+    with st.tracing(len(model.blocks)) as forwards:
         yield forwards
-    finally:
-        flat, st.trace = st.trace, None
-        depth = len(model.blocks)
-        forwards.extend(flat[i:i + depth] for i in range(0, len(flat), depth))
 
 
 def trace_summary(model: nn.Module, forwards: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, Any]:

@@ -15,9 +15,11 @@ the padding carries size 0, so ``log size`` = -inf masks it as a key (and the Tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -60,7 +62,7 @@ class TokenState:
     prop_attn: bool
     method: TokenMethod | None  # None: an adaptive method
     trace_source: bool = False
-    kernel: Backend = Backend.AUTO  # the merged layers' proportional attention
+    backend: Backend = Backend.AUTO  # the merged layers' proportional attention
     select: Selector | None = None
     merge_weights: MergeWeights | None = None
     soft: bool = False
@@ -69,9 +71,24 @@ class TokenState:
     source: torch.Tensor | None = None  # [B,N,N0] when tracing
     lens: torch.Tensor | None = None
     trace: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # per-image counts: the statistics of a traced run, (model, forwards) -> dict (set by the adaptive methods;
+    # evaluation calls it through this state, so it needs no import from the family)
+    summarize: Callable[[nn.Module, list[list[tuple[torch.Tensor, torch.Tensor]]]], dict[str, Any]] | None = None
 
     def reset(self) -> None:
         self.size, self.source, self.lens, self.expected = None, None, None, None
+
+    @contextlib.contextmanager
+    def tracing(self, depth: int) -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Record, for every forward run inside, the (tokens into attention [B], into the MLP [B]) of each of the
+        ``depth`` blocks; yields the list of forwards, filled on exit."""
+        forwards: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self.trace = []
+        try:
+            yield forwards
+        finally:
+            flat, self.trace = self.trace, None
+            forwards.extend(flat[i:i + depth] for i in range(0, len(flat), depth))
 
     @property
     def adaptive(self) -> bool:
@@ -108,7 +125,7 @@ class ReducibleBlock(Block):
         evit = st.method is not None and st.method.is_evit and self._vc_drop > 0
         size = st.size.clamp_min(1e-6) if st.soft and st.size is not None else st.size  # finite gradients
         bias = ops.size_bias(size, x.dtype) if st.prop_attn or st.lens is not None else None
-        h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit, kernel=st.kernel,
+        h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit, backend=st.backend,
                                  seq_lens=st.lens, significance=self._vc_adapt and st.select is not None)
         x = x + self.drop_path1(self.ls1(h))
         if self._vc_drop > 0:

@@ -35,6 +35,7 @@ from ...device import resolve_device
 from ...errors import ConfigError
 from ...models import data_config, model_info
 from ..registry import TransformContext, register_transform
+from .adaptive import trace_summary
 from .block import MergeWeights, TokenState, install_blocks
 from .transform import TokenMergeConfig, capped, counts_flops_fraction
 from .transform import install as install_tome
@@ -52,6 +53,8 @@ class LearnedMergeConfig(Config):
     (default every block; [] = off); lr / temperature: per method (None: ltmp 0.01 / 0.05, diffrate 0.5 / 1.0)."""
 
     NAME = "learned_merge"
+
+    FAMILY = "token"
     VERSION = 1
     method: LearnedMethod = LearnedMethod.LTMP
     target_flops: float = 0.65
@@ -140,7 +143,7 @@ def train_merge(model: nn.Module, cfg: LearnedMergeConfig) -> tuple[list[float],
     ltmp = cfg.method == LearnedMethod.LTMP
     params = nn.Parameter(torch.full((len(layers),), 1.0 + 2 * temp if ltmp else 0.0, device=device))
     weights = threshold_weights(params=params, pos=pos, temperature=temp) if ltmp else rate_weights(params, pos, temp)
-    state = TokenState(protected=student.num_prefix_tokens, prop_attn=True, method=None, kernel="torch",
+    state = TokenState(protected=student.num_prefix_tokens, prop_attn=True, method=None, backend="torch",
                        merge_weights=weights, soft=True)
     depth = len(student.blocks)
     install_blocks(student, state, [0] * depth, [i in pos for i in range(depth)])
@@ -182,7 +185,7 @@ def install_ltmp(model: nn.Module, layers: list[int], thresholds: list[float]) -
         raise ConfigError("this model already has token reduction; apply one token reduction method")
     by_layer = dict(zip(layers, thresholds))
     state = TokenState(protected=model.num_prefix_tokens, prop_attn=True, method=None,
-                       merge_weights=threshold_weights(by_layer))
+                       merge_weights=threshold_weights(by_layer), summarize=trace_summary)
     depth = len(model.blocks)
     install_blocks(model, state, [0] * depth, [i in by_layer for i in range(depth)])
 

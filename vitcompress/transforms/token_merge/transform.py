@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ...bench import BenchConfig, compare, model_runner
-from ...config import Config, StrEnum
+from ...config import Config, StrEnum, upgrade_backend
 from ...errors import ConfigError
 from ...kernels._triton import Backend
 from ...models import data_config
@@ -37,12 +37,14 @@ class TokenMergeConfig(Config):
     keep_rate: EViT fraction of patch tokens kept at each of ``layers`` (default depth x 1/4, 1/2, 3/4);
     target_flops: fraction of the unreduced GFLOPs, solved analytically;
     target_speedup: measured speedup at batch ``speed_batch`` in bf16 (solved by timing candidates).
-    attention: how merged layers run proportional attention (inference): ``triton`` our fused kernel with
+    backend: how merged layers run proportional attention (inference): ``triton`` our fused kernel with
     ``log size`` as a per-key bias, ``torch`` SDPA with it as a float mask, ``auto`` triton on CUDA.
     """
 
     NAME = "token_merge"
-    VERSION = 3  # 2: attention (v1 dicts load with attention=auto); 3: evit is the paper's (older evit -> evit_wavg)
+
+    FAMILY = "token"
+    VERSION = 4  # 2: attention (v1: auto); 3: evit is the paper's (older evit -> evit_wavg); 4: attention -> backend
     method: TokenMethod = TokenMethod.TOME
     r: float | None = None
     inflection: float = 0.0
@@ -53,17 +55,19 @@ class TokenMergeConfig(Config):
     target_speedup: float | None = None
     speed_batch: int = 16
     prop_attn: PropAttn = PropAttn.AUTO
-    attention: Backend = Backend.AUTO
+    backend: Backend = Backend.AUTO
     trace_source: bool = False
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        """Before v3, ``evit`` fused with the normalised (attention x size) average: that is ``evit_wavg`` now."""
-        return {**data, "method": "evit_wavg"} if version < 3 and data.get("method") == "evit" else data
+        """Before v3, ``evit`` fused with the normalised (attention x size) average: that is ``evit_wavg`` now.
+        Before v4 the kernel preference was called ``attention``."""
+        data = {**data, "method": "evit_wavg"} if version < 3 and data.get("method") == "evit" else data
+        return upgrade_backend(data, version, 4)
 
     def validate(self) -> None:
-        if self.attention == Backend.BNB:
-            raise ConfigError("attention must be one of: auto, torch, triton (bnb is for quantized layers)")
+        if self.backend == Backend.BNB:
+            raise ConfigError("backend must be one of: auto, torch, triton (bnb is for quantized layers)")
         given = [n for n in ("r", "schedule", "keep_rate", "target_flops", "target_speedup")
                  if getattr(self, n) is not None]
         if len(given) != 1:
@@ -250,7 +254,7 @@ def install(model: nn.Module, schedule: list[int], cfg: TokenMergeConfig) -> Non
     # auto: proportional attention for ToMe and our EViT variant; EViT itself does not use it
     prop_attn = cfg.prop_attn == PropAttn.ON or (cfg.prop_attn == PropAttn.AUTO and cfg.method != TokenMethod.EVIT)
     state = TokenState(protected=model.num_prefix_tokens, prop_attn=prop_attn,
-                       method=cfg.method, trace_source=cfg.trace_source, kernel=cfg.attention)
+                       method=cfg.method, trace_source=cfg.trace_source, backend=cfg.backend)
     install_blocks(model, state, schedule, [False] * len(schedule))
 
 

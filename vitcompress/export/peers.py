@@ -1,0 +1,77 @@
+"""The peer tools, run on the same model and images as ours so that their figures stand beside ours in one table.
+
+- ``ort_quantize_static``: ONNX Runtime's own post-training quantization (QDQ, per-channel int8 weights, uint8
+  activations, MinMax) on our dense ONNX export, after ``quant_pre_process``;
+- ``nncf``: ``nncf.quantize`` (``ModelType.TRANSFORMER``: SmoothQuant, quantized attention matmuls) on the dense
+  export read by OpenVINO.
+
+Each returns a :class:`~vitcompress.export.runtime.RuntimeModel` carrying the dense export's metadata, so the
+sweep measures it like any exported point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ..config import StrEnum, parse_enum
+from ..errors import ConfigError
+from .onnx import export_model, read_metadata
+from .runtime import Runtime, RuntimeModel
+
+
+class Peer(StrEnum):
+    ORT_QUANTIZE_STATIC = "ort_quantize_static"
+    NNCF = "nncf"
+
+
+def peer_model(peer: Peer | str, model: nn.Module, calib: Sequence[np.ndarray], workdir: Path,
+               runtime: Runtime | str) -> RuntimeModel:
+    """``peer``'s int8 version of the dense ``model``, calibrated on ``calib`` (arrays [B,3,H,W]), run by ``runtime``.
+
+    Files go to ``workdir``. NNCF's model runs only in OpenVINO.
+    """
+    peer, runtime = parse_enum(Peer, peer, "peer"), parse_enum(Runtime, runtime, "runtime")
+    dense = workdir / "dense.onnx"
+    export_model(model, dense)
+    meta = read_metadata(dense)
+    meta["transforms"] = [*meta.get("transforms", []), {"name": f"peer:{peer}", "config": {}, "state": {}}]
+    try:
+        if peer == Peer.ORT_QUANTIZE_STATIC:
+            return RuntimeModel(_ort_quantize_static(dense, workdir / "ort_static.onnx", calib), runtime, meta=meta)
+        if runtime != Runtime.OPENVINO:
+            raise ConfigError("the nncf peer's model is an OpenVINO model: run it with runtime openvino")
+        return RuntimeModel(_nncf(dense, workdir / "nncf.xml", calib), runtime, meta=meta)
+    except ImportError as exc:
+        raise ConfigError(f"the {peer} peer needs {exc.name}: pip install 'vitcompress[export]'") from None
+
+
+def _ort_quantize_static(dense: Path, out: Path, calib: Sequence[np.ndarray]) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": x} for x in calib])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(dense), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _nncf(dense: Path, out: Path, calib: Sequence[np.ndarray]) -> Path:
+    import nncf
+    import openvino as ov
+
+    q = nncf.quantize(ov.Core().read_model(str(dense)), nncf.Dataset(list(calib)),
+                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))  # items = batches
+    ov.save_model(q, str(out))
+    return out

@@ -1,0 +1,40 @@
+"""The export form of a deployed int8 layer: :class:`QDQLinear`, which the ONNX exporter writes as standard
+QuantizeLinear / DequantizeLinear around a MatMul. The quantize family owns it; ``vitcompress.export`` only calls
+each layer's ``export_form``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...config import StrEnum
+
+
+class QdqActivations(StrEnum):
+    INT8 = "int8"  # symmetric, zero point 0: what TensorRT takes
+    UINT8 = "uint8"  # the same grid shifted by 128 (zero point 128): what ONNX Runtime's x86 kernels prefer
+
+
+class QDQLinear(nn.Module):
+    """x [..., in] -> [..., out] as ONNX writes it: (optional) activation fake-quant per tensor, then a MatMul with
+    the per-channel int8 weight. Buffers: weight_t float32 [in, out] (codes x scale, exact), w_scale [out],
+    a_scale [] (absent for weight-only)."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 a_scale: torch.Tensor | None, act_dtype: QdqActivations):
+        super().__init__()
+        self.register_buffer("weight_t", (codes.float() * w_scale[:, None].float()).t().contiguous())
+        self.register_buffer("w_scale", w_scale.float().clone())
+        self.register_buffer("w_zero", torch.zeros_like(w_scale, dtype=torch.int32))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+        self.a_scale = None if a_scale is None else float(a_scale)
+        self.a_zero, self.a_range = (128, (0, 255)) if act_dtype == QdqActivations.UINT8 else (0, (-128, 127))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_scale is not None:
+            x = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, *self.a_range)
+        w = torch.fake_quantize_per_channel_affine(self.weight_t, self.w_scale, self.w_zero, 1, -128, 127)
+        out = torch.matmul(x, w)
+        return out if self.bias is None else out + self.bias
+
+
