@@ -8,10 +8,10 @@
 # not change: the core's clock, caches and memory bandwidth, so absolute times are not a Zen 3's; the ratios are
 # what this measures. Run it on a quiet machine (timings are side by side in one process, but 2 cores are few).
 #
-#   bash benchmarks/cpu_avx2.sh OUT [STEPS]     STEPS: any of "isa mode quant accuracy demo" (default: all)
+#   bash benchmarks/cpu_avx2.sh OUT [STEPS]     STEPS: any of "isa quant accuracy demo" (default: all)
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/cpu_avx2.sh OUT [STEPS]}
-STEPS=${2:-isa mode quant accuracy demo}
+STEPS=${2:-isa quant accuracy demo}
 export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -43,12 +43,8 @@ print(json.dumps(res["matmul_1576x768x768_ms"]), "auto ->", res["auto_dtype"], f
 EOF
 fi
 
-if has mode; then  # without VNNI, which side of the int8 GEMM takes 7 bits: chosen on held-out train images
-  python -m benchmarks.int8_no_vnni --out "$OUT"
-fi
-
-if has quant; then  # W8A8 deploy (oneDNN int8) vs the fastest dense dtype on ViT-B/16, batch 1 and 16
-  python -m benchmarks.quant --speed-only --formats "int8 W8A8" --batch-sizes 1,16 --repeat 5 --out "$OUT"
+if has quant; then  # W8A8 deploy (oneDNN int8, 7-bit weights here) vs the fastest dense dtype, ViT-B/16, b1 / b16
+  vitcompress sweep cpu_int8_speed --out "$OUT/int8_speed"
 fi
 
 if has accuracy; then  # the same int8 engine's accuracy: W8A8 deploy on the digits testbed, digits-c agreement

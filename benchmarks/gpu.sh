@@ -3,7 +3,7 @@
 # H100/H200, from an uninstalled checkout (the device image's own torch/triton; torch-pruning as a wheel in .whl/).
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh               # device tool: carry [".whl"], command `bash benchmarks/gpu.sh`
-#   STEPS="tests kernels-gemm tokens" OUT=... bash benchmarks/gpu.sh     # a subset (a short lease, a rerun)
+#   STEPS="tests kernels-gemm speed" OUT=... bash benchmarks/gpu.sh      # a subset (a short lease, a rerun)
 #   STEPS=headline OUT=... bash benchmarks/gpu.sh       # the first call on any lent GPU (<= 6 minutes)
 #
 # `headline` always runs first: it measures this GPU's GEMM table (python -m vitcompress.kernels.tune, into
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
-STEPS=${STEPS:-"headline tests tokens quant prune kernels-gemm kernels-bsr kernels-attention sweep"}
+STEPS=${STEPS:-"headline tests speed kernels-gemm kernels-bsr kernels-attention sweep"}
 W=$(mktemp -d)/gpu
 mkdir -p "$W"
 LOG="$OUT/runbook.log"
@@ -56,15 +56,10 @@ step headline-table "${TABLE_LIMIT:-75}" $PY -m vitcompress.kernels.tune --out "
 step headline "${HEADLINE_LIMIT:-300}" $PY -m benchmarks.headline --out "$W/headline" \
   --jobs "${HEADLINE_JOBS:-6}" --repeat 20 --accuracy results/headline/cifar10 ${HEADLINE_VARIANTS:+--variants "$HEADLINE_VARIANTS"}
 
-# Not in the default STEPS: choose the CIFAR-10 testbed recipe on held-out train data (needs .cifar10_pack.pt,
-# carried: `python -m benchmarks.cifar10_recipes pack`). 4 candidates at once take about 210 s on an H200.
-step cifar10-recipes "${RECIPES_LIMIT:-240}" $PY -m benchmarks.cifar10_recipes search --pack .cifar10_pack.pt \
-  --out "$W/cifar10_recipes" --threads 4 ${RECIPES:+--candidates "$RECIPES"}
 step tests "${TESTS_LIMIT:-100}" $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py \
   --junitxml="$W/pytest_gpu.xml" ${TESTS_K:+-k "$TESTS_K"}
-step tokens "${TOKENS_LIMIT:-90}" $PY -m benchmarks.tokens --out "$W/tokens" --batch-sizes 1,64,256 --repeat 10
-step quant 70 $PY -m benchmarks.quant --speed-only --out "$W/quant" --batch-sizes 1,64,256 --repeat 10
-step prune "${PRUNE_LIMIT:-45}" $PY -m benchmarks.prune --speed --no-accuracy --out "$W/prune" --batch-sizes 1,64,256
+# every family's speed on ViT-B/16 against eager and compiled dense: a speed-only sweep (it resumes if cut short)
+step speed "${SPEED_LIMIT:-200}" $PY -m vitcompress sweep gpu_speed --out "$W/speed"
 for part in gemm bsr attention; do  # one limit each: a slow autotune in one part leaves the others their time
   step "kernels-$part" "${KERNELS_LIMIT:-75}" $PY -m benchmarks.kernels --out "$W/kernels_$part" --repeat 20 --parts "$part"
 done

@@ -3,7 +3,7 @@
     python -m benchmarks.headline --out DIR [--device cuda] [--batch-sizes 1,64,256] [--jobs 4]
                                   [--accuracy results/headline/cifar10] [--variants "NAME;NAME"]
 
-The variants are the points of ``benchmarks/recipes/headline.yaml`` (a sweep recipe, whose CIFAR-10 testbed run
+The variants are the points of ``recipes/headline.yaml`` (a sweep recipe, whose CIFAR-10 testbed run
 on the CPU gives each stack's accuracy: ``--accuracy`` reads it). Each is applied to ViT-B/16 with random weights
 (recovery steps skipped: they do not change the structure), compiled by :func:`vitcompress.bench.compile_model`
 (fullgraph, frozen weights, a CUDA graph per batch size on a GPU), and timed alternately with compiled dense in
@@ -36,7 +36,8 @@ from vitcompress.provenance import run_context
 from vitcompress.report import load_points, markdown_table, write_results
 from vitcompress.sweep import load_sweep
 
-RECIPE = Path(__file__).resolve().parent / "recipes" / "headline.yaml"
+RECIPE = "headline"  # recipes/headline.yaml, bundled with the package
+NO_DATA = {"data": "(unused: timing skips the recovery steps, the only ones that read data)"}
 ARCH = "vit_base_patch16_224"
 SIZE = (3, 224, 224)
 EAGER, COMPILED = "dense, eager", "dense, compiled"
@@ -50,7 +51,7 @@ WITHIN_PT = 1.0  # the best stack is chosen among those within this many points 
 
 def variants(names: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """name -> stack, from the recipe (optionally only the ``;``-separated ``names``: names hold commas)."""
-    found = {p["name"]: p["stack"] for p in load_sweep(RECIPE).points}
+    found = {p["name"]: p["stack"] for p in load_sweep(RECIPE, NO_DATA).points}
     stacks = {n: found[n] for n in FIRST if n in found} | found
     if not names:
         return stacks
@@ -118,7 +119,7 @@ def accuracy_of(sweep_dir: Path | None) -> dict[str, dict[str, float]]:
     if sweep_dir is None or not (sweep_dir / "sweep.json").is_file():
         return {}
     desc, points = load_points(sweep_dir)
-    spec = desc["config"]["accuracy"].partition(":")[0]  # the sweep's accuracy DATA (validated to be evaluated)
+    spec = desc["config"]["accuracy"].rpartition(":")[0]  # the sweep's accuracy DATA (validated to be evaluated)
     out: dict[str, dict[str, float]] = {}
     for p in points:
         acc = p.get("accuracy", {})

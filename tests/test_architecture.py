@@ -18,7 +18,7 @@ LAYERS = [
     ["export"],
     ["pipeline"],
     ["robustness", "evaluate", "train", "dropins"],
-    ["report", "sweep", "demo", "cli_output"],
+    ["goals", "report", "sweep", "demo", "cli_output"],
     ["cli_common", "cli_tokens", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

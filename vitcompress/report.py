@@ -21,8 +21,8 @@ from typing import Any
 
 from .errors import DataError
 from .goals import judge
-from .transforms import config_from_dict
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .transforms import config_from_dict
 
 FAMILY_COLORS = {"base": "black", "dense": "dimgrey", "peer": "tab:brown", "token": "tab:blue", "quant": "tab:orange",
                  "prune": "tab:green", "block-sparse": "tab:olive", "stacked": "tab:red"}

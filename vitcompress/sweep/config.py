@@ -62,7 +62,8 @@ class SweepConfig(Config):
     ``torch:DTYPE`` (e.g. ``[torch:fp32, torch:bf16, torch-compile, onnxruntime, openvino]``).
     attack: attack settings (an :class:`~vitcompress.robustness.AttackConfig` dict, or a list of them) measured
     on ``attack_limit`` images of the first eval data: robust top-1 and transfer rate columns.
-    title: the report's heading. goals: targets the report judges on the finished points (:mod:`vitcompress.goals`); they change no point.
+    title: the report's heading. goals: targets the report judges on the finished points
+    (:mod:`vitcompress.goals`); they change no point.
     """
 
     NAME = "sweep"
@@ -234,7 +235,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
         for step in p.stack:
             if "name" not in step:
                 raise ConfigError(f"a step of point '{p.name}' has no name")
-        p.configs  # validates every step
+        _ = p.configs  # validates every step
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
