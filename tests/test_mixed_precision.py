@@ -151,6 +151,19 @@ def test_hessian_sensitivity_allocates_within_the_budget():
     assert all(s[4] >= s[6] >= s[8] >= 0 for s in sens.values())  # a coarser grid never costs less
 
 
+def test_hessian_sensitivity_quantizes_the_attention_matmuls_at_the_widest_width():
+    """The attention matmuls have no weight for a Hessian trace: they take the widest candidate (they cost no size),
+    instead of being left in floating point without a word."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", **TINY)
+    calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(8))]
+    compress_(model, MixedPrecisionConfig(mean_bits=5.0, calib_size=8, sensitivity="hessian", hutchinson_samples=2,
+                                          quant={"layers": ["attn_matmul", "fc1", "fc2"]}), calib=calib)
+    bits = model_info(model).transforms[-1]["state"]["bits"]
+    assert bits["blocks.0.attn"] == bits["blocks.1.attn"] == 8 and bits["blocks.0.mlp.fc1"] < 8
+    assert model.blocks[0].attn._vc_a_bits == 8  # quantized, not left in floating point
+
+
 @pytest.mark.parametrize("quant", [{"layers": ["attn_matmul", "fc1"]},
                                    {"softmax": "log2", "layers": ["attn_matmul", "fc1", "fc2"]}])
 def test_attention_matmuls_and_softmax_quantizers_take_part(quant, tmp_path):

@@ -120,9 +120,26 @@ def _dense_best(ok: list[dict[str, Any]]) -> dict[str, tuple[str, float]]:
 
 
 def _dtype(p: dict[str, Any], ref: str) -> str | None:
-    """The dtype the point ran in at the reference batch (recorded since auto resolves per model and batch)."""
+    """The dtype the point ran in at the reference batch (recorded since auto resolves per model and batch), else
+    the one its accuracy pass ran in."""
     d = p.get("dtype")
-    return d.get(ref) if isinstance(d, dict) else d
+    return (d.get(ref) if isinstance(d, dict) else d) or p.get("accuracy_dtype")
+
+
+def _fixed_dtype(p: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """For records without one: the dtype that cannot have varied (exports run fp32; a fixed bench dtype)."""
+    if p.get("runtime", "torch") not in ("torch", "torch-compile"):
+        return "fp32"
+    fixed = cfg["bench"].get("dtype")
+    return fixed if fixed and fixed != "auto" else None
+
+
+def _short(column: str) -> str:
+    """A column named after a data spec, shown without its path: ``../x/cifar10_top1`` -> ``cifar10_top1``."""
+    spec, _, key = column.rpartition("_")
+    kind, _, source = spec.rpartition(":")
+    name = Path(source).name or source
+    return f"{kind + ':' if kind else ''}{name}_{key}" if spec else column
 
 
 def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,7 +167,8 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
     for i, p in enumerate(ok):
         sp = p.get("speedup") or {}
         rows.append({"id": p["id"], "name": p["name"], "family": p["family"], "runtime": p.get("runtime", "torch"),
-                     "dtype": _dtype(p, ref), "kind": "deployable" if p["deployable"] else "accuracy-only",
+                     "dtype": _dtype(p, ref) or _fixed_dtype(p, cfg),
+                     "kind": "deployable" if p["deployable"] else "accuracy-only",
                      "recovery": p["recovery"], "accuracy": acc[i], "delta": None if base is None or acc[i] is None
                      else acc[i] - _metric(base, cfg["accuracy"]),
                      **{f"{s}_{k}": m.get(k) for s, m in p["accuracy"].items() for k in ("top1", "agreement")},
@@ -213,10 +231,11 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
              + "".join(f", {k} {versions[k]}" for k in ("onnxruntime", "openvino", "nncf") if versions.get(k))
              + f"; {ctx.get('date')}.", *([f"Command: `{command}`", ""] if command else []),
              (f"Accuracy axis: `{res['accuracy_metric']}`. " if res["accuracy_metric"] else "Speed only. ")
-             + f"Each point is timed alternately with the anchor (the base in torch) in one process at batch {ref} "
+             + ("Accuracy only: no point was timed." if not res.get("batch_sizes") else
+                f"Each point is timed alternately with the anchor (the base in torch) in one process at batch {ref} "
              "(median); latency = the sweep's median anchor latency / the point's speed-up over it, which removes "
              "the drift between points (img/s follows from it). **× best dense** = the point's speed-up over the "
-             f"fastest dense row of this table (at b{ref}: {best.get(str(ref), '—')}), whatever runtime that is."
+             f"fastest dense row of this table (at b{ref}: {best.get(str(ref), '—')}), whatever runtime that is.")
              + (f" Latency, size and GFLOPs are measured on `{res['speed_model']['model']}` with the same stack "
                 "(random weights)." if res.get("speed_model") else ""),
              "★ = on the accuracy-vs-latency front, ◆ = on the accuracy-vs-size front. *accuracy-only* points "
@@ -228,7 +247,7 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
     accuracy = res["accuracy_metric"] is not None
     speed = any(r["latency_ms"] is not None for r in res["rows"])
     head = ["point", "family", "runtime", "dtype", "kind", "recovery", "front",
-            *(["accuracy", "Δ", *acc_cols] if accuracy else []),
+            *(["accuracy", "Δ", *map(_short, acc_cols)] if accuracy else []),
             *([f"latency ms b{ref}", "× best dense", "img/s", "peak MiB"] if speed else []),
             "size MiB", "size ×", "GFLOPs"]
     body = []
@@ -256,7 +275,7 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
         cols = [k for k in res["bits_front"][0] if k.endswith(("_top1", "_agreement"))]
         lines += ["", "Weight bits (the family's mean weight width) against accuracy; ★ = on the front (no point "
                   "has fewer bits and a higher accuracy).", "",
-                  markdown_table(["point", "mean bits", *cols, "front"],
+                  markdown_table(["point", "mean bits", *map(_short, cols), "front"],
                                  [[b["name"], b["w_bits"], *(b[c] for c in cols), "★" if b["front"] else ""]
                                   for b in sorted(res["bits_front"], key=lambda b: (b["w_bits"], -b["accuracy"]))])]
     if res.get("goals"):

@@ -251,7 +251,7 @@ def _point(name: str, p: dict[str, Any]) -> Point:
                runtime=None if p.get("runtime") is None else parse_enum(SweepRuntime, p["runtime"], "runtime"),
                dtype=None if p.get("dtype") is None else parse_enum(Dtype, p["dtype"], "dtype"),
                export=p.get("export"), peer=None if p.get("peer") is None else parse_enum(Peer, p["peer"], "peer"))
-    if pt.peer is not None and (pt.stack or (pt.runtime and pt.runtime.exported is None)):
+    if pt.peer is not None and (pt.stack or pt.runtime is None or pt.runtime.exported is None):
         raise ConfigError(f"point '{name}': a peer quantizes the dense export itself: give it no stack and runtime "
                           "onnxruntime or openvino")
     if pt.export is not None and not (pt.runtime and pt.runtime.exported):

@@ -31,7 +31,7 @@ from ..artifact import WEIGHTS, read_manifest
 from ..bench import BenchConfig, Dtype, compare, model_runner, peak_memory_mb
 from ..data import load_data
 from ..errors import UserError
-from ..evaluate import accuracy_metrics, predict, predict_traced, static_metrics
+from ..evaluate import accuracy_dtype, accuracy_metrics, predict, predict_traced, static_metrics
 from ..export import ExportConfig, RuntimeModel, export_model, load_runtime_model
 from ..export.peers import peer_model
 from ..io import atomic_write_json, atomic_write_text, file_lock
@@ -121,6 +121,7 @@ class _Context:
             d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
             logits, labels, _, tokens[spec] = predict_traced(model, d, cfg=bench)
             out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
+            out["accuracy_dtype"] = str(accuracy_dtype(model, d, 64, bench))  # what the accuracy pass ran in
         if self.attack_data is not None:
             out["robustness"] = self.robustness(model)
         fast = model

@@ -155,16 +155,23 @@ def _accumulate(model: nn.Module, weights: list[torch.Tensor], x: torch.Tensor, 
             traces[i] += float((v * hv).sum()) / samples
 
 
+NO_NARROWING = 1e30  # a sensitivity no budget trade accepts
+
+
 def hessian_sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any],
                           ) -> dict[str, dict[int, float]]:
     """HAWQ-v2's sensitivity per layer and width: Tr(H_W) / n x ||Q_b(W) - W||^2."""
     device = next(model.parameters()).device
     images = [x for x, _ in calib_batches(calib, cfg.calib_size, device)]
     base = cfg.base(cfg.candidates[0])
-    names = [n for n, m in select_layers(model, base) if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    layers = select_layers(model, base)
+    names = [n for n, m in layers if isinstance(getattr(m, "weight", None), torch.Tensor)]
     traces = hessian_traces(model, names, images, cfg.hutchinson_samples)
     group = base.group
-    out = {}
+    # a weightless quantizer (an attention matmul's inputs) has no weight error to weigh and costs no size: it takes
+    # the widest candidate, as the KL allocation gives it (narrowing it saves nothing), instead of being left out
+    widest = max(cfg.candidates)
+    out = {n: {b: 0.0 if b == widest else NO_NARROWING for b in cfg.candidates} for n, _ in layers if n not in names}
     for n in names:
         weight = model.get_submodule(n).weight
         w = weight.detach().float().reshape(weight.shape[0], -1)
