@@ -139,3 +139,26 @@ def test_bad_goals_are_config_errors(goal, msg):
 def test_sweep_cli_variables_fail_in_one_line(cli, tmp_path, args, msg):
     rc, _, err = cli("sweep", "cifar10_sweep", "--out", tmp_path / "s", *args)
     assert rc == 2 and err.count("\n") == 1 and msg in err
+
+
+def test_heldout_train_images_are_outside_every_calibration_and_training_subset():
+    from vitcompress.data import even_subset
+    from vitcompress.data.registry import HELDOUT_DISJOINT_FROM, heldout_indices
+
+    held = heldout_indices(50000, 5000)
+    assert len(held) == len(set(held)) == 5000
+    for k in HELDOUT_DISJOINT_FROM:
+        assert not set(held) & set(even_subset(50000, k)), k
+
+
+def test_a_sweep_scores_on_heldout_data_and_refuses_steps_that_could_see_it(trained_artifact, tmp_path):
+    recipe = {"sweep": {"base": {"artifact": str(trained_artifact)}, "eval_data": ["heldout:40:digits", "digits"],
+                        "accuracy": "heldout:40:digits:top1", "calib_size": 8, "speed": False, "bench": FAST,
+                        "points": [{"name": "p", "stack": [{"name": "quantize", "w_bits": 6, "a_bits": 6}]}]}}
+    run_sweep(recipe, tmp_path, log=lambda m: None)
+    rec = next(json.loads(p.read_text()) for p in (tmp_path / "points").glob("*.json")
+               if json.loads(p.read_text())["name"] == "p")
+    assert set(rec["accuracy"]) == {"heldout:40:digits", "digits"}
+    recipe["sweep"]["points"][0]["stack"] = [{"name": "prune", "mlp": 0.5}, {"name": "recovery", "epochs": 1}]
+    with pytest.raises(ConfigError, match="recovery limit None"):
+        load_sweep(recipe)

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Subset
+
 from ..errors import DataError, check_positive
-from .base import ImageData
+from .base import ImageData, even_subset
 from .corrupt import load_corrupted
 from .digits import load_digits_data
 from .sources import load_hf_hub, load_local, load_synthetic
+
+# The sizes of evenly spaced train subsets (calibration, recovery and training limits) that a held-out split never
+# touches: a step that calibrates or trains on N images with N here cannot have seen a held-out image.
+HELDOUT_DISJOINT_FROM = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
+
+
+def heldout_indices(total: int, n: int) -> list[int]:
+    """``n`` evenly spaced indices of a train split of ``total`` images outside ``even_subset(total, k)`` for every
+    k in :data:`HELDOUT_DISJOINT_FROM`."""
+    used: set[int] = set()
+    for k in HELDOUT_DISJOINT_FROM:
+        if k < total:
+            used.update(even_subset(total, k))
+    rest = [i for i in range(total) if i not in used]
+    if n > len(rest):
+        raise DataError(f"heldout: only {len(rest)} of {total} train images are outside the calibration and training "
+                        f"subsets, asked for {n}")
+    return [rest[i] for i in even_subset(len(rest), n)]
 
 
 def load_data(spec: str, data_cfg: dict[str, Any], *, split: str | None = None, limit: int | None = None,
@@ -35,6 +56,8 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         if purpose in ("train", "calib"):
             raise DataError("cifar10-c is a corrupted test split: evaluate on it, never train or calibrate")
         return load_corrupted(spec, data_cfg, split, limit, _load)
+    if spec.startswith("heldout:"):
+        return _heldout(spec, data_cfg, limit)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return load_synthetic(spec, data_cfg, limit)
     if spec.startswith("hf:"):
@@ -44,3 +67,16 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         raise DataError(f"unknown data spec or missing path: '{spec}' (expected digits, digits-c, "
                         "cifar10-c[:SOURCE], synthetic[:N], hf:NAME[:SPLIT] or a local directory)")
     return load_local(path, data_cfg, split, limit, purpose)
+
+
+def _heldout(spec: str, data_cfg: dict[str, Any], limit: int | None) -> ImageData:
+    """``heldout:N:SOURCE``: N train images of SOURCE that no calibration or training subset of a size in
+    :data:`HELDOUT_DISJOINT_FROM` contains, for choosing settings without the test split."""
+    n, _, source = spec[len("heldout:"):].partition(":")
+    if not n.isdigit() or int(n) < 1 or not source:
+        raise DataError(f"held-out data is heldout:N:SOURCE with N >= 1 (e.g. heldout:5000:PATH), got '{spec}'")
+    train = _load(source, data_cfg, "train", None, "train")
+    idx = heldout_indices(len(train), int(n))
+    idx = [idx[i] for i in even_subset(len(idx), limit)]
+    return dataclasses.replace(train, dataset=Subset(train.dataset, idx), name=spec, split="heldout",
+                               provenance={**train.provenance, "heldout_of": source, "heldout_images": len(idx)})

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..bench import BenchConfig, Dtype
 from ..config import Config, StrEnum, parse_enum
+from ..data.registry import HELDOUT_DISJOINT_FROM
 from ..errors import ConfigError
 from ..export import Runtime
 from ..export.peers import Peer
@@ -102,8 +103,25 @@ class SweepConfig(Config):
         self.attacks()  # validates
         for d in self.dense:
             dense_point(d)
+        if any(s.startswith("heldout:") for s in self.eval_data):
+            self._check_heldout()
         if self.reference_batch is not None and self.reference_batch not in self.bench_config().batch_sizes:
             raise ConfigError(f"reference_batch {self.reference_batch} is not one of the bench batch sizes")
+
+    def _check_heldout(self) -> None:
+        """Held-out images are outside the calibration and training subsets of the sizes in HELDOUT_DISJOINT_FROM:
+        refuse a step that calibrates or trains on another number of images (it could have seen them)."""
+        sizes = [("calib_size", self.calib_size)]
+        for p in [*self.points, *self.grid]:
+            for step in p.get("stack") or []:
+                if step.get("name") == RecoveryConfig.NAME:
+                    sizes.append((f"{p.get('name')}: recovery limit", step.get("limit")))
+                elif "calib_size" in step:
+                    sizes.append((f"{p.get('name')}: calib_size", step["calib_size"]))
+        bad = [f"{what} {n}" for what, n in sizes if n not in HELDOUT_DISJOINT_FROM]
+        if bad:
+            raise ConfigError(f"held-out eval data needs calibration and training sizes in {HELDOUT_DISJOINT_FROM} "
+                              f"(so that no step sees a held-out image): {', '.join(bad)}")
 
     def bench_config(self) -> BenchConfig:
         return BenchConfig.from_dict(self.bench)
