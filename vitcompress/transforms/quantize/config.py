@@ -28,8 +28,12 @@ class ActGranularity(StrEnum):
 
 class Rounding(StrEnum):
     RTN = "rtn"  # round to nearest
-    BRECQ = "brecq"  # learned by block reconstruction (AdaRound rounding + LSQ activation steps)
+    BRECQ = "brecq"  # BRECQ as published: weights' rounding, then activation steps, summed losses (.brecq)
+    BRECQ_JOINT = "brecq_joint"  # the earlier variant: rounding and steps learned jointly, averaged losses
     GPTQ = "gptq"  # error-compensating, from calibration Hessians
+
+
+BRECQS = (Rounding.BRECQ, Rounding.BRECQ_JOINT)
 
 
 class Reparam(StrEnum):
@@ -92,8 +96,9 @@ class QuantConfig(Config):
     NAME = "quantize"
 
     FAMILY = "quant"
-    VERSION = 4  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
-    # v4 search_metric and post_gelu (older dicts: mse and uniform, what they ran)
+    VERSION = 5  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
+    # v4 search_metric and post_gelu (older dicts: mse and uniform, what they ran); v5 brecq is the published
+    # two-stage method (older brecq dicts ran the joint variant: brecq_joint) and recon_fisher
     w_bits: int | None = 8
     a_bits: int | None = 8
     w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
@@ -109,7 +114,8 @@ class QuantConfig(Config):
     gptq_damp: float = 0.01
     gptq_sequential: bool = True
     act_order: bool = False
-    recon_iters: int = 1000  # brecq: optimisation steps per block
+    recon_iters: int = 1000  # brecq: optimisation steps per block (and per stage)
+    recon_fisher: bool = False  # brecq: weight the reconstruction error by the squared Fisher diagonal
     reparam: Reparam = Reparam.NONE
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
     post_gelu: PostGelu = PostGelu.UNIFORM
@@ -121,8 +127,10 @@ class QuantConfig(Config):
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        """v1/v2 collected every GPTQ Hessian in one pass over the float model: say so in the upgraded dict."""
-        return {**data, "gptq_sequential": False} if version < 3 else data
+        """v1/v2 collected every GPTQ Hessian in one pass over the float model: say so in the upgraded dict. Before
+        v5, brecq was the joint variant."""
+        data = {**data, "gptq_sequential": False} if version < 3 else data
+        return {**data, "rounding": "brecq_joint"} if version < 5 and data.get("rounding") == "brecq" else data
 
     def report_fields(self) -> dict[str, Any]:
         return {"w_bits": self.w_bits} if self.w_bits else {}
@@ -156,9 +164,9 @@ class QuantConfig(Config):
                               "a_granularity per_tensor")
         if self.act_order and (self.rounding != Rounding.GPTQ or self.w_granularity != WeightGranularity.PER_CHANNEL):
             raise ConfigError("act_order is a GPTQ option for per-channel weights (rounding gptq, per_channel)")
-        if self.rounding in (Rounding.GPTQ, Rounding.BRECQ) and self.w_bits is None:
+        if self.rounding in (Rounding.GPTQ, *BRECQS) and self.w_bits is None:
             raise ConfigError(f"{self.rounding} rounds weights: it needs w_bits")
-        if self.rounding == Rounding.BRECQ and (self.mode != Mode.SIMULATE or self.dtype != QuantDtype.INT):
+        if self.rounding in BRECQS and (self.mode != Mode.SIMULATE or self.dtype != QuantDtype.INT):
             raise ConfigError("brecq (block reconstruction) runs in --mode simulate on integer grids")
         if self.recon_iters < 1:
             raise ConfigError(f"recon_iters must be >= 1, got {self.recon_iters}")
@@ -168,7 +176,7 @@ class QuantConfig(Config):
                 and self.post_gelu == PostGelu.UNIFORM:
             raise ConfigError("search_metric applies to the searched quantizers: softmax / post_gelu adalog or twin")
         if self.post_gelu != PostGelu.UNIFORM and not (self.static_acts and self.mode == Mode.SIMULATE and
-                                                   self.dtype == QuantDtype.INT and self.rounding != Rounding.BRECQ):
+                                                   self.dtype == QuantDtype.INT and self.rounding not in BRECQS):
             raise ConfigError(f"post_gelu {self.post_gelu} is a static integer grid in --mode simulate (a_bits, "
                               "per_tensor; not with rounding brecq, whose step sizes are uniform)")
         if self.dtype == QuantDtype.FP8 and (self.w_bits != 8 or self.a_bits not in (8, None)

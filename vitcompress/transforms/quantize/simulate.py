@@ -38,6 +38,7 @@ class _ActQuant:
     _vc_fp8: bool
     _vc_ste = False  # straight-through gradients (rounding's own gradient is 0): set on gradient twins
     _vc_lsq = False  # straight-through rounding with the scale's gradient: set during block reconstruction
+    _vc_act_off = False  # activations left in floating point (BRECQ's first stage reconstructs weights alone)
     _vc_export_refusal = "simulated quantization (an accuracy study) has no deployed form: export needs --mode deploy"
 
     def gradient_twin(self) -> nn.Module:
@@ -47,7 +48,7 @@ class _ActQuant:
 
     def _fq(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """x [..., C]: per-token over the last dim, else the static (scale, zero)."""
-        if self._vc_a_bits is None:
+        if self._vc_a_bits is None or self._vc_act_off:
             return x
         if self._vc_per_token:
             out = ops.fake_quant_fp8_per_token(x) if self._vc_fp8 else ops.fake_quant_act_per_token(x, self._vc_a_bits)
@@ -69,7 +70,9 @@ class FakeQuantLinear(_ActQuant, nn.Linear):
     _vc_post_gelu = "uniform"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._vc_post_gelu == "twin":
+        if self._vc_act_off:
+            xq = x
+        elif self._vc_post_gelu == "twin":
             xq = self._straight_through(x, ops.twin_gelu(x, self._vc_a_bits, self.a_neg_scale, self.a_scale))
         elif self._vc_post_gelu == "adalog":
             xq = self._straight_through(x, ops.adalog_gelu(x, self._vc_a_bits, self.a_scale, self.a_param))
@@ -117,7 +120,7 @@ class QuantAttention(_ActQuant, Attention):
         p = logits.softmax(-1)
         if observe is not None:
             observe("p", p)
-        elif self._vc_softmax != "none":
+        elif self._vc_softmax != "none" and not self._vc_act_off:
             scale = p.amax(-1, keepdim=True) if self._vc_per_token else self.p_scale
             param = getattr(self, "p_param", None)  # adalog's base / twin's range ratio, searched in calibration
             p = self._straight_through(p, ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax, param))

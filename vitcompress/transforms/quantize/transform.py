@@ -29,8 +29,10 @@ from ..layers import select_layers as _select
 from ..registry import TransformContext, register_transform
 from . import ops
 from .bnb import to_bnb
+from .brecq import brecq_
 from .calib import calibrate, layer_hessian, repq_reparam_
 from .config import (
+    BRECQS,
     ActGranularity,
     Mode,
     Observer,
@@ -156,7 +158,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
     if cfg.reparam == Reparam.REPQ:
         reparam = repq_reparam_(model, cfg, ctx.calib)
-    float_model = copy.deepcopy(model) if cfg.rounding == Rounding.BRECQ else None  # the blocks' targets
+    float_model = copy.deepcopy(model) if cfg.rounding in BRECQS else None  # the blocks' targets
     if not deploy:  # attention is observed (in float) through its quantized class during calibration
         for _, m in layers:
             if isinstance(m, Attention):
@@ -182,8 +184,9 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
         set_grids(m, ranges.get(name, {}))
     recon = {}
     if float_model is not None:
-        recon = reconstruct_blocks_(model, float_model, clips, int(cfg.w_bits), cfg.group, ctx.calib,  # type: ignore[arg-type]
-                                    cfg.calib_size, cfg.recon_iters)
+        run = brecq_ if cfg.rounding == Rounding.BRECQ else reconstruct_blocks_
+        recon = run(model, float_model, clips, int(cfg.w_bits), cfg.group, ctx.calib,  # type: ignore[arg-type]
+                    cfg.calib_size, cfg.recon_iters, **({"fisher": cfg.recon_fisher} if run is brecq_ else {}))
     return {"layers": [n for n, _ in layers], "calibrated": len(ranges), "deployable": deploy,
             **({"reconstruction": recon} if recon else {}),
             "deploy_kind": cfg.deploy_kind if deploy else None, "reparam": reparam,
