@@ -103,6 +103,33 @@ def test_uint8_activations_and_static_batch(tiny_model, tmp_path):
     assert out.shape == ref.shape and _agreement(out, ref) >= 0.99
 
 
+def test_7bit_weights_for_cpus_without_vnni(tiny_model, tmp_path):
+    """--qdq-weight-bits 7 writes the weight codes on +-63 with twice the scale (the grid oneDNN multiplies exactly
+    without VNNI: pair sums of 2 x 255 x 63 stay inside int16); ONNX Runtime runs that file as the torch reference of
+    the same codes does."""
+    from vitcompress.export.onnx import exportable
+    from vitcompress.transforms.quantize.qdq import halve_codes
+
+    model = apply_stack(tiny_model, STACKS["int8"], calib=CALIB)
+    cfg = ExportConfig(qdq_activations="uint8", qdq_weight_bits=7)
+    export_model(model, tmp_path / "w7.onnx", cfg)
+    proto = onnx.load(str(tmp_path / "w7.onnx"))
+    codes = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+             if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(codes) == 4 * len(model.blocks) and all(c.min() >= -63 and c.max() <= 63 for c in codes)
+    qkv = model.blocks[0].attn.qkv
+    want, _ = halve_codes(qkv.w_int8, qkv.w_scale)
+    assert any(c.shape == tuple(want.t().shape) and (c == want.t().numpy()).all() or
+               c.shape == tuple(want.shape) and (c == want.numpy()).all() for c in codes)
+    x = _batch(model, 5)
+    ref_model, _ = exportable(model, cfg)
+    with torch.no_grad():
+        ref = ref_model(x)
+    torch.testing.assert_close(RuntimeModel(tmp_path / "w7.onnx")(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="qdq_weight_bits"):
+        ExportConfig(qdq_weight_bits=6)
+
+
 def test_metadata_keeps_the_provenance(trained_artifact, tmp_path):
     out = tmp_path / "merged"
     compress_to(out, create_model(str(trained_artifact)), [{"name": "token_merge", "r": 2}])

@@ -246,10 +246,13 @@ def export(
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (13..21)."),
     qdq_activations: str | None = typer.Option(
         None, "--qdq-activations", help="int8 (symmetric; TensorRT) or uint8 (zero point 128; ORT on x86)."),
+    qdq_weight_bits: int | None = typer.Option(
+        None, "--qdq-weight-bits", help="8, or 7 for runtimes on CPUs without VNNI (AVX2-only: exact there)."),
     model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Export MODEL (timm id, checkpoint or artifact, any stack) to ONNX or a torch.export program."""
-    cfg = ExportConfig(**_given(format=format_, batch_size=batch_size, opset=opset, qdq_activations=qdq_activations))
+    cfg = ExportConfig(**_given(format=format_, batch_size=batch_size, opset=opset, qdq_activations=qdq_activations,
+                                qdq_weight_bits=qdq_weight_bits))
     m = _model(model, **(model_opts or {}))
     summary = export_model(m, out, cfg)
     print_table("export", {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary.items()})

@@ -33,7 +33,7 @@ from ..errors import ConfigError, ModelError, first_line
 from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 from ..models import data_config, model_info
 from ..transforms.layers import replace_module, use_torch_references_
-from ..transforms.quantize.qdq import QdqActivations, QDQLinear  # noqa: F401  (re-exported: the export API)
+from ..transforms.quantize.qdq import QdqActivations, QdqForm, QDQLinear  # noqa: F401  (re-exported)
 
 META_KEY = "vitcompress"  # ONNX metadata_props key: the JSON of :func:`metadata`
 
@@ -45,15 +45,17 @@ class Format(StrEnum):
 
 @dataclasses.dataclass
 class ExportConfig(Config):
-    """How ``vitcompress export`` writes a model. batch_size: an int (static) or "dynamic"."""
+    """How ``vitcompress export`` writes a model. batch_size: an int (static) or "dynamic". qdq_weight_bits: 8, or 7
+    (codes on +-63) for runtimes on CPUs without VNNI, whose u8 x s8 GEMM saturates in int16 with 8-bit codes."""
 
     NAME = "export"
-    VERSION = 1
+    VERSION = 2  # v2: qdq_weight_bits (older dicts: 8, what they wrote)
 
     format: Format = Format.ONNX
     batch_size: Any = "dynamic"
     opset: int = 17
     qdq_activations: QdqActivations = QdqActivations.INT8
+    qdq_weight_bits: int = 8
 
     def validate(self) -> None:
         if self.batch_size != "dynamic":
@@ -63,6 +65,8 @@ class ExportConfig(Config):
                 raise ConfigError(f"batch_size is a positive integer or 'dynamic', got '{self.batch_size}'") from None
             if self.batch_size < 1:
                 raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.qdq_weight_bits not in (7, 8):
+            raise ConfigError(f"qdq_weight_bits is 8, or 7 for CPUs without VNNI, got {self.qdq_weight_bits}")
         if not 13 <= self.opset <= 21:
             raise ConfigError(f"opset must be in 13..21 (per-channel QDQ needs 13), got {self.opset}")
 
@@ -72,7 +76,7 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
 
     Each method family says how its layers export (the family protocol, see ARCHITECTURE.md): a layer with
     ``_vc_export_refusal`` has no faithful form and is refused in one line (:class:`ConfigError`); a layer with
-    ``export_form(qdq_activations)`` is replaced by what it returns (its ``export_note``, if any, is reported).
+    ``export_form(QdqForm)`` is replaced by what it returns (its ``export_note``, if any, is reported).
     """
     for name, mod in model.named_modules():  # what a family declares it cannot export, refused in one line
         if getattr(mod, "_vc_dynamic_shapes", False):
@@ -89,7 +93,7 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
         if not hasattr(mod, "export_form"):
             continue
         try:
-            new = mod.export_form(cfg.qdq_activations)
+            new = mod.export_form(QdqForm(cfg.qdq_activations, cfg.qdq_weight_bits))
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
         note = getattr(mod, "export_note", None)

@@ -42,7 +42,7 @@ class BlockSparseLinear(nn.Module):
     _vc_compressed = True
     export_note = "block-sparse layers export as dense (masked) weights: ONNX has no block-sparse GEMM"
 
-    def export_form(self, qdq_activations: str) -> nn.Module:
+    def export_form(self, form: object) -> nn.Module:
         """The ONNX form: a dense ``nn.Linear`` holding the masked weight."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():

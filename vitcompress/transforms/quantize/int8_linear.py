@@ -19,7 +19,7 @@ from ...errors import ConfigError
 from ...kernels._triton import runs_kernel
 from ...kernels.int8_gemm import int8_gemm, int_mm, quantize_per_token
 from . import ops
-from .qdq import QdqActivations, QDQLinear
+from .qdq import QdqForm, halve_codes, qdq_linear
 
 QMAX = 127
 # torch's CPU int8 engine (oneDNN: VNNI / AMX kernels, prepacked weights); torch._int_mm on a CPU is a slow
@@ -80,9 +80,7 @@ def is_packed(w_int8: torch.Tensor) -> bool:
 def cpu_weight_codes(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight codes [out, in] int8 and scales [out] that oneDNN's int8 path multiplies on this CPU: the 8-bit
     ones, or, without VNNI, the codes halved onto +-63 with the scales doubled."""
-    if ONEDNN_EXACT:
-        return w_int8, w_scale
-    return torch.round(w_int8.float() / 2).clamp(-63, 63).to(torch.int8), w_scale * 2
+    return (w_int8, w_scale) if ONEDNN_EXACT else halve_codes(w_int8, w_scale)
 
 
 def cpu_path(backend: str, x: torch.Tensor) -> bool:
@@ -271,12 +269,12 @@ class Int8Linear(ScaledLinear):
         a_scale = None if self.per_token else self.a_scale
         return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX)
 
-    def export_form(self, qdq_activations: str) -> nn.Module:
+    def export_form(self, form: QdqForm) -> nn.Module:
         """The ONNX form: a :class:`QDQLinear` with the same codes (per-token activations have none)."""
         if self.per_token:
             raise ConfigError("it quantizes activations per token on the fly, which has no static QDQ form: "
                               "quantize with --a-granularity per_tensor (calibrated)")
-        return QDQLinear(self.w_int8, self.w_scale, self.bias, self.a_scale, QdqActivations(qdq_activations))
+        return qdq_linear(self.w_int8, self.w_scale, self.bias, self.a_scale, form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -19,7 +19,7 @@ from ...kernels._triton import runs_kernel
 from ...kernels.fp8_gemm import fp8_gemm, scaled_mm_rowwise
 from . import ops
 from .int8_linear import ScaledLinear, TwinLinear
-from .qdq import QdqActivations, QDQLinear
+from .qdq import QdqForm, qdq_linear
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -92,12 +92,12 @@ class WeightOnlyLinear(nn.Module):
             lin.bias.data.copy_(self.bias.detach().float())
         return lin
 
-    def export_form(self, qdq_activations: str) -> nn.Module:
+    def export_form(self, form: QdqForm) -> nn.Module:
         """The ONNX form: per-channel int8 weights as QDQ (int4 and groups have none in ONNX Runtime / OpenVINO)."""
         if self.bits != 8 or self.group_size:
             raise ConfigError(f"int{self.bits}" + (f" in groups of {self.group_size}" if self.group_size else "")
                               + ": only per-channel int8 weights export")
-        return QDQLinear(self.codes(), self.w_scale[:, 0], self.bias, None, QdqActivations(qdq_activations))
+        return qdq_linear(self.codes(), self.w_scale[:, 0], self.bias, None, form)
 
     def extra_repr(self) -> str:
         grid = f"group {self.group_size}" if self.group_size else "per channel"

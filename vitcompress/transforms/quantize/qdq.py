@@ -4,6 +4,8 @@ each layer's ``export_form``."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -13,6 +15,29 @@ from ...config import StrEnum
 class QdqActivations(StrEnum):
     INT8 = "int8"  # symmetric, zero point 0: what TensorRT takes
     UINT8 = "uint8"  # the same grid shifted by 128 (zero point 128): what ONNX Runtime's x86 kernels prefer
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqForm:
+    """How a deployed int8 layer is written as QDQ: the activations' type, and the weights' bits: 8, or 7 (codes on
+    +-63 with twice the scale) for runtimes on CPUs without VNNI, whose u8 x s8 GEMM sums pairs in saturating int16
+    (2 x 255 x 127 overflows it; 2 x 255 x 63 does not)."""
+
+    activations: QdqActivations = QdqActivations.INT8
+    weight_bits: int = 8
+
+
+def halve_codes(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight codes [out, in] with scales [out] -> the same weights on the 7-bit grid: codes on +-63, scales x2."""
+    return torch.round(codes.float() / 2).clamp(-63, 63).to(torch.int8), scale * 2
+
+
+def qdq_linear(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None,
+               form: QdqForm) -> QDQLinear:
+    """The QDQ form of a layer with int8 weight codes [out, in] and scales [out] (halved onto 7 bits if asked)."""
+    if form.weight_bits == 7:
+        codes, scale = halve_codes(codes, scale)
+    return QDQLinear(codes, scale, bias, a_scale, form.activations)
 
 
 class QDQLinear(nn.Module):
