@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .reconstruct import AdaRoundWeight, _block_io, rectified_sigmoid
+from .reconstruct import AdaRoundWeight, _block_io, keep_step_, rectified_sigmoid, step_
 from .simulate import FakeQuantLinear, _ActQuant
 
 ROUND_WEIGHT = 0.01  # the reference's --weight
@@ -126,9 +125,7 @@ def brecq_(model: nn.Module, float_model: nn.Module, clips: dict[str, float], bi
                     loss = lp_loss(qblock(xq[idx]), target[idx], 2.0, None if grads is None else grads[idx])
                     if it >= WARMUP * iters:
                         loss = loss + round_loss(rounding.values(), temperature(it, iters))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                    step_(opt, loss)
             finally:
                 for n, m in mods.items():
                     if "weight" in m.__dict__:
@@ -172,16 +169,12 @@ def _learn_steps(qblock: nn.Module, xq: torch.Tensor, target: torch.Tensor, iter
             for n, m in mods.items():
                 m.a_scale = steps[n]
             loss = lp_loss(qblock(xq[idx]), target[idx], A_P)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            step_(opt, loss)
             sched.step()
     finally:
         for n, m in mods.items():
             m._vc_lsq = False
-            if "a_scale" in m._parameters or "a_scale" in m.__dict__:
-                delattr(m, "a_scale")
-            m.register_buffer("a_scale", steps[n].detach().clamp_min(ops.EPS))
+            keep_step_(m, steps[n])
 
 
 @torch.no_grad()

@@ -58,6 +58,20 @@ class AdaRoundWeight:
         return ((self.floor + h).clamp(-self.q, self.q) * self.scale).reshape(self.shape)
 
 
+def step_(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def keep_step_(m: nn.Module, step: torch.Tensor) -> None:
+    """Make a learned activation step size (a Parameter standing in for ``a_scale``) the layer's buffer again."""
+    if "a_scale" in m._parameters or "a_scale" in m.__dict__:
+        delattr(m, "a_scale")
+    m.register_buffer("a_scale", step.detach().clamp_min(ops.EPS))
+
+
 def _block_io(model: nn.Module, block: nn.Module, calib: Iterable[Any], size: int) -> list[torch.Tensor]:
     """The inputs [b,N,C] ``block`` receives when the calibration images run through ``model`` as it is."""
     seen: list[torch.Tensor] = []
@@ -107,9 +121,7 @@ def reconstruct_blocks_(model: nn.Module, float_model: nn.Module, clips: dict[st
                     beta = 2 + 18 * (1 - (it - warm) / max(iters - warm, 1))
                     loss = loss + weight * sum(round_reg(r.v, beta) for r in rounding.values()) / \
                         sum(r.v.numel() for r in rounding.values())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step_(opt, loss)
         finally:
             for n, m in mods.items():
                 m._vc_lsq = False
@@ -119,8 +131,7 @@ def reconstruct_blocks_(model: nn.Module, float_model: nn.Module, clips: dict[st
                 with torch.no_grad():
                     m.weight.copy_(rounding[n].weight(hard=True).to(m.weight.dtype))
                     if n in steps:
-                        del m.a_scale
-                        m.register_buffer("a_scale", steps[n].detach().clamp_min(ops.EPS))
+                        keep_step_(m, steps[n])
         record[f"blocks.{i}"] = {"mse_rtn": before, "mse": _mse(qblock, xq, target, batch)}
     return record
 
