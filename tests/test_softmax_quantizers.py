@@ -199,7 +199,7 @@ def test_post_gelu_quantizers_calibrate_fc2_and_round_trip(kind, metric, tmp_pat
         if kind == "twin":
             assert 0 < float(b.mlp.fc2.a_neg_scale) <= 0.1701 / 8  # R1 covers GELU's minimum, -0.17
         else:
-            assert float(b.mlp.fc2.a_param) in ops.SOFTMAX_SEARCH["adalog"]
+            assert any(abs(float(b.mlp.fc2.a_param) - c) < 1e-5 for c in ops.SOFTMAX_SEARCH["adalog"])
     save_artifact(model, tmp_path / "q")
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -211,3 +211,31 @@ def test_post_gelu_quantizers_calibrate_fc2_and_round_trip(kind, metric, tmp_pat
 def test_post_gelu_quantizers_need_a_static_integer_grid(kind, bad):
     with pytest.raises(ConfigError, match=f"post_gelu {kind}"):
         QuantConfig(**{"w_bits": 4, "a_bits": 4, "post_gelu": kind, **bad})
+
+
+def test_adalog_grid_and_levels_are_the_references():
+    """AdaLog's reference (GoatWu/AdaLog, quantizers/logarithm.py and the post-softmax search): codes
+    round(-log2(x / s) * 37 / q), levels 2^(-code * q / 37) * s, q an integer searched over 10 .. 110. Ours has the
+    same grid and levels; the one deliberate difference: the b-bit top code stands for zero (the reference keeps
+    2^b powers and masks what lies past them to 0, one level more than b bits hold)."""
+    assert ops.SOFTMAX_SEARCH["adalog"] == tuple(37 / q for q in range(10, 111))
+    p = torch.rand(4000, generator=torch.Generator().manual_seed(0)) ** 4
+    for q in (10, 23, 37, 74, 110):
+        ref_codes = torch.round(-torch.log2(p) * 37 / q)
+        ref = 2 ** (-ref_codes * q / 37)
+        ours = ops.fake_quant_softmax(p, 1.0, 4, "adalog", 37 / q)
+        inside = ref_codes < 2**4 - 1
+        torch.testing.assert_close(ours[inside], ref[inside], rtol=1e-5, atol=0)
+        assert (ours[~inside] == 0).all()
+
+
+def test_a_search_at_its_grid_edge_warns():
+    from vitcompress.transforms.quantize.calib import _searched
+
+    with pytest.warns(UserWarning, match="edge of its grid"):
+        assert _searched("blocks.0.attn", (1.0, 2.0, 3.0), torch.tensor([0.1, 0.5, 0.9]), "adalog") == 1.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _searched("blocks.0.attn", (1.0, 2.0, 3.0), torch.tensor([0.5, 0.1, 0.9]), "adalog") == 2.0

@@ -6,6 +6,7 @@ transforms of the stack active, and reads tensors through hooks; nothing is quan
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -156,13 +157,22 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
             else:
                 out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))
     for name, err in gelu_errors.items():  # twin: R2's top as a share of the maximum; adalog: its base
-        best = ops.post_gelu_candidates(str(cfg.post_gelu))[int(err.argmin())]
+        best = _searched(name, ops.post_gelu_candidates(str(cfg.post_gelu)), err, str(cfg.post_gelu))
         out.setdefault(name, {})["gelu_param"] = (best, best)
         out[name][""] = gelu_range[name]  # the raw extremes: the grids are set from the maximum itself
     for name, err in errors.items():  # the searched softmax parameter travels as a degenerate range
-        best = ops.SOFTMAX_SEARCH[search][int(err.argmin())]  # type: ignore[index]
+        best = _searched(name, ops.SOFTMAX_SEARCH[search], err, str(search))  # type: ignore[index]
         out.setdefault(name, {})["p_param"] = (best, best)
     return out, hessians
+
+
+def _searched(name: str, grid: tuple[float, ...], err: torch.Tensor, kind: str) -> float:
+    """The grid value with the least error; a warning when it is the grid's edge (the optimum may lie beyond)."""
+    i = int(err.argmin())
+    if i in (0, len(grid) - 1):
+        warnings.warn(f"{name}: the {kind} search chose the edge of its grid ({grid[i]:.4g} of "
+                      f"{min(grid):.4g}..{max(grid):.4g}); the best value may lie outside it", stacklevel=3)
+    return grid[i]
 
 
 def layer_hessian(model: nn.Module, layer: nn.Module, calib: Iterable[Any], calib_size: int) -> torch.Tensor:

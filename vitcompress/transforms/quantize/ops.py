@@ -143,8 +143,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     return out, torch.stack(scales, 1)[..., None] if group_size else scales[0][:, None]
 
 
+ADALOG_R = 37  # AdaLog's reference: base 2^(q / 37), q an integer searched over 10 .. 110
 SOFTMAX_SEARCH = {"twin": tuple(float(m) for m in range(11)),  # PTQ4ViT: Delta_R1 = Delta_R2 / 2^m
-                  "adalog": (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)}  # AdaLog: codes per octave, base 2^(1/r)
+                  # AdaLog: codes per octave r = 37 / q, i.e. base 2^(q / 37), the reference's grid of q
+                  "adalog": tuple(ADALOG_R / q for q in range(10, 111))}
 
 
 def softmax_codes(p: torch.Tensor, scale: torch.Tensor | float, bits: int, kind: str,
