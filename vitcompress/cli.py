@@ -21,19 +21,16 @@ from . import (
 from .artifact import check_writable
 from .bench import BenchConfig
 from .cli_common import (
-    CalibDataOpt,
-    CalibSizeOpt,
     ModelArg,
     OutOpt,
-    _calibration,
     _CliError,
     _given,
-    _ints,
     _model,
     _needs_calibration,
     _runtime_model,
-    _split,
     app,
+    compress_command,
+    config_options,
     model_options,
 )
 from .cli_output import print_eval, print_fronts, print_records, print_table
@@ -42,7 +39,7 @@ from .errors import ConfigError, UserError
 from .evaluate import evaluate_spec
 from .export import ExportConfig, export_model
 from .io import atomic_write_json
-from .pipeline import compress_to, create_model
+from .pipeline import Calibration, compress_to, create_model
 from .recipes import recipe_path
 from .report import write_report
 from .robustness import AttackConfig
@@ -75,53 +72,33 @@ def train(
 
 @app.command("eval")
 @model_options
+@config_options("eval", BenchConfig, AttackConfig)
 def eval_(
     model: str = ModelArg,
     data: str = typer.Option(..., "--data", help="digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a directory."),
-    split: str | None = typer.Option(None, "--split", help="Dataset split."),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate this many images (evenly spaced)."),
-    reference: str | None = typer.Option(
-        None, "--reference", help="Model for agreement/kl; 'none' to skip. Default: the model's uncompressed base."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of the accuracy pass."),
-    bench_batch_sizes: str | None = typer.Option(
-        None, "--bench-batch-sizes", help="Latency batch sizes, e.g. 1,16,64."),
-    dtype: str | None = typer.Option(None, "--dtype", help="auto, bf16, fp16 or fp32 (autocast)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
-    compile_: bool | None = typer.Option(
-        None, "--compile", help="Time the compiled deploy path (fullgraph, frozen weights, CUDA graphs on a GPU)."),
-    compile_mode: str | None = typer.Option(None, "--compile-mode", help="default or max-autotune."),
-    repeat: int | None = typer.Option(None, "--repeat", help="Timed repetitions per batch size."),
-    no_speed: bool | None = typer.Option(None, "--no-speed", help="Skip latency and memory."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
-    no_verify: bool | None = typer.Option(
-        None, "--no-verify", help="Run MODEL without checking its weights against their recorded SHA-256."),
-    workers: int | None = typer.Option(None, "--workers", help="Data-loading worker processes."),
-    runtime: str | None = typer.Option(
-        None, "--runtime", help="Exported files: onnxruntime or openvino (.onnx), torch (.pt2)."),
-    runtime_opts: list[str] | None = typer.Option(
-        None, "--runtime-opts", help="KEY=VALUE (repeatable): an ORT SessionOptions field or an OpenVINO property."),
-    attack: str | None = typer.Option(None, "--attack", help="Also measure robust top-1: fgsm or pgd."),
-    eps: str | None = typer.Option(None, "--eps", help="Attack radius in pixels, e.g. 2/255."),
-    steps: int | None = typer.Option(None, "--steps", help="PGD steps."),
-    attack_source: str | None = typer.Option(None, "--attack-source", help="self (white-box) or base (transfer)."),
+    opts: dict[str, Any] | None = None,
     model_opts: dict[str, Any] | None = None,
 ) -> None:
     """Accuracy, agreement with a reference, latency, memory, size and GFLOPs of MODEL on --data.
 
     MODEL may be an exported .onnx/.pt2 file: its agreement is then measured against the artifact it came from."""
-    bench = BenchConfig(**_given(dtype=dtype, device=device, compile=compile_, compile_mode=compile_mode, repeat=repeat,
-                                 batch_sizes=_ints(bench_batch_sizes, "--bench-batch-sizes")))
-    m = _runtime_model(model, runtime, runtime_opts, verify=not no_verify) or \
-        _model(model, **(model_opts or {}), verify=not no_verify)
+    o = opts or {}
+    bench = BenchConfig(**{k: o[k] for k in ("dtype", "device", "compile", "compile_mode", "repeat", "batch_sizes")
+                           if k in o})
+    verify = not o.get("no_verify")
+    m = _runtime_model(model, o.get("runtime"), o.get("runtime_opts"), verify=verify) or \
+        _model(model, **(model_opts or {}), verify=verify)
+    reference = o.get("reference")
     ref: Any = "auto" if reference is None else None if reference.lower() == "none" else create_model(reference)
-    attack_fields = _given(eps=eps, steps=steps, source=attack_source)
-    if attack_fields and attack is None:
+    attack_fields = {k: o[k] for k in ("eps", "steps", "source") if k in o}
+    if attack_fields and "method" not in o:
         raise ConfigError("--eps / --steps / --attack-source need --attack fgsm|pgd")
-    atk = None if attack is None else AttackConfig(method=attack, **attack_fields)
+    atk = AttackConfig(method=o["method"], **attack_fields) if "method" in o else None
+    split, limit, json_out = o.get("split"), o.get("limit"), o.get("json")
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
-        result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench, speed=not no_speed,
-                               progress=sys.stderr.isatty() and distributed.is_main(),
-                               attack=atk, **_given(batch_size=batch_size, workers=workers))
+        result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench,
+                               speed=not o.get("no_speed"), progress=sys.stderr.isatty() and distributed.is_main(),
+                               attack=atk, **{k: o[k] for k in ("batch_size", "workers") if k in o})
         if not distributed.is_main():
             return
     if json_out is not None:
@@ -129,111 +106,46 @@ def eval_(
     print_eval(result)
 
 
-@app.command()
-@model_options
-def prune(
-    model: str = ModelArg,
-    out: Path = OutOpt,
-    heads: float | None = typer.Option(None, "--heads", help="Fraction of attention heads removed."),
-    mlp: float | None = typer.Option(None, "--mlp", help="Fraction of MLP hidden channels removed."),
-    sparsity: float | None = typer.Option(None, "--sparsity", help="Block sparsity: the fraction of blocks removed."),
-    block_size: int | None = typer.Option(None, "--block-size", help="Block edge B (BxB tiles)."),
-    criterion: str | None = typer.Option(None, "--criterion", help="magnitude, taylor or hessian."),
-    scope: str | None = typer.Option(None, "--scope", help="Heads/MLP ranking: global or per_layer."),
-    calib_data: str | None = CalibDataOpt,
-    calib_size: int | None = CalibSizeOpt,
-    epochs: int | None = typer.Option(None, "--epochs", help="Recovery: fine-tuning epochs after pruning."),
-    data: str | None = typer.Option(None, "--data", help="Recovery: fine-tuning data (its train split)."),
-    distill: str | None = typer.Option(None, "--distill", help="Recovery loss: soft (KL), hard (DeiT) or none."),
-    attn_only: bool | None = typer.Option(None, "--attn-only", help="Recovery: fine-tune only the attention."),
-    lr: float | None = typer.Option(None, "--lr", help="Recovery: learning rate."),
-    device: str | None = typer.Option(None, "--device", help="Recovery: auto, cpu or cuda[:N]."),
-    model_opts: dict[str, Any] | None = None,
-) -> None:
+@compress_command("prune", PruneConfig, BlockSparseConfig, RecoveryConfig, calibrated=True)
+def prune(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None, model_opts: dict[str, Any]) -> None:
     """Structured (heads, MLP width) and block-structured pruning, with optional distillation recovery."""
-    common = _given(criterion=criterion, calib_size=calib_size)
-    stack: list[Any] = [PruneConfig(**_given(heads=heads, mlp=mlp, scope=scope), **common)] \
-        if heads is not None or mlp is not None else []
-    if block_size is not None and sparsity is None:
+
+    def pick(*names: str) -> dict[str, Any]:
+        return {k: opts[k] for k in names if k in opts}
+
+    common = pick("criterion", "calib_size")
+    stack: list[Any] = [PruneConfig(**pick("heads", "mlp", "scope"), **common)] if pick("heads", "mlp") else []
+    if "block_size" in opts and "sparsity" not in opts:
         raise ConfigError("--block-size needs --sparsity (the fraction of blocks removed)")
-    stack += [BlockSparseConfig(**_given(sparsity=sparsity, block_size=block_size), **common)] \
-        if sparsity is not None else []
+    stack += [BlockSparseConfig(**pick("sparsity", "block_size"), **common)] if "sparsity" in opts else []
     if not stack:
         raise ConfigError("give --heads, --mlp and/or --sparsity")
-    recovery = _given(epochs=epochs, data=data, distill=distill, attn_only=attn_only, lr=lr, device=device)
+    recovery = pick("epochs", "data", "distill", "attn_only", "lr", "device")
     stack += [RecoveryConfig(**recovery)] if recovery else []
-    _needs_calibration(stack, calib := _calibration(calib_data, calib_size))
-    m = _model(model, **(model_opts or {}))
-    print_records("prune", out, compress_to(out, m, stack, calib=calib))
+    _needs_calibration(stack, calib)
+    print_records("prune", out, compress_to(out, _model(model, **model_opts), stack, calib=calib))
 
 
-@app.command()
-@model_options
-def quantize(
-    model: str = ModelArg,
-    out: Path = OutOpt,
-    w_bits: str | None = typer.Option(None, "--w-bits", help="Weight bits 2..8, or none."),
-    a_bits: str | None = typer.Option(None, "--a-bits", help="Activation bits 2..8, or none."),
-    mode: str | None = typer.Option(None, "--mode", help="simulate (any width) or deploy (runs low precision)."),
-    observer: str | None = typer.Option(None, "--observer", help="Activation ranges: minmax, percentile or mse."),
-    rounding: str | None = typer.Option(None, "--rounding", help="Weight rounding: rtn, gptq or brecq."),
-    recon_iters: int | None = typer.Option(None, "--recon-iters", help="brecq: optimisation steps per block."),
-    act_order: bool | None = typer.Option(
-        None, "--act-order/--no-act-order", help="gptq: quantize columns in decreasing Hessian diagonal."),
-    gptq_sequential: bool | None = typer.Option(
-        None, "--gptq-sequential/--gptq-one-pass",
-        help="gptq: each layer's Hessian from the already quantized model (sequential) or the float one."),
-    gptq_damp: float | None = typer.Option(None, "--gptq-damp", help="gptq: Hessian damping, a fraction of its "
-                                                                      "mean diagonal."),
-    reparam: str | None = typer.Option(None, "--reparam", help="Reparameterization: none or repq (RepQ-ViT)."),
-    w_granularity: str | None = typer.Option(None, "--w-granularity", help="per_channel or per_group."),
-    group_size: int | None = typer.Option(None, "--group-size", help="Input channels per weight group."),
-    a_granularity: str | None = typer.Option(None, "--a-granularity", help="per_tensor (static) or per_token."),
-    layers: str | None = typer.Option(None, "--layers", help="Comma-separated names/aliases/globs/re:REGEX."),
-    exclude: str | None = typer.Option(None, "--exclude", help="Comma-separated patterns to leave alone."),
-    backend: str | None = typer.Option(None, "--backend", help="Deploy: auto, torch, triton (int8 GEMM) or bnb."),
-    softmax: str | None = typer.Option(None, "--softmax", help="uniform, log2, logsqrt2, adalog or twin."),
-    post_gelu: str | None = typer.Option(None, "--post-gelu", help="fc2 input: uniform, twin (PTQ4ViT) or adalog."),
-    search_metric: str | None = typer.Option(
-        None, "--search-metric", help="adalog / twin search objective: mse or hessian (PTQ4ViT)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="int, or fp8_e4m3 (W8A8 in float8)."),
-    dense_fallback: str | None = typer.Option(
-        None, "--dense-fallback", help="Deploy W8A8 for this GPU (e.g. sm90): layers its GEMM table measured "
-                                       "faster in bf16 stay bf16."),
-    dense_fallback_rows: int | None = typer.Option(
-        None, "--dense-fallback-rows", help="Rows (batch x tokens) that --dense-fallback compares at."),
-    mean_bits: float | None = typer.Option(
-        None, "--mean-bits", help="Mixed precision: a width per layer at this parameter-weighted mean."),
-    candidates: str | None = typer.Option(None, "--candidates", help="Mixed precision: the widths, e.g. 4,6,8."),
-    keep: str | None = typer.Option(None, "--keep", help="Mixed precision: layers held at the widest candidate."),
-    solver: str | None = typer.Option(None, "--solver", help="Mixed precision: exact (dynamic programming) or "
-                                                             "greedy."),
-    sensitivity: str | None = typer.Option(
-        None, "--sensitivity", help="Mixed precision: kl (each layer alone) or hessian (HAWQ-v2 trace)."),
-    calib_data: str | None = CalibDataOpt,
-    calib_size: int | None = CalibSizeOpt,
-    model_opts: dict[str, Any] | None = None,
-) -> None:
+MIXED_FIELDS = ("mean_bits", "candidates", "keep", "solver", "sensitivity")
+
+
+@compress_command("quantize", QuantConfig, MixedPrecisionConfig, calibrated=True)
+def quantize(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None,
+             model_opts: dict[str, Any]) -> None:
     """Post-training quantization: simulated W2-8/A2-8, or deployed (int8/fp8 W8A8, weight-only int8/int4, bnb);
     with --mean-bits, mixed precision (a simulated width per layer from calibration sensitivities)."""
-    fields = _given(observer=observer, rounding=rounding, recon_iters=recon_iters, act_order=act_order,
-                    gptq_sequential=gptq_sequential, gptq_damp=gptq_damp, reparam=reparam,
-                    w_granularity=w_granularity, group_size=group_size, a_granularity=a_granularity,
-                    layers=_split(layers), exclude=_split(exclude), backend=backend, softmax=softmax,
-                    post_gelu=post_gelu, search_metric=search_metric, dtype=dtype, dense_fallback=dense_fallback,
-                    dense_fallback_rows=dense_fallback_rows)
-    mixed = _given(mean_bits=mean_bits, candidates=_ints(candidates, "--candidates"), keep=_split(keep),
-                   solver=solver, sensitivity=sensitivity)
-    if mixed and _given(w_bits=w_bits, a_bits=a_bits, mode=mode):
+    mixed = {k: v for k, v in opts.items() if k in MIXED_FIELDS}
+    widths = {k: v for k, v in opts.items() if k in ("w_bits", "a_bits", "mode")}
+    own = {k: v for k, v in opts.items() if k == "calib_size"}  # the mixed step's own, or the quantize step's
+    fields = {k: v for k, v in opts.items() if k not in {*MIXED_FIELDS, *widths, *own}}
+    if mixed and widths:
         raise ConfigError("--mean-bits chooses each layer's width (simulated): drop --w-bits / --a-bits / --mode")
     if mixed and "mean_bits" not in mixed:
         raise ConfigError("--candidates / --keep / --solver / --sensitivity are mixed-precision options: give "
                           "--mean-bits")
-    cfg = MixedPrecisionConfig(**mixed, quant=fields, **_given(calib_size=calib_size)) if mixed else \
-        QuantConfig(**_given(w_bits=w_bits, a_bits=a_bits, mode=mode, calib_size=calib_size), **fields)
-    _needs_calibration([cfg], calib := _calibration(calib_data, calib_size))
-    m = _model(model, **(model_opts or {}))
-    print_records("quantize", out, compress_to(out, m, [cfg], calib=calib))
+    cfg = MixedPrecisionConfig(**mixed, quant=fields, **own) if mixed else QuantConfig(**widths, **own, **fields)
+    _needs_calibration([cfg], calib)
+    print_records("quantize", out, compress_to(out, _model(model, **model_opts), [cfg], calib=calib))
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -91,8 +92,104 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+# The commands that map flags onto config fields declare them as data: cli_options.yaml (COMMAND -> FIELD -> help)
+OPTION_HELP: dict[str, dict[str, Any]] = yaml.safe_load((Path(__file__).parent / "cli_options.yaml").read_text())
+
+
+def _cli_type(hint: Any) -> tuple[type, Callable[[str, str], Any] | None]:
+    """The Typer type of a config field's annotation, and how its text becomes the field's value (lists: commas)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        hint, args = args[0], list(typing.get_args(args[0]))
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return str, (lambda text, flag: _ints(text, flag)) if args and args[0] is int else \
+            (lambda text, flag: _split(text))
+    if hint in (bool, int, float):
+        return hint, None
+    return str, None  # str and the str-Enums: the config parses them
+
+
+DECLARED: dict[str, tuple[Any, Any]] = {"str": (str, None), "int": (int, None), "bool": (bool, None),
+                                        "path": (Path, None), "strs": (list[str], None)}
+
+
+def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a Typer command one option per field that cli_options.yaml lists for ``command``: the flag is the
+    field's name, the help the file's, the type the field's (from the first of ``configs`` that has it). The
+    command takes the given ones as ``opts: dict`` (field -> value, comma lists parsed)."""
+    hints: dict[str, Any] = {}
+    for cls in reversed(configs):
+        hints.update(typing.get_type_hints(cls))
+    params, parsers = [], {}
+    for field, entry in OPTION_HELP[command].items():
+        entry = entry if isinstance(entry, dict) else {"help": entry}
+        typ, parse = DECLARED[entry["type"]] if "type" in entry else _cli_type(hints[field])
+        dash = field.replace("_", "-")
+        flag = entry.get("flags") or (f"--{dash}/--no-{dash}" if typ is bool else f"--{dash}")
+        params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, annotation=typ | None,
+                                        default=typer.Option(None, flag, help=entry["help"])))
+        if parse is not None:
+            parsers[field] = (parse, flag.split("/")[0])
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def cmd(*args: Any, **kwargs: Any) -> Any:
+            given = {p.name: kwargs.pop(p.name, None) for p in params}
+            opts = {k: (parsers[k][0](v, parsers[k][1]) if k in parsers else v) for k, v in given.items()
+                    if v is not None}
+            return fn(*args, opts=opts, **kwargs)
+
+        cmd.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[p for p in sig.parameters.values() if p.name != "opts"] + params)
+        cmd.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != "opts"},
+                               **{p.name: p.annotation for p in params}}
+        return cmd
+
+    return deco
+
+
 CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
 CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.")
+
+
+def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command --calib-data and --calib-size; it takes ``calib`` (a :class:`Calibration` or None), and a given
+    --calib-size joins ``opts`` (the configs' own ``calib_size`` field)."""
+    sig = inspect.signature(fn)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("calib_data", kw, default=CalibDataOpt, annotation=str | None),
+             inspect.Parameter("calib_size", kw, default=CalibSizeOpt, annotation=int | None)]
+
+    @functools.wraps(fn)
+    def cmd(*args: Any, calib_data: str | None = None, calib_size: int | None = None, **kwargs: Any) -> Any:
+        kwargs["opts"] = {**(kwargs.get("opts") or {}), **_given(calib_size=calib_size)}
+        return fn(*args, calib=_calibration(calib_data, calib_size), **kwargs)
+
+    own = [p for p in sig.parameters.values() if p.name != "calib"]
+    cmd.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    cmd.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != "calib"},
+                           **{p.name: p.annotation for p in extra}}
+    return cmd
+
+
+def compress_command(name: str, *configs: type, calibrated: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """Register a compression command ``fn(model, out, opts, [calib,] model_opts)``: MODEL, --out, one option per
+    config field that cli_options.yaml lists for ``name``, the calibration options when ``calibrated``, and the
+    model options, each declared once."""
+    def deco(fn: Callable[..., Any]) -> Any:
+        sig = inspect.signature(fn)
+        defaults = {"model": ModelArg, "out": OutOpt}
+        fn.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+            p.replace(default=defaults[p.name]) if p.name in defaults else
+            p.replace(default=None) if p.name in ("opts", "calib", "model_opts") else p
+            for p in sig.parameters.values()])
+        wrapped = config_options(name, *configs)(calib_options(fn) if calibrated else fn)
+        return app.command(name)(model_options(wrapped))
+
+    return deco
 
 
 def _calibration(calib_data: str | None, calib_size: int | None) -> Calibration | None:
@@ -129,4 +226,5 @@ def _key_values(items: list[str] | None, flag: str, what: str = "") -> dict[str,
 
 __all__ = ["CalibDataOpt", "CalibSizeOpt", "CheckpointOpt", "ImgSizeOpt", "ModelArg", "ModelArgOpt", "NumClassesOpt",
            "OutOpt", "PatchSizeOpt", "PretrainedOpt", "_CliError", "_calibration", "_given", "_ints", "_key_values",
-           "_model", "_needs_calibration", "_runtime_model", "_split", "app", "model_options"]
+           "_model", "_needs_calibration", "_runtime_model", "_split", "app", "calib_options", "compress_command",
+           "config_options", "model_options"]
