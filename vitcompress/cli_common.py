@@ -74,22 +74,30 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a Typer command the model options (:data:`MODEL_OPTIONS`, after its own parameters); the command
-    takes them as ``model_opts: dict`` (pass it on: ``_model(model, **model_opts)``)."""
+def _with_options(fn: Callable[..., Any], takes: str, extra: list[inspect.Parameter],
+                  pack: Callable[[dict[str, Any], dict[str, Any]], None]) -> Callable[..., Any]:
+    """``fn`` as a Typer command with the keyword options ``extra`` after its own parameters, in place of its
+    parameter ``takes``: at call time ``pack(given, kwargs)`` turns the options' values into what ``fn`` takes."""
     sig = inspect.signature(fn)
-    own = [p for p in sig.parameters.values() if p.name != "model_opts"]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
-             for name, (ann, opt) in MODEL_OPTIONS.items()]
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, model_opts={k: kwargs.pop(k, None) for k in MODEL_OPTIONS}, **kwargs)
+        pack({p.name: kwargs.pop(p.name, None) for p in extra}, kwargs)
+        return fn(*args, **kwargs)
 
-    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-    hints = {k: v for k, v in typing.get_type_hints(fn).items() if k != "model_opts"}
-    command.__annotations__ = {**hints, **{name: ann for name, (ann, _) in MODEL_OPTIONS.items()}}
+    command.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name != takes] + extra)
+    command.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != takes},
+                               **{p.name: p.annotation for p in extra}}
     return command
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a Typer command the model options (:data:`MODEL_OPTIONS`, after its own parameters); the command
+    takes them as ``model_opts: dict`` (pass it on: ``_model(model, **model_opts)``)."""
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, (ann, opt) in MODEL_OPTIONS.items()]
+    return _with_options(fn, "model_opts", extra, lambda given, kwargs: kwargs.update(model_opts=given))
 
 
 # The commands that map flags onto config fields declare them as data: cli_options.yaml (COMMAND -> FIELD -> help)
@@ -132,23 +140,11 @@ def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]
         if parse is not None:
             parsers[field] = (parse, flag.split("/")[0])
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(fn)
+    def pack(given: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        kwargs["opts"] = {k: (parsers[k][0](v, parsers[k][1]) if k in parsers else v) for k, v in given.items()
+                          if v is not None}
 
-        @functools.wraps(fn)
-        def cmd(*args: Any, **kwargs: Any) -> Any:
-            given = {p.name: kwargs.pop(p.name, None) for p in params}
-            opts = {k: (parsers[k][0](v, parsers[k][1]) if k in parsers else v) for k, v in given.items()
-                    if v is not None}
-            return fn(*args, opts=opts, **kwargs)
-
-        cmd.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[p for p in sig.parameters.values() if p.name != "opts"] + params)
-        cmd.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != "opts"},
-                               **{p.name: p.annotation for p in params}}
-        return cmd
-
-    return deco
+    return lambda fn: _with_options(fn, "opts", params, pack)
 
 
 CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
@@ -158,21 +154,15 @@ CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.
 def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Give a command --calib-data and --calib-size; it takes ``calib`` (a :class:`Calibration` or None), and a given
     --calib-size joins ``opts`` (the configs' own ``calib_size`` field)."""
-    sig = inspect.signature(fn)
     kw = inspect.Parameter.KEYWORD_ONLY
     extra = [inspect.Parameter("calib_data", kw, default=CalibDataOpt, annotation=str | None),
              inspect.Parameter("calib_size", kw, default=CalibSizeOpt, annotation=int | None)]
 
-    @functools.wraps(fn)
-    def cmd(*args: Any, calib_data: str | None = None, calib_size: int | None = None, **kwargs: Any) -> Any:
-        kwargs["opts"] = {**(kwargs.get("opts") or {}), **_given(calib_size=calib_size)}
-        return fn(*args, calib=_calibration(calib_data, calib_size), **kwargs)
+    def pack(given: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        kwargs["opts"] = {**(kwargs.get("opts") or {}), **_given(calib_size=given["calib_size"])}
+        kwargs["calib"] = _calibration(given["calib_data"], given["calib_size"])
 
-    own = [p for p in sig.parameters.values() if p.name != "calib"]
-    cmd.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-    cmd.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != "calib"},
-                           **{p.name: p.annotation for p in extra}}
-    return cmd
+    return _with_options(fn, "calib", extra, pack)
 
 
 def compress_command(name: str, *configs: type, calibrated: bool = False) -> Callable[[Callable[..., Any]], Any]:

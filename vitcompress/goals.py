@@ -57,7 +57,8 @@ def _target(g: dict[str, Any]) -> tuple[str, float]:
     raise ConfigError(f"goal '{g.get('name')}': target must be like '<= 1.0' or '> 0', got '{text}'")
 
 
-def _metric(p: dict[str, Any], metric: str) -> float | None:
+def metric_of(p: dict[str, Any], metric: str) -> float | None:
+    """A point record's ``DATA:top1`` or ``DATA:agreement`` (None if it was not measured)."""
     spec, _, key = metric.rpartition(":")
     return (p.get("accuracy") or {}).get(spec, {}).get(key)
 
@@ -71,14 +72,14 @@ def _select(sel: str | dict[str, Any], pts: dict[str, dict[str, Any]], base: dic
              and (not sel.get("names") or n in sel["names"]) and n not in (sel.get("skip") or [])
              and not any(x in n for x in sel.get("exclude") or [])
              and (sel.get("max_gflops") is None or p["gflops"] / bg <= sel["max_gflops"])
-             and _metric(p, metric) is not None]
+             and metric_of(p, metric) is not None]
     if sel.get("nearest_gflops"):
         ref = pts.get(sel["nearest_gflops"])
         if ref is None or not cands:
             return None
         near = min(cands, key=lambda p: abs(p["gflops"] - ref["gflops"]))
         return near if abs(near["gflops"] - ref["gflops"]) / bg <= sel.get("within", 0.05) else None
-    return max(cands, key=lambda p: _metric(p, metric), default=None)
+    return max(cands, key=lambda p: metric_of(p, metric), default=None)
 
 
 def judge(goals: list[dict[str, Any]], points: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
@@ -92,8 +93,8 @@ def judge(goals: list[dict[str, Any]], points: list[dict[str, Any]], accuracy: s
         v = None if base is None or "versus" not in g else _select(g["versus"], pts, base, metric)
         measured, detail = None, ""
         if p is not None and (v is not None or value != "gain"):
-            mine = _metric(p, metric)
-            other = _metric(base, metric) if value == "loss" else _metric(v, metric) if value == "gain" else None
+            mine = metric_of(p, metric)
+            other = metric_of(base, metric) if value == "loss" else metric_of(v, metric) if value == "gain" else None
             if mine is not None and (value == "metric" or other is not None):
                 measured = other - mine if value == "loss" else mine - other if value == "gain" else mine
                 detail = p["name"] + (f" ({p['gflops'] / base['gflops']:.2f}x GFLOPs)" if isinstance(g["point"], dict)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .goals import judge
+from .goals import judge, metric_of
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .transforms import config_from_dict
 
@@ -101,10 +101,9 @@ def load_points(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _metric(p: dict[str, Any], accuracy: str) -> float | None:
-    spec, _, key = accuracy.rpartition(":")
-    v = p.get("accuracy", {}).get(spec, {}).get(key)
-    if v is None and key == "top1":  # no labels: fall back to agreement
-        v = p.get("accuracy", {}).get(spec, {}).get("agreement")
+    v = metric_of(p, accuracy)
+    if v is None and accuracy.endswith(":top1"):  # no labels: fall back to agreement
+        v = metric_of(p, accuracy[: -len("top1")] + "agreement")
     return v
 
 
@@ -214,8 +213,8 @@ def _report_fields(p: dict[str, Any]) -> dict[str, Any]:
 
 def _bits_front(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The points whose family reports a weight width (``w_bits``), with the accuracy-vs-bits front marked."""
-    have = [(r, _report_fields(p)["w_bits"]) for r, p in zip(rows, ok) if _report_fields(p).get("w_bits")
-            and r["accuracy"] is not None]
+    bits = [_report_fields(p).get("w_bits") for p in ok]
+    have = [(r, b) for r, b in zip(rows, bits) if b and r["accuracy"] is not None]
     front = {i for i in pareto_front([b for _, b in have], [r["accuracy"] for r, _ in have])}
     return [{"name": r["name"], "w_bits": b, "accuracy": r["accuracy"], "front": i in front,
              **{k: v for k, v in r.items() if k.endswith(("_top1", "_agreement"))}} for i, (r, b) in enumerate(have)]

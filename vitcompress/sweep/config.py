@@ -147,6 +147,10 @@ class Point:
     export: dict[str, Any] | None = None
     peer: Peer | None = None
 
+    def runs_in(self, cfg: SweepConfig) -> SweepRuntime:
+        """Where the point runs: its own runtime, else the sweep's."""
+        return self.runtime or cfg.runtime
+
     @property
     def configs(self) -> list[Config]:
         return [config_from_dict(s) for s in self.stack]
@@ -191,11 +195,7 @@ class Point:
 def dense_point(spec: str) -> Point:
     """``torch:bf16``, ``torch-compile``, ``onnxruntime``, ... -> the dense model as a point in that runtime."""
     runtime, _, dtype = spec.partition(":")
-    rt = parse_enum(SweepRuntime, runtime, "dense runtime")
-    dt = parse_enum(Dtype, dtype, "dense dtype") if dtype else None
-    if dt is not None and rt.exported is not None:
-        raise ConfigError(f"dense '{spec}': an exported model runs in float32; a dtype is for torch runtimes")
-    return Point(f"dense ({spec})", [], runtime=rt, dtype=dt)
+    return _point(f"dense ({spec})", {"stack": [], "runtime": runtime, "dtype": dtype or None})
 
 
 def load_sweep(path_or_dict: str | Path | dict[str, Any], variables: dict[str, str] | None = None) -> SweepConfig:
@@ -275,7 +275,7 @@ def _point(name: str, p: dict[str, Any]) -> Point:
     if pt.export is not None and not (pt.runtime and pt.runtime.exported):
         raise ConfigError(f"point '{name}': export settings need runtime onnxruntime or openvino")
     if pt.dtype is not None and pt.runtime is not None and pt.runtime.exported is not None:
-        raise ConfigError(f"point '{name}': an exported model runs in float32; dtype is for torch runtimes")
+        raise ConfigError(f"point '{name}': an exported model runs in float32; a dtype is for torch runtimes")
     return pt
 
 
@@ -288,6 +288,6 @@ def point_id(point: Point, cfg: SweepConfig, base_key: str) -> str:
         key["attack"] = [[a.to_dict() for a in cfg.attacks()], cfg.attack_limit]
     if not cfg.speed:
         key["speed"] = False
-    if cfg.runtime != SweepRuntime.TORCH and point.runtime is None:
+    if point.runtime is None and point.runs_in(cfg) != SweepRuntime.TORCH:
         key["runtime"] = str(cfg.runtime)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

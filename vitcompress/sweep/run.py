@@ -65,7 +65,7 @@ def build_point(model: nn.Module, stack: list[dict[str, Any]], cfg: SweepConfig,
 def deploy(model: nn.Module, point: Point, cfg: SweepConfig, workdir: Path) -> nn.Module:
     """``model`` (the point's stack applied) as it runs in the point's runtime: itself for torch, else its ONNX
     export (or the peer tool's model) loaded in ONNX Runtime or OpenVINO from ``workdir``."""
-    runtime = point.runtime or cfg.runtime
+    runtime = point.runs_in(cfg)
     if point.peer is not None:
         calib = [x.numpy() for x, _, _ in calibration_batches(model, Calibration(cfg.calib_data, cfg.calib_size))]
         return peer_model(point.peer, model, calib, workdir, runtime.exported)
@@ -79,7 +79,7 @@ def deploy(model: nn.Module, point: Point, cfg: SweepConfig, workdir: Path) -> n
 def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
     """The timing and accuracy settings of ``point``: an exported model runs float32 on the CPU; torch-compile
     compiles; a point's dtype replaces the sweep's."""
-    bench, runtime = cfg.bench_config(), point.runtime or cfg.runtime
+    bench, runtime = cfg.bench_config(), point.runs_in(cfg)
     if runtime.exported is not None:
         return dataclasses.replace(bench, device="cpu", dtype=Dtype.FP32, compile=False)
     return dataclasses.replace(bench, compile=runtime == SweepRuntime.TORCH_COMPILE,
@@ -115,13 +115,14 @@ class _Context:
         built = build_point(self.base, point.stack, cfg)
         (tmp / "eval").mkdir()
         model = deploy(built, point, cfg, tmp / "eval")
-        out: dict[str, Any] = {"runtime": str(point.runtime or cfg.runtime), "accuracy": {}}
+        out: dict[str, Any] = {"runtime": str(point.runs_in(cfg)), "accuracy": {}}
         tokens = {}
         for spec, data in self.data.items():
             d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
             logits, labels, _, tokens[spec] = predict_traced(model, d, cfg=bench)
             out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
-            out["accuracy_dtype"] = str(accuracy_dtype(model, d, 64, bench))  # what the accuracy pass ran in
+        if self.data:  # what the accuracy passes ran in (auto resolves per model and batch shape)
+            out["accuracy_dtype"] = str(accuracy_dtype(model, d, 64, bench))
         if self.attack_data is not None:
             out["robustness"] = self.robustness(model)
         fast = model
