@@ -108,7 +108,7 @@ def test_7bit_weights_for_cpus_without_vnni(tiny_model, tmp_path):
     without VNNI: pair sums of 2 x 255 x 63 stay inside int16); ONNX Runtime runs that file as the torch reference of
     the same codes does."""
     from vitcompress.export.onnx import exportable
-    from vitcompress.transforms.quantize.qdq import halve_codes
+    from vitcompress.transforms.quantize.qdq import halve_codes, unpack_bits
 
     model = apply_stack(tiny_model, STACKS["int8"], calib=CALIB)
     cfg = ExportConfig(qdq_activations="uint8", qdq_weight_bits=7)
@@ -118,7 +118,7 @@ def test_7bit_weights_for_cpus_without_vnni(tiny_model, tmp_path):
              if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert len(codes) == 4 * len(model.blocks) and all(c.min() >= -63 and c.max() <= 63 for c in codes)
     qkv = model.blocks[0].attn.qkv
-    want, _ = halve_codes(qkv.w_int8, qkv.w_scale)
+    want, _ = halve_codes(qkv.w_int8, qkv.w_scale, unpack_bits(qkv.w_half, qkv.in_features))
     assert any(c.shape == tuple(want.t().shape) and (c == want.t().numpy()).all() or
                c.shape == tuple(want.shape) and (c == want.numpy()).all() for c in codes)
     x = _batch(model, 5)

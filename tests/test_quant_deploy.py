@@ -18,6 +18,7 @@ from vitcompress.models import data_config
 from vitcompress.transforms import QuantConfig
 from vitcompress.transforms.quantize import int8_linear, ops
 from vitcompress.transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
+from vitcompress.transforms.quantize.qdq import halve_codes, unpack_bits
 
 
 def _x(n=4, seed=0):
@@ -170,6 +171,7 @@ def test_cpu_int8_runs_onednn_and_matches_int_mm(per_token):
     ref = mod(x) if int8_linear.ONEDNN_EXACT else _codes_ref(mod, x, 127, halved=True)  # no VNNI: 7-bit weights
     mod.backend = "auto"
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    mod.w_half.copy_(~mod.w_half)  # the negated weights round their odd codes the other way
     mod.w_int8.copy_(-mod.w_int8)
     assert torch.allclose(mod(x) - mod.bias, -(out - mod.bias), atol=1e-5)
     copy.deepcopy(mod)  # the prepacked weight lives outside the module
@@ -196,8 +198,9 @@ def _codes_ref(mod: nn.Module, x: torch.Tensor, qmax: int, halved: bool = False)
     s = x2.abs().amax(1, keepdim=True) / qmax if mod.per_token else mod.a_scale.double() * 127 / qmax
     q = torch.round(x2 / s).clamp(-qmax, qmax)
     w, ws = mod.w_int8.double(), mod.w_scale.double()
-    if halved:
-        w, ws = torch.round(w / 2).clamp(-63, 63), ws * 2
+    if halved:  # the 7-bit codes as the float weights round (see test_7bit_codes_round_from_the_float_weights)
+        w7, ws7 = halve_codes(mod.w_int8, mod.w_scale, unpack_bits(mod.w_half, mod.in_features))
+        w, ws = w7.double(), ws7.double()
     out = (q @ w.t()) * s * ws + mod.bias.double()
     return out.float().reshape(*x.shape[:-1], -1)
 
@@ -235,6 +238,24 @@ def test_cpu_int8_is_exact_without_vnni():
     r = subprocess.run([sys.executable, "-c", AVX2_CHILD, os.path.dirname(__file__)], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_7bit_codes_round_from_the_float_weights():
+    """The 7-bit codes (CPUs without VNNI, --qdq-weight-bits 7) are round(w / (2 s)) of the float weights, not the
+    8-bit codes halved (which is off by up to 0.75 of a 7-bit step for odd codes); an artifact from before the bits
+    were stored halves its codes as it did then."""
+    torch.manual_seed(1)
+    lin = nn.Linear(45, 9)
+    mod = int8_linear.Int8Linear.from_linear(lin)
+    got, scale = halve_codes(mod.w_int8, mod.w_scale, unpack_bits(mod.w_half, 45))
+    want = torch.round(lin.weight / scale[:, None]).clamp(-63, 63)
+    assert torch.equal(got.float(), want)
+    assert not torch.equal(halve_codes(mod.w_int8, mod.w_scale)[0].float(), want)  # the old rule differs here
+    old = {k: v for k, v in mod.state_dict().items() if k != "w_half"}
+    again = int8_linear.Int8Linear(45, 9)
+    again.load_state_dict(old)
+    assert torch.equal(halve_codes(again.w_int8, again.w_scale, unpack_bits(again.w_half, 45))[0],
+                       halve_codes(mod.w_int8, mod.w_scale)[0])
 
 
 @pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])  # oneDNN honours both names

@@ -26,6 +26,7 @@ def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, cls_row: bool = False,
               backend: str = "torch", seq_lens: torch.Tensor | None = None, significance: bool = False,
+              importance: bool = False, key_weight: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Self-attention x [B,N,C] with an optional per-key bias [B,1,1,N].
 
@@ -36,13 +37,20 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     positions >= len are padding; the kernel skips them (varlen), SDPA relies on ``bias`` being -inf there.
     Returns (output [B,N,C], keys averaged over heads [B,N,Dh], CLS attention over heads [B,N] or None).
     significance: the CLS row times each value's norm (ATS's score, unnormalised) instead of the bare CLS row.
+    importance: the attention each token receives, averaged over heads and the valid queries (LTMP's score),
+    instead of the CLS row. key_weight [B,N]: a multiplicative key mask inside the softmax,
+    exp(l_j) w_j / sum_k exp(l_k) w_k, so that a {0, 1} mask with straight-through gradients trains (the learned
+    methods' relaxation; a log-mask would give -inf). Both compute the probabilities explicitly.
     """
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = qkv_heads(attn, x)
     mask = None if bias is None else bias.to(q.dtype)
     attend = getattr(attn, "_vc_attend", None)
-    if attend is not None:
+    probs = _probabilities(q, k, attn.scale, mask, key_weight) if importance or key_weight is not None else None
+    if probs is not None and (attend is None or key_weight is not None):  # a quantized attention keeps its own
+        out = probs.to(v.dtype) @ v
+    elif attend is not None:
         out = attend(q, k, v, mask)
     elif (mask is not None or seq_lens is not None) and not attn.training and runs_kernel(
             backend, q, shape=None if seq_lens is not None else ("attention", b * attn.num_heads, n, attn.head_dim)):
@@ -52,17 +60,41 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
     cls = None
-    if cls_row or significance:  # EViT / ATS need only the CLS row of the attention matrix: [B,H,1,N]
-        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            logits = logits + mask
-        cls = logits.float().softmax(-1).mean(1)[:, 0]
+    if importance:
+        assert probs is not None
+        received = probs.mean(1)  # [B,N(query),N(key)]
+        if seq_lens is not None:  # padding queries are not tokens
+            valid = (torch.arange(n, device=x.device)[None] < seq_lens[:, None]).to(received.dtype)
+            cls = (received * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        else:
+            cls = received.mean(1)
+    elif cls_row or significance:  # EViT / ATS need only the CLS row of the attention matrix: [B,H,1,N]
+        if probs is not None:
+            cls = probs[:, :, 0].mean(1)
+        else:
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                logits = logits + mask
+            cls = logits.float().softmax(-1).mean(1)[:, 0]
         if significance:  # ATS: ||v_j|| over all heads weighs how much token j can move the CLS token
             cls = cls * v.transpose(1, 2).reshape(b, n, -1).float().norm(dim=-1)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), k.mean(1), cls
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                   key_weight: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) [B,H,N,N] in fp32, its keys weighted by key_weight [B,N] and renormalised."""
+    p = ((q * scale) @ k.transpose(-2, -1)).float()
+    if bias is not None:
+        p = p + bias.float()
+    p = p.softmax(-1)
+    if key_weight is not None:
+        p = p * key_weight[:, None, None, :].float()
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return p
 
 
 class FusedAttention(nn.Module):

@@ -19,7 +19,8 @@ from ...errors import ConfigError
 from ...kernels._triton import runs_kernel
 from ...kernels.int8_gemm import int8_gemm, int_mm, quantize_per_token
 from . import ops
-from .qdq import QdqForm, halve_codes, qdq_linear
+from .qdq import QdqForm, half_bits, halve_codes, qdq_linear, unpack_bits
+from .qdq import pack_bits as qdq_pack
 
 QMAX = 127
 # torch's CPU int8 engine (oneDNN: VNNI / AMX kernels, prepacked weights); torch._int_mm on a CPU is a slow
@@ -77,10 +78,14 @@ def is_packed(w_int8: torch.Tensor) -> bool:
     return any(v[0]() is w_int8 for v in _PACKED.values())
 
 
-def cpu_weight_codes(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_weight_codes(w_int8: torch.Tensor, w_scale: torch.Tensor, w_half: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight codes [out, in] int8 and scales [out] that oneDNN's int8 path multiplies on this CPU: the 8-bit
-    ones, or, without VNNI, the codes halved onto +-63 with the scales doubled."""
-    return (w_int8, w_scale) if ONEDNN_EXACT else halve_codes(w_int8, w_scale)
+    ones, or, without VNNI, the 7-bit codes (rounded from the float weights through ``w_half``, the packed bits of
+    :func:`~.qdq.half_bits`) with the scales doubled."""
+    if ONEDNN_EXACT:
+        return w_int8, w_scale
+    return halve_codes(w_int8, w_scale, None if w_half is None else unpack_bits(w_half, w_int8.shape[1]))
 
 
 def cpu_path(backend: str, x: torch.Tensor) -> bool:
@@ -89,7 +94,8 @@ def cpu_path(backend: str, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and backend == "auto" and HAS_ONEDNN
 
 
-def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, w_half: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]) for int8 codes [out, in]:
     packed once, again only when the weight changes. Without VNNI the codes are halved onto 7 bits. Cached by the
     weight's storage and version; an entry whose weight was freed is dropped (its address may be reused)."""
@@ -99,7 +105,7 @@ def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Te
         return hit[1], hit[2], hit[3]
     for k in [k for k, v in _PACKED.items() if v[0]() is None]:
         del _PACKED[k]
-    w, scale = cpu_weight_codes(w_int8, w_scale)
+    w, scale = cpu_weight_codes(w_int8, w_scale, w_half)
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     zeros = torch.zeros(w_int8.shape[0], dtype=torch.long)
     _PACKED[key] = (weakref.ref(w_int8), packed, zeros, scale)
@@ -108,14 +114,15 @@ def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Te
 
 @torch.library.custom_op("vitcompress::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-                       bias: torch.Tensor | None, per_token: bool) -> torch.Tensor:
+                       bias: torch.Tensor | None, per_token: bool, w_half: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
     """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
     (fp32 or bf16), for int8 weight codes [out, in] with scales [out]. One opaque op, so that a compiled graph
     keeps it whole (its fake implementation gives the shape). oneDNN takes uint8 activations with a zero point:
     the int8 codes + 128 are the same grid. A static scale ``a_scale`` [] and the bias go into oneDNN's
     epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
     ``ONEDNN_EXACT``)."""
-    packed, zeros, ws = packed_weight(w_int8, w_scale)
+    packed, zeros, ws = packed_weight(w_int8, w_scale, w_half)
     qmax = QMAX
     if per_token:
         qx, s = _to_uint8(x2, None, qmax)
@@ -131,7 +138,7 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
 
 
 @onednn_int8_linear.register_fake
-def _(x2, w_int8, w_scale, a_scale, bias, per_token):  # noqa: ANN001
+def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None):  # noqa: ANN001
     return x2.new_empty(x2.shape[0], w_int8.shape[0])
 
 
@@ -220,14 +227,17 @@ class Int8Linear(ScaledLinear):
     """Drop-in for ``nn.Linear``: x [..., in] -> [..., out] in x's dtype.
 
     Buffers: w_int8 int8 [out, in] (row-major, so the GEMM's [in, out] operand ``w_int8.t()`` is column-major:
-    the layout cuBLASLt's int8 GEMM and Hopper's 8-bit wgmma want), w_scale float32 [out], a_scale float32 []
-    (static per-tensor activations; unused per token). Parameter: bias [out] or None.
+    the layout cuBLASLt's int8 GEMM and Hopper's 8-bit wgmma want), w_half uint8 [out, ceil(in / 8)] (one bit
+    per weight: which way its 7-bit code rounds, for CPUs without VNNI), w_scale float32 [out], a_scale float32
+    [] (static per-tensor activations; unused per token). Parameter: bias [out] or None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__(in_features, out_features, bias, per_token, device, backend)
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_half", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8,
+                                                   device=device))
 
     def _codes(self) -> torch.Tensor:
         return self.w_int8
@@ -236,6 +246,10 @@ class Int8Linear(ScaledLinear):
         old = state_dict.pop(prefix + "w_qt", None)  # artifacts from before 2026-11-22 stored [in, out]
         if old is not None:
             state_dict[prefix + "w_int8"] = old.t().contiguous()
+        codes = state_dict.get(prefix + "w_int8")
+        if codes is not None and prefix + "w_half" not in state_dict:  # before 2026-12-05: round half to even
+            even = torch.round(codes.float() / 2) > torch.floor(codes.float() / 2)
+            state_dict[prefix + "w_half"] = qdq_pack(even)
         _forget_packed(getattr(self, "w_int8", None))  # new weights: repack on the next call
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -253,6 +267,7 @@ class Int8Linear(ScaledLinear):
                   backend)
         scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
         mod.w_int8.copy_(ops.weight_codes(linear.weight, scale, 8))
+        mod.w_half.copy_(half_bits(linear.weight, scale, mod.w_int8))
         mod.w_scale.copy_(scale[:, 0])
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().float())
@@ -265,7 +280,7 @@ class Int8Linear(ScaledLinear):
         that the oneDNN path runs."""
         w, scale = self.w_int8, self.w_scale
         if cpu_path(self.backend, self.w_int8):
-            w, scale = cpu_weight_codes(w, scale)
+            w, scale = cpu_weight_codes(w, scale, self.w_half)
         a_scale = None if self.per_token else self.a_scale
         return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX)
 
@@ -274,7 +289,8 @@ class Int8Linear(ScaledLinear):
         if self.per_token:
             raise ConfigError("it quantizes activations per token on the fly, which has no static QDQ form: "
                               "quantize with --a-granularity per_tensor (calibrated)")
-        return qdq_linear(self.w_int8, self.w_scale, self.bias, self.a_scale, form)
+        return qdq_linear(self.w_int8, self.w_scale, self.bias, self.a_scale, form,
+                          unpack_bits(self.w_half, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -283,7 +299,7 @@ class Int8Linear(ScaledLinear):
         kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
         if not kernel and cpu_path(self.backend, x):
             out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
-                                                           self.per_token)
+                                                           self.per_token, self.w_half)
             return out.reshape(*shape[:-1], self.out_features)
         if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference (which a
             # compiled graph fuses into the LayerNorm / GELU before it, so it takes the reference there)

@@ -27,16 +27,48 @@ class QdqForm:
     weight_bits: int = 8
 
 
-def halve_codes(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weight codes [out, in] with scales [out] -> the same weights on the 7-bit grid: codes on +-63, scales x2."""
-    return torch.round(codes.float() / 2).clamp(-63, 63).to(torch.int8), scale * 2
+def halve_codes(codes: torch.Tensor, scale: torch.Tensor, up: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight codes [out, in] with scales [out] -> the same weights on the 7-bit grid: codes on +-63, scales x2.
+
+    An even code halves exactly. An odd code 2k+1 lies between k and k+1 on the 7-bit grid, and only the float
+    weight says which is nearer: ``up`` [out, in] bool (:func:`half_bits`) is whether it was above its 8-bit code.
+    Without it (artifacts from before it was stored) the code rounds half to even, up to 0.75 of a 7-bit step off.
+    """
+    if up is None:
+        half = torch.round(codes.float() / 2)
+    else:
+        half = torch.floor(codes.float() / 2) + ((codes.int() % 2 == 1) & up).float()
+    return half.clamp(-63, 63).to(torch.int8), scale * 2
+
+
+def half_bits(weight: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Whether each float weight [out, in] lies above its 8-bit code (scale [out, 1]), packed 8 to a byte along
+    ``in``: uint8 [out, ceil(in / 8)], what :func:`halve_codes` needs to round the 7-bit codes from the floats."""
+    return pack_bits(weight.float() / scale.float() > codes.float())
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> uint8 [out, ceil(in / 8)], bit j of byte i is column 8 i + j."""
+    out, n = bits.shape
+    padded = torch.zeros(out, -(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:, :n] = bits.to(torch.uint8)
+    weights = (2 ** torch.arange(8, device=bits.device)).to(torch.uint8)
+    return (padded.view(out, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`pack_bits` undone: uint8 [out, ceil(n / 8)] -> bool [out, n]."""
+    shifts = torch.arange(8, device=packed.device)
+    return ((packed[..., None].int() >> shifts) & 1).bool().flatten(1)[:, :n]
 
 
 def qdq_linear(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None,
-               form: QdqForm) -> QDQLinear:
-    """The QDQ form of a layer with int8 weight codes [out, in] and scales [out] (halved onto 7 bits if asked)."""
+               form: QdqForm, up: torch.Tensor | None = None) -> QDQLinear:
+    """The QDQ form of a layer with int8 weight codes [out, in] and scales [out] (onto 7 bits if asked; ``up``:
+    see :func:`halve_codes`)."""
     if form.weight_bits == 7:
-        codes, scale = halve_codes(codes, scale)
+        codes, scale = halve_codes(codes, scale, up)
     return QDQLinear(codes, scale, bias, a_scale, form.activations)
 
 

@@ -28,34 +28,43 @@ from torch import nn
 from ...config import StrEnum
 from ...kernels._triton import Backend
 from ..attention import attention
-from . import ops
+from . import learned_ops, ops
 
 
 class TokenMethod(StrEnum):
     TOME = "tome"
     EVIT = "evit"  # the paper: fused token = CLS-attention-weighted sum of the inattentive tokens
     EVIT_WAVG = "evit_wavg"  # our earlier variant: normalised (attention x size) average, proportional attention
+    DIFFRATE = "diffrate"  # learned (learned_merge): sort by CLS attention, prune the tail, merge the rest
 
     @property
     def is_evit(self) -> bool:
         return self in (TokenMethod.EVIT, TokenMethod.EVIT_WAVG)
 
+    @property
+    def needs_cls(self) -> bool:
+        """Whether the reduction reads the CLS row of the attention."""
+        return self.is_evit or self == TokenMethod.DIFFRATE
+
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # significance [B,M] -> keep [B,M] bool
 # (block index, best-edge similarity [B,Na], its rank [B,Na]) -> merge weight [B,Na] in [0, 1]
 MergeWeights = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# (block index, x, size, mask [B,N], keys [B,N,Dh], importance [B,N], source) -> (x, size, mask, source)
+MaskStep = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclasses.dataclass
 class TokenState:
     """Shared by a model's reducible blocks during one forward (reset by the first block).
 
-    select: the significance rule of the adaptive selection; merge_weights: the weights of the adaptive
-    (threshold) merging (1: the token merges and leaves, and the batch is packed); ``soft``: training, where
-    the weights carry straight-through gradients and ``expected`` [B] counts the tokens as a differentiable
-    function of them; lens [B]: valid tokens
-    per image once the batch is padded; trace: when a list, each block appends (tokens into attention [B],
-    into the MLP [B]).
+    select: the significance rule of the adaptive selection; step: a masked reduction on the importance scores
+    (LTMP: what its mask removes leaves); merge_weights: the weights of the adaptive (threshold) merging (1: the
+    token merges and leaves, and the batch is packed); ``soft``: training, where the weights carry
+    straight-through gradients and ``expected`` [B] counts the tokens as a differentiable function of them;
+    lens [B]: valid tokens per image once the batch is padded; trace: when a list, each block appends (tokens
+    into attention [B], into the MLP [B]).
     """
 
     protected: int
@@ -65,6 +74,7 @@ class TokenState:
     backend: Backend = Backend.AUTO  # the merged layers' proportional attention
     select: Selector | None = None
     merge_weights: MergeWeights | None = None
+    step: MaskStep | None = None
     soft: bool = False
     expected: torch.Tensor | None = None
     size: torch.Tensor | None = None  # [B,N,1] patches per token; None until the first reduction
@@ -93,7 +103,7 @@ class TokenState:
     @property
     def adaptive(self) -> bool:
         """Whether the token counts differ per image."""
-        return self.select is not None or (self.merge_weights is not None and not self.soft)
+        return self.select is not None or self.step is not None or (self.merge_weights is not None and not self.soft)
 
 
 class ReducibleBlock(Block):
@@ -102,6 +112,7 @@ class ReducibleBlock(Block):
 
     _vc_state: TokenState
     _vc_drop: int
+    _vc_prune: int = 0  # DiffRate: of the _vc_drop tokens, how many are pruned (the rest merge)
     _vc_adapt: bool = False
     _vc_first: bool
     _vc_index: int = 0
@@ -122,11 +133,12 @@ class ReducibleBlock(Block):
         if st.size is None and self._vc_drop == 0 and not self._vc_adapt:
             self._record(n_in, n_in)
             return Block.forward(self, x)
-        evit = st.method is not None and st.method.is_evit and self._vc_drop > 0
+        evit = st.method is not None and st.method.needs_cls and self._vc_drop > 0
         size = st.size.clamp_min(1e-6) if st.soft and st.size is not None else st.size  # finite gradients
         bias = ops.size_bias(size, x.dtype) if st.prop_attn or st.lens is not None else None
         h, keys, cls = attention(self.attn, self.norm1(x), bias, cls_row=evit, backend=st.backend,
-                                 seq_lens=st.lens, significance=self._vc_adapt and st.select is not None)
+                                 seq_lens=st.lens, significance=self._vc_adapt and st.select is not None,
+                                 importance=self._vc_adapt and st.step is not None)
         x = x + self.drop_path1(self.ls1(h))
         if self._vc_drop > 0:
             x = self._reduce(x, keys, cls)
@@ -160,7 +172,12 @@ class ReducibleBlock(Block):
         merge weights pick from the keys [B,N,Dh]; pack and pad the batch."""
         st, p = self._vc_state, self._vc_state.protected
         self._start(x)
-        if st.merge_weights is not None:
+        if st.step is not None:
+            assert score is not None and st.size is not None
+            mask = (st.size[..., 0] > 0).float()
+            x, st.size, mask, st.source = st.step(self._vc_index, x, st.size, mask, keys, score, st.source)
+            keep = mask[:, p:] > 0
+        elif st.merge_weights is not None:
             sim, rank, a_pos, b_pos, dst = ops.bipartite_edges(keys, st.size, p)
             w = st.merge_weights(self._vc_index, sim, rank)
             x, size = ops.weighted_merge(x, st.size.to(x.dtype), a_pos, b_pos, dst, w.to(x.dtype))
@@ -185,6 +202,11 @@ class ReducibleBlock(Block):
     def _reduce(self, x: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
         st, p = self._vc_state, self._vc_state.protected
         self._start(x)
+        if st.method == TokenMethod.DIFFRATE:
+            assert cls is not None and st.size is not None
+            x, st.size, st.source = learned_ops.diffrate_reduce(x, st.size, cls, self._vc_prune, self._vc_drop, p,
+                                                                st.source)
+            return x
         if cls is None:
             merge = ops.bipartite_soft_matching(keys, self._vc_drop, p)
             if st.source is not None:
