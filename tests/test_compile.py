@@ -17,6 +17,7 @@ from vitcompress.bench import BenchConfig, compile_model, compile_options, model
 
 FP8 = {"name": "quantize", "mode": "deploy", "dtype": "fp8_e4m3", "a_granularity": "per_token"}
 INT8 = {"name": "quantize", "mode": "deploy"}
+LEARN = {"name": "learned_merge", "target_flops": 0.6, "data": "digits", "limit": 64, "batch_size": 32}
 DEPLOYABLE = {  # name: (stack, family of the model)
     "tome r=4": ([{"name": "token_merge", "r": 4}], "vit"),
     "tome (4, -1) prop-attn off": ([{"name": "token_merge", "r": 4, "inflection": -1.0, "prop_attn": "off"}],
@@ -40,10 +41,12 @@ DEPLOYABLE = {  # name: (stack, family of the model)
                            "vit"),
     "evit + int8 per-token": ([{"name": "token_merge", "method": "evit", "keep_rate": 0.6},
                                {**INT8, "a_granularity": "per_token"}], "vit"),
+    "diffrate (learned)": ([{**LEARN, "method": "diffrate"}], "vit"),
 }
 ADAPTIVE = {  # per-image token counts: no fullgraph, no CUDA graph (the listed exceptions)
     "ats": [{"name": "adaptive_tokens", "budget": 0.3}],
     "mass": [{"name": "adaptive_tokens", "method": "mass", "mass": 0.6}],
+    "ltmp (learned)": [{**LEARN, "method": "ltmp"}],
 }
 
 

@@ -38,6 +38,8 @@ STACKS = {
     "merged_triton_attention": [{"name": "token_merge", "r": 3, "backend": "triton"}],  # via its torch reference
     "merged_pruned_int8": [{"name": "prune", "mlp": 0.5}, {"name": "token_merge", "r": 3},
                            {"name": "quantize", "mode": "deploy"}],
+    "diffrate": [{"name": "learned_merge", "method": "diffrate", "target_flops": 0.6, "data": "digits",
+                  "limit": 64, "batch_size": 32}],  # learned, static counts: sort, prune, merge
 }
 
 
@@ -159,6 +161,8 @@ def test_pt2_round_trip(tiny_model, tmp_path):
     ([{"name": "adaptive_tokens", "budget": 0.5}], "per-image token count"),
     ([{"name": "adaptive_tokens", "method": "mass", "mass": 0.6}], "per-image token count"),
     ([{"name": "sparse_attention", "density": 0.5, "block_size": 8}], "chooses its blocks per image"),
+    ([{"name": "learned_merge", "method": "ltmp", "target_flops": 0.6, "data": "digits", "limit": 32}],
+     "per-image token count"),
 ])
 def test_unexportable_stacks_are_refused(tiny_model, tmp_path, stack, match):
     model = apply_stack(tiny_model, stack, calib=CALIB)
@@ -234,7 +238,7 @@ def test_a_damaged_export_is_refused_before_it_runs(tiny_model, tmp_path, cli, f
     RuntimeModel(tmp_path / f"m.{fmt}", verify=False)
 
 
-@pytest.mark.parametrize("name", ["merged", "merged_pruned_int8", "int8"])
+@pytest.mark.parametrize("name", ["merged", "merged_pruned_int8", "int8", "diffrate"])
 def test_onnx_runtime_runs_the_exports_without_a_warning(tiny_model, tmp_path, capfd, name):
     """Exports declare correct shapes, or none, for every intermediate value: ONNX Runtime (which prints a
     warning per mismatched value on every run) prints nothing, at a batch other than the traced one."""
