@@ -84,6 +84,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     per-batch choices; the softmax keeps its maximum.
     """
     seen: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n, _ in layers}
+    observer = "minmax" if str(cfg.observer) == "ptq4vit" else str(cfg.observer)  # its search starts at the extremes
     hessians: dict[str, torch.Tensor] = {}
     gptq = str(cfg.rounding) == "gptq" and not cfg.gptq_sequential
 
@@ -95,7 +96,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     grads: dict[str, list[torch.Tensor]] = {}
     if str(cfg.search_metric) == "hessian" and cfg.static_acts:
         taps = {n: m for n, m in layers if (search and isinstance(m, QuantAttention)) or n in gelus}
-        grads = output_grads(model, taps, calib, cfg.calib_size)
+        grads = output_grads(model, taps, calib, cfg.calib_size) if taps else {}
     values: dict[str, torch.Tensor] = {}  # each attention's v of the current batch (the hessian metric needs it)
     batch_of: dict[str, int] = {}
 
@@ -117,7 +118,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
                 err = ops.softmax_search_errors(t, max(rng[1], ops.EPS), int(cfg.a_bits), search, **extra)
                 errors[name] = errors.get(name, 0) + err
         else:
-            rng = ops.act_range(t, str(cfg.observer), int(cfg.a_bits), cfg.percentile)
+            rng = ops.act_range(t, observer, int(cfg.a_bits), cfg.percentile)
         seen[name].setdefault(key, []).append(rng)
 
     def hook(name: str):
@@ -152,7 +153,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     for name, keys in seen.items():
         for key, ranges in keys.items():
             lows, highs = zip(*ranges)
-            if str(cfg.observer) == "minmax" or key == "p":
+            if observer == "minmax" or key == "p":
                 out.setdefault(name, {})[key] = (min(lows), max(highs))
             else:
                 out.setdefault(name, {})[key] = (sum(lows) / len(lows), sum(highs) / len(highs))

@@ -45,6 +45,7 @@ class Observer(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+    PTQ4VIT = "ptq4vit"  # every layer's weight and input scales searched (PTQ4ViT; search_metric picks the loss)
 
 
 NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' 4-bit quantizer takes
@@ -80,12 +81,13 @@ class QuantConfig(Config):
     """w_bits / a_bits: 2..8, or None to leave weights / activations in floating point.
 
     layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
-    or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: all three).
+    or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: minmax, percentile,
+    mse); ptq4vit searches each Linear's weight and input scales together on its output (see :mod:`.search`).
     softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
     post_gelu: the quantizer of the MLP's post-GELU activations (the fc2 input): uniform, twin (PTQ4ViT) or adalog.
-    search_metric: what the searched quantizers (adalog's base, the twins' ranges) minimise on the calibration
-    images: mse (the quantized tensor's or the next layer's squared error) or hessian (PTQ4ViT's Hessian-guided
-    metric: the output error weighted by the task loss's squared gradient).
+    search_metric: what the searched quantizers (adalog's base, the twins' ranges, observer ptq4vit's scales)
+    minimise on the calibration images: mse (the quantized tensor's or the next layer's squared error) or hessian
+    (PTQ4ViT's Hessian-guided metric: the output error weighted by the task loss's squared gradient).
     dtype: int grids, or fp8_e4m3 (W8A8 with float8 e4m3 weights and activations).
     backend (deploy): auto, torch, triton (the int8 GEMM) or bnb (bitsandbytes: w8 LLM.int8, w4 NF4).
     dense_fallback (deploy, W8A8): a GPU architecture with a GEMM table (``sm90``): a layer whose quantized GEMM that
@@ -173,8 +175,11 @@ class QuantConfig(Config):
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
         if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN) \
-                and self.post_gelu == PostGelu.UNIFORM:
-            raise ConfigError("search_metric applies to the searched quantizers: softmax / post_gelu adalog or twin")
+                and self.post_gelu == PostGelu.UNIFORM and self.observer != Observer.PTQ4VIT:
+            raise ConfigError("search_metric applies to the searched quantizers: softmax / post_gelu adalog or "
+                              "twin, observer ptq4vit")
+        if self.observer == Observer.PTQ4VIT and (self.dtype != QuantDtype.INT or self.group is not None):
+            raise ConfigError("observer ptq4vit searches integer per-channel weight grids and per-tensor inputs")
         if self.post_gelu != PostGelu.UNIFORM and not (self.static_acts and self.mode == Mode.SIMULATE and
                                                    self.dtype == QuantDtype.INT and self.rounding not in BRECQS):
             raise ConfigError(f"post_gelu {self.post_gelu} is a static integer grid in --mode simulate (a_bits, "

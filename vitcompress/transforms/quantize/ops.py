@@ -144,7 +144,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
 
 
 ADALOG_R = 37  # AdaLog's reference: base 2^(q / 37), q an integer searched over 10 .. 110
-SOFTMAX_SEARCH = {"twin": tuple(float(m) for m in range(11)),  # PTQ4ViT: Delta_R1 = Delta_R2 / 2^m
+# PTQ4ViT: Delta_R1 = Delta_R2 / 2^m, down to 2^-19 (the reference's smallest) at 4 bits, beyond it at 8
+SOFTMAX_SEARCH = {"twin": tuple(float(m) for m in range(17)),
                   # AdaLog: codes per octave r = 37 / q, i.e. base 2^(q / 37), the reference's grid of q
                   "adalog": tuple(ADALOG_R / q for q in range(10, 111))}
 
@@ -206,7 +207,8 @@ def fake_quant_softmax(p: torch.Tensor, scale: torch.Tensor | float, bits: int, 
     return softmax_dequant(softmax_codes(p, scale, bits, kind, param), scale, bits, kind, param).to(p.dtype)
 
 
-GELU_SEARCH = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # R2's top as a share of the observed maximum
+# R2's top as a share of the observed maximum: PTQ4ViT's 100 candidates (eq_alpha 0.01, eq_beta 1.2, eq_n 100)
+GELU_SEARCH = tuple(round(float(a), 4) for a in torch.linspace(0.01, 1.2, 100))
 
 
 def twin_gelu(x: torch.Tensor, bits: int, d_neg: torch.Tensor | float, d_pos: torch.Tensor | float) -> torch.Tensor:

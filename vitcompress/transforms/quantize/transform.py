@@ -45,6 +45,7 @@ from .config import (
 from .int8_linear import Int8Linear
 from .lowbit_linear import Fp8Linear, WeightOnlyLinear
 from .reconstruct import reconstruct_blocks_
+from .search import search_scales
 from .simulate import QUANTIZABLE, convert, post_gelu_layers, set_grids
 
 __all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
@@ -71,13 +72,16 @@ def _fan_in(m: nn.Module) -> int:
     return m.weight[0].numel()
 
 
-def _weight_clip(w: torch.Tensor, cfg: QuantConfig) -> float:
-    """The clip ratio of the weight grid: searched by the mse observer, else 1 (the absmax)."""
+def _weight_clip(w: torch.Tensor, cfg: QuantConfig, searched: float | None = None) -> float:
+    """The clip ratio of the weight grid: searched by the mse observer or PTQ4ViT's search (``searched``), else 1
+    (the absmax)."""
+    if searched is not None:
+        return searched
     return ops.mse_weight_clip(w, cfg.w_bits, cfg.group) if cfg.observer == Observer.MSE else 1.0
 
 
 def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]] | None,
-              hessian: torch.Tensor | None) -> tuple[nn.Module, float]:
+              hessian: torch.Tensor | None, w_alpha: float | None = None) -> tuple[nn.Module, float]:
     """The deployed replacement of Linear ``m`` and its weight clip. rng None: an empty one to restore into."""
     kind, per_token = cfg.deploy_kind, cfg.a_granularity == ActGranularity.PER_TOKEN
     if kind.startswith("bnb_"):
@@ -94,7 +98,7 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     absmax = max(abs(v) for v in rng[""]) if "" in rng else None
     if kind == "fp8":
         return Fp8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, backend=cfg.backend), 1.0
-    clip = _weight_clip(m.weight, cfg)
+    clip = _weight_clip(m.weight, cfg, w_alpha)
     if kind == "int8":
         return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend), clip
     if hessian is not None:
@@ -103,7 +107,8 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, clip=clip), clip
 
 
-def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None) -> float:
+def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None, w_alpha: float | None = None,
+                   ) -> float:
     """Simulate: put a Linear / Conv2d weight on its grid in place; returns the clip used."""
     w = m.weight.reshape(m.weight.shape[0], -1)
     if cfg.dtype == QuantDtype.FP8:
@@ -111,7 +116,7 @@ def _round_weight_(m: nn.Module, cfg: QuantConfig, hessian: torch.Tensor | None)
     elif hessian is not None:
         new, clip = ops.gptq_quantize(w, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp, act_order=cfg.act_order)[0], 1.0
     else:
-        clip = _weight_clip(w, cfg)
+        clip = _weight_clip(w, cfg, w_alpha)
         new = ops.fake_quant_weight(w, cfg.w_bits, cfg.group, clip)
     with torch.no_grad():
         m.weight.copy_(new.reshape(m.weight.shape))
@@ -166,19 +171,22 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
     sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
     gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
+    searched = search_scales(model, layers, cfg, ctx.calib, ranges, gelus) if cfg.observer == Observer.PTQ4VIT \
+        else {}
+    alpha = {n: a["w_alpha"] for n, a in searched.items()}
     clips = {}
     for name, m in layers:
         if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential and cfg.w_bits is not None and \
                 not isinstance(m, Attention) else hessians.get(name)
-            new, clips[name] = _deployed(m, cfg, ranges.get(name, {}), h)
+            new, clips[name] = _deployed(m, cfg, ranges.get(name, {}), h, alpha.get(name))
             replace_module(model, name, new)
             continue
         if cfg.w_bits is not None and not isinstance(m, Attention):
             # sequential GPTQ (the reference): this layer's Hessian from the inputs that the already-quantized
             # earlier layers produce, not from the float model's
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential else hessians.get(name)
-            clips[name] = _round_weight_(m, cfg, h)
+            clips[name] = _round_weight_(m, cfg, h, alpha.get(name))
         if not isinstance(m, Attention):
             convert(m, cfg.a_bits, per_token, fp8, post_gelu=str(cfg.post_gelu) if name in gelus else "uniform")
         set_grids(m, ranges.get(name, {}))
@@ -191,4 +199,5 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
             **({"reconstruction": recon} if recon else {}),
             "deploy_kind": cfg.deploy_kind if deploy else None, "reparam": reparam,
             **({"kept_dense": kept} if cfg.dense_fallback else {}),
-            "weight_clip": {n: c for n, c in clips.items() if c != 1.0}}
+            "weight_clip": {n: c for n, c in clips.items() if c != 1.0},
+            **({"scale_search": searched} if searched else {})}

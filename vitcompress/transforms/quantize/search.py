@@ -1,0 +1,121 @@
+"""PTQ4ViT's scale search (Yuan et al., 2022) for every quantized Linear / Conv2d (``observer: ptq4vit``).
+
+Per layer, the weight grid's scale and the input's grid are each searched over the reference's 100 candidates,
+alpha in linspace(0.01, 1.2, 100) times the calibrated maximum (eq_alpha, eq_beta, eq_n), in 3 alternating rounds
+(search_round): the weights with the inputs fixed, then the inputs with the weights fixed. Each candidate is
+scored on the layer's output Y = X W^T over the calibration rows: by the squared error (``search_metric: mse``)
+or by PTQ4ViT's Hessian-guided metric sum(grad^2 (Y_q - Y)^2), grad the task loss's gradient at Y
+(``search_metric: hessian``; a diagonal Fisher approximation of the Hessian).
+
+Kept as ours: the weight grid stays per output channel (the reference's default is one scale per tensor), so
+alpha scales every channel's maximum; the input grid is our asymmetric one, so alpha scales both ends of the
+calibrated range; a post-GELU layer's twin / adalog input grid keeps its own search (only its weights are searched
+here). The search reads the first 32 calibration images, the reference's calibration size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..layers import run_calibration
+from . import ops
+from .calib import _rows, output_grads
+
+if TYPE_CHECKING:
+    from .calib import Ranges
+    from .config import QuantConfig
+
+ALPHAS = tuple(float(a) for a in torch.linspace(0.01, 1.2, 100))
+ROUNDS = 3
+SEARCH_IMAGES = 32
+
+
+def _out_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """A layer's output (or its gradient) as rows [M, O]: a Conv2d's [B,O,H,W] with the channels last."""
+    if isinstance(module, nn.Conv2d):
+        g = g.flatten(2).transpose(1, 2)
+    return g.detach().float().reshape(-1, g.shape[-1])
+
+
+def layer_errors(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, x_fq: Any, w_bits: int,
+                 group: int | None, a_alpha: float, w_alphas: tuple[float, ...]) -> torch.Tensor:
+    """Each weight candidate's output error [C] for inputs x [M,I], weight w [O,I], gradient grad [M,O] or None.
+    x_fq(x, alpha) fake-quantizes the inputs on the grid scaled by alpha."""
+    y = x @ w.t()
+    xq = x_fq(x, a_alpha)
+    out = []
+    for a in w_alphas:
+        d = xq @ ops.fake_quant_weight(w, w_bits, group, a).t() - y
+        out.append(((d * grad) ** 2).sum() if grad is not None else (d ** 2).sum())
+    return torch.stack(out)
+
+
+def input_errors(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, x_fq: Any, w_bits: int,
+                 group: int | None, w_alpha: float, a_alphas: tuple[float, ...]) -> torch.Tensor:
+    """Each input-grid candidate's output error [C], the weights fixed on their grid at ``w_alpha``."""
+    y = x @ w.t()
+    wq = ops.fake_quant_weight(w, w_bits, group, w_alpha).t()
+    out = []
+    for a in a_alphas:
+        d = x_fq(x, a) @ wq - y
+        out.append(((d * grad) ** 2).sum() if grad is not None else (d ** 2).sum())
+    return torch.stack(out)
+
+
+def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantConfig, calib: Iterable[Any],
+                  ranges: Ranges, gelus: set[str]) -> dict[str, dict[str, float]]:
+    """Search every Linear / Conv2d's weight clip and input range in place of the calibrated ones: ``ranges`` is
+    updated (the input range ''), and the weight clips are returned with the chosen alphas per layer:
+    {name: {"w_alpha", "a_alpha"}}."""
+    targets = {n: m for n, m in layers if isinstance(m, (nn.Linear, nn.Conv2d))}
+    n_img = min(cfg.calib_size, SEARCH_IMAGES)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            inputs[name].append(_rows(module, args[0]))
+        return fn
+
+    run_calibration(model, calib, n_img, [(m, hook(n)) for n, m in targets.items()])
+    grads = output_grads(model, targets, calib, n_img) if str(cfg.search_metric) == "hessian" else {}
+    a_bits, w_bits = cfg.a_bits, int(cfg.w_bits) if cfg.w_bits is not None else None
+    chosen: dict[str, dict[str, float]] = {}
+    for name, m in targets.items():
+        x = torch.cat(inputs.pop(name))
+        w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
+        g = torch.cat([_out_rows(m, t) for t in grads.pop(name)]) if grads else None
+        rng = ranges.get(name, {})
+        x_fq = _input_quantizer(rng, a_bits, str(cfg.post_gelu) if name in gelus else None)
+        w_alpha, a_alpha = 1.0, 1.0
+        for _ in range(ROUNDS):
+            if w_bits is not None:
+                w_alpha = ALPHAS[int(layer_errors(x, w, g, x_fq, w_bits, cfg.group, a_alpha, ALPHAS).argmin())]
+            if a_bits is not None and "" in rng and name not in gelus:
+                a_alpha = ALPHAS[int(input_errors(x, w, g, x_fq, w_bits or 0, cfg.group, w_alpha, ALPHAS).argmin())]
+            if w_bits is None:
+                break
+        if a_bits is not None and "" in rng and name not in gelus:
+            lo, hi = rng[""]
+            ranges.setdefault(name, {})[""] = (lo * a_alpha, hi * a_alpha)
+        chosen[name] = {"w_alpha": w_alpha, "a_alpha": a_alpha}
+    return chosen
+
+
+def _input_quantizer(rng: dict[str, tuple[float, float]], bits: int | None, post_gelu: str | None) -> Any:
+    """x [M,I], alpha -> x on the layer's input grid with its range scaled by alpha (the identity without one);
+    post_gelu: that layer's twin / adalog grid with its own searched parameter (alpha unused)."""
+    if bits is None or "" not in rng:
+        return lambda x, a: x
+    lo, hi = rng[""]
+    if post_gelu is not None:
+        param = rng.get("gelu_param", (1.0 if post_gelu == "twin" else 2.0,))[0]
+        return lambda x, a: ops.post_gelu_quant(x, bits, post_gelu, lo, hi, param)
+
+    def fq(x: torch.Tensor, a: float) -> torch.Tensor:
+        s, z = ops.act_qparams(torch.tensor(lo * a), torch.tensor(hi * a), bits)
+        return ops.fake_quant_act(x, s, z, bits)
+    return fq
