@@ -25,9 +25,9 @@ def _reference_search(x, w, grad, lo, hi, w_bits, a_bits, rounds=3, n=100):
         return torch.round(w / s).clamp(-qw, qw) * s
 
     def xq(a):
-        l, h = min(lo * a, 0.0), max(hi * a, 0.0)
-        s = max((h - l) / (2 ** a_bits - 1), 1e-8)
-        z = round(-l / s)
+        bottom, top = min(lo * a, 0.0), max(hi * a, 0.0)
+        s = max((top - bottom) / (2 ** a_bits - 1), 1e-8)
+        z = round(-bottom / s)
         return (torch.clamp(torch.round(x / s) + z, 0, 2 ** a_bits - 1) - z) * s
 
     def loss(o):
