@@ -85,3 +85,48 @@ def test_ptq4vit_refuses_grids_it_does_not_search():
     from vitcompress.errors import ConfigError
     with pytest.raises(ConfigError, match="ptq4vit"):
         QuantConfig(observer="ptq4vit", w_granularity="per_group")
+
+
+def _reference_fpcs(x, bits, err, width=16, steps=4, eq_n=100):
+    """AdaLog's FPCS, from its pseudo-code: percentile-based (scale, zero point) pairs, keep the best ``width``,
+    refine each scale on a grid of eq_n / width points around it, ``steps`` searches in all."""
+    flat = x.flatten()
+    q0, q1, q9, q10 = (float(torch.quantile(flat, p)) for p in (0.0, 0.1, 0.9, 1.0))
+    n_levels = 2 ** (bits - 1)
+    n_zp = min(16, n_levels)
+    n_scale = eq_n // n_zp
+    lo_d, hi_d = q9 - q1, q10 - q0
+    cands = [((lo_d + i * (hi_d - lo_d) / (n_scale - 1)) / (2 ** bits - 1), float(z))
+             for z in range(n_levels - n_zp // 2, n_levels + n_zp // 2) for i in range(n_scale)]
+    delta = cands[1][0] - cands[0][0]
+    new = eq_n // width
+    for step in range(steps):
+        cands = sorted(cands, key=lambda c: err(*c))[: 1 if step == steps - 1 else width]
+        if step == steps - 1:
+            return cands[0]
+        offsets = [(i / (new - 1) - 0.5) * delta for i in range(new)]
+        delta = delta / (new - 0.5)
+        cands = [(max(s + o, 1e-8), z) for s, z in cands for o in offsets]
+
+
+def test_fpcs_matches_the_reference():
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(3)) ** 3  # heavy tails
+    bits = 4
+
+    def err(scale, zp):
+        q = (torch.clamp(torch.round(x / scale) + zp, 0, 2 ** bits - 1) - zp) * scale
+        return float(((q - x) ** 2).sum())
+
+    got = search.fpcs(x, bits, lambda fq: ((fq(x) - x) ** 2).sum())
+    want = _reference_fpcs(x, bits, err)
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
+    assert err(*got) < err((float(x.max() - x.min())) / 15, round(float(-x.min()) * 15 / float(x.max() - x.min())))
+
+
+def test_adalog_searches_every_input_grid():
+    model = wide_model()
+    compress_(model, QuantConfig(w_bits=4, a_bits=4, observer="adalog", calib_size=8), calib=CALIB)
+    state = model_info(model).transforms[-1]["state"]
+    assert set(state["scale_search"]) == set(state["layers"])
+    fc1 = model.blocks[0].mlp.fc1
+    assert 0 <= float(fc1.a_zero) <= 15 and torch.isfinite(infer(model, images())).all()

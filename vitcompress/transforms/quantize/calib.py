@@ -84,7 +84,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: QuantC
     per-batch choices; the softmax keeps its maximum.
     """
     seen: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n, _ in layers}
-    observer = "minmax" if str(cfg.observer) == "ptq4vit" else str(cfg.observer)  # its search starts at the extremes
+    observer = "minmax" if str(cfg.observer) in ("ptq4vit", "adalog") else str(cfg.observer)  # searched from there
     hessians: dict[str, torch.Tensor] = {}
     gptq = str(cfg.rounding) == "gptq" and not cfg.gptq_sequential
 

@@ -46,8 +46,10 @@ class Observer(StrEnum):
     PERCENTILE = "percentile"
     MSE = "mse"
     PTQ4VIT = "ptq4vit"  # every layer's weight and input scales searched (PTQ4ViT; search_metric picks the loss)
+    ADALOG = "adalog"  # the weights as ptq4vit, each input grid by AdaLog's FPCS (scale and zero point)
 
 
+SEARCHED = (Observer.PTQ4VIT, Observer.ADALOG)  # observers that search each layer's scales (search.py)
 NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' 4-bit quantizer takes
 
 
@@ -82,7 +84,7 @@ class QuantConfig(Config):
 
     layers / exclude: module names, aliases (qkv, proj, fc1, fc2, head, attn_matmul, patch_embed), globs,
     or ``re:REGEX``. observer: how ranges are picked (weights: minmax or mse clip; activations: minmax, percentile,
-    mse); ptq4vit searches each Linear's weight and input scales together on its output (see :mod:`.search`).
+    mse); ptq4vit and adalog search each Linear's weight and input scales together on its output (:mod:`.search`).
     softmax: the quantizer of the attention probabilities (needs the attn_matmul layers).
     post_gelu: the quantizer of the MLP's post-GELU activations (the fc2 input): uniform, twin (PTQ4ViT) or adalog.
     search_metric: what the searched quantizers (adalog's base, the twins' ranges, observer ptq4vit's scales)
@@ -175,11 +177,12 @@ class QuantConfig(Config):
         if self.softmax != SoftmaxQuant.NONE and self.a_bits is None:
             raise ConfigError("the softmax quantizer uses a_bits: set a_bits")
         if self.search_metric != SearchMetric.MSE and self.softmax not in (SoftmaxQuant.ADALOG, SoftmaxQuant.TWIN) \
-                and self.post_gelu == PostGelu.UNIFORM and self.observer != Observer.PTQ4VIT:
+                and self.post_gelu == PostGelu.UNIFORM and self.observer not in SEARCHED:
             raise ConfigError("search_metric applies to the searched quantizers: softmax / post_gelu adalog or "
                               "twin, observer ptq4vit")
-        if self.observer == Observer.PTQ4VIT and (self.dtype != QuantDtype.INT or self.group is not None):
-            raise ConfigError("observer ptq4vit searches integer per-channel weight grids and per-tensor inputs")
+        if self.observer in SEARCHED and (self.dtype != QuantDtype.INT or self.group is not None):
+            raise ConfigError(f"observer {self.observer} searches integer per-channel weight grids and per-tensor "
+                              "inputs")
         if self.post_gelu != PostGelu.UNIFORM and not (self.static_acts and self.mode == Mode.SIMULATE and
                                                    self.dtype == QuantDtype.INT and self.rounding not in BRECQS):
             raise ConfigError(f"post_gelu {self.post_gelu} is a static integer grid in --mode simulate (a_bits, "

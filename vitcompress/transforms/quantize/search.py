@@ -1,4 +1,10 @@
-"""PTQ4ViT's scale search (Yuan et al., 2022) for every quantized Linear / Conv2d (``observer: ptq4vit``).
+"""The searched scales of every quantized Linear / Conv2d: PTQ4ViT's (Yuan et al., 2022; ``observer: ptq4vit``) and
+AdaLog's (Wu et al., 2024; ``observer: adalog``).
+
+AdaLog searches the weights as PTQ4ViT does, and each input grid by its fast progressive combining search (FPCS,
+:func:`fpcs`): (scale, zero point) pairs from the 0.1 / 0.9 quantiles out to the extremes, the best 16 refined on a
+finer scale grid, 4 steps in all, on the layer output's squared error.
+
 
 Per layer, the weight grid's scale and the input's grid are each searched over the reference's 100 candidates,
 alpha in linspace(0.01, 1.2, 100) times the calibrated maximum (eq_alpha, eq_beta, eq_n), in 3 alternating rounds
@@ -15,6 +21,7 @@ here). The search reads the first 32 calibration images, the reference's calibra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +77,7 @@ def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Qu
                   ranges: Ranges, gelus: set[str]) -> dict[str, dict[str, float]]:
     """Search every Linear / Conv2d's weight clip and input range in place of the calibrated ones: ``ranges`` is
     updated (the input range ''), and the weight clips are returned with the chosen alphas per layer:
-    {name: {"w_alpha", "a_alpha"}}."""
+    {name: {"w_alpha", "a_alpha"}} (AdaLog's FPCS sets the range itself: its a_alpha is 1)."""
     targets = {n: m for n, m in layers if isinstance(m, (nn.Linear, nn.Conv2d))}
     n_img = min(cfg.calib_size, SEARCH_IMAGES)
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
@@ -83,6 +90,7 @@ def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Qu
     run_calibration(model, calib, n_img, [(m, hook(n)) for n, m in targets.items()])
     grads = output_grads(model, targets, calib, n_img) if str(cfg.search_metric) == "hessian" else {}
     a_bits, w_bits = cfg.a_bits, int(cfg.w_bits) if cfg.w_bits is not None else None
+    fpcs_inputs = str(cfg.observer) == "adalog"
     chosen: dict[str, dict[str, float]] = {}
     for name, m in targets.items():
         x = torch.cat(inputs.pop(name))
@@ -90,16 +98,24 @@ def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Qu
         g = torch.cat([_out_rows(m, t) for t in grads.pop(name)]) if grads else None
         rng = ranges.get(name, {})
         x_fq = _input_quantizer(rng, a_bits, str(cfg.post_gelu) if name in gelus else None)
-        w_alpha, a_alpha = 1.0, 1.0
+        w_alpha, a_alpha, pair = 1.0, 1.0, None
+        searched_input = a_bits is not None and "" in rng and name not in gelus
         for _ in range(ROUNDS):
             if w_bits is not None:
                 w_alpha = ALPHAS[int(layer_errors(x, w, g, x_fq, w_bits, cfg.group, a_alpha, ALPHAS).argmin())]
-            if a_bits is not None and "" in rng and name not in gelus:
+            if searched_input and fpcs_inputs:  # AdaLog: (scale, zero point) pairs refined progressively
+                wq = ops.fake_quant_weight(w, w_bits, cfg.group, w_alpha).t() if w_bits is not None else w.t()
+                pair = fpcs(x, int(a_bits), functools.partial(_output_error, x=x, wq_t=wq, y=x @ w.t(), grad=g))
+                x_fq = functools.partial(_pair_quantizer, scale=pair[0], zp=pair[1], bits=int(a_bits))
+            elif searched_input:
                 a_alpha = ALPHAS[int(input_errors(x, w, g, x_fq, w_bits or 0, cfg.group, w_alpha, ALPHAS).argmin())]
             if w_bits is None:
                 break
-        if a_bits is not None and "" in rng and name not in gelus:
+        if searched_input:
             lo, hi = rng[""]
+            if pair is not None:  # the pair as a range: act_grid gives back exactly this scale and zero point
+                sc, z = pair
+                lo, hi, a_alpha = -z * sc, (2 ** int(a_bits) - 1 - z) * sc, 1.0
             ranges.setdefault(name, {})[""] = (lo * a_alpha, hi * a_alpha)
         chosen[name] = {"w_alpha": w_alpha, "a_alpha": a_alpha}
     return chosen
@@ -119,3 +135,60 @@ def _input_quantizer(rng: dict[str, tuple[float, float]], bits: int | None, post
         s, z = ops.act_qparams(torch.tensor(lo * a), torch.tensor(hi * a), bits)
         return ops.fake_quant_act(x, s, z, bits)
     return fq
+
+
+# ------------------------------------------------------------------------------------------------------- AdaLog
+FPCS_WIDTH, FPCS_STEPS, EQ_N = 16, 4, 100
+
+
+def percentile_candidates(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaLog's initial (scale, zero point) pairs of an asymmetric per-tensor grid for x: ranges from the
+    0.1 / 0.9 quantiles out to the extremes (EQ_N / zero points of them), times min(16, 2^(b-1)) zero points
+    around the middle code. Returns scales [K], zero points [K]."""
+    flat = x.detach().float().flatten()
+    if flat.numel() > 2**20:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 2**20]]
+    q = torch.quantile(flat, torch.tensor([0.0, 0.1, 0.9, 1.0]))
+    half = 2 ** (bits - 1)
+    n_zp = min(16, half)
+    n_scale = EQ_N // n_zp
+    deltas = torch.linspace(float(q[2] - q[1]), float(q[3] - q[0]), n_scale) / (2**bits - 1)
+    zps = torch.arange(half - n_zp // 2, half + n_zp // 2).float()
+    return deltas.repeat(n_zp), zps.repeat_interleave(n_scale)
+
+
+def _fq_pair(x: torch.Tensor, scale: float, zp: float, bits: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 2**bits - 1) - zp) * scale
+
+
+def _pair_quantizer(x: torch.Tensor, alpha: float, *, scale: float, zp: float, bits: int) -> torch.Tensor:
+    """An input quantizer (x, alpha) -> fake-quantized x on a searched (scale, zero point); alpha unused."""
+    return _fq_pair(x, scale, zp, bits)
+
+
+def _output_error(fq: Any, *, x: torch.Tensor, wq_t: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None,
+                  ) -> torch.Tensor:
+    """The layer output's error sum((fq(x) Wq^T - y)^2), weighted by grad^2 when given."""
+    d = fq(x) @ wq_t - y
+    return ((d * grad) ** 2).sum() if grad is not None else (d ** 2).sum()
+
+
+def fpcs(x: torch.Tensor, bits: int, score: Any) -> tuple[float, float]:
+    """AdaLog's fast progressive combining search of an input grid: score(fq) -> error of the layer output with
+    the inputs fake-quantized by fq; keep the best FPCS_WIDTH pairs, refine each one's scale on a finer grid
+    around it (the zero point kept), FPCS_STEPS times in all. Returns the best (scale, zero point)."""
+    scales, zps = percentile_candidates(x, bits)
+    step = float(scales[1] - scales[0]) if len(scales) > 1 else float(scales[0]) / 10
+    new = EQ_N // FPCS_WIDTH
+    for k in range(FPCS_STEPS):
+        errs = torch.stack([score(lambda t, s=float(s), z=float(z): _fq_pair(t, max(s, 1e-8), z, bits))
+                            for s, z in zip(scales, zps)])
+        keep = errs.argsort()[: 1 if k == FPCS_STEPS - 1 else FPCS_WIDTH]
+        scales, zps = scales[keep], zps[keep]
+        if k == FPCS_STEPS - 1:
+            break
+        offsets = (torch.linspace(0, 1, new) - 0.5) * step
+        step = step / (new - 0.5)
+        scales = (scales[:, None] + offsets[None]).flatten().clamp_min(1e-8)
+        zps = zps.repeat_interleave(new)
+    return float(scales[0]), float(zps[0])

@@ -33,6 +33,7 @@ from .brecq import brecq_
 from .calib import calibrate, layer_hessian, repq_reparam_
 from .config import (
     BRECQS,
+    SEARCHED,
     ActGranularity,
     Mode,
     Observer,
@@ -171,8 +172,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
     sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
     gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
-    searched = search_scales(model, layers, cfg, ctx.calib, ranges, gelus) if cfg.observer == Observer.PTQ4VIT \
-        else {}
+    searched = search_scales(model, layers, cfg, ctx.calib, ranges, gelus) if cfg.observer in SEARCHED else {}
     alpha = {n: a["w_alpha"] for n, a in searched.items()}
     clips = {}
     for name, m in layers:
