@@ -19,6 +19,7 @@ LAYERS = [
     ["pipeline"],
     ["robustness", "evaluate", "train", "dropins"],
     ["goals", "report", "sweep", "demo", "cli_output"],
+    ["search"],
     ["cli_common", "cli_tokens", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

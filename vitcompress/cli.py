@@ -43,6 +43,7 @@ from .pipeline import Calibration, compress_to, create_model
 from .recipes import recipe_path
 from .report import write_report
 from .robustness import AttackConfig
+from .search import SearchConfig, run_search
 from .sweep import run_sweep
 from .train import load_recipe, recipe_config
 from .train import train as run_train
@@ -190,6 +191,18 @@ def sweep(
                   if "sweep" in sys.argv else None)
     if not no_report and rank == 0:
         print_fronts(out)
+
+
+SearchOutOpt = typer.Option(..., "--out", help="Search folder (re-running resumes it); writes best/ and best.onnx.")
+
+
+@app.command()
+@config_options("search", SearchConfig)
+def search(model: str = ModelArg, out: Path = SearchOutOpt, opts: dict[str, Any] | None = None) -> None:
+    """The fastest stack deployable on --target whose held-out drop stays within --max-drop (needs Optuna)."""
+    cfg = SearchConfig(model=model, **(opts or {}))
+    with distributed.session():  # under torchrun the ranks evaluate trials of the one study in parallel
+        run_search(cfg, out, log=lambda m: typer.echo(m, err=True))
 
 
 def _var(text: str) -> tuple[str, str]:

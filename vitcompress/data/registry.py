@@ -19,6 +19,15 @@ from .sources import load_hf_hub, load_local, load_synthetic
 HELDOUT_DISJOINT_FROM = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
 
 
+def heldout_capacity(total: int) -> int:
+    """How many of a train split's ``total`` images a held-out split can take."""
+    used: set[int] = set()
+    for k in HELDOUT_DISJOINT_FROM:
+        if k < total:
+            used.update(even_subset(total, k))
+    return total - len(used)
+
+
 def heldout_indices(total: int, n: int) -> list[int]:
     """``n`` evenly spaced indices of a train split of ``total`` images outside ``even_subset(total, k)`` for every
     k in :data:`HELDOUT_DISJOINT_FROM`."""

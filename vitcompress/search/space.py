@@ -1,0 +1,84 @@
+"""The search space: families of compression steps, each a choice among options (or none), whose numbers are
+ranges or choices. A trial's sample is a stack in the family order."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..recipes import recipe_path
+from ..train import load_recipe
+
+DEFAULT = "search_space"
+# steps a file exported for ONNX Runtime / OpenVINO cannot hold (per-image counts, per-token activations)
+NOT_EXPORTABLE = ({"name": "adaptive_tokens"}, {"name": "sparse_attention"}, {"name": "quantize", "mode": "simulate"},
+                  {"name": "quantize", "a_granularity": "per_token"}, {"name": "learned_merge", "method": "ltmp"})
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    """families: {family: [option, ...]} in stack order; an option is a step dict whose values may be [lo, hi]
+    (numbers: a continuous range) or a list of strings (a choice)."""
+
+    families: dict[str, list[dict[str, Any]]]
+
+    def for_target(self, exported: bool) -> SearchSpace:
+        """The options a target can run: an exported file takes static, deployable steps only."""
+        if not exported:
+            return self
+        keep = {f: [o for o in opts if not any(_matches(o, bad) for bad in NOT_EXPORTABLE)]
+                for f, opts in self.families.items()}
+        return SearchSpace({f: opts for f, opts in keep.items() if opts})
+
+    def sample(self, trial: Any) -> list[dict[str, Any]]:
+        """One stack from an Optuna trial: per family an option index (or none), then each of its parameters."""
+        stack = []
+        for family, options in self.families.items():
+            pick = trial.suggest_categorical(family, ["none", *[str(i) for i in range(len(options))]])
+            if pick == "none":
+                continue
+            step = {}
+            for key, value in options[int(pick)].items():
+                name = f"{family}.{pick}.{key}"
+                if _is_range(value):
+                    step[key] = round(trial.suggest_float(name, float(value[0]), float(value[1])), 4)
+                elif isinstance(value, list):
+                    step[key] = trial.suggest_categorical(name, [str(v) for v in value])
+                else:
+                    step[key] = value
+            stack.append(step)
+        return stack
+
+
+def _is_range(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in value)
+
+
+def _matches(option: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    return all(option.get(k, _DEFAULTS.get((option.get("name"), k))) == v for k, v in pattern.items())
+
+
+_DEFAULTS = {("quantize", "mode"): "simulate", ("quantize", "a_granularity"): "per_tensor",
+             ("learned_merge", "method"): "ltmp"}
+
+
+def load_space(path: str | Path | None = None) -> SearchSpace:
+    """A space from a YAML file (``search:`` maps each family to its options) or the bundled default."""
+    data = load_recipe(recipe_path(str(path or DEFAULT)))
+    fams = data.get("search") if isinstance(data, dict) else None
+    if not isinstance(fams, dict) or not fams:
+        raise ConfigError(f"the search space {path or DEFAULT} is empty: it needs 'search:' with at least one family")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for family, options in fams.items():
+        if not isinstance(options, list) or not options or not all(isinstance(o, dict) and "name" in o
+                                                                    for o in options):
+            raise ConfigError(f"search space family '{family}' must be a non-empty list of steps with a name")
+        for o in options:
+            for key, value in o.items():
+                if _is_range(value) and float(value[0]) > float(value[1]):
+                    raise ConfigError(f"search space {family}: {key} range [{value[0]}, {value[1]}] is reversed")
+        out[str(family)] = options
+    return SearchSpace(out)
