@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..artifact import save_artifact
 from ..config import Config, StrEnum
 from ..data import load_data
@@ -129,7 +130,8 @@ def _sweeps(cfg: SearchConfig, base: dict[str, Any], n_full: int, n_small: int) 
              "repeat": cfg.repeat, "warmup": 2, "warmup_s": 0.2}
     common = dict(base=base, calib_data=cfg.data, calib_size=cfg.calib_size, bench=bench,
                   title=f"vitcompress search: {cfg.model} on {cfg.target}, batch {cfg.batch_size}")
-    full = SweepConfig(eval_data=[full_spec], accuracy=f"{full_spec}:{cfg.metric}", **common)
+    full = SweepConfig(eval_data=[full_spec], accuracy=f"{full_spec}:{cfg.metric}", peer_max_drop=cfg.max_drop,
+                       **common)
     small = SweepConfig(eval_data=[small_spec], accuracy=f"{small_spec}:{cfg.metric}", speed=False, **common)
     return full, small
 
@@ -178,9 +180,15 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
         raise UserError(f"the dense model did not run on {cfg.target}: {why}")
     ref_small = _metric(ctx_small.measure(anchor), cfg)
     ref, dense_speed = _metric(base_rec, cfg), _speed(dense_rec, cfg.batch_size)
-    trials: list[dict[str, Any]] = _load_trials(out)
+    peer = None
+    if cfg.target == Target.OPENVINO and importlib.util.find_spec("nncf") is not None:  # the peer, side by side
+        rec = _measured(ctx, _point("NNCF quantize_with_accuracy_control", {
+            "peer": "nncf_accuracy_control", "runtime": "openvino"}), full, base_key, pdir, log)
+        if rec.get("status") == "ok":
+            peer = {"point": rec["id"], "drop": round(ref - _metric(rec, cfg), 3),
+                    "speed": round(_speed(rec, cfg.batch_size) / dense_speed, 4)}
     objective = _Objective(cfg, space, ctx, ctx_small, full, base_key, pdir, (ref, ref_small), dense_speed,
-                           n_small, float(base_rec.get("gflops") or 0.0), trials, out, log)
+                           n_small, float(base_rec.get("gflops") or 0.0), out, log)
     # the drop over budget is a constraint (<= 0 is feasible): Optuna 5 records it on the trial, older ones ask
     modern = hasattr(optuna.trial.Trial, "set_constraint")
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, **({} if modern else {
@@ -195,8 +203,18 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     todo = None if cfg.n_trials is None else max(0, cfg.n_trials - len(study.trials))
     if left > 0 and todo != 0:
         study.optimize(objective, timeout=left, n_trials=todo, catch=(UserError, RuntimeError, ValueError))
+    distributed.barrier()  # under torchrun: every rank's trials are in the study before rank 0 chooses
+    if distributed.world()[0] != 0:
+        return {}
+    trials = _trials(study)
     _write_sweep(out, full, base_key)
-    return _finish(cfg, out, base, ctx, full, trials, ref, dense_speed, n_full, n_small, start, log)
+    return _finish(cfg, out, base, ctx, full, trials, ref, dense_speed, n_full, n_small, start, log, peer)
+
+
+def _trials(study: Any) -> list[dict[str, Any]]:
+    """Every trial's record, from the study (so that ranks sharing it, and resumed runs, see them all)."""
+    return [t.user_attrs["entry"] for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+            if "entry" in t.user_attrs]
 
 
 def _write_sweep(out: Path, full: SweepConfig, base_key: str) -> None:
@@ -223,23 +241,16 @@ def _measured(ctx: _Context, p: Point, cfg: SweepConfig, base_key: str, pdir: Pa
     return _run_point(ctx, pid, p, pdir, log, lambda *a, **k: None)
 
 
-def _load_trials(out: Path) -> list[dict[str, Any]]:
-    try:
-        return list(json.loads((out / "search.json").read_text()).get("trials", []))
-    except (OSError, ValueError):
-        return []
-
-
 class _Objective:
     """One trial: sample a stack, reject it cheaply if it cannot make the budget, else measure it in full."""
 
     def __init__(self, cfg: SearchConfig, space: SearchSpace, ctx: _Context, ctx_small: _Context, full: SweepConfig,
                  base_key: str, pdir: Path, refs: tuple[float, float], dense_speed: float, n_small: int,
-                 base_gflops: float, trials: list[dict[str, Any]], out: Path, log):
+                 base_gflops: float, out: Path, log):
         self.cfg, self.space, self.ctx, self.ctx_small, self.full = cfg, space, ctx, ctx_small, full
         self.base_key, self.pdir, (self.ref, self.ref_small) = base_key, pdir, refs
         self.dense_speed, self.n_small, self.base_gflops = dense_speed, n_small, base_gflops
-        self.trials, self.out, self.log = trials, out, log
+        self.out, self.log = out, log
 
     def __call__(self, trial: Any) -> float:
         stack = self.space.sample(trial)
@@ -247,8 +258,7 @@ class _Objective:
         try:
             return self._run(trial, stack, entry)
         finally:
-            self.trials.append(entry)
-            atomic_write_json(self.out / "search.json", {"config": self.cfg.to_dict(), "trials": self.trials})
+            trial.set_user_attr("entry", entry)  # the study holds the record: resumes and other ranks see it
 
     def _run(self, trial: Any, stack: list[dict[str, Any]], entry: dict[str, Any]) -> float:
         pruned = _optuna().TrialPruned
@@ -288,13 +298,14 @@ def _constrain(trial: Any, violation: float) -> None:
 
 
 def _finish(cfg: SearchConfig, out: Path, base: Any, ctx: _Context, full: SweepConfig, trials: list[dict[str, Any]],
-            ref: float, dense_speed: float, n_full: int, n_small: int, start: float, log) -> dict[str, Any]:
+            ref: float, dense_speed: float, n_full: int, n_small: int, start: float, log,
+            peer: dict[str, Any] | None = None) -> dict[str, Any]:
     """Choose, save and export the best feasible stack; score it on the test split; write the summary and report."""
     feasible = [t for t in trials if t.get("feasible")]
     best = max(feasible, key=lambda t: (t["speed"], -t["drop"]), default=None)
     summary: dict[str, Any] = {"config": cfg.to_dict(), "heldout": n_full, "heldout_small": n_small,
                                "reference": {"heldout": ref, "dense_speedup_vs_eager": dense_speed},
-                               "trials": trials, "chosen": best}
+                               "trials": trials, "chosen": best, "peer": peer}
     if best is not None:
         model = build_point(base, best["stack"], full)
         tmp = out / "best.tmp"
@@ -321,7 +332,8 @@ def _finish(cfg: SearchConfig, out: Path, base: Any, ctx: _Context, full: SweepC
             if best is None else
             f"search: {best['speed']:.2f}x the best dense {cfg.target} at batch {cfg.batch_size}; held-out drop "
             f"{best['drop']:.2f} pt, test drop {summary['test']['drop']:.2f} pt; {out / 'best'}"
-            + (f", {out / 'best.onnx'}" if cfg.target.exported else ""))
+            + (f", {out / 'best.onnx'}" if cfg.target.exported else "")
+            + (f"; NNCF accuracy control: {peer['speed']:.2f}x, held-out drop {peer['drop']:.2f} pt" if peer else ""))
     log(line)
     summary["line"] = line
     atomic_write_json(out / "search.json", summary)
@@ -339,6 +351,11 @@ def _markdown(s: dict[str, Any]) -> str:
         rows.append(f"| {t['trial']}{mark} | {stack} | {t.get('stage', '')} | {t.get('drop_small', '')} | "
                     f"{t.get('drop', '')} | {t.get('speed', '')} |")
     test = s.get("test") or {}
+    peer = s.get("peer")
+    rows.append("")
+    if peer:
+        rows.append(f"Peer, side by side: NNCF quantize_with_accuracy_control (max drop {cfg['max_drop']} pt) "
+                    f"{peer['speed']}x the best dense, held-out drop {peer['drop']} pt.")
     return "\n".join([
         f"# vitcompress search: {cfg['model']} on {cfg['target']}, batch {cfg['batch_size']}", "",
         f"Budget {cfg['budget_minutes']} min (took {s['seconds']} s); max {cfg['metric']} drop {cfg['max_drop']} pt "

@@ -64,7 +64,8 @@ class SweepConfig(Config):
     attack: attack settings (an :class:`~vitcompress.robustness.AttackConfig` dict, or a list of them) measured
     on ``attack_limit`` images of the first eval data: robust top-1 and transfer rate columns.
     title: the report's heading. goals: targets the report judges on the finished points
-    (:mod:`vitcompress.goals`); they change no point.
+    (:mod:`vitcompress.goals`); they change no point. peer_max_drop: the budget (points) of the
+    ``nncf_accuracy_control`` peer, which validates on the first eval data.
     """
 
     NAME = "sweep"
@@ -88,6 +89,7 @@ class SweepConfig(Config):
     attack_limit: int = 1000
     variables: dict[str, str] = dataclasses.field(default_factory=dict)
     goals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    peer_max_drop: float = 1.0  # the accuracy-control peer's budget: points of the accuracy metric
 
     def validate(self) -> None:
         check_goals(self.goals)

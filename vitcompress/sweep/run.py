@@ -24,6 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import distributed
@@ -68,12 +69,29 @@ def deploy(model: nn.Module, point: Point, cfg: SweepConfig, workdir: Path) -> n
     runtime = point.runs_in(cfg)
     if point.peer is not None:
         calib = [x.numpy() for x, _, _ in calibration_batches(model, Calibration(cfg.calib_data, cfg.calib_size))]
-        return peer_model(point.peer, model, calib, workdir, runtime.exported)
+        return peer_model(point.peer, model, calib, workdir, runtime.exported, validation=_validation(model, cfg),
+                          max_drop=cfg.peer_max_drop)
     if runtime.exported is None:
         return model
     path = workdir / "model.onnx"
     export_model(model, path, ExportConfig.from_dict(point.export or {}))
     return load_runtime_model(path, runtime.exported)
+
+
+def _validation(model: nn.Module, cfg: SweepConfig) -> list[tuple[Any, Any]]:
+    """An accuracy-control peer's validation batches: the first eval data with its labels, or (accuracy by
+    agreement, no labels needed) the dense model's own predictions as labels."""
+    if not cfg.eval_data:
+        return []
+    data = load_data(cfg.eval_data[0], data_config(model), limit=cfg.eval_limit)
+    agreement = cfg.accuracy.endswith(":agreement")
+    out = []
+    for x, y, _ in data.loader(64):
+        if agreement:
+            with torch.inference_mode():
+                y = model.eval()(x).argmax(-1)
+        out.append((x.numpy(), y.numpy()))
+    return out
 
 
 def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
