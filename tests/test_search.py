@@ -93,3 +93,14 @@ def test_a_missing_target_runtime_is_refused(tiny, tmp_path, monkeypatch):
                         lambda name, *a: None if name == "openvino" else real(name, *a))
     with pytest.raises(ConfigError, match="openvino"):
         run_search(_cfg(tiny, target="openvino"), tmp_path / "s", log=lambda m: None)
+
+
+def test_a_trial_left_running_by_a_killed_search_does_not_stop_the_restart(tiny, tmp_path):
+    import optuna
+
+    out = tmp_path / "s"
+    run_search(_cfg(tiny, max_drop=100.0, n_trials=1), out, log=lambda m: None)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    study.ask()  # a trial the killed process never told: RUNNING, no heartbeat from here on
+    again = run_search(_cfg(tiny, max_drop=100.0, n_trials=3), out, log=lambda m: None)
+    assert len(again["trials"]) == 2 and again["chosen"] is not None  # the kept one and one more

@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,12 @@ class Metric(StrEnum):
 
 @dataclasses.dataclass
 class SearchConfig(Config):
-    """model: a timm id, checkpoint or artifact; data: its train split gives the calibration and the held-out
-    images, its test split the reported drop. max_drop: points of ``metric`` the chosen stack may lose on held-out
-    data. target: where it will run, timed at ``batch_size``. budget_minutes: wall-clock for the whole search.
-    space: a search-space YAML (default: the bundled one). heldout / heldout_small: held-out images for the full
-    and the first, cheap accuracy check (default: 2,000 and 500, or what the train split allows). n_trials: stop
-    after this many trials in all (default: when the budget is spent)."""
+    """model: a timm id, an artifact, or ``recipe:NAME`` (a bundled training recipe's cached baseline); data: its
+    train split gives the calibration and the held-out images, its test split the reported drop. max_drop: points of
+    ``metric`` the chosen stack may lose on held-out data. target: where it will run, timed at ``batch_size``.
+    budget_minutes: wall-clock for the whole search. space: a search-space YAML (default: the bundled one). heldout /
+    heldout_small: held-out images for the full and the first, cheap accuracy check (default: 2,000 and 500, or what
+    the train split allows). n_trials: stop after this many trials in all (default: when the budget is spent)."""
 
     NAME = "search"
     VERSION = 1
@@ -162,7 +163,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     space = load_space(cfg.space).for_target(cfg.target.exported)
     if not space.families:
         raise ConfigError(f"the search space has no option that target {cfg.target} can run")
-    base_spec = {"artifact": cfg.model} if Path(cfg.model).is_dir() else {"model": cfg.model}
+    base_spec = {"recipe": cfg.model[len("recipe:"):]} if cfg.model.startswith("recipe:") else \
+        {"artifact": cfg.model} if Path(cfg.model).is_dir() else {"model": cfg.model}
     probe = SweepConfig(base=base_spec, eval_data=[], speed=True)
     base, base_key = resolve_base(probe, log=log)
     train_len = len(load_data(cfg.data, data_config(base), purpose="train"))
@@ -193,10 +195,14 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     modern = hasattr(optuna.trial.Trial, "set_constraint")
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, **({} if modern else {
         "constraints_func": lambda t: [t.user_attrs.get("violation", 0.0)]}))
-    study = optuna.create_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
-                                direction="maximize", sampler=sampler)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):  # a killed run's trial
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    # heartbeats: a trial whose process died (a killed search) is failed once its heartbeat is 2 minutes old, by
+    # whichever process of this study starts a trial next; live trials of other processes (torchrun ranks) stay
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=30,
+                                             grace_period=120)
+    study = optuna.create_study(study_name="search", storage=storage, load_if_exists=True, direction="maximize",
+                                sampler=sampler)
     budget = cfg.budget_minutes * 60
     reserve = min(max(30.0, 0.15 * budget), 0.5 * budget)  # the final build, export and test evaluation
     left = budget - (time.monotonic() - start) - reserve
