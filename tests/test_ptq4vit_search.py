@@ -130,3 +130,17 @@ def test_adalog_searches_every_input_grid():
     assert set(state["scale_search"]) == set(state["layers"])
     fc1 = model.blocks[0].mlp.fc1
     assert 0 <= float(fc1.a_zero) <= 15 and torch.isfinite(infer(model, images())).all()
+
+
+def test_the_search_reads_the_float_attention_beside_quantized_matmuls():
+    """With the attention matmuls quantized (and their grids not yet set) the search still sees floating-point
+    inputs: the searched model stays close to the float one."""
+    model = wide_model()
+    x = images(8)
+    ref = infer(model, x)
+    compress_(model, QuantConfig(w_bits=8, a_bits=8, observer="ptq4vit", softmax="twin", post_gelu="twin",
+                                 search_metric="hessian", calib_size=8, layers=["qkv", "proj", "fc1", "fc2",
+                                                                                  "attn_matmul"]), calib=CALIB)
+    chosen = model_info(model).transforms[-1]["state"]["scale_search"]
+    assert min(c["w_alpha"] for c in chosen.values()) > search.ALPHAS[0]  # no layer collapsed to the grid's floor
+    assert (infer(model, x).argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75

@@ -31,6 +31,7 @@ from torch import nn
 from ..layers import run_calibration
 from . import ops
 from .calib import _rows, output_grads
+from .simulate import QuantAttention
 
 if TYPE_CHECKING:
     from .calib import Ranges
@@ -39,6 +40,15 @@ if TYPE_CHECKING:
 ALPHAS = tuple(float(a) for a in torch.linspace(0.01, 1.2, 100))
 ROUNDS = 3
 SEARCH_IMAGES = 32
+
+
+def _best(errors: torch.Tensor) -> int:
+    """The candidate with the least error (a NaN error never wins)."""
+    return int(torch.nan_to_num(errors, nan=float("inf")).argmin())
+
+
+def _ignore(key: str, t: torch.Tensor) -> None:
+    """An attention observer that records nothing (its presence keeps the attention in floating point)."""
 
 
 def _out_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -87,8 +97,15 @@ def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Qu
             inputs[name].append(_rows(module, args[0]))
         return fn
 
-    run_calibration(model, calib, n_img, [(m, hook(n)) for n, m in targets.items()])
-    grads = output_grads(model, targets, calib, n_img) if str(cfg.search_metric) == "hessian" else {}
+    attns = [m for m in model.modules() if isinstance(m, QuantAttention) and m._vc_observer is None]
+    for a in attns:  # observed = floating point: the search reads the float model's inputs and gradients
+        a._vc_observer = _ignore
+    try:
+        run_calibration(model, calib, n_img, [(m, hook(n)) for n, m in targets.items()])
+        grads = output_grads(model, targets, calib, n_img) if str(cfg.search_metric) == "hessian" else {}
+    finally:
+        for a in attns:
+            a._vc_observer = None
     a_bits, w_bits = cfg.a_bits, int(cfg.w_bits) if cfg.w_bits is not None else None
     fpcs_inputs = str(cfg.observer) == "adalog"
     chosen: dict[str, dict[str, float]] = {}
@@ -102,13 +119,13 @@ def search_scales(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Qu
         searched_input = a_bits is not None and "" in rng and name not in gelus
         for _ in range(ROUNDS):
             if w_bits is not None:
-                w_alpha = ALPHAS[int(layer_errors(x, w, g, x_fq, w_bits, cfg.group, a_alpha, ALPHAS).argmin())]
+                w_alpha = ALPHAS[_best(layer_errors(x, w, g, x_fq, w_bits, cfg.group, a_alpha, ALPHAS))]
             if searched_input and fpcs_inputs:  # AdaLog: (scale, zero point) pairs refined progressively
                 wq = ops.fake_quant_weight(w, w_bits, cfg.group, w_alpha).t() if w_bits is not None else w.t()
                 pair = fpcs(x, int(a_bits), functools.partial(_output_error, x=x, wq_t=wq, y=x @ w.t(), grad=g))
                 x_fq = functools.partial(_pair_quantizer, scale=pair[0], zp=pair[1], bits=int(a_bits))
             elif searched_input:
-                a_alpha = ALPHAS[int(input_errors(x, w, g, x_fq, w_bits or 0, cfg.group, w_alpha, ALPHAS).argmin())]
+                a_alpha = ALPHAS[_best(input_errors(x, w, g, x_fq, w_bits or 0, cfg.group, w_alpha, ALPHAS))]
             if w_bits is None:
                 break
         if searched_input:
