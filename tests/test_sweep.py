@@ -8,7 +8,7 @@ import yaml
 
 from vitcompress.errors import ConfigError
 from vitcompress.report import pareto_front
-from vitcompress.sweep import _Context, expand, load_sweep, run_sweep
+from vitcompress.sweep import SweepContext, expand, load_sweep, run_sweep
 
 
 def _recipe(artifact, **extra):
@@ -61,7 +61,7 @@ def test_bad_recipes_are_config_errors(trained_artifact, change, msg):
 
 def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    real = _Context.measure
+    real = SweepContext.measure
     calls = []
 
     def dies_on_third(self, point):
@@ -70,14 +70,14 @@ def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, mo
             raise KeyboardInterrupt
         return real(self, point)
 
-    monkeypatch.setattr(_Context, "measure", dies_on_third)
+    monkeypatch.setattr(SweepContext, "measure", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
     finished = sorted(p.name for p in (out / "points").glob("*.json"))
     assert len(finished) == 2 and not list((out / "points").glob(".*tmp"))
 
     calls.clear()
-    monkeypatch.setattr(_Context, "measure", lambda self, p: (calls.append(p.name), real(self, p))[1])
+    monkeypatch.setattr(SweepContext, "measure", lambda self, p: (calls.append(p.name), real(self, p))[1])
     run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
     assert calls == ["w8a8", "mlp", "impossible", "W4A8", "W8A8"]  # the first two were not recomputed
     records = [json.loads(p.read_text()) for p in (out / "points").glob("*.json")]

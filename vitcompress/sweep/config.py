@@ -197,7 +197,7 @@ class Point:
 def dense_point(spec: str) -> Point:
     """``torch:bf16``, ``torch-compile``, ``onnxruntime``, ... -> the dense model as a point in that runtime."""
     runtime, _, dtype = spec.partition(":")
-    return _point(f"dense ({spec})", {"stack": [], "runtime": runtime, "dtype": dtype or None})
+    return make_point(f"dense ({spec})", {"stack": [], "runtime": runtime, "dtype": dtype or None})
 
 
 def load_sweep(path_or_dict: str | Path | dict[str, Any], variables: dict[str, str] | None = None) -> SweepConfig:
@@ -234,7 +234,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
     for i, p in enumerate(cfg.points):
         if "stack" not in p and "peer" not in p:
             raise ConfigError(f"point {i} ({p.get('name', '?')}) has no stack")
-        points.append(_point(str(p.get("name") or f"point {i}"), p))
+        points.append(make_point(str(p.get("name") or f"point {i}"), p))
     for g in cfg.grid:
         fields = list((g.get("product") or {}).items())
         if not fields:
@@ -250,7 +250,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
                 label[field] = value
             name = str(g.get("name", "grid")).format(**label) if "{" in str(g.get("name", "")) else \
                 f"{g.get('name', 'grid')} " + " ".join(f"{k}={v}" for k, v in label.items())
-            points.append(_point(name, {**g, "stack": stack}))
+            points.append(make_point(name, {**g, "stack": stack}))
     for p in points:
         for step in p.stack:
             if "name" not in step:
@@ -263,7 +263,7 @@ def expand(cfg: SweepConfig) -> list[Point]:
     return points
 
 
-def _point(name: str, p: dict[str, Any]) -> Point:
+def make_point(name: str, p: dict[str, Any]) -> Point:
     unknown = sorted(set(p) - {"name", "stack", "runtime", "dtype", "export", "peer", "product"})
     if unknown:
         raise ConfigError(f"point '{name}': unknown field(s) {', '.join(unknown)}")

@@ -105,7 +105,7 @@ def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
 
 
 # ---------------------------------------------------------------------------------------------- running
-class _Context:
+class SweepContext:
     """What every point is measured against: the base's data, logits and speed runners (built once)."""
 
     def __init__(self, base: nn.Module, cfg: SweepConfig):
@@ -199,7 +199,7 @@ def attack_label(a: AttackConfig) -> str:
     return f"{a.method} {eps.numerator}/{eps.denominator} {a.source}" if eps else f"{a.method} 0 {a.source}"
 
 
-def _finished(path: Path) -> bool:
+def point_finished(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("status") == "ok"
     except (OSError, ValueError):
@@ -216,7 +216,7 @@ def _claim(pdir: Path, pid: str, wait: bool, since: float) -> Iterator[bool]:
     if not (locks / ".gitignore").is_file():
         atomic_write_text(locks / ".gitignore", "*\n")
     with file_lock(locks / f"{pid}.lock", wait=wait) as held:
-        yield held and not _finished(pdir / f"{pid}.json") and not _failed_by_sibling(pdir / f"{pid}.json", since)
+        yield held and not point_finished(pdir / f"{pid}.json") and not _failed_by_sibling(pdir / f"{pid}.json", since)
 
 
 def _failed_by_sibling(path: Path, since: float) -> bool:
@@ -242,7 +242,7 @@ def _process_start() -> float:
         return time.time()
 
 
-def _run_points(ctx: _Context, todo: list[tuple[str, Point]], pdir: Path, progress: bool, log,
+def _run_points(ctx: SweepContext, todo: list[tuple[str, Point]], pdir: Path, progress: bool, log,
                 ) -> list[dict[str, Any]]:
     """Measure each point that no other worker holds; write its record atomically as soon as it is done (failures
     included). Points another worker held are waited for at the end, and run here if it died without finishing."""
@@ -253,18 +253,18 @@ def _run_points(ctx: _Context, todo: list[tuple[str, Point]], pdir: Path, progre
         for pid, p in todo:
             with _claim(pdir, pid, wait=False, since=since) as ours:
                 if ours:
-                    records.append(_run_point(ctx, pid, p, pdir, log, tick))
-                elif not _finished(pdir / f"{pid}.json"):
+                    records.append(run_point(ctx, pid, p, pdir, log, tick))
+                elif not point_finished(pdir / f"{pid}.json"):
                     held.append((pid, p))
             tick()
         for pid, p in held:  # another worker had it: wait for it, and take it over only if that worker died
             with _claim(pdir, pid, wait=True, since=since) as ours:  # before writing its record
                 if ours:
-                    records.append(_run_point(ctx, pid, p, pdir, log, tick))
+                    records.append(run_point(ctx, pid, p, pdir, log, tick))
     return records
 
 
-def _run_point(ctx: _Context, pid: str, p: Point, pdir: Path, log, tick) -> dict[str, Any]:
+def run_point(ctx: SweepContext, pid: str, p: Point, pdir: Path, log, tick) -> dict[str, Any]:
     tick(0, description=f"sweep: {p.name}")
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"id": pid, "name": p.name, "family": p.family, "deployable": p.deployable,
@@ -308,12 +308,12 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
                                                "points": [{"id": i, "name": p.name, "family": p.family}
                                                           for i, p in zip(ids, points)]})
     todo = [(i, p) for k, (i, p) in enumerate(zip(ids, points))
-            if k % shard[1] == shard[0] and not _finished(pdir / f"{i}.json")]
+            if k % shard[1] == shard[0] and not point_finished(pdir / f"{i}.json")]
     log(f"sweep: {len(points)} points, {len(points) - len(todo)} finished or on other ranks, {len(todo)} to run")
     records: list[dict[str, Any]] = []
     if todo:
         with distributed.local():  # each rank evaluates its own points alone
-            records = _run_points(_Context(base, cfg), todo, pdir, progress, log)
+            records = _run_points(SweepContext(base, cfg), todo, pdir, progress, log)
     distributed.barrier()  # under torchrun: every rank's points are on disk before the report
     if report and shard[0] == 0:
 
