@@ -180,10 +180,20 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _derived(model: nn.Module, key: str) -> bool:
+    """Whether the module owning state-dict ``key`` rebuilds that buffer from the others when a file lacks it (it
+    names it in ``_vc_derived_buffers``): files written before the buffer existed still load."""
+    owner, _, name = key.rpartition(".")
+    try:
+        return name in getattr(model.get_submodule(owner), "_vc_derived_buffers", ())
+    except AttributeError:
+        return False
+
+
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in sd and not _derived(model, k)]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]

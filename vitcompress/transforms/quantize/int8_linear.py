@@ -232,6 +232,8 @@ class Int8Linear(ScaledLinear):
     [] (static per-tensor activations; unused per token). Parameter: bias [out] or None.
     """
 
+    _vc_derived_buffers = ("w_half",)  # absent from artifacts before 2026-12-05: rebuilt from the codes on load
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__(in_features, out_features, bias, per_token, device, backend)
