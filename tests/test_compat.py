@@ -2,6 +2,7 @@
 and give bit-identical logits. Token merging is left out on purpose: its matching was changed to the
 reference's (issue #17), so its outputs differ by design."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def test_pre_redesign_artifact_loads_bit_identical(name, monkeypatch):
                 m.backend = "torch"
     with torch.inference_mode():
         got = model(x)
-    if torch.backends.cpu.get_cpu_capability() != RECORDED_ON:  # fp32 sums in another order: close, not equal
+    capped = any(os.environ.get(v) for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))  # oneDNN below the ISA
+    if torch.backends.cpu.get_cpu_capability() != RECORDED_ON or capped:  # fp32 sums in another order: close
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(got, expected)
