@@ -47,6 +47,8 @@ from ..sweep.config import Point, SweepConfig, dense_point, make_point, point_id
 from ..sweep.run import SweepContext, bench_for, build_point, deploy, point_finished, resolve_base, run_point
 from .space import SearchSpace, load_space
 
+PEER = {"peer": "nncf_accuracy_control", "runtime": "openvino"}  # the point NNCF's accuracy control runs as
+
 
 class Target(StrEnum):
     TORCH = "torch"
@@ -184,11 +186,10 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     timer = _Timer(cfg, full, base, ctx.images)
     peer = None
     if cfg.target == Target.OPENVINO and importlib.util.find_spec("nncf") is not None:  # the peer, side by side
-        rec = _measured(ctx, make_point("NNCF quantize_with_accuracy_control", {
-            "peer": "nncf_accuracy_control", "runtime": "openvino"}), full, base_key, pdir, log)
+        rec = _measured(ctx, make_point("NNCF quantize_with_accuracy_control", PEER), full, base_key, pdir, log)
         if rec.get("status") == "ok":
-            peer = {"point": rec["id"], "drop": round(ref - _metric(rec, cfg), 3), "speed": round(timer.speedup(
-                make_point("peer", {"peer": "nncf_accuracy_control", "runtime": "openvino"}))["speedup_vs_dense"], 4)}
+            peer = {"point": rec["id"], "drop": round(ref - _metric(rec, cfg), 3),
+                    "speed": round(timer.speedup(make_point("peer", PEER), "peer")["speedup_vs_dense"], 4)}
     objective = _Objective(cfg, space, ctx, ctx_small, full, base_key, pdir, (ref, ref_small), timer,
                            n_small, float(base_rec.get("gflops") or 0.0), out, log)
     # the drop over budget is a constraint (<= 0 is feasible): Optuna 5 records it on the trial, older ones ask
@@ -311,14 +312,20 @@ class _Timer:
         self.bench, self.size = full.bench_config(), data_config(base)["input_size"]
         self.repeat = max(3 * cfg.repeat, 15)
         self._tmp = tempfile.TemporaryDirectory(prefix="vitcompress-search-")
+        self._kept: dict[str, Any] = {}
         self.dense = self._runner(dense_point(cfg.target.runtime), "dense")
 
     def _runner(self, p: Point, key: str) -> Any:
+        if key in self._kept:
+            return self._kept[key]
         work = Path(self._tmp.name) / key
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         model = deploy(build_point(self.base, p.stack, self.full), p, self.full, work)
-        return model_runner(model, self.cfg.batch_size, self.size, bench_for(p, self.full), self.images)
+        run = model_runner(model, self.cfg.batch_size, self.size, bench_for(p, self.full), self.images)
+        if key != "trial":  # the dense model and the peer are timed again at the end: built once
+            self._kept[key] = run
+        return run
 
     def speedup(self, p: Point, key: str = "trial") -> dict[str, float]:
         r = compare(self.dense, self._runner(p, key), device=self.bench.resolve_device(), warmup=self.bench.warmup,
@@ -331,9 +338,10 @@ def _side_by_side(cfg: SearchConfig, timer: _Timer, stack: list[dict[str, Any]],
     """The chosen stack (and the peer, when there is one) timed again alternately with the target's dense model:
     the reported speed-ups."""
     out: dict[str, Any] = {"batch_size": cfg.batch_size, "repeat": timer.repeat,
-                           "best": timer.speedup(make_point("best", {"stack": stack, "runtime": cfg.target.runtime}))}
+                           "best": timer.speedup(make_point("best", {"stack": stack, "runtime": cfg.target.runtime}),
+                                                 "best")}
     if with_peer:
-        out["peer"] = timer.speedup(make_point("peer", {"peer": "nncf_accuracy_control", "runtime": "openvino"}))
+        out["peer"] = timer.speedup(make_point("peer", PEER), "peer")
         out["best_vs_peer"] = out["best"]["speedup_vs_dense"] / out["peer"]["speedup_vs_dense"]
     return out
 
