@@ -179,3 +179,23 @@ def test_a_finetuned_non_default_checkpoint_runs_through_every_command(tmp_path,
     rc, _, err = cli("sweep", recipe, "--out", tmp_path / "sw", "--no-report")
     assert rc == 0, err
     assert len(list((tmp_path / "sw" / "points").glob("*.json"))) == 2
+
+
+def test_eventful_and_minivit_through_the_cli(tmp_path, cli, trained_artifact):
+    """Eventful runs video clips (and refuses separate images in one line); MiniViT shares through `prune --share`;
+    bad settings fail in one line."""
+    rc, _, err = cli("eventful", trained_artifact, "--out", tmp_path / "ev", "--fraction", "0.5")
+    assert rc == 0, err
+    rc, out, err = cli("eval", tmp_path / "ev", "--data", "video:4:digits", "--no-speed", "--json", tmp_path / "e.json")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["n_images"] == 4 and res["agreement"] is not None  # clips, against the per-frame base
+    _one_clean_line(*cli("eval", tmp_path / "ev", "--data", "digits", "--limit", "8", "--no-speed")[::2], "stateful")
+    for args, pattern in [(["--policy", "threshold", "--threshold", "-1"], "threshold must be >= 0"),
+                          (["--fraction", "0"], "fraction must be in (0, 1]")]:
+        rc, _, err = cli("eventful", trained_artifact, "--out", tmp_path / "x", *args)
+        _one_clean_line(rc, err, pattern)
+    rc, _, err = cli("prune", trained_artifact, "--out", tmp_path / "mv", "--share", "2")
+    assert rc == 0, err
+    _one_clean_line(*cli("prune", trained_artifact, "--out", tmp_path / "y", "--share", "3")[::2],
+                    "share 3 does not divide the depth 2")

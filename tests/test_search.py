@@ -53,6 +53,18 @@ def _space(tmp_path, text=None):
     return p
 
 
+def test_an_option_may_be_a_sub_stack_with_the_searchs_data(tiny, tmp_path):
+    """MiniViT with its recovery, as one option: the trial runs both, the recovery on the search's --data."""
+    text = ("search:\n  share:\n    - [{name: minivit, share: 2}, {name: recovery, data: '${data}', epochs: 1,"
+            " limit: 64, batch_size: 32, distill: weight}]\n")
+    space = load_space(_space(tmp_path, text))
+    assert len(space.families["share"][0]) == 2
+    out = run_search(_cfg(tiny, max_drop=100.0, n_trials=2, space=str(_space(tmp_path, text))), tmp_path / "s",
+                     log=lambda m: None)
+    stacks = [t["stack"] for t in out["trials"] if t["stack"]]
+    assert stacks and stacks[0][0] == {"name": "minivit", "share": 2} and stacks[0][1]["data"] == "digits"
+
+
 def test_exported_targets_leave_out_what_a_file_cannot_hold():
     space = load_space().for_target(exported=True)
     assert all(o.get("a_granularity") != "per_token" for o in space.families["quant"])

@@ -121,10 +121,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as safetensors stores it: contiguous CPU tensors, shared storage un-shared."""
+    """The state dict as safetensors stores it: contiguous CPU tensors, shared storage un-shared. A parameter that
+    several modules share (one Parameter under several keys: MiniViT) is stored once, under its first key; loading
+    fills the others from it (:func:`vitcompress.models.load_state_dict_strict`)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in model.state_dict().items():
+    params: set[int] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, nn.Parameter):
+            if id(v) in params:
+                continue
+            params.add(id(v))
         t = v.detach().cpu().contiguous()
         ptr = t.untyped_storage().data_ptr()
         tensors[k] = t.clone() if ptr in seen else t  # safetensors refuses shared storage

@@ -47,7 +47,14 @@ from .search import SearchConfig, run_search
 from .sweep import run_sweep
 from .train import load_recipe, recipe_config
 from .train import train as run_train
-from .transforms import BlockSparseConfig, MixedPrecisionConfig, PruneConfig, QuantConfig, RecoveryConfig
+from .transforms import (
+    BlockSparseConfig,
+    MiniVitConfig,
+    MixedPrecisionConfig,
+    PruneConfig,
+    QuantConfig,
+    RecoveryConfig,
+)
 
 
 @app.command()
@@ -107,9 +114,10 @@ def eval_(
     print_eval(result)
 
 
-@compress_command("prune", PruneConfig, BlockSparseConfig, RecoveryConfig, calibrated=True)
+@compress_command("prune", PruneConfig, BlockSparseConfig, MiniVitConfig, RecoveryConfig, calibrated=True)
 def prune(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None, model_opts: dict[str, Any]) -> None:
-    """Structured (heads, MLP width) and block-structured pruning, with optional distillation recovery."""
+    """Structured (heads, MLP width), block-structured pruning and MiniViT weight sharing, with optional
+    distillation recovery."""
 
     def pick(*names: str) -> dict[str, Any]:
         return {k: opts[k] for k in names if k in opts}
@@ -119,8 +127,9 @@ def prune(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None
     if "block_size" in opts and "sparsity" not in opts:
         raise ConfigError("--block-size needs --sparsity (the fraction of blocks removed)")
     stack += [BlockSparseConfig(**pick("sparsity", "block_size"), **common)] if "sparsity" in opts else []
+    stack = [MiniVitConfig(share=opts["share"])] + stack if "share" in opts else stack
     if not stack:
-        raise ConfigError("give --heads, --mlp and/or --sparsity")
+        raise ConfigError("give --heads, --mlp, --sparsity and/or --share")
     recovery = pick("epochs", "data", "distill", "attn_only", "lr", "device")
     stack += [RecoveryConfig(**recovery)] if recovery else []
     _needs_calibration(stack, calib)

@@ -1,5 +1,6 @@
-"""The token-reduction commands: merge (ToMe / EViT), adapt (ATS-style), learn-merge (LTMP / DiffRate-style)
-and sparse-attn (Sparsifiner-style). Each maps its flags to one config and makes one library call."""
+"""The token-reduction commands: merge (ToMe / EViT), adapt (ATS-style), learn-merge (LTMP / DiffRate-style),
+sparse-attn (Sparsifiner-style) and eventful (Eventful Transformers, for video). Each maps its flags to one config
+and makes one library call."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .cli_output import print_records
 from .pipeline import Calibration, compress_to
 from .transforms import (
     AdaptiveTokensConfig,
+    EventfulConfig,
     LearnedMergeConfig,
     ResolutionConfig,
     SparseAttentionConfig,
@@ -48,3 +50,10 @@ def sparse_attn(model: str, out: Path, opts: dict[str, Any], model_opts: dict[st
 def learn_merge(model: str, out: Path, opts: dict[str, Any], model_opts: dict[str, Any]) -> None:
     """Learned token merging under a FLOPs budget (LTMP / DiffRate-style), backbone frozen; writes an artifact."""
     print_records("learn-merge", out, compress_to(out, _model(model, **model_opts), [LearnedMergeConfig(**opts)]))
+
+
+@compress_command("eventful", EventfulConfig)
+def eventful(model: str, out: Path, opts: dict[str, Any], model_opts: dict[str, Any]) -> None:
+    """Eventful Transformers: a stateful model for video that re-processes only the tokens that changed since the
+    last frame, training-free; writes an artifact (evaluate it on a video: data spec)."""
+    print_records("eventful", out, compress_to(out, _model(model, **model_opts), [EventfulConfig(**opts)]))

@@ -26,7 +26,7 @@ from .bench import (
 )
 from .bench.timing import attention_backend
 from .data import ImageData, load_data
-from .errors import check_positive
+from .errors import DataError, check_positive
 from .export import RuntimeModel
 from .models import data_config, model_info
 from .pipeline import load_base
@@ -56,15 +56,34 @@ def predict(model: nn.Module, data: ImageData, *, batch_size: int = 64, cfg: Ben
     with attention_backend(model, cfg.sdpa), progress_bar(progress, len(loader), f"eval {data.name}") as tick:
         for x, y, g in loader:
             x = x.to(device)
-            dtype = dtype or cfg.dtype.on(device, model, x)
+            dtype = dtype or cfg.dtype.on(device, model, _probe(model, x))
             with torch.autocast(device.type, dtype=dtype.torch, enabled=dtype != Dtype.FP32):
-                out = model(x)
+                out = forward(model, x)
             outs.append(torch.cat([out.float().cpu(), y[:, None].float(), g[:, None].float()], 1))
             tick()
     if size > 1:
         outs = distributed.reassemble(distributed.gather((batch_ids, outs)))
     merged = torch.cat(outs) if outs else torch.zeros(0, 3)
     return merged[:, :-2].contiguous(), merged[:, -2].long(), merged[:, -1].long()
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The batch that ``dtype: auto`` times the model on: what :func:`forward` gives it (whole clips to a stateful
+    model, whose every call then starts from a reset; a clip's frames as one batch to any other)."""
+    stateful = getattr(model, "_vc_stateful", False)
+    if stateful and x.dim() != 5:
+        raise DataError("an Eventful model is stateful: it runs the frames of videos in order (a video: data spec), "
+                        "not a batch of separate images")
+    return x.flatten(0, 1) if x.dim() == 5 and not stateful else x
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits [B,K] of images x [B,3,H,W], or of clips x [B,T,3,H,W] (the mean of their frames' logits: a
+    stateful model (Eventful) runs each clip's frames in order, any other model each frame on its own)."""
+    probe = _probe(model, x)  # refuses separate images for a stateful model
+    if x.dim() == 5:
+        return (model(x) if probe is x else model(probe).unflatten(0, x.shape[:2])).mean(1)
+    return model(x)
 
 
 def predict_traced(model: nn.Module, data: ImageData, **kwargs: Any,
@@ -134,6 +153,10 @@ def evaluate(model: nn.Module, data: ImageData, *, reference: nn.Module | str | 
         base = load_base(model) if attack.source == AttackSource.BASE else None
         result["attack"] = attack_eval(model, data, attack, base=base, batch_size=batch_size, bench=bench)
     result.update(static_metrics(model))
+    stateful = getattr(model, "_vc_stateful", False)
+    if stateful:
+        result["gflops_note"] = ("a frame after a stream's first (top-k: exact; threshold: the first frame's, all "
+                                 "tokens); python -m benchmarks.eventful counts them on clips")
     if tokens is not None:  # per-image counts: GFLOPs are the mean over the images that ran
         result.update(tokens=tokens, gflops=tokens["gflops_mean"], gmacs=tokens["gflops_mean"] / 2,
                       gflops_note="mean per image over the data (adaptive token counts)")
@@ -155,8 +178,8 @@ def accuracy_dtype(model: nn.Module, data: ImageData, batch_size: int, bench: Be
     device = bench.resolve_device()
     if isinstance(model, RuntimeModel) or bench.dtype != Dtype.AUTO or device.type != "cpu" or not len(data):
         return bench.dtype.on(device)
-    example = torch.zeros(min(batch_size, len(data)), *data_config(model)["input_size"])
-    return bench.dtype.on(device, model, example)
+    example = torch.zeros(min(batch_size, len(data)), *data.dataset[0][0].shape)  # an image or a clip
+    return bench.dtype.on(device, model, _probe(model, example))
 
 
 def static_metrics(model: nn.Module) -> dict[str, Any]:
@@ -164,9 +187,15 @@ def static_metrics(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, RuntimeModel):  # an exported file: what its metadata records, and the file's size
         return model.static_metrics()
     input_size = data_config(model)["input_size"]
-    # what a dense count of a layer overstates (sparse attention's skipped tiles), declared by the layer's family
+    reset = getattr(model, "reset", None) if getattr(model, "_vc_stateful", False) else None
+    if reset is not None:  # a stateful model counts a stream's first frame; its layers say what later frames skip
+        reset()
+    # what a dense count of a layer overstates (sparse attention's skipped tiles, Eventful's gated tokens), declared by
+    # the layer's family
     flops = count_flops(model, input_size) - sum(m.flops_saved(model) for m in model.modules()
                                                   if hasattr(m, "flops_saved"))
+    if reset is not None:
+        reset()
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,
             "size_mb": serialized_size_mb(model)}
 

@@ -190,9 +190,22 @@ def _derived(model: nn.Module, key: str) -> bool:
         return False
 
 
+def _tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with the keys of a shared parameter that the file stores once (under another of its keys) filled in."""
+    first: dict[int, str] = {}
+    out = dict(sd)
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, nn.Parameter):
+            key = first.setdefault(id(v), k)
+            if k not in out and key in sd:
+                out[k] = sd[key]
+    return out
+
+
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
     own = model.state_dict()
+    sd = _tied(model, sd)
     missing = [k for k in own if k not in sd and not _derived(model, k)]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"

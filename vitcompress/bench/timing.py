@@ -267,6 +267,8 @@ def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...],
     """
     device = cfg.resolve_device()
     model = model.to(device).eval()
+    if getattr(model, "_vc_stateful", False):
+        return _stream_runner(model, batch_size, input_size, cfg, device)
     fwd = compile_model(model, device, cfg.compile_mode) if cfg.compile else model
     if images is None:
         x = torch.randn(batch_size, *input_size, device=device)
@@ -283,6 +285,25 @@ def model_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...],
             return fwd(x)
 
     run.dtype = dtype  # type: ignore[attr-defined]  # what ran: auto resolved for this model and batch
+    return run
+
+
+def _stream_runner(model: nn.Module, batch_size: int, input_size: tuple[int, ...], cfg: BenchConfig,
+                   device: torch.device) -> Callable[[], torch.Tensor]:
+    """A stateful (Eventful) model's runner: each call is the next frame of ``batch_size`` streams, cycling through 8
+    random frames, so that every token changes between calls (a top-k gate's cost; a threshold gate's worst case).
+    Repeating one frame would time a frozen video, which re-processes nothing."""
+    frames = torch.randn(8, batch_size, *input_size, device=device)
+    dtype = cfg.dtype.on(device, model, frames.transpose(0, 1))  # timed on whole clips, each call from a reset
+    use_amp = dtype != Dtype.FP32
+    model.reset()  # type: ignore[operator]
+    step = iter(range(1 << 62))
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype.torch, enabled=use_amp):
+            return model(frames[next(step) % len(frames)])
+
+    run.dtype = dtype  # type: ignore[attr-defined]
     return run
 
 

@@ -13,6 +13,7 @@ from .base import ImageData, even_subset
 from .corrupt import load_corrupted
 from .digits import load_digits_data
 from .sources import load_hf_hub, load_local, load_synthetic
+from .video import load_video
 
 # The sizes of evenly spaced train subsets (calibration, recovery and training limits) that a held-out split never
 # touches: a step that calibrates or trains on N images with N here cannot have seen a held-out image.
@@ -67,6 +68,11 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         return load_corrupted(spec, data_cfg, split, limit, _load)
     if spec.startswith("heldout:"):
         return _heldout(spec, data_cfg, limit)
+    if spec.startswith("video:"):
+        if purpose in ("train", "calib"):
+            raise DataError("video: clips are for evaluating (Eventful and per-frame models), not for training or "
+                            "calibrating")
+        return load_video(spec, data_cfg, limit, _load)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return load_synthetic(spec, data_cfg, limit)
     if spec.startswith("hf:"):
@@ -74,7 +80,8 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
     path = Path(spec)
     if not path.exists():
         raise DataError(f"unknown data spec or missing path: '{spec}' (expected digits, digits-c, "
-                        "cifar10-c[:SOURCE], synthetic[:N], hf:NAME[:SPLIT] or a local directory)")
+                        "cifar10-c[:SOURCE], heldout:N:SOURCE, video:[N:]SOURCE, synthetic[:N], hf:NAME[:SPLIT] or "
+                        "a local directory)")
     return load_local(path, data_cfg, split, limit, purpose)
 
 

@@ -79,13 +79,13 @@ def exportable(model: nn.Module, cfg: ExportConfig) -> tuple[nn.Module, list[str
     ``export_form(QdqForm)`` is replaced by what it returns (its ``export_note``, if any, is reported).
     """
     for name, mod in model.named_modules():  # what a family declares it cannot export, refused in one line
+        refusal = getattr(mod, "_vc_export_refusal", None)
+        if refusal:
+            raise ConfigError(f"{name}: {refusal}")
         if getattr(mod, "_vc_dynamic_shapes", False):
             raise ConfigError(f"{name} keeps a per-image token count (adaptive tokens or learned thresholds): an "
                               "exported graph has static shapes; export a fixed schedule (merge --r or "
                               "--target-flops) instead")
-        refusal = getattr(mod, "_vc_export_refusal", None)
-        if refusal:
-            raise ConfigError(f"{name}: {refusal}")
     m = copy.deepcopy(model).float().cpu().eval()
     use_torch_references_(m)  # Triton drop-ins (fused attention, ...) export through their torch reference
     notes: list[str] = []

@@ -261,7 +261,8 @@ class _Objective:
         self.out, self.log = out, log
 
     def __call__(self, trial: Any) -> float:
-        stack = self.space.sample(trial)
+        stack = [{k: self.cfg.data if v == "${data}" else v for k, v in s.items()}  # the search's own data
+                 for s in self.space.sample(trial)]
         entry: dict[str, Any] = {"trial": trial.number, "stack": stack}
         try:
             return self._run(trial, stack, entry)

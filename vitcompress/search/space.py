@@ -20,15 +20,16 @@ NOT_EXPORTABLE = ({"name": "adaptive_tokens"}, {"name": "sparse_attention"}, {"n
 @dataclasses.dataclass
 class SearchSpace:
     """families: {family: [option, ...]} in stack order; an option is a step dict whose values may be [lo, hi]
-    (numbers: a continuous range) or a list of strings (a choice)."""
+    (numbers: a continuous range) or a list of strings (a choice), or a list of such steps (a sub-stack, e.g. a
+    MiniViT sharing and the recovery that makes it usable)."""
 
-    families: dict[str, list[dict[str, Any]]]
+    families: dict[str, list[Any]]
 
     def for_target(self, exported: bool) -> SearchSpace:
         """The options a target can run: an exported file takes static, deployable steps only."""
         if not exported:
             return self
-        keep = {f: [o for o in opts if not any(_matches(o, bad) for bad in NOT_EXPORTABLE)]
+        keep = {f: [o for o in opts if not any(_matches(s, bad) for s in _steps(o) for bad in NOT_EXPORTABLE)]
                 for f, opts in self.families.items()}
         return SearchSpace({f: opts for f, opts in keep.items() if opts})
 
@@ -39,17 +40,25 @@ class SearchSpace:
             pick = trial.suggest_categorical(family, ["none", *[str(i) for i in range(len(options))]])
             if pick == "none":
                 continue
-            step = {}
-            for key, value in options[int(pick)].items():
-                name = f"{family}.{pick}.{key}"
-                if _is_range(value):
-                    step[key] = round(trial.suggest_float(name, float(value[0]), float(value[1])), 4)
-                elif isinstance(value, list):
-                    step[key] = trial.suggest_categorical(name, [str(v) for v in value])
-                else:
-                    step[key] = value
-            stack.append(step)
+            option = options[int(pick)]
+            steps = option if isinstance(option, list) else [option]
+            for i, sub in enumerate(steps):
+                prefix = f"{family}.{pick}." + (f"{i}." if len(steps) > 1 else "")
+                step = {}
+                for key, value in sub.items():
+                    name = prefix + key
+                    if _is_range(value):
+                        step[key] = round(trial.suggest_float(name, float(value[0]), float(value[1])), 4)
+                    elif isinstance(value, list):
+                        step[key] = trial.suggest_categorical(name, [str(v) for v in value])
+                    else:
+                        step[key] = value
+                stack.append(step)
         return stack
+
+
+def _steps(option: Any) -> list[dict[str, Any]]:
+    return option if isinstance(option, list) else [option]
 
 
 def _is_range(value: Any) -> bool:
@@ -71,12 +80,13 @@ def load_space(path: str | Path | None = None) -> SearchSpace:
     fams = data.get("search") if isinstance(data, dict) else None
     if not isinstance(fams, dict) or not fams:
         raise ConfigError(f"the search space {path or DEFAULT} is empty: it needs 'search:' with at least one family")
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[Any]] = {}
     for family, options in fams.items():
-        if not isinstance(options, list) or not options or not all(isinstance(o, dict) and "name" in o
-                                                                    for o in options):
-            raise ConfigError(f"search space family '{family}' must be a non-empty list of steps with a name")
-        for o in options:
+        if not isinstance(options, list) or not options or not all(
+                _steps(o) and all(isinstance(s, dict) and "name" in s for s in _steps(o)) for o in options):
+            raise ConfigError(f"search space family '{family}' must be a non-empty list of steps with a name "
+                              "(or of lists of such steps)")
+        for o in (s for opt in options for s in _steps(opt)):
             for key, value in o.items():
                 if _is_range(value) and float(value[0]) > float(value[1]):
                     raise ConfigError(f"search space {family}: {key} range [{value[0]}, {value[1]}] is reversed")

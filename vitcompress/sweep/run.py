@@ -123,6 +123,8 @@ class SweepContext:
         self.attack_data = load_data(cfg.eval_data[0], dcfg, limit=cfg.attack_limit) if cfg.attacks() else None
         self.images = next(iter(first.loader(max(self.bench.batch_sizes))))[0] \
             if cfg.speed_model is None and first is not None and len(first) else None  # for content-dependent models
+        if self.images is not None and self.images.dim() == 5:  # video clips: their frames, as separate images
+            self.images = self.images.flatten(0, 1)
 
     def measure(self, point: Point) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="vitcompress-point-") as tmp:  # exports live as long as the point

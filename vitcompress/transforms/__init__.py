@@ -8,11 +8,15 @@ with ``@register_transform(XxxConfig)``. Importing this package registers them a
   ``reconstruct``: BRECQ, ``mixed``: per-layer widths under a size budget);
 - ``prune/``: structured heads / MLP (``structured``, ``importance``) and block sparsity;
 - ``sparse_attn/``: training-free block-sparse attention (Sparsifiner-style);
+- ``multiplex/``: MiniViT's weight multiplexing (recovered by recovery's ``distill: weight``, ``distill``);
+- ``eventful/``: Eventful Transformers, stateful models that re-process only the changed tokens of video frames;
 - ``resolution``: run at another input size (the token-reduction baseline);
 - ``recovery``: fine-tuning with distillation after compression;
 - ``attention`` and ``layers``: the timm glue the families share.
 """
 
+from .eventful.transform import EventfulConfig, Policy
+from .multiplex.transform import MiniVitConfig
 from .prune.block_sparse import BlockSparseConfig
 from .prune.structured import PruneConfig
 from .quantize.mixed import MixedPrecisionConfig
@@ -25,7 +29,8 @@ from .token_merge.adaptive import AdaptiveMethod, AdaptiveTokensConfig
 from .token_merge.learned import LearnedMergeConfig, LearnedMethod
 from .token_merge.transform import PropAttn, TokenMergeConfig, TokenMethod
 
-__all__ = ["AdaptiveMethod", "AdaptiveTokensConfig", "BlockSparseConfig", "Distill", "LearnedMergeConfig",
-           "LearnedMethod", "MixedPrecisionConfig", "PropAttn", "PruneConfig", "QuantConfig", "RecoveryConfig",
-           "ResolutionConfig", "SparseAttentionConfig", "TokenMergeConfig", "TokenMethod", "TransformContext",
-           "compress_", "config_from_dict", "finetune_", "register_transform", "registered", "restore_"]
+__all__ = ["AdaptiveMethod", "AdaptiveTokensConfig", "BlockSparseConfig", "Distill", "EventfulConfig",
+           "LearnedMergeConfig", "LearnedMethod", "MiniVitConfig", "MixedPrecisionConfig", "Policy", "PropAttn",
+           "PruneConfig", "QuantConfig", "RecoveryConfig", "ResolutionConfig", "SparseAttentionConfig",
+           "TokenMergeConfig", "TokenMethod", "TransformContext", "compress_", "config_from_dict", "finetune_",
+           "register_transform", "registered", "restore_"]

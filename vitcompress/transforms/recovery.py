@@ -4,7 +4,9 @@ Loss (``distill``):
 
 - ``none``: cross-entropy on the labels;
 - ``soft``: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``;
-- ``hard``: DeiT's hard distillation, ``0.5 * CE(s, labels) + 0.5 * CE(s, argmax t)``.
+- ``hard``: DeiT's hard distillation, ``0.5 * CE(s, labels) + 0.5 * CE(s, argmax t)``;
+- ``weight``: MiniViT's weight distillation: ``soft`` plus ``attn_weight`` x the last block's q/k/v relation loss
+  plus ``hidden_weight`` x its MLP hidden-state relation loss (:mod:`.distill`).
 
 ``attn_only`` trains only the attention weights (qkv, proj and their norms); everything else is frozen,
 which saves optimizer state and weight gradients ("Three things everyone should know about ViTs").
@@ -14,6 +16,7 @@ or ``full`` (more), which reports print next to each point.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Any
@@ -28,6 +31,7 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..models import data_config, model_info
 from ..training import OptimConfig, fit
+from . import distill
 from .layers import simulated_quantization
 from .registry import TransformContext, register_transform
 
@@ -38,6 +42,7 @@ class Distill(StrEnum):
     NONE = "none"
     SOFT = "soft"
     HARD = "hard"
+    WEIGHT = "weight"
 
 
 @dataclasses.dataclass
@@ -47,7 +52,7 @@ class RecoveryConfig(OptimConfig):
     NAME = "recovery"
 
     FAMILY = "recovery"
-    VERSION = 1
+    VERSION = 2  # 2: distill weight, attn_weight, hidden_weight (v1 dicts read as they were)
     data: str = "digits"
     limit: int | None = None
     epochs: int = 5
@@ -58,9 +63,14 @@ class RecoveryConfig(OptimConfig):
     temperature: float = 1.0
     alpha: float = 0.7
     attn_only: bool = False
+    attn_weight: float = 1.0
+    hidden_weight: float = 1.0
 
     def validate(self) -> None:
         super().validate()
+        if self.attn_weight < 0 or self.hidden_weight < 0:
+            raise ConfigError(f"attn_weight and hidden_weight must be >= 0 (got {self.attn_weight}, "
+                              f"{self.hidden_weight})")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ConfigError(f"temperature must be > 0 and alpha in [0, 1] (got {self.temperature}, {self.alpha})")
 
@@ -126,6 +136,11 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
 
+    weight = cfg.distill == Distill.WEIGHT and teacher is not None
+    captures = contextlib.ExitStack()
+    s_feats = captures.enter_context(distill.capture(model)) if weight else {}
+    t_feats = captures.enter_context(distill.capture(teacher)) if weight else {}  # type: ignore[arg-type]
+
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = None
         if teacher is not None:
@@ -134,7 +149,13 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         out = model(x)  # a distilled model in distilled training returns (class logits, distillation logits)
         if isinstance(out, tuple):
             return distill_loss(out[0].float(), t, y, cfg, student_dist=out[1].float())
-        return distill_loss(out.float(), t, y, cfg)
+        loss = distill_loss(out.float(), t, y, cfg)
+        if weight:  # MiniViT: the last block's relations as well
+            loss = loss + cfg.attn_weight * distill.attention_relation_loss(
+                distill.split_qkv(s_feats["qkv"].float()), distill.split_qkv(t_feats["qkv"].float()))
+            loss = loss + cfg.hidden_weight * distill.hidden_relation_loss(s_feats["hidden"].float(),
+                                                                           t_feats["hidden"].float())
+        return loss
 
     two_heads = cfg.distill == Distill.HARD and hasattr(model, "set_distilled_training")
     if two_heads:  # DeiT: each head gets its own target (see distill_loss)
@@ -144,6 +165,7 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         loss, seconds = fit(model, data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed), loss_fn, cfg, device,
                             params=trainable, progress=progress, desc="recover")
     finally:
+        captures.close()
         if two_heads:
             model.set_distilled_training(False)
         model.eval()
