@@ -92,6 +92,7 @@ class EventfulBlock(Block):
     _vc_threshold: float
     _vc_mem: dict[str, torch.Tensor] | None = None
     _vc_stats: GateStats
+    _vc_scratch: dict[Any, torch.Tensor]  # shared by the model's blocks: x - ref of the gate running now
     _vc_dynamic_shapes = True  # the picked counts (threshold) and the state live outside any graph
     _vc_export_refusal = ("an Eventful model keeps per-stream state between frames, which an exported graph cannot "
                           "hold: export the model without it")
@@ -139,10 +140,11 @@ class EventfulBlock(Block):
             self._vc_stats.add(name, b * n, b * n)
             return
         scratch = None
-        if not torch.is_grad_enabled():  # inference: x - ref goes to a buffer kept with the state
-            scratch = mem.get(f"diff_{name}")
-            if scratch is None or scratch.shape != x.shape or scratch.dtype != x.dtype:
-                scratch = mem[f"diff_{name}"] = torch.empty_like(x)
+        if not torch.is_grad_enabled():  # inference: x - ref goes to one buffer that every gate of the model reuses
+            key = (tuple(x.shape), x.dtype, x.device)
+            scratch = self._vc_scratch.get(key)
+            if scratch is None:
+                scratch = self._vc_scratch[key] = torch.empty_like(x)
         err = ops.error_norm(x, ref, scratch)
         if self._vc_policy == Policy.TOPK:
             idx = ops.top_k(err, max(1, round(self._vc_fraction * n)))
@@ -183,6 +185,7 @@ class EventfulModel:
         """Forget every stream: the next frame is processed whole."""
         for blk in self.blocks:  # type: ignore[attr-defined]
             blk._vc_mem = None
+            blk._vc_scratch.clear()
         self._vc_streams = None
 
     def eventful_stats(self) -> GateStats:
@@ -244,11 +247,11 @@ def eventful_(model: nn.Module, cfg: EventfulConfig) -> nn.Module:
         raise ConfigError("Eventful goes first in a stack: its blocks cannot also reduce tokens")
     if any(getattr(b.attn, "gate", None) is not None for b in blocks):
         raise ConfigError("Eventful does not support gated attention")
-    stats = GateStats()
+    stats, scratch = GateStats(), {}
     for blk in blocks:
         blk.__class__ = EventfulBlock
         blk._vc_policy, blk._vc_fraction, blk._vc_threshold = cfg.policy, cfg.fraction, cfg.threshold
-        blk._vc_stats, blk._vc_mem = stats, None
+        blk._vc_stats, blk._vc_scratch, blk._vc_mem = stats, scratch, None
     model.__class__ = _eventful_class(type(model))
     model.reset()  # type: ignore[attr-defined]
     return model
