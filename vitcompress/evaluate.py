@@ -80,10 +80,9 @@ def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits [B,K] of images x [B,3,H,W], or of clips x [B,T,3,H,W] (the mean of their frames' logits: a
     stateful model (Eventful) runs each clip's frames in order, any other model each frame on its own)."""
-    probe = _probe(model, x)  # refuses separate images for a stateful model
-    if x.dim() == 5:
-        return (model(x) if probe is x else model(probe).unflatten(0, x.shape[:2])).mean(1)
-    return model(x)
+    out = model(_probe(model, x))  # _probe refuses separate images for a stateful model
+    # clips: a stateful model returns [B,T,K], any other [B*T,K]
+    return out.reshape(*x.shape[:2], -1).mean(1) if x.dim() == 5 else out
 
 
 def predict_traced(model: nn.Module, data: ImageData, **kwargs: Any,

@@ -43,7 +43,7 @@ from ..export import ExportConfig, export_model
 from ..io import atomic_write_json, atomic_write_text
 from ..models import data_config
 from ..report import write_report
-from ..sweep.config import Point, SweepConfig, dense_point, make_point, point_id
+from ..sweep.config import Point, SweepConfig, dense_point, fill_placeholders, make_point, point_id
 from ..sweep.run import SweepContext, bench_for, build_point, deploy, point_finished, resolve_base, run_point
 from .space import SearchSpace, load_space
 
@@ -162,6 +162,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     space = load_space(cfg.space).for_target(cfg.target.exported)
+    space = SearchSpace(fill_placeholders(space.families, {"data": cfg.data}))  # "${data}": the search's own data
     if not space.families:
         raise ConfigError(f"the search space has no option that target {cfg.target} can run")
     base_spec = {"recipe": cfg.model[len("recipe:"):]} if cfg.model.startswith("recipe:") else \
@@ -261,8 +262,7 @@ class _Objective:
         self.out, self.log = out, log
 
     def __call__(self, trial: Any) -> float:
-        stack = [{k: self.cfg.data if v == "${data}" else v for k, v in s.items()}  # the search's own data
-                 for s in self.space.sample(trial)]
+        stack = self.space.sample(trial)
         entry: dict[str, Any] = {"trial": trial.number, "stack": stack}
         try:
             return self._run(trial, stack, entry)

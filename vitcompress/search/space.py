@@ -40,21 +40,23 @@ class SearchSpace:
             pick = trial.suggest_categorical(family, ["none", *[str(i) for i in range(len(options))]])
             if pick == "none":
                 continue
-            option = options[int(pick)]
-            steps = option if isinstance(option, list) else [option]
-            for i, sub in enumerate(steps):
-                prefix = f"{family}.{pick}." + (f"{i}." if len(steps) > 1 else "")
-                step = {}
-                for key, value in sub.items():
-                    name = prefix + key
-                    if _is_range(value):
-                        step[key] = round(trial.suggest_float(name, float(value[0]), float(value[1])), 4)
-                    elif isinstance(value, list):
-                        step[key] = trial.suggest_categorical(name, [str(v) for v in value])
-                    else:
-                        step[key] = value
-                stack.append(step)
+            steps = _steps(options[int(pick)])
+            stack += [_sample_step(trial, f"{family}.{pick}." + (f"{i}." if len(steps) > 1 else ""), s)
+                      for i, s in enumerate(steps)]
         return stack
+
+
+def _sample_step(trial: Any, prefix: str, option: dict[str, Any]) -> dict[str, Any]:
+    """One step of an option: each range or choice sampled under the parameter name ``prefix + key``."""
+    step = {}
+    for key, value in option.items():
+        if _is_range(value):
+            step[key] = round(trial.suggest_float(prefix + key, float(value[0]), float(value[1])), 4)
+        elif isinstance(value, list):
+            step[key] = trial.suggest_categorical(prefix + key, [str(v) for v in value])
+        else:
+            step[key] = value
+    return step
 
 
 def _steps(option: Any) -> list[dict[str, Any]]:

@@ -207,14 +207,16 @@ def load_sweep(path_or_dict: str | Path | dict[str, Any], variables: dict[str, s
     data = dict(data.get("sweep", data))
     values = {**(data.get("variables") or {}), **(variables or {})}
     data["variables"] = {k: str(v) for k, v in values.items()}
-    return SweepConfig.from_dict(_fill(data, data["variables"]))
+    return SweepConfig.from_dict(fill_placeholders(data, data["variables"]))
 
 
-def _fill(value: Any, variables: dict[str, str]) -> Any:
+def fill_placeholders(value: Any, variables: dict[str, str]) -> Any:
+    """``value`` (a recipe, or any part of one) with its ``${NAME}`` placeholders filled from ``variables``; an unknown
+    one is a one-line error."""
     if isinstance(value, dict):
-        return {k: v if k == "variables" else _fill(v, variables) for k, v in value.items()}
+        return {k: v if k == "variables" else fill_placeholders(v, variables) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fill(v, variables) for v in value]
+        return [fill_placeholders(v, variables) for v in value]
     if not isinstance(value, str):
         return value
 

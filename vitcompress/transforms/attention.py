@@ -19,8 +19,13 @@ from ..kernels.attention import attention as fused
 
 def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B,N,C] -> q, k, v [B,H,N,Dh], with timm's q_norm / k_norm applied."""
-    b, n, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return split_heads(attn, attn.qkv(x))
+
+
+def split_heads(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The qkv layer's output [B,N,3*D] -> q, k, v [B,H,N,Dh], with timm's q_norm / k_norm applied."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 

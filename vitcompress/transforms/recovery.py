@@ -137,9 +137,6 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         p.requires_grad_(id(p) in keep)
 
     weight = cfg.distill == Distill.WEIGHT and teacher is not None
-    captures = contextlib.ExitStack()
-    s_feats = captures.enter_context(distill.capture(model)) if weight else {}
-    t_feats = captures.enter_context(distill.capture(teacher)) if weight else {}  # type: ignore[arg-type]
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = None
@@ -161,6 +158,9 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
     if two_heads:  # DeiT: each head gets its own target (see distill_loss)
         model.set_distilled_training(True)
     model.to(device).train()
+    captures = contextlib.ExitStack()  # MiniViT: hooks keep the last block's features; removed in the finally below
+    s_feats = captures.enter_context(distill.capture(model)) if weight else {}
+    t_feats = captures.enter_context(distill.capture(teacher)) if weight else {}  # type: ignore[arg-type]
     try:
         loss, seconds = fit(model, data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed), loss_fn, cfg, device,
                             params=trainable, progress=progress, desc="recover")

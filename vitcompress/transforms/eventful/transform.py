@@ -29,6 +29,7 @@ from torch import nn
 
 from ...config import Config, StrEnum
 from ...errors import ConfigError, DataError
+from ..attention import split_heads
 from ..registry import TransformContext, register_transform
 from . import ops
 
@@ -122,11 +123,18 @@ class EventfulBlock(Block):
         count runs one frame, a stream's first, which processes every token). Top-k: exact; threshold: 0, since
         what it skips depends on the video (``benchmarks/eventful.py`` counts it on clips)."""
         n = model.patch_embed.num_patches + model.num_prefix_tokens
-        if self._vc_policy != Policy.TOPK or round(self._vc_fraction * n) >= n:
+        k = self._picks(n)
+        if k is None:
             return 0.0
         per_token = sum(2 * lin.in_features * lin.out_features
                         for lin in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
-        return float((n - max(1, round(self._vc_fraction * n))) * per_token)
+        return float((n - k) * per_token)
+
+    def _picks(self, n: int) -> int | None:
+        """Top-k: the tokens of N a gate re-processes per frame (1 to N); None under the threshold policy."""
+        if self._vc_policy != Policy.TOPK:
+            return None
+        return min(n, max(1, round(self._vc_fraction * n)))
 
     def _gate(self, name: str, x: torch.Tensor, op: Any) -> None:
         """Gate ``name`` on input x [B,N,C]: re-run ``op`` on the tokens its policy picks, update the reference
@@ -135,7 +143,8 @@ class EventfulBlock(Block):
         assert mem is not None
         ref, buf = mem[f"ref_{name}"], mem[name]
         b, n = x.shape[:2]
-        if self._vc_policy == Policy.TOPK and round(self._vc_fraction * n) >= n:  # every token: the dense op
+        k = self._picks(n)
+        if k == n:  # every token: the dense op
             mem[f"ref_{name}"], mem[name] = x.clone(), op(x)
             self._vc_stats.add(name, b * n, b * n)
             return
@@ -146,10 +155,7 @@ class EventfulBlock(Block):
             if scratch is None:
                 scratch = self._vc_scratch[key] = torch.empty_like(x)
         err = ops.error_norm(x, ref, scratch)
-        if self._vc_policy == Policy.TOPK:
-            idx = ops.top_k(err, max(1, round(self._vc_fraction * n)))
-        else:
-            idx = ops.above(err, self._vc_threshold)
+        idx = ops.above(err, self._vc_threshold) if k is None else ops.top_k(err, k)
         self._vc_stats.add(name, idx.numel(), b * n)
         if idx.shape[1] == 0:
             return
@@ -162,8 +168,7 @@ class EventfulBlock(Block):
         query over every key, with the attention's own q_norm / k_norm / scale (as timm's fused path runs it)."""
         attn = self.attn
         b, n, _ = qkv.shape
-        q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = split_heads(attn, qkv)
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
         return attn.norm(o.transpose(1, 2).reshape(b, n, -1))
 
