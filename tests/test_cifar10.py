@@ -43,7 +43,8 @@ def test_cifar10c_is_seeded_and_grouped(cifar10_dir):
 
 def test_eval_cli_on_the_shared_copy(cli, cifar10_dir, tmp_path):
     # asserts on the JSON, never on rich's table text (whose wrapping depends on the data path's length)
-    rc, out, err = cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+    rc, out, err = cli("eval", "vit_tiny_patch16_224", "--random-weights", "--img-size", "32", "--patch-size", "8",
+                       "--num-classes", "10",
                        "--data", cifar10_dir, "--split", "test", "--limit", "200", "--no-speed",
                        "--json", tmp_path / "e.json")
     assert rc == 0, err
@@ -71,6 +72,7 @@ def test_a_corrupt_parquet_row_is_one_line_naming_file_and_row(tmp_path, cli):
         list(data.loader(3))
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "test.parquet").write_bytes(b"PAR1 truncated")
-    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--random-weights", "--img-size", "32", "--patch-size", "8",
+                     "--num-classes", "10",
                      "--data", tmp_path / "e", "--no-speed")
     assert rc != 0 and "cannot read parquet file" in err and "Traceback" not in err and err.count("\n") == 1

@@ -59,7 +59,8 @@ def test_train_then_eval(tmp_path, cli):
 
 
 def test_eval_of_a_timm_id_with_overrides(tmp_path, cli):
-    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--random-weights", "--img-size", "32", "--patch-size", "8",
+                     "--num-classes", "10",
                      "--data", "synthetic:4", "--bench-batch-sizes", "2", "--repeat", "2", "--dtype", "fp32",
                      "--json", tmp_path / "s.json")
     assert rc == 0, err
@@ -76,7 +77,7 @@ def ckpt(tmp_path):
     return path
 
 
-TINY_ARGS = ["--img-size", "32", "--patch-size", "8", "--num-classes", "10"]
+TINY_ARGS = ["--random-weights", "--img-size", "32", "--patch-size", "8", "--num-classes", "10"]
 
 
 def test_bad_inputs_fail_in_one_line(tmp_path, cli, ckpt, trained_artifact):
@@ -199,3 +200,39 @@ def test_eventful_and_minivit_through_the_cli(tmp_path, cli, trained_artifact):
     assert rc == 0, err
     _one_clean_line(*cli("prune", trained_artifact, "--out", tmp_path / "y", "--share", "3")[::2],
                     "share 3 does not divide the depth 2")
+
+
+def test_a_timm_id_without_weights_is_refused_unless_random_weights(tmp_path, cli):
+    bare = ["--img-size", "32", "--patch-size", "8", "--num-classes", "10"]
+    rc, _, err = cli("merge", "vit_tiny_patch16_224", *bare, "--r", "2", "--out", tmp_path / "m")
+    _one_clean_line(rc, err, "vit_tiny_patch16_224 would have random weights: pass --pretrained")
+    assert not (tmp_path / "m").exists()
+    rc, _, err = cli("merge", "vit_tiny_patch16_224", "--random-weights", *bare, "--r", "2", "--out", tmp_path / "m")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m" / "vitcompress.json").read_text())["provenance"]["random_weights"] is True
+
+
+def test_a_backbone_checkpoint_gets_a_fresh_head_with_one_note_line(tmp_path, cli):
+    import timm
+    from safetensors.torch import save_file
+
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 0}
+    sd = timm.create_model("vit_tiny_patch16_224", **kw).state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "backbone.safetensors"))
+    rc, _, err = cli("merge", "vit_tiny_patch16_224", "--checkpoint", tmp_path / "backbone.safetensors",
+                     "--img-size", "48", "--patch-size", "8", "--num-classes", "10", "--model-arg", "embed_dim=64",
+                     "--model-arg", "depth=2", "--model-arg", "num_heads=2", "--r", "2", "--out", tmp_path / "m")
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith("note: ")]
+    assert notes == ["note: backbone.safetensors has no classifier: a fresh 10-class head (random weights until "
+                     "trained)"], err
+    assert "Warning" not in err
+    manifest = json.loads((tmp_path / "m" / "vitcompress.json").read_text())
+    assert manifest["model"]["kwargs"]["img_size"] == 48
+
+
+def test_version(cli):
+    from vitcompress import __version__
+
+    rc, out, _ = cli("--version")
+    assert rc == 0 and out.strip() == f"vitcompress {__version__}"

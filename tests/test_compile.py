@@ -109,7 +109,8 @@ def test_bench_runner_runs_the_compiled_path():
 
 def test_eval_compile_records_how_it_compiled(cli, tmp_path):
     out = tmp_path / "e.json"
-    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+    rc, _, err = cli("eval", "vit_tiny_patch16_224", "--random-weights", "--img-size", "32", "--patch-size", "8",
+                     "--num-classes", "10",
                      "--data", "synthetic:4", "--reference", "none", "--device", "cpu", "--dtype", "fp32",
                      "--compile", "--bench-batch-sizes", "2", "--repeat", "1", "--json", out)
     assert rc == 0, err

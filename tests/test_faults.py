@@ -14,7 +14,8 @@ from conftest import TINY
 from vitcompress import create_model, load_artifact, model_info, save_artifact
 from vitcompress.artifact import MANIFEST, only_own_files, version_dir
 
-TINY_ARGS = ["--img-size", "32", "--patch-size", "8", "--num-classes", "10", "--model-arg", "embed_dim=64",
+TINY_ARGS = ["--random-weights", "--img-size", "32", "--patch-size", "8", "--num-classes", "10",
+             "--model-arg", "embed_dim=64",
              "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
 QUANT = ["--calib-data", "digits", "--calib-size", "8"]
 

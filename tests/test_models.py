@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import FAMILIES, TINY
 
 from vitcompress import create_model, data_config, model_info
-from vitcompress.errors import CheckpointError, ModelError
+from vitcompress.errors import CheckpointError, ModelError, Note
 from vitcompress.models import num_prefix_tokens
 
 
@@ -86,9 +88,75 @@ def test_mismatched_checkpoint(tmp_path, tiny_model):
     path = tmp_path / "ckpt.pth"
     torch.save(tiny_model.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"does not match model 'vit_tiny_patch16_224'.*shape mismatch"):
-        create_model("vit_tiny_patch16_224", checkpoint=path, **{**TINY, "num_classes": 7})
+        create_model("vit_tiny_patch16_224", checkpoint=path, **{**TINY, "mlp_ratio": 2.0})
     with pytest.raises(CheckpointError, match="missing key"):
         create_model("vit_tiny_patch16_224", checkpoint=path, **{**TINY, "depth": 3})
+    sd = {k: v for k, v in tiny_model.state_dict().items() if k != "norm.bias"}
+    torch.save({**sd, "extra.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\) \(norm.bias\).*1 unexpected key\(s\) \(extra"):
+        create_model("vit_tiny_patch16_224", checkpoint=path, **TINY)
+
+
+def _save(tmp_path, sd, name="backbone.safetensors"):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_a_backbone_at_another_img_size_is_resampled_as_timm_does(tmp_path, tiny_model):
+    """A checkpoint trained at 32 px loads at 48 px: pos_embed resampled by timm's own function, the rest exact."""
+    from timm.layers import resample_abs_pos_embed
+
+    path = _save(tmp_path, tiny_model.state_dict())
+    big = create_model("vit_tiny_patch16_224", checkpoint=path, **{**TINY, "img_size": 48})
+    want = resample_abs_pos_embed(tiny_model.pos_embed, new_size=(6, 6), num_prefix_tokens=1)
+    assert torch.equal(big.pos_embed, want)
+    assert torch.equal(big.blocks[1].mlp.fc2.weight, tiny_model.blocks[1].mlp.fc2.weight)
+    assert torch.equal(big.head.weight, tiny_model.head.weight)
+    assert model_info(big).kwargs["img_size"] == 48
+
+
+def test_a_backbone_without_a_classifier_gets_a_fresh_one_with_a_note(tmp_path, tiny_model):
+    backbone = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("head.")}
+    path = _save(tmp_path, backbone)
+    with pytest.warns(Note, match=r"backbone.safetensors has no classifier: a fresh 10-class head"):
+        one = create_model("vit_tiny_patch16_224", checkpoint=path, **TINY)
+    with pytest.warns(Note):
+        two = create_model("vit_tiny_patch16_224", checkpoint=path, **TINY)
+    # the fresh head is seeded: rebuilding the same base gives the same model (agreement needs that)
+    assert torch.equal(one.head.weight, two.head.weight) and one.head.weight.std() > 0.01
+    assert torch.equal(one.blocks[0].attn.qkv.weight, tiny_model.blocks[0].attn.qkv.weight)
+    with pytest.warns(Note, match=r"classifier \(10, 64\) does not fit 7 classes"):
+        seven = create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 7},
+                             checkpoint=_save(tmp_path, tiny_model.state_dict(), "c.safetensors"))
+    assert seven.head.weight.shape == (7, 64)
+    with pytest.warns(Note, match="classifier is dropped"):
+        feats = create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 0},
+                             checkpoint=_save(tmp_path, tiny_model.state_dict(), "f.safetensors"))
+    assert feats(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+
+def test_a_backbone_with_a_matching_classifier_loads_silently(tmp_path, tiny_model):
+    import warnings
+
+    path = _save(tmp_path, tiny_model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Note)
+        create_model("vit_tiny_patch16_224", checkpoint=path, **TINY)
+
+
+DINOV2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "dinov2_vits14" / "backbone.safetensors"
+
+
+@pytest.mark.skipif(not DINOV2.is_file(), reason="../shared/models/dinov2_vits14 is not here")
+def test_the_real_dinov2_backbone_loads_at_224_px_with_a_fresh_head():
+    with pytest.warns(Note, match="no classifier"):
+        model = create_model("vit_small_patch14_dinov2", checkpoint=DINOV2, img_size=224, num_classes=10)
+    assert model.pos_embed.shape == (1, 257, 384)
+    with torch.inference_mode():
+        feats = model.forward_head(model.forward_features(torch.zeros(1, 3, 224, 224)), pre_logits=True)
+    assert torch.isfinite(feats).all() and feats.abs().max() > 0.1  # a trained backbone, not zeros
 
 
 def test_pretrained_offline_fails_cleanly(monkeypatch):

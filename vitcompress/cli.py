@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .cli_common import (
 )
 from .cli_output import print_eval, print_fronts, print_records, print_table
 from .demo import run_demo
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Note, UserError
 from .evaluate import evaluate_spec
 from .export import ExportConfig, export_model
 from .io import atomic_write_json
@@ -68,13 +69,16 @@ def train(
     data: str | None = typer.Option(None, "--data", help="Override the recipe's training data (spec or path)."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Override the recipe's eval data; none to skip."),
     dtype: str | None = typer.Option(None, "--dtype", help="Override the recipe's dtype: auto, bf16, fp16 or fp32."),
+    checkpoint: str | None = typer.Option(None, "--checkpoint",
+                                          help="A local state dict for the recipe's model (e.g. a backbone)."),
+    eval_limit: int | None = typer.Option(None, "--eval-limit", help="Evaluate on this many evenly spaced images."),
 ) -> None:
     """Train or fine-tune a classifier from a recipe and save it as an artifact."""
     doc = load_recipe(recipe_path(recipe))
     cfg = recipe_config(doc, **_given(epochs=epochs, seed=seed, device=device, limit=limit, data=data, dtype=dtype,
-                                      eval_data=eval_data))
+                                      eval_data=eval_data, checkpoint=checkpoint, eval_limit=eval_limit))
     check_writable(out)
-    _, metrics = run_train(cfg, out, progress=sys.stderr.isatty(), recipe=doc)
+    _, metrics = run_train(cfg, out, progress=True, recipe=doc, log=lambda m: typer.echo(m, err=True))
     print_table("train", {"artifact": str(out), **metrics})
 
 
@@ -105,7 +109,7 @@ def eval_(
     split, limit, json_out = o.get("split"), o.get("limit"), o.get("json")
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
         result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench,
-                               speed=not o.get("no_speed"), progress=sys.stderr.isatty() and distributed.is_main(),
+                               speed=not o.get("no_speed"), progress=True and distributed.is_main(),
                                attack=atk, **{k: o[k] for k in ("batch_size", "workers") if k in o})
         if not distributed.is_main():
             return
@@ -194,7 +198,7 @@ def sweep(
         variables["data"] = data
     with distributed.session():  # under torchrun the points are split across ranks
         rank, size = distributed.world()
-        run_sweep(recipe, out, progress=sys.stderr.isatty() and rank == 0, log=lambda m: typer.echo(m, err=True),
+        run_sweep(recipe, out, progress=True and rank == 0, log=lambda m: typer.echo(m, err=True),
                   report=not no_report, shard=(rank, size), variables=variables,
                   command=shlex.join(["vitcompress", "sweep", *sys.argv[sys.argv.index("sweep") + 1:]])
                   if "sweep" in sys.argv else None)
@@ -234,13 +238,32 @@ def demo(
     recipe: str | None = typer.Option(None, "--recipe", help="Sweep recipe (default: the bundled demo)."),
 ) -> None:
     """The main job: train (or reuse) the digits baseline, sweep every method alone and stacked, report."""
-    path = run_demo(**_given(out=out, recipe=recipe), progress=sys.stderr.isatty(),
+    path = run_demo(**_given(out=out, recipe=recipe), progress=True,
                     log=lambda m: typer.echo(m, err=True))
     print_fronts(path)
 
 
+def _show_note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+               line: str | None = None) -> None:
+    """Notes print as one ``note:`` line; other warnings as Python prints them."""
+    if issubclass(category, Note):
+        print(f"note: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: returns the exit code (0 ok, 1 usage error, 2 user error, 130 interrupted)."""
+    with warnings.catch_warnings():  # notes print as one line while a command runs; restored afterwards
+        warnings.simplefilter("always", Note)
+        warnings.showwarning = _show_note
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="vitcompress")
     except UserError as exc:

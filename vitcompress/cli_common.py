@@ -14,8 +14,11 @@ import typer
 import yaml
 from torch import nn
 
+from ._version import __version__
+from .artifact import is_artifact
 from .errors import ConfigError
 from .export import is_exported, load_runtime_model
+from .models import model_info
 from .pipeline import Calibration, create_model
 
 try:  # typer >= 0.20 vendors click; its exceptions derive from TyperException
@@ -32,6 +35,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitcompress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Compress pretrained Vision Transformers and measure what each step costs."""
+
+
 def _given(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -45,13 +60,21 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{name} must be comma-separated integers, got '{text}'") from None
 
 
-def _model(model: str, pretrained: bool | None = None, checkpoint: Path | None = None, img_size: int | None = None,
-           patch_size: int | None = None, num_classes: int | None = None, model_arg: list[str] | None = None, *,
-           verify: bool = True) -> nn.Module:
-    """MODEL plus the model options every command takes (timm ids only; an artifact takes none)."""
+def _model(model: str, pretrained: bool | None = None, checkpoint: Path | None = None,
+           random_weights: bool | None = None, img_size: int | None = None, patch_size: int | None = None,
+           num_classes: int | None = None, model_arg: list[str] | None = None, *, verify: bool = True) -> nn.Module:
+    """MODEL plus the model options every command takes (timm ids only; an artifact takes none). A timm id needs
+    weights (``--pretrained`` / ``--checkpoint``) or an explicit ``--random-weights``: a forgotten flag must not
+    give a "compressed" model of random weights."""
     kwargs = {**_given(img_size=img_size, patch_size=patch_size, num_classes=num_classes),
               **_key_values(model_arg, "--model-arg", " (a timm.create_model argument)")}
-    return create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, verify=verify, **kwargs)
+    built = create_model(model, pretrained=bool(pretrained), checkpoint=checkpoint, verify=verify, **kwargs)
+    if not (is_exported(model) or is_artifact(model) or pretrained or checkpoint):  # built (so checked) first
+        if not random_weights:
+            raise ConfigError(f"{model} would have random weights: pass --pretrained (timm's hub weights), "
+                              "--checkpoint FILE, or --random-weights (for speed studies)")
+        model_info(built).provenance["random_weights"] = True
+    return built
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -62,6 +85,8 @@ ModelArg = typer.Argument(..., help="timm id (e.g. deit_small_patch16_224) or a 
 OutOpt = typer.Option(..., "--out", help="Artifact directory to write (new, empty, or an artifact).")
 PretrainedOpt = typer.Option(None, "--pretrained", help="Load timm's pretrained weights (needs the hub).")
 CheckpointOpt = typer.Option(None, "--checkpoint", help="A timm state dict (.pth/.bin/.safetensors).")
+RandomWeightsOpt = typer.Option(None, "--random-weights",
+                                help="Build a timm id with random weights on purpose (speed studies only).")
 ImgSizeOpt = typer.Option(None, "--img-size", help="Input resolution override (position embeddings adapt).")
 PatchSizeOpt = typer.Option(None, "--patch-size", help="Patch size override.")
 NumClassesOpt = typer.Option(None, "--num-classes", help="Classifier size override (a fine-tuned N-class model).")
@@ -69,6 +94,7 @@ ModelArgOpt = typer.Option(None, "--model-arg", help="KEY=VALUE for timm.create_
 # The model options, declared once: @model_options adds them to a command, which receives them as one dict
 MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pretrained": (bool | None, PretrainedOpt), "checkpoint": (Path | None, CheckpointOpt),
+    "random_weights": (bool | None, RandomWeightsOpt),
     "img_size": (int | None, ImgSizeOpt), "patch_size": (int | None, PatchSizeOpt),
     "num_classes": (int | None, NumClassesOpt), "model_arg": (list[str] | None, ModelArgOpt),
 }

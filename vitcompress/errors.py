@@ -7,6 +7,8 @@ library users catch it like any other exception.
 
 from __future__ import annotations
 
+import warnings
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as a one-line message."""
@@ -33,6 +35,16 @@ class ConfigError(UserError):
 class WriteError(UserError):
     """A file could not be written (full disk, file size limit, read-only or forbidden folder, I/O error), or a
     folder is being written by another process. Nothing previous is lost."""
+
+
+class Note(UserWarning):
+    """Something the user should know that is not an error (a fresh classifier, a clamped setting). The CLI prints
+    it as one line, ``note: ...``, on stderr; library users see an ordinary warning."""
+
+
+def note(message: str) -> None:
+    """Emit ``message`` as a :class:`Note`."""
+    warnings.warn(message, Note, stacklevel=2)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

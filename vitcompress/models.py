@@ -22,7 +22,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, note
 
 INFO_ATTR = "vitcompress_info"
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -170,14 +170,70 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a timm state dict into ``model`` strictly; remap original-format checkpoints through timm."""
+    """Load a timm state dict into ``model`` as timm loads pretrained weights, strict for the backbone.
+
+    Original-format checkpoints are remapped through timm, position embeddings trained at another image size are
+    resampled to the model's patch grid (timm's ``resample_abs_pos_embed``), and a classifier that is missing from
+    the file or has another class count is replaced by a fresh one (a one-line :class:`Note` says so). Every other
+    missing, unexpected or mis-shaped key is refused.
+    """
     sd = read_state_dict(path)
-    if set(sd) != set(model.state_dict()):
-        # original-format checkpoints that timm can remap; if it cannot, the strict load names what does not match
+    own = model.state_dict()
+    if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd.keys() & own.keys()):
+        # timm's own filter: original-format remapping and pos_embed resampling to the model's grid (bicubic);
+        # if it cannot handle the file, the strict load below names what does not match
         with contextlib.suppress(Exception):
             sd = checkpoint_filter_fn(sd, model)
+    sd, fresh = _fresh_classifier(model, sd, str(path))
     load_state_dict_strict(model, sd, str(path))
+    if fresh:  # said only once the backbone has loaded: a refused file gets its error alone
+        note(fresh)
     return model
+
+
+HEAD_SEED = 0
+"""Seed of a fresh classifier: rebuilding a model from the same checkpoint gives the same head (so that the base a
+compressed model records is the same model when it is rebuilt)."""
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of ``model``'s classifier(s) (``head``, and ``head_dist`` for distilled models)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    prefixes = tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+    return [k for k in model.state_dict() if k.startswith(prefixes)] + \
+        [k for k in model.state_dict() if k.startswith("head_dist.") and not k.startswith(prefixes)]
+
+
+def _fresh_classifier(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
+                      ) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``sd`` with its classifier replaced by a freshly initialised one for ``model`` when the file has no classifier
+    or one of another shape (as timm does when ``num_classes`` differs from the pretrained one), and the note that
+    says so (None when the file's classifier fits)."""
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    file_head = [k for k in sd if k.startswith(("head.", "head_dist.")) and (k not in own or k in head)]
+    if not file_head and not head:
+        return sd, None
+    if set(file_head) == set(head) and all(sd[k].shape == own[k].shape for k in head):
+        return sd, None
+    out = {k: v for k, v in sd.items() if k not in file_head}
+    gen = torch.Generator().manual_seed(HEAD_SEED)
+    with torch.no_grad():
+        for k in head:
+            param = model.get_submodule(k.rpartition(".")[0]).get_parameter(k.rpartition(".")[2])
+            if k.endswith("weight"):  # timm's classifier init: trunc_normal(std=0.02), zero bias
+                param.copy_(torch.randn(param.shape, generator=gen).clamp_(-2, 2) * 0.02)
+            else:
+                param.zero_()
+            out[k] = param.detach().clone()
+    classes, name = getattr(model, "num_classes", 0), Path(source).name
+    if not file_head:
+        return out, f"{name} has no classifier: a fresh {classes}-class head (random weights until trained)"
+    if not head:
+        return out, f"{name}: its classifier is dropped (the model has num_classes=0: features only)"
+    old = next((tuple(sd[k].shape) for k in file_head if k.endswith("weight")), None)
+    return out, f"{name}: its classifier {old} does not fit {classes} classes: a fresh head (random weights until " \
+        "trained)"
 
 
 def _derived(model: nn.Module, key: str) -> bool:

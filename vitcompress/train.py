@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +21,27 @@ import yaml
 from torch import nn
 
 from .artifact import is_artifact, read_manifest, save_artifact
-from .bench import BenchConfig
-from .data import load_data
+from .bench import BenchConfig, Dtype
+from .data import ImageData, load_data
 from .device import resolve_device
 from .errors import ConfigError, UserError, check_positive
 from .evaluate import accuracy_metrics, predict
 from .io import cache_dir
 from .models import build_model, data_config
+from .probe import fit_probe
 from .recipes import recipe_path
 from .training import OptimConfig, fit
 
 
 @dataclasses.dataclass
 class TrainConfig(OptimConfig):
-    """Everything a training run depends on; a recipe YAML is this dict (``train:`` section)."""
+    """Everything a training run depends on; a recipe YAML is this dict (``train:`` section).
+
+    probe: fit only the classifier, on the frozen backbone's features (computed once and cached): a linear probe
+    whose L2 weight is the one of ``probe_weight_decay`` that scores best on ``heldout`` held-out train images
+    (``heldout:N:DATA``, disjoint from the ``limit`` training images); the optimiser settings then do not apply.
+    eval_limit: evaluate on this many evenly spaced images of ``eval_data``.
+    """
 
     NAME = "train"
     VERSION = 1
@@ -44,11 +53,17 @@ class TrainConfig(OptimConfig):
     split: str | None = None
     eval_data: str | None = "digits"
     limit: int | None = None
+    eval_limit: int | None = None
+    probe: bool = False
+    probe_weight_decay: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    heldout: int = 2000
 
     def validate(self) -> None:
         super().validate()
         check_positive("epochs", self.epochs)
         check_positive("limit", self.limit)
+        check_positive("eval_limit", self.eval_limit)
+        check_positive("heldout", self.heldout)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -66,7 +81,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
-          recipe: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+          recipe: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
     """Train per ``cfg``; save an artifact at ``out`` when given. Returns (model, metrics)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -79,6 +94,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = F
     if data.num_classes and data.num_classes > n_classes:
         raise ConfigError(f"data has {data.num_classes} classes but the model has {n_classes} outputs "
                           "(set num_classes in model_kwargs)")
+    if cfg.probe:
+        return _train_probe(model, cfg, data, dcfg, out, progress=progress, recipe=recipe, log=log)
     model.to(device).train()
     loader = data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed)
 
@@ -90,17 +107,45 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, progress: bool = F
     model.eval()
     metrics: dict[str, Any] = {"train_seconds": round(train_s, 1), "final_loss": round(loss_avg, 4),
                                "epochs": cfg.epochs, "steps": steps, "device": str(device)}
-    if cfg.eval_data:
-        eval_data = load_data(cfg.eval_data, dcfg)
-        logits, labels, _ = predict(model, eval_data, cfg=BenchConfig(device=cfg.device, dtype=cfg.dtype))
-        acc = accuracy_metrics(logits, labels, None)
-        metrics.update({"eval_data": f"{cfg.eval_data}:{eval_data.split}", "top1": acc["top1"], "top5": acc["top5"],
-                        "eval_images": acc["n_images"]})
+    metrics.update(_evaluate(model, cfg, dcfg, progress))
+    _save(model, cfg, data, out, metrics, recipe)
+    return model, metrics
+
+
+def _evaluate(model: nn.Module, cfg: TrainConfig, dcfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Top-1 / top-5 of the trained ``model`` on ``cfg.eval_data`` (nothing when there is none)."""
+    if not cfg.eval_data:
+        return {}
+    eval_data = load_data(cfg.eval_data, dcfg, limit=cfg.eval_limit)
+    logits, labels, _ = predict(model, eval_data, cfg=BenchConfig(device=cfg.device, dtype=cfg.dtype),
+                                progress=progress)
+    acc = accuracy_metrics(logits, labels, None)
+    return {"eval_data": f"{cfg.eval_data}:{eval_data.split}", "top1": acc["top1"], "top5": acc["top5"],
+            "eval_images": acc["n_images"]}
+
+
+def _save(model: nn.Module, cfg: TrainConfig, data: ImageData, out: str | Path | None, metrics: dict[str, Any],
+          recipe: dict[str, Any] | None) -> None:
     if out is not None:
         prov = {"train": cfg.to_dict(), "data": data.describe()}
         if recipe is not None:
             prov["recipe"] = recipe
         save_artifact(model, out, metrics=metrics, provenance=prov)
+
+
+def _train_probe(model: nn.Module, cfg: TrainConfig, data: ImageData, dcfg: dict[str, Any], out: str | Path | None,
+                 *, progress: bool, recipe: dict[str, Any] | None, log: Callable[[str], None],
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """The ``probe`` mode of :func:`train`: the classifier alone, fitted on the frozen backbone's features."""
+    bench = BenchConfig(device=cfg.device, dtype=Dtype.FP32)  # the head is fitted on the fp32 features
+    heldout = load_data(f"heldout:{cfg.heldout}:{cfg.data}", dcfg, purpose="train")
+    start = time.perf_counter()
+    metrics: dict[str, Any] = fit_probe(model, data, heldout, cfg.probe_weight_decay, cfg=bench, progress=progress,
+                                        log=log)
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    model.eval()
+    metrics.update(_evaluate(model, cfg, dcfg, progress))
+    _save(model, cfg, data, out, metrics, recipe)
     return model, metrics
 
 
@@ -108,15 +153,19 @@ def recipe_config(doc: dict[str, Any], **overrides: Any) -> TrainConfig:
     """The :class:`TrainConfig` of a recipe (its ``train:`` section) with ``overrides`` (CLI flags) applied. A new
     ``data`` also becomes the eval data when the recipe evaluates on its training data (its test split then)."""
     section = doc.get("train", doc)
+    if overrides.get("checkpoint"):  # a local checkpoint replaces the recipe's hub weights
+        overrides.setdefault("pretrained", False)
     if "data" in overrides and "eval_data" not in overrides and section.get("eval_data") == section.get("data"):
         overrides["eval_data"] = overrides["data"]
     return TrainConfig.from_dict({**section, **overrides})
 
 
-def baseline(recipe: str = "digits_vit", *, progress: bool = False, log=print) -> Path:
-    """Path of the trained testbed artifact for ``recipe``; trains it on a cache miss."""
+def baseline(recipe: str = "digits_vit", *, overrides: dict[str, Any] | None = None, progress: bool = False,
+             log=print) -> Path:
+    """Path of the trained testbed artifact for ``recipe`` (with ``overrides``: TrainConfig fields such as
+    ``data`` or ``checkpoint``); trains it on a cache miss."""
     data = load_recipe(recipe_path(recipe))
-    cfg = TrainConfig.from_dict(data.get("train", data))
+    cfg = recipe_config(data, **(overrides or {}))
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / f"{Path(str(recipe)).stem}-{key}"
     if is_artifact(out):
@@ -127,5 +176,5 @@ def baseline(recipe: str = "digits_vit", *, progress: bool = False, log=print) -
         except UserError:
             pass
     log(f"training baseline from {recipe} -> {out}")
-    train(cfg, out, progress=progress, recipe=data)
+    train(cfg, out, progress=progress, recipe=data, log=log)
     return out

@@ -50,7 +50,9 @@ def resolve_base(cfg: SweepConfig, *, progress: bool = False, log=print) -> tupl
     """The base model and a key identifying it (for point ids)."""
     b = cfg.base
     if "recipe" in b or "artifact" in b:
-        path = baseline(b["recipe"], progress=progress, log=log) if "recipe" in b else Path(b["artifact"])
+        overrides = {k: v for k, v in b.items() if k != "recipe"}  # e.g. {data: ..., checkpoint: ...}
+        path = baseline(b["recipe"], overrides=overrides, progress=progress, log=log) if "recipe" in b \
+            else Path(b["artifact"])
         return create_model(str(path)), f"artifact:{read_manifest(path)['files'][WEIGHTS]['sha256']}"
     model = create_model(b["model"], pretrained=bool(b.get("pretrained")), checkpoint=b.get("checkpoint"),
                          **(b.get("kwargs") or {}))

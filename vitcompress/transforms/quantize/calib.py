@@ -188,20 +188,19 @@ def layer_hessian(model: nn.Module, layer: nn.Module, calib: Iterable[Any], cali
     return total["h"]
 
 
-def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
-    """RepQ-ViT's scale reparameterization, in place, for each (LayerNorm -> Linear) pair: norm1 -> qkv and
-    norm2 -> fc1, when those Linears are selected and activations are quantized per tensor.
-
-    With per-channel asymmetric parameters (s, z) of the post-LayerNorm activation X and their means
-    (s~, z~): r1 = s / s~, r2 = z - z~. The LayerNorm outputs X~ = (X + s r2) / r1 (gamma / r1,
-    (beta + s r2) / r1) and the Linear takes W r1 and b - W (s r2), so the float function is unchanged while
-    one per-tensor quantizer on X~ acts like per-channel quantization of X.
-    """
+def _norm_linear_pairs(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, str]]:
+    """The (LayerNorm, Linear) pairs whose Linear is selected: norm1 -> qkv and norm2 -> fc1 (with an affine
+    LayerNorm, into which a per-channel scale of the Linear's input folds)."""
     pairs = [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv") for i in range(len(model.blocks))]
     pairs += [(f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1") for i in range(len(model.blocks))]
     selected = {n for n, _ in select_layers(model, cfg.layers, cfg.exclude, types=QUANTIZABLE)}
-    pairs = [(n, lin) for n, lin in pairs if lin in selected
-             and isinstance(model.get_submodule(n), nn.LayerNorm) and model.get_submodule(n).elementwise_affine]
+    return [(n, lin) for n, lin in pairs if lin in selected
+            and isinstance(model.get_submodule(n), nn.LayerNorm) and model.get_submodule(n).elementwise_affine]
+
+
+def _input_ranges(model: nn.Module, names: list[str], calib: Iterable[Any], size: int,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-channel minimum and maximum [C] of each named Linear's input over the calibration images."""
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
 
@@ -212,17 +211,57 @@ def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> l
             hi[name] = torch.maximum(hi[name], x.amax(0)) if name in hi else x.amax(0)
         return fn
 
-    run_calibration(model, calib, cfg.calib_size, [(model.get_submodule(lin), hook(lin)) for _, lin in pairs])
+    run_calibration(model, calib, size, [(model.get_submodule(n), hook(n)) for n in names])
+    return lo, hi
+
+
+def _fold_(norm: nn.LayerNorm, lin: nn.Linear, r1: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """Make the LayerNorm output (X + shift) / r1 and the Linear take W r1 (and b - W shift): the float function
+    is unchanged. r1, shift: [C]."""
+    with torch.no_grad():
+        if shift is not None:
+            if lin.bias is not None:
+                lin.bias.sub_((lin.weight.float() @ shift).to(lin.bias.dtype))
+            norm.bias.add_(shift.to(norm.bias.dtype))
+        lin.weight.mul_(r1.to(lin.weight.dtype)[None, :])
+        norm.bias.copy_((norm.bias.float() / r1).to(norm.bias.dtype))
+        norm.weight.copy_((norm.weight.float() / r1).to(norm.weight.dtype))
+
+
+def repq_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
+    """RepQ-ViT's scale reparameterization, in place, for each (LayerNorm -> Linear) pair: norm1 -> qkv and
+    norm2 -> fc1, when those Linears are selected and activations are quantized per tensor.
+
+    With per-channel asymmetric parameters (s, z) of the post-LayerNorm activation X and their means
+    (s~, z~): r1 = s / s~, r2 = z - z~. The LayerNorm outputs X~ = (X + s r2) / r1 (gamma / r1,
+    (beta + s r2) / r1) and the Linear takes W r1 and b - W (s r2), so the float function is unchanged while
+    one per-tensor quantizer on X~ acts like per-channel quantization of X.
+    """
+    pairs = _norm_linear_pairs(model, cfg)
+    lo, hi = _input_ranges(model, [lin for _, lin in pairs], calib, cfg.calib_size)
     for norm_name, lin_name in pairs:
-        norm, lin = model.get_submodule(norm_name), model.get_submodule(lin_name)
         s, z = ops.act_qparams(lo[lin_name], hi[lin_name], int(cfg.a_bits))
         r1 = (s / s.mean()).clamp_min(1e-4)  # any r1 > 0 keeps the float function; avoid dead-channel blow-up
         r2 = z - torch.round(z.mean())
-        shift = s * r2  # [C]
-        with torch.no_grad():
-            if lin.bias is not None:
-                lin.bias.sub_((lin.weight.float() @ shift).to(lin.bias.dtype))
-            lin.weight.mul_(r1.to(lin.weight.dtype)[None, :])
-            norm.bias.copy_(((norm.bias.float() + shift) / r1).to(norm.bias.dtype))
-            norm.weight.copy_((norm.weight.float() / r1).to(norm.weight.dtype))
+        _fold_(model.get_submodule(norm_name), model.get_submodule(lin_name), r1, s * r2)
+    return [lin for _, lin in pairs]
+
+
+def smoothquant_reparam_(model: nn.Module, cfg: QuantConfig, calib: Iterable[Any]) -> list[str]:
+    """SmoothQuant's scale migration (Xiao et al. 2023), in place, for each (LayerNorm -> Linear) pair.
+
+    Per input channel j of the Linear: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha). X / s comes out of the
+    LayerNorm (gamma / s, beta / s) and the Linear takes W s, so the float function is unchanged while outlier
+    channels of X (what LayerNorm gammas of up to 11 make in a pretrained DINOv2) move into the per-channel
+    weight grid. Works for static and per-token activations, simulated and deployed, with no runtime cost.
+    """
+    pairs = _norm_linear_pairs(model, cfg)
+    lo, hi = _input_ranges(model, [lin for _, lin in pairs], calib, cfg.calib_size)
+    alpha = cfg.smooth_alpha
+    for norm_name, lin_name in pairs:
+        lin = model.get_submodule(lin_name)
+        x_max = torch.maximum(lo[lin_name].abs(), hi[lin_name].abs()).clamp_min(1e-5)
+        w_max = lin.weight.detach().float().abs().amax(0).clamp_min(1e-5)
+        s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(1e-4, 1e4)
+        _fold_(model.get_submodule(norm_name), lin, s)
     return [lin for _, lin in pairs]

@@ -39,6 +39,7 @@ BRECQS = (Rounding.BRECQ, Rounding.BRECQ_JOINT)
 class Reparam(StrEnum):
     NONE = "none"
     REPQ = "repq"  # RepQ-ViT: fold post-LayerNorm channel-wise ranges into the LayerNorm and the next Linear
+    SMOOTHQUANT = "smoothquant"  # SmoothQuant: migrate max|X_j|^alpha / max|W_j|^(1-alpha) into the weights
 
 
 class Observer(StrEnum):
@@ -100,9 +101,10 @@ class QuantConfig(Config):
     NAME = "quantize"
 
     FAMILY = "quant"
-    VERSION = 5  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
+    VERSION = 6  # v2 added softmax and dtype; v3 gptq_sequential and act_order (older dicts: one-pass GPTQ);
     # v4 search_metric and post_gelu (older dicts: mse and uniform, what they ran); v5 brecq is the published
-    # two-stage method (older brecq dicts ran the joint variant: brecq_joint) and recon_fisher
+    # two-stage method (older brecq dicts ran the joint variant: brecq_joint) and recon_fisher; v6 reparam
+    # smoothquant and smooth_alpha (older dicts: no smoothing, what they ran)
     w_bits: int | None = 8
     a_bits: int | None = 8
     w_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
@@ -121,6 +123,7 @@ class QuantConfig(Config):
     recon_iters: int = 1000  # brecq: optimisation steps per block (and per stage)
     recon_fisher: bool = False  # brecq: weight the reconstruction error by the squared Fisher diagonal
     reparam: Reparam = Reparam.NONE
+    smooth_alpha: float = 0.5
     softmax: SoftmaxQuant = SoftmaxQuant.NONE
     post_gelu: PostGelu = PostGelu.UNIFORM
     search_metric: SearchMetric = SearchMetric.MSE
@@ -163,6 +166,10 @@ class QuantConfig(Config):
                                   ".json): measure one on that GPU with python -m vitcompress.kernels.tune")
             if self.dense_fallback_rows < 1:
                 raise ConfigError(f"dense_fallback_rows must be >= 1, got {self.dense_fallback_rows}")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ConfigError(f"smooth_alpha is SmoothQuant's migration strength in [0, 1], got {self.smooth_alpha}")
+        if self.reparam == Reparam.SMOOTHQUANT and self.a_bits is None:
+            raise ConfigError("smoothquant migrates activation outliers into the weights: it needs a_bits")
         if self.reparam == Reparam.REPQ and not self.static_acts:
             raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
                               "a_granularity per_tensor")
@@ -231,8 +238,8 @@ class QuantConfig(Config):
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation ranges, RepQ and GPTQ are all computed from calibration images."""
-        return self.static_acts or self.rounding != Rounding.RTN
+        """Static activation ranges, RepQ, SmoothQuant and GPTQ are all computed from calibration images."""
+        return self.static_acts or self.rounding != Rounding.RTN or self.reparam != Reparam.NONE
 
     @property
     def group(self) -> int | None:

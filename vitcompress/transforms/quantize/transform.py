@@ -30,7 +30,7 @@ from ..registry import TransformContext, register_transform
 from . import ops
 from .bnb import to_bnb
 from .brecq import brecq_
-from .calib import calibrate, layer_hessian, repq_reparam_
+from .calib import calibrate, layer_hessian, repq_reparam_, smoothquant_reparam_
 from .config import (
     BRECQS,
     SEARCHED,
@@ -162,8 +162,8 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     reparam: list[str] = []
     if cfg.needs_calibration and ctx.calib is None:
         raise ConfigError("static activation ranges and gptq need calibration images (--calib-data)")
-    if cfg.reparam == Reparam.REPQ:
-        reparam = repq_reparam_(model, cfg, ctx.calib)
+    if cfg.reparam != Reparam.NONE:
+        reparam = (repq_reparam_ if cfg.reparam == Reparam.REPQ else smoothquant_reparam_)(model, cfg, ctx.calib)
     float_model = copy.deepcopy(model) if cfg.rounding in BRECQS else None  # the blocks' targets
     if not deploy:  # attention is observed (in float) through its quantized class during calibration
         for _, m in layers:

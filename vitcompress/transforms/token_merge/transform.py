@@ -14,7 +14,7 @@ from torch import nn
 
 from ...bench import BenchConfig, compare, model_runner
 from ...config import Config, StrEnum, upgrade_backend
-from ...errors import ConfigError
+from ...errors import ConfigError, note
 from ...kernels._triton import Backend
 from ...models import data_config
 from ..registry import TransformContext, register_transform
@@ -258,6 +258,18 @@ def install(model: nn.Module, schedule: list[int], cfg: TokenMergeConfig) -> Non
     install_blocks(model, state, schedule, [False] * len(schedule))
 
 
+def _short(schedule: list[int]) -> str:
+    """A schedule as a short list: [32, 16, 8, 0 x9]."""
+    out: list[str] = []
+    for r in schedule:
+        if out and out[-1].split(" x")[0] == str(r):
+            n = int(out[-1].split(" x")[1]) + 1 if " x" in out[-1] else 2
+            out[-1] = f"{r} x{n}"
+        else:
+            out.append(str(r))
+    return "[" + ", ".join(out) + "]"
+
+
 def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int], dict[str, Any]]:
     """The per-layer schedule ``cfg`` asks for, and anything measured on the way.
 
@@ -270,6 +282,9 @@ def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int]
         requested = [int(r) for r in cfg.schedule] if cfg.schedule is not None else \
             tome_schedule(model, cfg.r, cfg.inflection)
         applied = capped(model, requested)
+        if applied != requested:  # the reference clamps silently; a user who asked for more should know
+            note(f"ToMe: the schedule {_short(requested)} removes more tokens than the model has; running "
+                 f"{_short(applied)} (each layer merges at most half its tokens)")
         return applied, ({} if applied == requested else {"requested_schedule": requested})
     if cfg.schedule is not None:
         return [int(r) for r in cfg.schedule], {}
