@@ -236,3 +236,18 @@ def test_version(cli):
 
     rc, out, _ = cli("--version")
     assert rc == 0 and out.strip() == f"vitcompress {__version__}"
+
+
+def test_info_and_list(tmp_path, cli, trained_artifact, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps cells to the terminal: the test sets its width
+    rc, out, err = cli("merge", trained_artifact, "--r", "2", "--out", tmp_path / "m")
+    assert rc == 0, err
+    rc, out, err = cli("info", tmp_path / "m")
+    assert rc == 0, err
+    assert "token_merge v" in out and "ok (SHA-256" in out and "schedule" in out
+    rc, _, err = cli("info", tmp_path)
+    _one_clean_line(rc, err, "neither a vitcompress artifact")
+    rc, out, err = cli("list")
+    assert rc == 0, err
+    for name in ("token_merge", "quantize", "prune", "eventful", "learned_merge"):
+        assert name in out

@@ -165,6 +165,21 @@ def test_pretrained_offline_fails_cleanly(monkeypatch):
         create_model("vit_tiny_patch16_224", pretrained=True)
 
 
+def test_pretrained_without_a_reachable_hub_fails_at_once_without_retries(monkeypatch, capsys):
+    """No retry loop: when the hub does not answer a quick connection, huggingface_hub runs offline for the load."""
+    import huggingface_hub.constants as hub
+
+    import vitcompress.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ModelError, match="could not fetch pretrained weights"):
+        create_model("vit_tiny_patch16_224", pretrained=True)
+    assert hub.HF_HUB_OFFLINE is False  # restored after the load
+    assert "Retry" not in capsys.readouterr().err
+
+
 def test_a_missing_artifact_path(tmp_path):
     with pytest.raises(ModelError, match="no such artifact directory"):
         create_model(str(tmp_path / "gone"))

@@ -96,3 +96,11 @@ def test_the_real_activation_benchmark_runs_on_a_tiny_model(tmp_path, trained_ar
     assert e2e[("W8A8 static", "all")]["logit_rel_l2_%"] > 0
     assert ("W8A8 per-token + SmoothQuant", "all") in e2e
     assert all(r["W8A8 static"] >= 0 for r in res["layers"])
+
+
+def test_params_count_every_stored_weight_whatever_its_dtype(tiny_model):
+    from vitcompress.evaluate import count_params
+
+    dense = count_params(tiny_model)
+    compress_(tiny_model, QuantConfig(mode="deploy"), calib=_calib(tiny_model))
+    assert count_params(tiny_model) == dense  # int8 codes count as the weights they are

@@ -16,7 +16,8 @@ from typing import Any
 import typer
 
 from . import (
-    cli_tokens,  # noqa: F401  (registers merge, adapt, learn-merge, sparse-attn)
+    cli_info,  # noqa: F401  (registers info and list)
+    cli_tokens,  # noqa: F401  (registers merge, adapt, learn-merge, sparse-attn, eventful)
     distributed,
 )
 from .artifact import check_writable

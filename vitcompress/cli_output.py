@@ -47,6 +47,8 @@ def print_eval(r: dict[str, Any]) -> None:
         "data": f"{r['data']['spec']} ({r['data']['split']}, {r['n_images']} images)",
         "top1 %": r["top1"], "top5 %": r["top5"], "agreement %": r["agreement"], "kl": r["kl"],
     }
+    if r["agreement"] is None:  # say why, rather than a bare dash
+        rows["agreement %"] = "— (no reference: pass --reference, or an artifact with a recorded base)"
     for g, m in (r.get("groups") or {}).items():
         agreement = "—" if m["agreement"] is None else fmt(m["agreement"])
         rows[f"  {g} top1 / agr %"] = f"{fmt(m['top1'])} / {agreement}"

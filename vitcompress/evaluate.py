@@ -195,8 +195,22 @@ def static_metrics(model: nn.Module) -> dict[str, Any]:
                                                   if hasattr(m, "flops_saved"))
     if reset is not None:
         reset()
-    return {"params": sum(p.numel() for p in model.parameters()), "gflops": flops / 1e9, "gmacs": flops / 2e9,
+    return {"params": count_params(model), "gflops": flops / 1e9, "gmacs": flops / 2e9,
             "size_mb": serialized_size_mb(model)}
+
+
+def count_params(model: nn.Module) -> int:
+    """Every weight the model holds, whatever its dtype: the float parameters, plus the weights that deployed
+    low-precision layers keep as int8 / fp8 / int4 codes in buffers (a linear layer whose weight is not a
+    parameter counts in x out, and its bias when that is a buffer too)."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, nn.Linear) \
+                and not isinstance(getattr(m, "weight", None), nn.Parameter):
+            bias = getattr(m, "bias", None)
+            n += m.in_features * m.out_features + (bias.numel() if isinstance(bias, torch.Tensor)
+                                                   and not isinstance(bias, nn.Parameter) else 0)
+    return n
 
 
 def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:

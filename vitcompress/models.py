@@ -11,9 +11,13 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import huggingface_hub.constants as hub
 import timm
 import torch
 from safetensors.torch import load_file
@@ -88,7 +92,8 @@ def build_model(
     if pretrained and checkpoint:
         raise ModelError("give either --pretrained or --checkpoint, not both")
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _offline_unless_reachable(pretrained):
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ModelError(f"bad model option for '{name}': {exc}") from None
     except Exception as exc:  # hub download, offline, gated repo, ...
@@ -108,6 +113,31 @@ def build_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host answers a TCP connection within ``timeout`` seconds."""
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(pretrained: bool) -> Iterator[None]:
+    """Offline, huggingface_hub retries each file for about a minute, printing a line per retry; when the hub does
+    not answer a quick connection, its offline mode is on for this load, so weights in the local cache still load
+    and missing ones fail at once. (Its offline flag is read from the environment at import, hence the attribute.)"""
+    if not pretrained or hub.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
 
 
 def check_supported(model: nn.Module, name: str) -> None:
