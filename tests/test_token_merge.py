@@ -8,7 +8,7 @@ from conftest import FAMILIES, TINY
 
 from vitcompress import compress_, create_model, load_artifact, save_artifact
 from vitcompress.bench import count_flops
-from vitcompress.errors import ConfigError
+from vitcompress.errors import ConfigError, Note
 from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
 from vitcompress.transforms.token_merge import ops
 from vitcompress.transforms.token_merge.transform import flops_fraction, tokens_per_layer
@@ -73,9 +73,22 @@ def test_prefix_tokens_are_never_merged(family, method):
     assert torch.equal(src.sum(1), torch.ones(3, src.shape[-1]))  # each original token is in exactly one
 
 
+def _parse_r(num_layers, r):
+    """ToMe's parse_r (tome/utils.py), restated step by step: the linear ramp, each layer truncated."""
+    r, inflect = r
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (num_layers - 1)
+    return [int(min_val + step * i) for i in range(num_layers)]
+
+
 def test_decreasing_schedule_and_explicit_lists():
     assert ops.constant_schedule(4, 4) == [4, 4, 4, 4]
     assert ops.constant_schedule(4, 5, -1) == [8, 6, 4, 2, 0]
+    # the reference's parse_r truncates each layer of the ramp: (16, -1) and (8, -1) on 12 layers remove 187 and 91
+    assert ops.constant_schedule(16, 12, -1) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+    assert sum(ops.constant_schedule(8, 12, -1)) == 91
+    assert ops.constant_schedule(8, 12, 0.5) == [_parse_r(12, (8, 0.5))[i] for i in range(12)]
     assert sum(ops.constant_schedule(2.5, 4)) == 10
     model = _model("vit")
     compress_(model, TokenMergeConfig(schedule=[10, 0, 3, 0]))
@@ -85,12 +98,15 @@ def test_decreasing_schedule_and_explicit_lists():
 def test_tome_clamps_each_layer_and_records_the_applied_schedule():
     # patches 64 -> 50 -> 36 -> 22: r=14 fits layers 0-2, layer 3 can merge at most 11 (the reference clamps)
     model = _model("vit")
-    compress_(model, TokenMergeConfig(r=14))
+    with pytest.warns(Note, match=r"ToMe: the schedule \[14 x4\] merges more tokens than the layers have; running "
+                                  r"\[14 x3, 11\]"):
+        compress_(model, TokenMergeConfig(r=14))
     state = model.vitcompress_info.transforms[-1]["state"]
     assert state["schedule"] == [14, 14, 14, 11] and state["requested_schedule"] == [14, 14, 14, 14]
     assert tokens_per_layer(model) == [65, 51, 37, 23]
     big = _model("vit")
-    compress_(big, TokenMergeConfig(r=99))  # more than any layer has: every layer merges half of what is left
+    with pytest.warns(Note, match=r"running \[32, 16, 8, 4\]"):  # every layer merges half of what is left
+        compress_(big, TokenMergeConfig(r=99))
     assert big.vitcompress_info.transforms[-1]["state"]["schedule"] == [32, 16, 8, 4]
     assert _fwd(big, _x()).shape == (3, 10)
     with pytest.raises(ConfigError, match="schedule has 3 entries"):

@@ -221,10 +221,16 @@ def constant_schedule(r: int, depth: int, inflection: float = 0.0) -> list[int]:
     """ToMe's ``(r, inflection)`` schedule: ``r`` per layer on average, tilted linearly.
 
     inflection 0: constant; -1: from 2r in the first layer down to 0 in the last; +1: the reverse.
-    ``r`` may be fractional (the solvers use that); layers get whole tokens, rounded cumulatively.
+    A whole ``r`` gives the reference's schedule exactly (ToMe's ``parse_r``: each layer's point of the linear ramp,
+    truncated, so ``(16, -1)`` on 12 layers removes 187 tokens, not 192). A fractional ``r`` (what the solvers ask
+    for) gets whole tokens rounded cumulatively, so that it still removes r x depth tokens in all.
     """
     if depth == 1:
         return [int(r)]
+    if float(r).is_integer():
+        min_val = int(r * (1.0 - inflection))
+        step = (2 * r - 2 * min_val) / (depth - 1)  # (max_val - min_val), max_val = 2r - min_val, as the reference
+        return [int(min_val + step * i) for i in range(depth)]
     lo = r * (1.0 - inflection)
     hi = 2 * r - lo
     out, total, done = [], 0.0, 0

@@ -283,7 +283,7 @@ def resolve_schedule(model: nn.Module, cfg: TokenMergeConfig) -> tuple[list[int]
             tome_schedule(model, cfg.r, cfg.inflection)
         applied = capped(model, requested)
         if applied != requested:  # the reference clamps silently; a user who asked for more should know
-            note(f"ToMe: the schedule {_short(requested)} removes more tokens than the model has; running "
+            note(f"ToMe: the schedule {_short(requested)} merges more tokens than the layers have; running "
                  f"{_short(applied)} (each layer merges at most half its tokens)")
         return applied, ({} if applied == requested else {"requested_schedule": requested})
     if cfg.schedule is not None:
