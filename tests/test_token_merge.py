@@ -115,20 +115,27 @@ def test_tome_clamps_each_layer_and_records_the_applied_schedule():
         compress_(_model("vit"), TokenMergeConfig(method="evit", schedule=[63, 0, 0, 0]))
 
 
-def _reference_tome(metric, r, class_token):
-    """ToMe's published matching (facebookresearch/ToMe, merge.py), written out independently for the test."""
+def _reference_tome(metric, r, protected):
+    """ToMe's published matching (facebookresearch/ToMe, merge.py), written out independently for the test. The
+    reference protects a class token (``scores[..., 0, :] = -inf``) and a distillation token (``scores[..., :, 0] =
+    -inf``); more prefix tokens (registers) extend the same two rules: those at even positions (set A) never merge,
+    those at odd positions (set B) never receive. The reference returns [unmerged A, B]; the prefix tokens of both
+    sets are then moved to the front, in their own order (what the next layer protects)."""
     t = metric.shape[1]
-    r = min(r, (t - int(class_token)) // 2)
+    r = min(r, (t - protected) // 2)
+    a_pre, b_pre = (protected + 1) // 2, protected // 2
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[..., 0, :] = -float("inf")
+    for i in range(a_pre):  # the class token (and every prefix token in A)
+        scores[..., i, :] = -float("inf")
+    for j in range(b_pre):  # the distillation token (and every prefix token in B)
+        scores[..., :, j] = -float("inf")
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
     unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
     dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-    if class_token:
+    if protected:
         unm_idx = unm_idx.sort(dim=1)[0]
 
     def merge(x):
@@ -137,19 +144,25 @@ def _reference_tome(metric, r, class_token):
         unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
         src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
         dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
-        return torch.cat([unm, dst], dim=1)
+        if r == 0:
+            return x
+        # the reference returns [unm, dst]; its prefix tokens come through untouched and go to the front
+        assert torch.equal(unm[:, :a_pre], x[:, 0:2 * a_pre:2]) and torch.equal(dst[:, :b_pre], x[:, 1:2 * b_pre:2])
+        return torch.cat([x[:, :protected], unm[:, a_pre:], dst[:, b_pre:]], dim=1)
 
     return merge
 
 
-@pytest.mark.parametrize("n, r, cls", [(197, 8, True), (197, 16, True), (65, 40, True), (64, 12, False),
-                                       (50, 3, True)])
-def test_bipartite_matching_equals_the_reference(n, r, cls):
+@pytest.mark.parametrize("n, r, protected", [(197, 8, 1), (197, 16, 1), (65, 40, 1), (64, 12, 0), (50, 3, 1),
+                                             (198, 8, 2), (66, 20, 2), (201, 16, 5), (69, 30, 5), (37, 4, 5)])
+def test_bipartite_matching_equals_the_reference(n, r, protected):
+    """0 protected tokens, a class token, class + distillation (DeiT), class + 4 registers."""
     g = torch.Generator().manual_seed(n + r)
     metric, x = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 8, generator=g)
-    ours = ops.bipartite_soft_matching(metric, r, int(cls))(x, "sum")
-    ref = _reference_tome(metric.clone(), r, cls)(x)
+    ours = ops.bipartite_soft_matching(metric, r, protected)(x, "sum")
+    ref = _reference_tome(metric.clone(), r, protected)(x)
     assert torch.equal(ours, ref)
+    assert torch.equal(ours[:, :protected], x[:, :protected])  # the prefix neither merges nor receives
 
 
 def test_evit_fuses_the_attention_weighted_sum_as_the_paper():
