@@ -251,3 +251,16 @@ def test_info_and_list(tmp_path, cli, trained_artifact, monkeypatch):
     assert rc == 0, err
     for name in ("token_merge", "quantize", "prune", "eventful", "learned_merge"):
         assert name in out
+
+
+def test_long_steps_print_plain_progress_lines_when_stderr_is_not_a_terminal(cli, monkeypatch, trained_artifact):
+    import re
+
+    import vitcompress.ui as ui
+
+    monkeypatch.setattr(ui, "PLAIN_EVERY_S", 0.0)  # a line at every step (the real interval is a few seconds)
+    rc, _, err = cli("eval", trained_artifact, "--data", "digits", "--limit", "96", "--batch-size", "32",
+                     "--no-speed")
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if re.match(r"eval digits: \d+/\d+ \([\d.e+]+/s, \d+:\d\d elapsed", ln)]
+    assert len(lines) >= 3 and "\x1b[" not in err, err

@@ -110,7 +110,7 @@ def eval_(
     split, limit, json_out = o.get("split"), o.get("limit"), o.get("json")
     with distributed.session(bench.resolve_device()):  # data-parallel under torchrun; a no-op otherwise
         result = evaluate_spec(m, data, split=split, limit=limit, reference=ref, bench=bench,
-                               speed=not o.get("no_speed"), progress=True and distributed.is_main(),
+                               speed=not o.get("no_speed"), progress=distributed.is_main(),
                                attack=atk, **{k: o[k] for k in ("batch_size", "workers") if k in o})
         if not distributed.is_main():
             return
@@ -199,7 +199,7 @@ def sweep(
         variables["data"] = data
     with distributed.session():  # under torchrun the points are split across ranks
         rank, size = distributed.world()
-        run_sweep(recipe, out, progress=True and rank == 0, log=lambda m: typer.echo(m, err=True),
+        run_sweep(recipe, out, progress=rank == 0, log=lambda m: typer.echo(m, err=True),
                   report=not no_report, shard=(rank, size), variables=variables,
                   command=shlex.join(["vitcompress", "sweep", *sys.argv[sys.argv.index("sweep") + 1:]])
                   if "sweep" in sys.argv else None)

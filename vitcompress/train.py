@@ -120,8 +120,8 @@ def _evaluate(model: nn.Module, cfg: TrainConfig, dcfg: dict[str, Any], progress
     logits, labels, _ = predict(model, eval_data, cfg=BenchConfig(device=cfg.device, dtype=cfg.dtype),
                                 progress=progress)
     acc = accuracy_metrics(logits, labels, None)
-    return {"eval_data": f"{cfg.eval_data}:{eval_data.split}", "top1": acc["top1"], "top5": acc["top5"],
-            "eval_images": acc["n_images"]}
+    return {"eval_data": f"{cfg.eval_data}:{eval_data.split}", "top1": round(acc["top1"], 2),
+            "top5": round(acc["top5"], 2), "eval_images": acc["n_images"]}
 
 
 def _save(model: nn.Module, cfg: TrainConfig, data: ImageData, out: str | Path | None, metrics: dict[str, Any],

@@ -6,9 +6,12 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_LIVE: list[tuple[Progress, Any]] = []  # the rich bar on screen (and its task), for the steps nested inside it
 
 PLAIN_EVERY_S = 10.0
 """How often a progress line is printed where stderr is not a terminal (a pipe, a log file, CI)."""
@@ -56,6 +59,15 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[...
         with _plain_progress(total, label) as tick:
             yield tick
         return
+    if _LIVE:  # rich shows one live display at a time: a step inside another shows as a task of its bar
+        bar, _ = _LIVE[-1]
+        task = bar.add_task(label, total=total)
+        try:
+            yield lambda advance=1, description=None: bar.update(
+                task, advance=advance, **({"description": description} if description else {}))
+        finally:
+            bar.remove_task(task)
+        return
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
@@ -64,4 +76,8 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[...
         def tick(advance: int = 1, description: str | None = None) -> None:
             bar.update(task, advance=advance, **({"description": description} if description else {}))
 
-        yield tick
+        _LIVE.append((bar, task))
+        try:
+            yield tick
+        finally:
+            _LIVE.pop()

@@ -110,12 +110,13 @@ def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
 class SweepContext:
     """What every point is measured against: the base's data, logits and speed runners (built once)."""
 
-    def __init__(self, base: nn.Module, cfg: SweepConfig):
-
+    def __init__(self, base: nn.Module, cfg: SweepConfig, *, progress: bool = False):
+        """progress: show each evaluation's progress (images done, rate, ETA)."""
         self.cfg, self.base, self.bench, self.rank = cfg, base, cfg.bench_config(), distributed.world()[0]
+        self.progress = progress
         dcfg = data_config(base)
         self.data = {s: load_data(s, dcfg, limit=cfg.eval_limit) for s in cfg.eval_data}
-        self.base_logits = {s: predict(base, d, cfg=self.bench)[0] for s, d in self.data.items()}
+        self.base_logits = {s: predict(base, d, cfg=self.bench, progress=progress)[0] for s, d in self.data.items()}
         sm = cfg.speed_model
         self.speed_base = base if sm is None else create_model(sm["model"], **(sm.get("kwargs") or {}))
         size = data_config(self.speed_base)["input_size"]
@@ -141,7 +142,7 @@ class SweepContext:
         tokens = {}
         for spec, data in self.data.items():
             d = data if data_config(model) == data_config(self.base) else data.for_config(data_config(model))
-            logits, labels, _, tokens[spec] = predict_traced(model, d, cfg=bench)
+            logits, labels, _, tokens[spec] = predict_traced(model, d, cfg=bench, progress=self.progress)
             out["accuracy"][spec] = accuracy_metrics(logits, labels, self.base_logits[spec])
         if self.data:  # what the accuracy passes ran in (auto resolves per model and batch shape)
             out["accuracy_dtype"] = str(accuracy_dtype(model, d, 64, bench))
@@ -317,7 +318,7 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
     records: list[dict[str, Any]] = []
     if todo:
         with distributed.local():  # each rank evaluates its own points alone
-            records = _run_points(SweepContext(base, cfg), todo, pdir, progress, log)
+            records = _run_points(SweepContext(base, cfg, progress=progress), todo, pdir, progress, log)
     distributed.barrier()  # under torchrun: every rank's points are on disk before the report
     if report and shard[0] == 0:
 
