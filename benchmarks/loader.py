@@ -65,8 +65,8 @@ def loader_throughput(spec: str, data_cfg: dict[str, Any], workers: int, batch: 
 def torchrun_wall(spec: str, nproc: int, limit: int) -> float:
     """Wall seconds of ``vitcompress eval`` (accuracy pass only) under torchrun with ``nproc`` processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
-           "vitcompress", "eval", "vit_small_patch16_224", "--num-classes", "10", "--data", spec, "--limit",
-           str(limit), "--no-speed", "--reference", "none"]
+           "vitcompress", "eval", "vit_small_patch16_224", "--random-weights", "--num-classes", "10", "--data", spec,
+           "--limit", str(limit), "--no-speed", "--reference", "none"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
