@@ -264,3 +264,18 @@ def test_long_steps_print_plain_progress_lines_when_stderr_is_not_a_terminal(cli
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if re.match(r"eval digits: \d+/\d+ \([\d.e+]+/s, \d+:\d\d elapsed", ln)]
     assert len(lines) >= 3 and "\x1b[" not in err, err
+
+
+def test_the_sweep_summary_names_only_the_files_the_report_wrote(tmp_path, capsys, monkeypatch):
+    from vitcompress.cli_output import print_fronts
+
+    monkeypatch.setenv("COLUMNS", "300")
+    (tmp_path / "report.md").write_text("# r\n")
+    (tmp_path / "pareto.json").write_text(json.dumps({"rows": [], "front_latency": [], "failed": [],
+                                                       "accuracy_metric": "digits:top1", "reference_batch": 1}))
+    print_fronts(tmp_path)
+    out = capsys.readouterr().out
+    assert "report.md" in out and "pareto.png" not in out and "points.csv" not in out
+    (tmp_path / "pareto.png").write_bytes(b"png")
+    print_fronts(tmp_path)
+    assert "pareto.png" in capsys.readouterr().out

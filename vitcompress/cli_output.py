@@ -74,7 +74,10 @@ def print_fronts(sweep_dir: Path) -> None:
     """The accuracy-vs-latency front of a written sweep report, one row per point."""
     res = json.loads((Path(sweep_dir) / "pareto.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    table = {"report": str(Path(sweep_dir) / "report.md"), "picture": str(Path(sweep_dir) / "pareto.png")}
+    # only the files the report wrote (an accuracy-only sweep has no latency picture)
+    table = {label: str(Path(sweep_dir) / name) for label, name in
+             (("report", "report.md"), ("picture", "pareto.png"), ("csv", "points.csv"))
+             if (Path(sweep_dir) / name).is_file()}
     for name in res["front_latency"]:
         r = rows[name]
         table[f"★ {name}"] = (f"{res['accuracy_metric']} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
