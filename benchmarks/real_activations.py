@@ -74,7 +74,12 @@ def input_ranges(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, dic
             r["lo"], r["hi"] = torch.minimum(r["lo"], x.min()), torch.maximum(r["hi"], x.max())
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _linears(model)]
+    _run_hooked(model, batches, [m.register_forward_pre_hook(hook(n)) for n, m in _linears(model)])
+    return out
+
+
+def _run_hooked(model: nn.Module, batches: list[torch.Tensor], handles: list[Any]) -> None:
+    """Run ``batches`` through ``model`` with hooks ``handles`` registered, then remove them."""
     try:
         with torch.inference_mode():
             for x in batches:
@@ -82,7 +87,6 @@ def input_ranges(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, dic
     finally:
         for h in handles:
             h.remove()
-    return out
 
 
 def _static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -137,14 +141,8 @@ def per_layer(model: nn.Module, batches: list[torch.Tensor], calib: dict[str, di
 
     prefix = int(model.num_prefix_tokens)
     handles = [m.register_forward_pre_hook(lin_hook(n, m.weight.detach().float())) for n, m in layers]
-    handles += [b.register_forward_hook(block_hook(i, prefix)) for i, b in enumerate(model.blocks)]
-    try:
-        with torch.inference_mode():
-            for x in batches:
-                forward(model, x)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, handles + [b.register_forward_hook(block_hook(i, prefix))
+                                           for i, b in enumerate(model.blocks)])
     rows = []
     for name, _ in layers:
         chan = calib[name]["chan"]
