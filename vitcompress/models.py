@@ -226,12 +226,11 @@ HEAD_SEED = 0
 compressed model records is the same model when it is rebuilt)."""
 
 
-def _classifier_keys(model: nn.Module) -> list[str]:
+def classifier_keys(model: nn.Module) -> list[str]:
     """The state-dict keys of ``model``'s classifier(s) (``head``, and ``head_dist`` for distilled models)."""
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
-    prefixes = tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
-    return [k for k in model.state_dict() if k.startswith(prefixes)] + \
-        [k for k in model.state_dict() if k.startswith("head_dist.") and not k.startswith(prefixes)]
+    prefixes = (*(f"{n}." for n in ((names,) if isinstance(names, str) else names)), "head_dist.")
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
 def _fresh_classifier(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
@@ -240,7 +239,7 @@ def _fresh_classifier(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     or one of another shape (as timm does when ``num_classes`` differs from the pretrained one), and the note that
     says so (None when the file's classifier fits)."""
     own = model.state_dict()
-    head = _classifier_keys(model)
+    head = classifier_keys(model)
     file_head = [k for k in sd if k.startswith(("head.", "head_dist.")) and (k not in own or k in head)]
     if not file_head and not head:
         return sd, None

@@ -25,7 +25,7 @@ from .data import ImageData
 from .errors import ConfigError
 from .evaluate import predict
 from .io import atomic_write, cache_dir
-from .models import model_info
+from .models import classifier_keys, model_info
 
 
 def _digest(model: nn.Module, data: ImageData) -> str:
@@ -34,7 +34,7 @@ def _digest(model: nn.Module, data: ImageData) -> str:
     info = model_info(model)
     h.update(json.dumps({"arch": info.arch, "kwargs": info.kwargs, "data": data.describe()}, sort_keys=True,
                         default=str).encode())
-    head = {k for k in model.state_dict() if k.startswith(("head.", "head_dist."))}
+    head = set(classifier_keys(model))
     for k, v in sorted(model.state_dict().items()):
         if k not in head:
             h.update(k.encode())
