@@ -1,7 +1,11 @@
 """``vitcompress search``: a study over the families on a tiny ViT, resumed after a stop, the chosen stack saved and
 scored on the test split, and one-line refusals of bad input."""
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import wide_model
@@ -41,10 +45,49 @@ def test_search_runs_resumes_and_saves_the_best(tiny, tmp_path):
     assert "**chosen**" in (out / "search.md").read_text()
 
 
-def test_a_search_whose_budget_nothing_meets_keeps_the_dense_model(tiny, tmp_path):
-    out = run_search(_cfg(tiny, max_drop=0.0, n_trials=2, space=str(_space(tmp_path))), tmp_path / "s",
-                     log=lambda m: None)
-    assert out["chosen"] is None or out["chosen"]["drop"] <= 0.0
+def test_a_search_whose_budget_nothing_meets_keeps_the_dense_model(tiny, tmp_path, monkeypatch):
+    """Every stack loses 50 pt (a random tiny model barely reacts to compression, so the metric is stubbed): none
+    keeps the drop within 3.2 pt (two standard errors of 64 images is 3.1), and the wording names that limit."""
+    from vitcompress.search import run
+
+    real = run._metric
+    monkeypatch.setattr(run, "_metric", lambda rec, cfg: real(rec, cfg) - (50 if "trial" in rec.get("name", "") else 0))
+    out = run_search(_cfg(tiny, max_drop=3.2, metric="agreement", n_trials=2, space=str(_space(tmp_path))),
+                     tmp_path / "s", log=lambda m: None)
+    assert out["chosen"] is None
+    assert "within --max-drop 3.2 pt" in out["line"] and "within --max-drop 3.2 pt" in (tmp_path / "s" /
+                                                                                        "search.md").read_text()
+
+
+def test_a_max_drop_below_two_standard_errors_is_refused_with_the_size_it_needs(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"below two standard errors .* of 64 held-out images.*--heldout \d+"):
+        run_search(_cfg(tiny, max_drop=1.0), tmp_path / "s", log=lambda m: None)
+    with pytest.raises(ConfigError, match="below two standard errors"):
+        run_search(_cfg(tiny, max_drop=0.0), tmp_path / "s", log=lambda m: None)
+
+
+def test_one_number_per_quantity_across_the_search_files(tiny, tmp_path):
+    """A trial's speed-up is one timing: search.json, search.md, report.md, points.csv and pareto.png's key show
+    the same ratio over the same fastest dense row; a repeated stack is not measured again."""
+    import csv
+
+    space = _space(tmp_path, "search:\n  quant:\n    - {name: quantize, mode: deploy}\n")
+    s = run_search(_cfg(tiny, max_drop=100.0, n_trials=4, space=str(space)), tmp_path / "s", log=lambda m: None)
+    out = tmp_path / "s"
+    measured = [t for t in s["trials"] if t.get("stage") == "measured" and "repeat_of" not in t]
+    repeats = [t for t in s["trials"] if "repeat_of" in t]
+    assert len(measured) == 1 and repeats, s["trials"]  # one stack in the space: measured once
+    t = measured[0]
+    rows = {r["id"]: r for r in csv.DictReader((out / "points.csv").open())}
+    row = rows[t["point"]]
+    assert float(row["vs_best_dense"]) == pytest.approx(t["vs_best_dense"])
+    report, md = (out / "report.md").read_text(), (out / "search.md").read_text()
+    assert f"{t['vs_best_dense']:.2f}×" in report and f"{t['vs_best_dense']:.2f}x" in md
+    assert s["best_dense"] in report and s["best_dense"] in md
+    for r in rows.values():  # the anchor is the dense model: its own row is 1.00 over itself
+        if r["name"] == "dense (torch)":
+            assert float(r["speedup"]) == 1.0
+    assert (out / "pareto.png").stat().st_size > 0
 
 
 def _space(tmp_path, text=None):
@@ -116,3 +159,50 @@ def test_a_trial_left_running_by_a_killed_search_does_not_stop_the_restart(tiny,
     study.ask()  # a trial the killed process never told: RUNNING, no heartbeat from here on
     again = run_search(_cfg(tiny, max_drop=100.0, n_trials=3), out, log=lambda m: None)
     assert len(again["trials"]) == 2 and again["chosen"] is not None  # the kept one and one more
+
+
+PG = os.environ.get("VITCOMPRESS_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not PG, reason="needs VITCOMPRESS_TEST_POSTGRES, a PostgreSQL URL (.ci/run starts a server)")
+def test_two_workers_share_one_postgresql_study(tiny, tmp_path):
+    """A search spread over two processes on one PostgreSQL study: every stack is measured once (a repeat waits for
+    and reuses the other process's figures), the main process reports the workers' trials, and the pick is the
+    one a single process makes."""
+    import optuna
+
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name="search", storage=PG)
+    space = _space(tmp_path, "search:\n  prune:\n    - {name: prune, mlp: 0.75}\n    - {name: prune, mlp: 0.25}\n")
+    args = [tiny, "--data", "digits", "--budget-minutes", "4", "--n-trials", "16", "--repeat", "2", "--batch-size", "8",
+            "--heldout", "64", "--heldout-small", "16", "--calib-size", "8", "--max-drop", "100", "--space", str(space)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitcompress", "search"]
+    worker = subprocess.Popen([*cmd, *args, "--out", str(tmp_path / "w"), "--storage", PG, "--worker"], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    main = subprocess.run([*cmd, *args, "--out", str(tmp_path / "m"), "--storage", PG], env=env,
+                          capture_output=True, text=True)
+    assert worker.wait() == 0 and main.returncode == 0, (main.stderr, worker.stderr.read())
+    s = json.loads((tmp_path / "m" / "search.json").read_text())
+    study = optuna.load_study(study_name="search", storage=PG)
+    assert len(s["trials"]) == len(study.trials) == 16
+    firsts = [t for t in s["trials"] if "repeat_of" not in t]
+    stacks = [json.dumps(t["stack"], sort_keys=True) for t in firsts]
+    assert len(stacks) == len(set(stacks)) <= 3  # dense and the two options: each measured once
+    assert all(t["stage"] != "running" for t in s["trials"])
+    single = run_search(_cfg(tiny, max_drop=100.0, n_trials=16, space=str(space), budget_minutes=4),
+                        tmp_path / "one", log=lambda m: None)
+    assert s["chosen"]["stack"] == single["chosen"]["stack"] == [{"name": "prune", "mlp": 0.75}]
+    index = json.loads((tmp_path / "m" / "sweep.json").read_text())
+    assert len([p for p in index["points"] if p["name"].startswith("trial")]) == len(set(stacks) - {"[]"})
+
+
+def test_the_heldout_split_defaults_to_at_least_1000_images_or_says_why_not():
+    from vitcompress.errors import Note
+    from vitcompress.search import run
+
+    assert run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 50_000, print) == (2000, 500)
+    with pytest.warns(Note, match=r"only \d+ train images are held out .* \(one image = "):
+        n, _ = run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 1_500, print)
+    assert n < 1000
+    assert run.split_se(50.0, 2000) == pytest.approx(1.118, abs=1e-3) and run.split_se(100.0, 64) == 100 / 64

@@ -162,3 +162,52 @@ def test_four_workers_on_one_sweep_folder_compute_each_point_once(trained_artifa
     assert names == sorted(["base (uncompressed)", "tome", "w8a8", "mlp", "impossible", "W4A8", "W8A8"]), logs  # once
     assert len({json.loads(p.read_text())["pid"] for p in (out / "points").glob("*.json")}) >= 2  # shared
     assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("kind", ["speed-only", "accuracy-only", "mixed"])
+def test_a_sweep_writes_the_files_it_names(trained_artifact, tmp_path, capsys, monkeypatch, kind):
+    """Accuracy-only sweeps plot accuracy against GFLOPs and size; speed-only ones (no accuracy axis) write the CSV
+    but no picture; the summary names exactly the files on disk."""
+    from vitcompress.cli_output import print_fronts
+
+    monkeypatch.setenv("COLUMNS", "300")
+    recipe = _recipe(trained_artifact, grid=[])
+    recipe["sweep"]["points"] = recipe["sweep"]["points"][:1]
+    recipe["sweep"]["bench"]["batch_sizes"] = [1]
+    if kind == "speed-only":
+        recipe["sweep"]["eval_data"] = []
+    if kind == "accuracy-only":
+        recipe["sweep"]["speed"] = False
+    out = tmp_path / "s"
+    run_sweep(recipe, out, log=lambda m: None)
+    assert (out / "points.csv").stat().st_size > 0
+    assert (out / "pareto.png").is_file() == (kind != "speed-only")
+    md = (out / "report.md").read_text()
+    if kind == "accuracy-only":
+        assert "Accuracy-vs-GFLOPs front" in md and "no point was timed" in md
+    capsys.readouterr()
+    print_fronts(out)
+    said = capsys.readouterr().out
+    assert ("pareto.png" in said) == (kind != "speed-only") and "points.csv" in said
+
+
+def test_ctrl_c_says_what_finished_and_that_a_rerun_resumes(cli, trained_artifact, tmp_path, monkeypatch):
+    real = SweepContext.measure
+    calls = []
+
+    def dies_on_third(self, point):
+        calls.append(point.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, point)
+
+    monkeypatch.setattr(SweepContext, "measure", dies_on_third)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(trained_artifact)))
+    rc, out, err = cli("sweep", recipe, "--out", tmp_path / "s")
+    lines = err.strip().splitlines()
+    assert rc == 130 and lines[-1].startswith("interrupted: 2 of 7 sweep points to run are finished in ")
+    assert lines[-1].endswith("re-run the same command to resume") and "Traceback" not in err
+    from vitcompress.ui import interrupted_line
+
+    assert interrupted_line().startswith("interrupted: nothing was written")  # outside a resumable step

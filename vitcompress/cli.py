@@ -57,6 +57,7 @@ from .transforms import (
     QuantConfig,
     RecoveryConfig,
 )
+from .ui import interrupted_line
 
 
 @app.command()
@@ -267,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="vitcompress")
+        if rv == 130:  # Typer's answer to a Ctrl-C inside a command
+            print(interrupted_line(), file=sys.stderr)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        print("error: interrupted", file=sys.stderr)
+        print(interrupted_line(), file=sys.stderr)
         return 130
     except _CliError as exc:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)

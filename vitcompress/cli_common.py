@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -153,8 +154,10 @@ def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]
     field's name, the help the file's, the type the field's (from the first of ``configs`` that has it). The
     command takes the given ones as ``opts: dict`` (field -> value, comma lists parsed)."""
     hints: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
     for cls in reversed(configs):
         hints.update(typing.get_type_hints(cls))
+        defaults.update(_field_defaults(cls))
     params, parsers = [], {}
     for field, entry in OPTION_HELP[command].items():
         entry = entry if isinstance(entry, dict) else {"help": entry}
@@ -162,7 +165,8 @@ def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]
         dash = field.replace("_", "-")
         flag = entry.get("flags") or (f"--{dash}/--no-{dash}" if typ is bool else f"--{dash}")
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, annotation=typ | None,
-                                        default=typer.Option(None, flag, help=entry["help"])))
+                                        default=typer.Option(None, flag, help=_with_default(entry["help"],
+                                                                                            defaults.get(field)))))
         if parse is not None:
             parsers[field] = (parse, flag.split("/")[0])
 
@@ -171,6 +175,27 @@ def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]
                           if v is not None}
 
     return lambda fn: _with_options(fn, "opts", params, pack)
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's default per field (factories called), for the help text."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _with_default(text: str, default: Any) -> str:
+    """The help text with the config's default (the CLI has none of its own: the flag's value is None until given,
+    so Typer would show no default)."""
+    if default is None or default == "" or default == [] or default == {}:
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else \
+        str(default).lower() if isinstance(default, bool) else str(default)
+    return f"{text} [default: {shown}]"
 
 
 CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")

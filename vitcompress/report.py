@@ -162,6 +162,7 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
     with_lat = [i for i in valid if lat[i] is not None]
     f_lat = [with_lat[i] for i in pareto_front([lat[i] for i in with_lat], [acc[i] for i in with_lat])]
     f_size = [valid[i] for i in pareto_front([size[i] for i in valid], [acc[i] for i in valid])]
+    f_flops = [valid[i] for i in pareto_front([ok[i]["gflops"] for i in valid], [acc[i] for i in valid])]
     rows = []
     for i, p in enumerate(ok):
         sp = p.get("speedup") or {}
@@ -181,7 +182,7 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
                      "gflops": p["gflops"], "params": p["params"],
                      **{f"{k}: {lab}": r.get(m) for lab, r in (p.get("robustness") or {}).items()
                         for k, m in (("robust", "robust_top1"), ("transfer", "transfer_rate"))},
-                     "front_latency": i in f_lat, "front_size": i in f_size})
+                     "front_latency": i in f_lat, "front_size": i in f_size, "front_gflops": i in f_flops})
     robust = sorted({k for r in rows for k in r if k.startswith("robust: ")})
     # the robustness axis: the first attack on the point itself (white-box), else the first transferred one
     axis = next((k for k in robust if k.endswith(" self")), robust[0] if robust else None)
@@ -200,6 +201,7 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
             "batch_sizes": list(base_ms), "best_dense": {bs: name for bs, (name, _) in best.items()},
             "speed_model": cfg.get("speed_model"), "context": context, "rows": rows, "failed": failed,
             "front_latency": [ok[i]["name"] for i in f_lat], "front_size": [ok[i]["name"] for i in f_size],
+            "front_gflops": [ok[i]["name"] for i in f_flops], "anchor": cfg.get("anchor") or "the base in torch",
             "robust_axis": axis, "front_robust": [ok[i]["name"] for i in f_rob], "goals": goals,
             "bits_front": _bits_front(rows, ok)}
 
@@ -231,13 +233,15 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
              + f"; {ctx.get('date')}.", *([f"Command: `{command}`", ""] if command else []),
              (f"Accuracy axis: `{res['accuracy_metric']}`. " if res["accuracy_metric"] else "Speed only. ")
              + ("Accuracy only: no point was timed." if not res.get("batch_sizes") else
-                f"Each point is timed alternately with the anchor (the base in torch) in one process at batch {ref} "
+                f"Each point is timed alternately with the anchor ({res.get('anchor') or 'the base in torch'}) in one "
+                f"process at batch {ref} "
              "(median); latency = the sweep's median anchor latency / the point's speed-up over it, which removes "
              "the drift between points (img/s follows from it). **× best dense** = the point's speed-up over the "
              f"fastest dense row of this table (at b{ref}: {best.get(str(ref), '—')}), whatever runtime that is.")
              + (f" Latency, size and GFLOPs are measured on `{res['speed_model']['model']}` with the same stack "
                 "(random weights)." if res.get("speed_model") else ""),
-             "★ = on the accuracy-vs-latency front, ◆ = on the accuracy-vs-size front. *accuracy-only* points "
+             f"★ = on the accuracy-vs-{'latency' if res.get('batch_sizes') else 'GFLOPs'} front, ◆ = on the "
+             "accuracy-vs-size front. *accuracy-only* points "
              "simulate (fake-quantize) and run in floating point: their latency is not a deployment figure.", ""]
     if not res["rows"]:
         return "\n".join([*lines, "No finished points yet.", ""])
@@ -251,7 +255,7 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
             "size MiB", "size ×", "GFLOPs"]
     body = []
     for r in sorted(res["rows"], key=lambda r: (r["latency_ms"] is None, r["latency_ms"] or 0)):
-        mark = ("★" if r["front_latency"] else "") + ("◆" if r["front_size"] else "")
+        mark = ("★" if r["front_latency" if speed else "front_gflops"] else "") + ("◆" if r["front_size"] else "")
         body.append([f"**{r['name']}**" if r["front_latency"] else r["name"], r["family"], r["runtime"],
                      r["dtype"] or "—", r["kind"], r["recovery"], mark,
                      *([_f(r["accuracy"], 2), _f(r["delta"], 2, sign=True), *(_f(r.get(k), 2) for k in acc_cols)]
@@ -282,7 +286,8 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
             ["goal", "measured", "target", "met", "detail"],
             [[g["goal"], g["measured"], g["target"] or "", "—" if g["met"] is None else "yes" if g["met"]
               else "**missed**", g["detail"]] for g in res["goals"]], align="lrlll")]
-    lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency']) or '—'}.",
+    lines += ["", f"Accuracy-vs-latency front: {', '.join(res['front_latency']) or '—'}." if speed else
+              f"Accuracy-vs-GFLOPs front (no point was timed): {', '.join(res.get('front_gflops') or []) or '—'}.",
               f"Accuracy-vs-size front: {', '.join(res['front_size']) or '—'}.", ""]
     if res.get("robust_axis"):
         lines[-1:] = [f"Robustness-vs-latency front (`{res['robust_axis']}`): {', '.join(res['front_robust'])}.", ""]
@@ -345,12 +350,14 @@ def plot(res: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = _timed(res)
     rows = [{**r, "n": n} for n, r in enumerate((r for r in res["rows"] if r["accuracy"] is not None
-                                                 and r["latency_ms"] is not None), 1)]
+                                                 and (r["latency_ms"] is not None or not timed)), 1)]
     lat = f"latency at batch {res['reference_batch']} (ms, lower is better)"
     acc = f"{res['accuracy_metric']} (%, higher is better)"
-    panels = [("latency_ms", "accuracy", "front_latency", lat, acc),
-              ("size_mb", "accuracy", "front_size", "size on disk (MiB, lower is better)", acc)]
+    first = ("latency_ms", "accuracy", "front_latency", lat, acc) if timed else \
+        ("gflops", "accuracy", "front_gflops", "GFLOPs per image (lower is better; FLOPs are not speed)", acc)
+    panels = [first, ("size_mb", "accuracy", "front_size", "size on disk (MiB, lower is better)", acc)]
     if res.get("robust_axis"):
         panels.append(("latency_ms", res["robust_axis"], "front_robust", lat,
                        f"{res['robust_axis']} (robust top-1 %, higher is better)"))
@@ -361,13 +368,19 @@ def plot(res: dict[str, Any]) -> bytes:
     all_axes[0].legend(fontsize=7, loc="lower right")
     key_ax = all_axes[-1]
     key_ax.axis("off")
-    key_lines = [f"{r['n']:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {r['speedup']:5.2f}x {r['size_mb']:6.2f}"
-                 + (" *" if r["kind"] != "deployable" else "") for r in rows]
-    key_ax.text(0.0, 0.5, "\n".join([f" # {'point':<38} {'acc %':>6} {'speed':>6} {'MiB':>6}", *key_lines,
-                                     "", "* accuracy-only (simulated, not a deployment speed)"]),
+    # the key shows report.md's numbers: x the fastest dense row (not the raw ratio over the anchor)
+    speed = [f"{r['vs_best_dense']:5.2f}x" if timed else f"{r['gflops']:6.2f}" for r in rows]
+    key_lines = [f"{r['n']:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {sp:>6} {r['size_mb']:6.2f}"
+                 + (" *" if r["kind"] != "deployable" else "") for r, sp in zip(rows, speed)]
+    best = (res.get("best_dense") or {}).get(str(res["reference_batch"]), "—")
+    col = "x dense" if timed else "GFLOPs"
+    key_ax.text(0.0, 0.5, "\n".join([f" # {'point':<38} {'acc %':>6} {col:>6} {'MiB':>6}", *key_lines, "",
+                                     *([f"x dense: x the fastest dense row at b{res['reference_batch']} ({best})"]
+                                       if timed else []),
+                                     "* accuracy-only (simulated, not a deployment speed)"]),
                 fontsize=8.5, family="monospace", va="center", ha="left", transform=key_ax.transAxes)
     ctx = res["context"]
-    what = "latency, size" + (" and robustness" if res.get("robust_axis") else "")
+    what = ("latency" if timed else "GFLOPs") + ", size" + (" and robustness" if res.get("robust_axis") else "")
     fig.suptitle(f"{res['accuracy_metric']} vs {what}; bold: on the Pareto front — {ctx.get('device')}, "
                  f"{res['dtype']}, {str(ctx.get('date', ''))[:10]}")
     fig.tight_layout()
@@ -385,7 +398,13 @@ def write_report(out: str | Path, title: str | None = None) -> dict[str, Any]:
     title = title or sweep["config"].get("title") or "vitcompress sweep"
     atomic_write_text(out / "report.md", markdown(res, title, sweep.get("command")))
     atomic_write_json(out / "pareto.json", res)
-    if any(r["latency_ms"] is not None and r["accuracy"] is not None for r in res["rows"]):
-        atomic_write_bytes(out / "pareto.png", plot(res))
+    if res["rows"]:
         atomic_write_text(out / "points.csv", csv_text(res["rows"]))
+    if any(r["accuracy"] is not None for r in res["rows"]):  # a speed-only sweep has no accuracy axis to plot
+        atomic_write_bytes(out / "pareto.png", plot(res))
     return res
+
+
+def _timed(res: dict[str, Any]) -> bool:
+    """Whether any point with an accuracy was timed (else the picture plots accuracy against GFLOPs)."""
+    return any(r["latency_ms"] is not None and r["accuracy"] is not None for r in res["rows"])

@@ -81,3 +81,39 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[...
             yield tick
         finally:
             _LIVE.pop()
+
+
+_RESUMABLE: list[Callable[[], str]] = []  # what the running command has kept so far, for the Ctrl-C line
+_KEPT_AT_INTERRUPT: list[str] = []  # said by the innermost resumable step a Ctrl-C left
+
+
+@contextlib.contextmanager
+def resumable(describe: Callable[[], str]) -> Iterator[None]:
+    """While a resumable step runs, ``describe()`` says what it has kept (e.g. "3 of 9 points finished in DIR"):
+    an interrupted command prints it with how to resume."""
+    _RESUMABLE.append(describe)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _KEPT_AT_INTERRUPT:  # the innermost step speaks (Typer turns the interrupt into exit code 130)
+            _KEPT_AT_INTERRUPT.append(_said(describe) or "")
+        raise
+    finally:
+        _RESUMABLE.remove(describe)
+
+
+def _said(describe: Callable[[], str]) -> str | None:
+    try:
+        return describe()
+    except Exception:  # noqa: BLE001 - a description must never turn Ctrl-C into a traceback
+        return None
+
+
+def interrupted_line() -> str:
+    """The one line a Ctrl-C prints: what finished, and that a re-run resumes (or that nothing was written)."""
+    kept = _KEPT_AT_INTERRUPT.pop() if _KEPT_AT_INTERRUPT else \
+        next((k for k in map(_said, reversed(_RESUMABLE)) if k), None)
+    _KEPT_AT_INTERRUPT.clear()
+    if kept:
+        return f"interrupted: {kept}; re-run the same command to resume"
+    return "interrupted: nothing was written (outputs are written whole, at the end)"

@@ -42,7 +42,7 @@ from ..provenance import run_context
 from ..report import write_report
 from ..robustness import AttackConfig, AttackSource, attack_eval
 from ..train import baseline
-from ..ui import progress_bar
+from ..ui import progress_bar, resumable
 from .config import Point, SweepConfig, SweepRuntime, expand, load_sweep, point_id
 
 
@@ -254,7 +254,13 @@ def _run_points(ctx: SweepContext, todo: list[tuple[str, Point]], pdir: Path, pr
     records = []
     held: list[tuple[str, Point]] = []
     since = _process_start()
-    with progress_bar(progress, len(todo), "sweep") as tick:
+    total = len(todo)
+
+    def kept() -> str:
+        done = sum(point_finished(pdir / f"{pid}.json") for pid, _ in todo)
+        return f"{done} of {total} sweep points to run are finished in {pdir.parent}"
+
+    with progress_bar(progress, len(todo), "sweep") as tick, resumable(kept):
         for pid, p in todo:
             with _claim(pdir, pid, wait=False, since=since) as ours:
                 if ours:
