@@ -279,3 +279,47 @@ def test_the_sweep_summary_names_only_the_files_the_report_wrote(tmp_path, capsy
     (tmp_path / "pareto.png").write_bytes(b"png")
     print_fronts(tmp_path)
     assert "pareto.png" in capsys.readouterr().out
+
+
+def test_the_top_level_help_is_the_apps_and_loads_no_torch():
+    """`vitcompress`, `--help` and `--version` answer from vitcompress.entry (no torch, no timm); its command table
+    is the real app's."""
+    import subprocess
+    import sys
+
+    import typer
+
+    from vitcompress.cli import app
+    from vitcompress.entry import COMMANDS
+
+    real = [(n, " ".join((c.help or "").split("\n\n")[0].split()))
+            for n, c in typer.main.get_command(app).commands.items()]
+    assert list(COMMANDS) == real
+    probe = ("import sys; sys.argv = ['vitcompress', '{}']\nimport vitcompress.entry as e\ntry:\n    e.run()\n"
+             "except SystemExit as x:\n    code = x.code\nprint('torch' in sys.modules, 'timm' in sys.modules, code)")
+    for arg in ("--help", "--version"):
+        r = subprocess.run([sys.executable, "-c", probe.format(arg)], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "False False 0", r.stderr
+    r = subprocess.run([sys.executable, "-m", "vitcompress"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Commands:" in r.stdout and "search" in r.stdout and "--install-completion" in r.stdout
+
+
+def test_shell_completion_completes_commands():
+    """What bash's completion function asks (`--install-completion` installs that function)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "_VITCOMPRESS_COMPLETE": "complete_bash", "COMP_WORDS": "vitcompress mer", "COMP_CWORD": "1"}
+    r = subprocess.run([sys.executable, "-m", "vitcompress"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["merge"], r.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "search", "quantize"])
+def test_data_help_lists_every_spec_and_options_show_their_defaults(cli, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "400")
+    rc, out, _ = cli(command, "--help")
+    text = " ".join(out.split())
+    assert rc == 0 and all(s in text for s in ("cifar10-c[:SOURCE]", "heldout:N:SOURCE", "video:[N:]SOURCE", "hf:"))
+    if command == "search":
+        assert "(default: 1.0)" in text and "(default: top1)" in text  # max_drop, metric

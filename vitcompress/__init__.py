@@ -1,5 +1,6 @@
 """vitcompress: make a pretrained Vision Transformer smaller and faster, and measure what it cost."""
 
+import importlib as _importlib
 import os as _os
 
 # Installed, kernels/ and recipes/ ship as vitcompress.kernels and vitcompress.recipes (pyproject's package-dir).
@@ -11,14 +12,29 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
     __path__.append(_root)
 
 from ._version import __version__  # noqa: E402
-from .artifact import save_artifact  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .kernels._triton import Backend  # noqa: E402
-from .models import data_config, model_info  # noqa: E402
-from .pipeline import Calibration, apply_stack, create_model, load_artifact, load_base  # noqa: E402
-from .transforms import compress_, register_transform  # noqa: E402
+
+# The public names load on first use (PEP 562): `import vitcompress` and `vitcompress --help` stay light, and
+# `import vitcompress.kernels` loads neither timm nor the pipeline.
+_LAZY = {
+    "save_artifact": ".artifact", "UserError": ".errors", "Backend": ".kernels._triton", "data_config": ".models",
+    "model_info": ".models", "Calibration": ".pipeline", "apply_stack": ".pipeline", "create_model": ".pipeline",
+    "load_artifact": ".pipeline", "load_base": ".pipeline", "compress_": ".transforms",
+    "register_transform": ".transforms",
+}
 
 __all__ = [
     "Backend", "Calibration", "UserError", "__version__", "apply_stack", "compress_", "create_model", "data_config",
     "load_artifact", "load_base", "model_info", "register_transform", "save_artifact",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # once loaded, an ordinary attribute
+        return value
+    raise AttributeError(f"module 'vitcompress' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

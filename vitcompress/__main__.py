@@ -1,5 +1,5 @@
 """``python -m vitcompress``: the CLI."""
 
-from .cli import run
+from .entry import run
 
 run()

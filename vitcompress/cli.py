@@ -36,6 +36,7 @@ from .cli_common import (
     model_options,
 )
 from .cli_output import print_eval, print_fronts, print_records, print_table
+from .data.registry import SPECS
 from .demo import run_demo
 from .errors import ConfigError, Note, UserError
 from .evaluate import evaluate_spec
@@ -68,7 +69,7 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Override the recipe's seed."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
     limit: int | None = typer.Option(None, "--limit", help="Train on this many images."),
-    data: str | None = typer.Option(None, "--data", help="Override the recipe's training data (spec or path)."),
+    data: str | None = typer.Option(None, "--data", help=f"Override the recipe's training data: {SPECS}."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Override the recipe's eval data; none to skip."),
     dtype: str | None = typer.Option(None, "--dtype", help="Override the recipe's dtype: auto, bf16, fp16 or fp32."),
     checkpoint: str | None = typer.Option(None, "--checkpoint",
@@ -89,7 +90,7 @@ def train(
 @config_options("eval", BenchConfig, AttackConfig)
 def eval_(
     model: str = ModelArg,
-    data: str = typer.Option(..., "--data", help="digits, digits-c, synthetic[:N], hf:NAME[:SPLIT] or a directory."),
+    data: str = typer.Option(..., "--data", help=f"The evaluation images: {SPECS}."),
     opts: dict[str, Any] | None = None,
     model_opts: dict[str, Any] | None = None,
 ) -> None:
@@ -191,7 +192,7 @@ def sweep(
     recipe: str = typer.Argument(..., help="Sweep recipe YAML (a path, or a bundled name: demo, vit_b16_gpu)."),
     out: Path = typer.Option(..., "--out", help="Sweep directory (re-running resumes it)."),
     no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
-    data: str | None = typer.Option(None, "--data", help="The recipe's ${data}: a data spec or path."),
+    data: str | None = typer.Option(None, "--data", help=f"The recipe's ${{data}}: {SPECS}."),
     var: list[str] | None = typer.Option(None, "--var", help="NAME=VALUE for the recipe's ${NAME} (repeatable)."),
 ) -> None:
     """Measure compression stacks on one base model; resumable; writes the Pareto report."""

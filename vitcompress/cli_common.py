@@ -17,6 +17,7 @@ from torch import nn
 
 from ._version import __version__
 from .artifact import is_artifact
+from .data.registry import SPECS
 from .errors import ConfigError
 from .export import is_exported, load_runtime_model
 from .models import model_info
@@ -31,7 +32,7 @@ app = typer.Typer(
     name="vitcompress",
     help="Compress pretrained Vision Transformers and measure what each step costs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -164,8 +165,9 @@ def config_options(command: str, *configs: type) -> Callable[[Callable[..., Any]
         typ, parse = DECLARED[entry["type"]] if "type" in entry else _cli_type(hints[field])
         dash = field.replace("_", "-")
         flag = entry.get("flags") or (f"--{dash}/--no-{dash}" if typ is bool else f"--{dash}")
+        text = entry["help"] + (f" Specs: {SPECS}." if field in ("data", "calib_data") else "")
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, annotation=typ | None,
-                                        default=typer.Option(None, flag, help=_with_default(entry["help"],
+                                        default=typer.Option(None, flag, help=_with_default(text,
                                                                                             defaults.get(field)))))
         if parse is not None:
             parsers[field] = (parse, flag.split("/")[0])
@@ -195,10 +197,10 @@ def _with_default(text: str, default: Any) -> str:
         return text
     shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else \
         str(default).lower() if isinstance(default, bool) else str(default)
-    return f"{text} [default: {shown}]"
+    return f"{text} (default: {shown})"  # not [default: ...]: rich would read it as markup
 
 
-CalibDataOpt = typer.Option(None, "--calib-data", help="Calibration images (their train split).")
+CalibDataOpt = typer.Option(None, "--calib-data", help=f"Calibration images (their train split): {SPECS}.")
 CalibSizeOpt = typer.Option(None, "--calib-size", help="Calibration images used.")
 
 

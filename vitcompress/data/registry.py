@@ -17,6 +17,9 @@ from .video import load_video
 
 # The sizes of evenly spaced train subsets (calibration, recovery and training limits) that a held-out split never
 # touches: a step that calibrates or trains on N images with N here cannot have seen a held-out image.
+# every data spec, for help texts and errors
+SPECS = ("digits, digits-c, cifar10-c[:SOURCE], heldout:N:SOURCE, video:[N:]SOURCE, synthetic[:N], hf:NAME[:SPLIT] "
+         "or a local folder (class folders of images, or Hugging Face Parquet files)")
 HELDOUT_DISJOINT_FROM = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 5000, 10000)
 
 
@@ -79,9 +82,7 @@ def _load(spec: str, data_cfg: dict[str, Any], split: str | None, limit: int | N
         return load_hf_hub(spec, data_cfg, split, limit, purpose)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"unknown data spec or missing path: '{spec}' (expected digits, digits-c, "
-                        "cifar10-c[:SOURCE], heldout:N:SOURCE, video:[N:]SOURCE, synthetic[:N], hf:NAME[:SPLIT] or "
-                        "a local directory)")
+        raise DataError(f"unknown data spec or missing path: '{spec}' (expected {SPECS})")
     return load_local(path, data_cfg, split, limit, purpose)
 
 
