@@ -20,7 +20,7 @@ LAYERS = [
     ["robustness", "evaluate", "probe", "train", "dropins"],
     ["goals", "report", "sweep", "demo", "cli_output"],
     ["search"],
-    ["cli_common", "cli_tokens", "cli_info", "cli", "__main__", "__init__"],
+    ["cli_common", "cli_tokens", "cli_info", "cli", "entry", "__main__", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

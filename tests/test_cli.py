@@ -323,3 +323,19 @@ def test_data_help_lists_every_spec_and_options_show_their_defaults(cli, monkeyp
     assert rc == 0 and all(s in text for s in ("cifar10-c[:SOURCE]", "heldout:N:SOURCE", "video:[N:]SOURCE", "hf:"))
     if command == "search":
         assert "(default: 1.0)" in text and "(default: top1)" in text  # max_drop, metric
+
+
+def test_calibration_each_step_and_the_export_report_progress_in_plain_lines(cli, tmp_path, monkeypatch):
+    import re
+
+    from vitcompress import ui
+
+    monkeypatch.setattr(ui, "PLAIN_EVERY_S", 0.0)
+    rc, _, err = cli("quantize", "vit_tiny_patch16_224", *TINY_ARGS, "--mode", "deploy", "--calib-data", "digits",
+                     "--calib-size", "16", "--out", tmp_path / "q")
+    assert rc == 0, err
+    assert re.search(r"calibrate \(images\): \d+/16 \(", err) and re.search(r"compress: quantize: 1/1 \(", err), err
+    rc, _, err = cli("export", tmp_path / "q", "--out", tmp_path / "q.onnx")
+    assert rc == 0, err
+    assert f"export: onnx to {tmp_path / 'q.onnx'} ..." in err and re.search(r"export: onnx to .*: done in \d", err)
+    assert "\x1b[" not in err

@@ -58,7 +58,7 @@ from .transforms import (
     QuantConfig,
     RecoveryConfig,
 )
-from .ui import interrupted_line
+from .ui import interrupted_line, show_progress
 
 
 @app.command()
@@ -263,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # notes print as one line while a command runs; restored afterwards
         warnings.simplefilter("always", Note)
         warnings.showwarning = _show_note
-        return _main(argv)
+        show_progress(True)  # every long step says how far it is (a bar on a terminal, plain lines in a log)
+        try:
+            return _main(argv)
+        finally:
+            show_progress(False)
 
 
 def _main(argv: list[str] | None) -> int:

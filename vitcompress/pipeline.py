@@ -41,6 +41,7 @@ from .export import is_exported, load_runtime_model
 from .models import INFO_ATTR, ModelInfo, build_model, check_supported, data_config, load_state_dict_strict, model_info
 from .transforms import RecoveryConfig, compress_, config_from_dict, restore_
 from .transforms.recovery import unpruned_teacher
+from .ui import progress_bar
 
 CALIB_BATCH = 32
 """Calibration batch size (at most): the same in the CLI, sweeps and benchmarks."""
@@ -151,13 +152,17 @@ def apply_stack(model: nn.Module, stack: Sequence[Step], *, calib: Calibration |
     if teacher is None and train and any(isinstance(c, RecoveryConfig) and c.needs_teacher for c in configs):
         teacher = load_base(model) if model_info(model).transforms else None
         teacher = teacher if teacher is not None else unpruned_teacher(model)
-    for c in configs:
-        if isinstance(c, RecoveryConfig) and not train:
-            continue
-        batches = None
-        if getattr(c, "needs_calibration", False):
-            batches = calibration_batches(model, calib, getattr(c, "calib_size", None))
-        compress_(model, c, calib=batches, teacher=teacher)
+    with progress_bar(None, len(configs), "compress") as tick:
+        for c in configs:
+            tick(0, description=f"compress: {c.NAME}")
+            if isinstance(c, RecoveryConfig) and not train:
+                tick()
+                continue
+            batches = None
+            if getattr(c, "needs_calibration", False):
+                batches = calibration_batches(model, calib, getattr(c, "calib_size", None))
+            compress_(model, c, calib=batches, teacher=teacher)
+            tick()
     return model
 
 

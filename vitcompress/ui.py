@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -48,10 +48,22 @@ def _plain_progress(total: int, label: str) -> Iterator[Callable[..., None]]:
         print(line(time.monotonic()), file=sys.stderr, flush=True)
 
 
+_PROGRESS = [False]  # the process's default: the CLI turns it on, the Python API leaves it off
+
+
+def show_progress(on: bool = True) -> None:
+    """Turn progress on (or off) for every step that does not say otherwise: calibration, reconstruction, each
+    step of a stack, the export. The CLI turns it on; a library caller may."""
+    _PROGRESS[0] = on
+
+
 @contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[..., None]]:
-    """Yield ``tick(advance=1, description=None)``. When ``enabled``: a transient rich bar on stderr where stderr
-    is a terminal, else a plain line every few seconds (what a log file or CI can read)."""
+def progress_bar(enabled: bool | None, total: int, label: str) -> Iterator[Callable[..., None]]:
+    """Yield ``tick(advance=1, description=None)``. When ``enabled`` (None: the process's default, see
+    :func:`show_progress`): a transient rich bar on stderr where stderr is a terminal, else a plain line every few
+    seconds (what a log file or CI can read)."""
+    if enabled is None:
+        enabled = _PROGRESS[0]
     if not enabled:
         yield lambda advance=1, description=None: None
         return
@@ -81,6 +93,27 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[...
             yield tick
         finally:
             _LIVE.pop()
+
+
+@contextlib.contextmanager
+def step(label: str) -> Iterator[None]:
+    """One opaque long step (an export, a trace): a line when it starts and one with its time when it ends, when
+    progress is on (:func:`show_progress`)."""
+    if not _PROGRESS[0]:
+        yield
+        return
+    start = time.monotonic()
+    print(f"{label} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"{label}: done in {_clock(time.monotonic() - start)}", file=sys.stderr, flush=True)
+
+
+def tracked(items: Iterable[Any], total: int, label: str) -> Iterator[Any]:
+    """``items``, with a progress bar (the process's default, :func:`show_progress`) ticking once per item."""
+    with progress_bar(None, total, label) as tick:
+        for item in items:
+            yield item
+            tick()
 
 
 _RESUMABLE: list[Callable[[], str]] = []  # what the running command has kept so far, for the Ctrl-C line

@@ -34,6 +34,7 @@ from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 from ..models import data_config, model_info
 from ..transforms.layers import replace_module, use_torch_references_
 from ..transforms.quantize.qdq import QdqActivations, QdqForm, QDQLinear  # noqa: F401  (re-exported)
+from ..ui import step
 
 META_KEY = "vitcompress"  # ONNX metadata_props key: the JSON of :func:`metadata`
 
@@ -162,6 +163,15 @@ def export_model(model: nn.Module, out: str | Path, cfg: ExportConfig | None = N
     c, h, w = meta["data_config"]["input_size"]
     x = torch.randn(cfg.batch_size if cfg.batch_size != "dynamic" else 2, c, h, w)
     summary: dict[str, Any] = {"file": str(out), "format": str(cfg.format), "notes": notes}
+    with step(f"export: {cfg.format} to {out}"):
+        summary = _write(m, x, out, cfg, meta, summary)
+    summary["size_mb"] = round(out.stat().st_size / 2**20, 3)
+    return summary
+
+
+def _write(m: nn.Module, x: torch.Tensor, out: Path, cfg: ExportConfig, meta: dict[str, Any],
+           summary: dict[str, Any]) -> dict[str, Any]:
+    """Trace ``m`` on ``x`` and write ``out`` atomically (ONNX or a torch.export program); one-line errors."""
     try:
         if cfg.format == Format.PT2:
             dims = {"x": {0: torch.export.Dim("batch", min=1)}} if cfg.batch_size == "dynamic" else None
@@ -175,7 +185,6 @@ def export_model(model: nn.Module, out: str | Path, cfg: ExportConfig | None = N
         raise
     except Exception as exc:  # the exporters raise many types; the user gets one line naming the cause
         raise ModelError(f"export to {cfg.format} failed: {type(exc).__name__}: {first_line(exc, 300)}") from None
-    summary["size_mb"] = round(out.stat().st_size / 2**20, 3)
     return summary
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import model_info
+from ..ui import progress_bar
 
 LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
                  "fc2": "blocks.*.mlp.fc2", "head": "head", "attn_matmul": "blocks.*.attn",
@@ -69,14 +70,16 @@ def calib_batches(calib: Iterable[Any], limit: int, device: torch.device) -> Ite
     Raises a ConfigError when the calibration set yields nothing.
     """
     done = 0
-    for batch in calib:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        x = x[: limit - done].to(device)
-        y = None if y is None else torch.as_tensor(y)[: len(x)].to(device)
-        done += len(x)
-        yield x, y
-        if done >= limit:
-            break
+    with progress_bar(None, limit, "calibrate (images)") as tick:
+        for batch in calib:
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            x = x[: limit - done].to(device)
+            y = None if y is None else torch.as_tensor(y)[: len(x)].to(device)
+            done += len(x)
+            yield x, y
+            tick(len(x))
+            if done >= limit:
+                break
     if done == 0:
         raise ConfigError("the calibration set is empty")
 

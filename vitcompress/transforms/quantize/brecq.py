@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ui import tracked
 from .reconstruct import AdaRoundWeight, _block_io, keep_step_, rectified_sigmoid, step_
 from .simulate import FakeQuantLinear, _ActQuant
 
@@ -102,7 +103,8 @@ def brecq_(model: nn.Module, float_model: nn.Module, clips: dict[str, float], bi
     record: dict[str, Any] = {}
     _set_act(model, False)  # stage 1: weights only, activations in floating point everywhere
     try:
-        for i, (qblock, fblock) in enumerate(zip(model.blocks, float_model.blocks)):
+        for i, (qblock, fblock) in enumerate(tracked(zip(model.blocks, float_model.blocks), len(model.blocks),
+                                                     "BRECQ stage 1 (blocks)")):
             xq = torch.cat(_block_io(model, qblock, calib, calib_size))
             xf = torch.cat(_block_io(float_model, fblock, calib, calib_size))
             with torch.no_grad():
@@ -137,7 +139,8 @@ def brecq_(model: nn.Module, float_model: nn.Module, clips: dict[str, float], bi
                                      "binary": binary_share(rounding.values())}
     finally:
         _set_act(model, True)
-    for i, (qblock, fblock) in enumerate(zip(model.blocks, float_model.blocks)):  # stage 2: activation steps
+    for i, (qblock, fblock) in enumerate(tracked(zip(model.blocks, float_model.blocks), len(model.blocks),
+                                                 "BRECQ stage 2 (blocks)")):  # activation steps
         xq = torch.cat(_block_io(model, qblock, calib, calib_size))
         xf = torch.cat(_block_io(float_model, fblock, calib, calib_size))
         with torch.no_grad():

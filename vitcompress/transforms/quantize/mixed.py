@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import Config, StrEnum
 from ...errors import ConfigError
+from ...ui import tracked
 from ..layers import calib_batches
 from ..registry import TransformContext, register_transform
 from . import ops
@@ -112,7 +113,8 @@ def sensitivities(model: nn.Module, cfg: MixedPrecisionConfig, calib: list[Any])
     images = [x for x, _ in calib_batches(calib, cfg.calib_size, device)]
     ref = F.log_softmax(_logits(model, images), -1)
     out: dict[str, dict[int, float]] = {}
-    for name, _ in select_layers(model, cfg.base(cfg.candidates[0])):
+    chosen = select_layers(model, cfg.base(cfg.candidates[0]))
+    for name, _ in tracked(chosen, len(chosen), "mixed precision: sensitivity (layers)"):
         out[name] = {}
         for bits in cfg.candidates:
             trial = copy.deepcopy(model)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ui import tracked
 from ..layers import run_calibration
 from . import ops
 from .simulate import FakeQuantLinear
@@ -90,7 +91,8 @@ def reconstruct_blocks_(model: nn.Module, float_model: nn.Module, clips: dict[st
     Returns the per-block output error before and after (mean squared error on the calibration inputs)."""
     calib = list(calib)
     record: dict[str, Any] = {}
-    for i, (qblock, fblock) in enumerate(zip(model.blocks, float_model.blocks)):
+    for i, (qblock, fblock) in enumerate(tracked(zip(model.blocks, float_model.blocks), len(model.blocks),
+                                                 "reconstruct (blocks)")):
         xq = torch.cat(_block_io(model, qblock, calib, calib_size))
         xf = torch.cat(_block_io(float_model, fblock, calib, calib_size))
         with torch.no_grad():

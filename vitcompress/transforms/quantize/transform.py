@@ -24,6 +24,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...kernels.tuned import dense_faster, table_for
+from ...ui import tracked
 from ..layers import replace_module
 from ..layers import select_layers as _select
 from ..registry import TransformContext, register_transform
@@ -175,7 +176,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     searched = search_scales(model, layers, cfg, ctx.calib, ranges, gelus) if cfg.observer in SEARCHED else {}
     alpha = {n: a["w_alpha"] for n, a in searched.items()}
     clips = {}
-    for name, m in layers:
+    for name, m in tracked(layers, len(layers), "quantize (layers)"):
         if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential and cfg.w_bits is not None and \
                 not isinstance(m, Attention) else hessians.get(name)
