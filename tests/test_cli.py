@@ -339,3 +339,11 @@ def test_calibration_each_step_and_the_export_report_progress_in_plain_lines(cli
     assert rc == 0, err
     assert f"export: onnx to {tmp_path / 'q.onnx'} ..." in err and re.search(r"export: onnx to .*: done in \d", err)
     assert "\x1b[" not in err
+
+
+def test_eval_marks_a_random_weight_model(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    rc, _, err = cli("merge", "vit_tiny_patch16_224", *TINY_ARGS, "--r", "1", "--out", tmp_path / "m")
+    assert rc == 0, err
+    rc, out, err = cli("eval", tmp_path / "m", "--data", "synthetic:8", "--no-speed")
+    assert rc == 0 and "RANDOM WEIGHTS" in out, err

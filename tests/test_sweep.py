@@ -211,3 +211,13 @@ def test_ctrl_c_says_what_finished_and_that_a_rerun_resumes(cli, trained_artifac
     from vitcompress.ui import interrupted_line
 
     assert interrupted_line().startswith("interrupted: nothing was written")  # outside a resumable step
+
+
+def test_points_of_a_random_weight_base_are_marked_in_the_report(tmp_path):
+    recipe = {"sweep": {"base": {"model": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8,
+                                                                             "num_classes": 10}},
+                        "eval_data": ["synthetic:8"], "accuracy": "synthetic:8:agreement", "speed": False,
+                        "points": [{"name": "tome", "stack": [{"name": "token_merge", "r": 1}]}]}}
+    run_sweep(recipe, tmp_path / "s", log=lambda m: None)
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "tome †" in md and "† random weights" in md

@@ -43,7 +43,8 @@ def print_records(title: str, out: Any, records: list[dict[str, Any]]) -> None:
 
 def print_eval(r: dict[str, Any]) -> None:
     rows: dict[str, Any] = {
-        "model": r["model"]["source"] or r["model"]["arch"],
+        "model": (r["model"]["source"] or r["model"]["arch"])
+        + (" (RANDOM WEIGHTS: the accuracy means nothing)" if r["model"].get("random_weights") else ""),
         "data": f"{r['data']['spec']} ({r['data']['split']}, {r['n_images']} images)",
         "top1 %": r["top1"], "top5 %": r["top5"], "agreement %": r["agreement"], "kl": r["kl"],
     }

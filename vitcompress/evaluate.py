@@ -227,7 +227,8 @@ def speed_metrics(model: nn.Module, bench: BenchConfig) -> dict[str, Any]:
 
 def _describe_model(model: nn.Module) -> dict[str, Any]:
     info = model_info(model)
-    return {"arch": info.arch, "source": info.source, "transforms": [t["name"] for t in info.transforms]}
+    return {"arch": info.arch, "source": info.source, "transforms": [t["name"] for t in info.transforms],
+            "random_weights": bool(info.provenance.get("random_weights"))}
 
 
 def evaluate_spec(model: nn.Module, data: str, *, split: str | None = None, limit: int | None = None,

@@ -182,6 +182,7 @@ def analyse(sweep: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, An
                      "gflops": p["gflops"], "params": p["params"],
                      **{f"{k}: {lab}": r.get(m) for lab, r in (p.get("robustness") or {}).items()
                         for k, m in (("robust", "robust_top1"), ("transfer", "transfer_rate"))},
+                     "random_weights": bool(p.get("random_weights")),
                      "front_latency": i in f_lat, "front_size": i in f_size, "front_gflops": i in f_flops})
     robust = sorted({k for r in rows for k in r if k.startswith("robust: ")})
     # the robustness axis: the first attack on the point itself (white-box), else the first transferred one
@@ -256,7 +257,8 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
     body = []
     for r in sorted(res["rows"], key=lambda r: (r["latency_ms"] is None, r["latency_ms"] or 0)):
         mark = ("★" if r["front_latency" if speed else "front_gflops"] else "") + ("◆" if r["front_size"] else "")
-        body.append([f"**{r['name']}**" if r["front_latency"] else r["name"], r["family"], r["runtime"],
+        name = r["name"] + (" †" if r.get("random_weights") else "")
+        body.append([f"**{name}**" if r["front_latency"] else name, r["family"], r["runtime"],
                      r["dtype"] or "—", r["kind"], r["recovery"], mark,
                      *([_f(r["accuracy"], 2), _f(r["delta"], 2, sign=True), *(_f(r.get(k), 2) for k in acc_cols)]
                        if accuracy else []),
@@ -264,6 +266,9 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
                         _f(r["peak_mem_mb"], 1)] if speed else []),
                      f"{r['size_mb']:.2f}", _f(r["size_ratio"], 2), f"{r['gflops']:.3f}"])
     lines.append(markdown_table(head, body, align="l" * 7 + "r" * (len(head) - 7)))
+    if any(r.get("random_weights") for r in res["rows"]):
+        lines += ["", "† random weights (a bare timm id, no --pretrained / checkpoint): a speed study; the "
+                  "accuracy and agreement of these rows mean nothing."]
     if len(res.get("batch_sizes") or []) > 1:
         bss = res["batch_sizes"]
         lines += ["", "Per batch size: latency (ms) and speed-up over the fastest dense row at that batch ("

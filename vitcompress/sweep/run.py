@@ -36,7 +36,7 @@ from ..evaluate import accuracy_dtype, accuracy_metrics, predict, predict_traced
 from ..export import ExportConfig, RuntimeModel, export_model, load_runtime_model
 from ..export.peers import peer_model
 from ..io import atomic_write_json, atomic_write_text, file_lock
-from ..models import data_config
+from ..models import data_config, model_info
 from ..pipeline import Calibration, apply_stack, calibration_batches, create_model
 from ..provenance import run_context
 from ..report import write_report
@@ -56,6 +56,8 @@ def resolve_base(cfg: SweepConfig, *, progress: bool = False, log=print) -> tupl
         return create_model(str(path)), f"artifact:{read_manifest(path)['files'][WEIGHTS]['sha256']}"
     model = create_model(b["model"], pretrained=bool(b.get("pretrained")), checkpoint=b.get("checkpoint"),
                          **(b.get("kwargs") or {}))
+    if not b.get("pretrained") and not b.get("checkpoint"):  # speed studies may; the reports say so
+        model_info(model).provenance["random_weights"] = True
     return model, json.dumps(b, sort_keys=True)
 
 
@@ -158,6 +160,7 @@ class SweepContext:
             out.update(tokens=tokens, gflops=first["gflops_mean"], gmacs=first["gflops_mean"] / 2)
         if cfg.speed:
             out.update(self.speed(fast, bench))
+        out["random_weights"] = bool(model_info(self.base).provenance.get("random_weights"))
         out["transforms"] = [{k: v for k, v in t.items() if k != "state"} for t in built.vitcompress_info.transforms]
         out["recovery_record"] = built.vitcompress_info.provenance.get("recovery")
         out["training_record"] = built.vitcompress_info.provenance.get("learned_merge")
