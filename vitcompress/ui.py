@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -97,15 +98,22 @@ def progress_bar(enabled: bool | None, total: int, label: str) -> Iterator[Calla
 
 @contextlib.contextmanager
 def step(label: str) -> Iterator[None]:
-    """One opaque long step (an export, a trace): a line when it starts and one with its time when it ends, when
-    progress is on (:func:`show_progress`)."""
+    """One opaque long step (an export, a trace), when progress is on (:func:`show_progress`): a line once it has
+    run for :data:`PLAIN_EVERY_S` seconds, and one with its time when it ends. A short step, or one that fails
+    early (its error is then the only line), stays quiet."""
     if not _PROGRESS[0]:
         yield
         return
     start = time.monotonic()
-    print(f"{label} ...", file=sys.stderr, flush=True)
-    yield
-    print(f"{label}: done in {_clock(time.monotonic() - start)}", file=sys.stderr, flush=True)
+    running = threading.Timer(PLAIN_EVERY_S, lambda: print(f"{label} ...", file=sys.stderr, flush=True))
+    running.daemon = True
+    running.start()
+    try:
+        yield
+    finally:
+        running.cancel()
+    if time.monotonic() - start >= PLAIN_EVERY_S:
+        print(f"{label}: done in {_clock(time.monotonic() - start)}", file=sys.stderr, flush=True)
 
 
 def tracked(items: Iterable[Any], total: int, label: str) -> Iterator[Any]:
