@@ -221,3 +221,21 @@ def test_points_of_a_random_weight_base_are_marked_in_the_report(tmp_path):
     run_sweep(recipe, tmp_path / "s", log=lambda m: None)
     md = (tmp_path / "s" / "report.md").read_text()
     assert "tome †" in md and "† random weights" in md
+
+
+def test_a_timed_sweep_shows_one_ratio_per_point_in_every_file(trained_artifact, tmp_path):
+    """report.md's × best dense, points.csv's vs_best_dense and pareto.json's rows are the same number per point."""
+    import csv
+
+    recipe = _recipe(trained_artifact, grid=[])
+    recipe["sweep"]["points"] = recipe["sweep"]["points"][:2]
+    out = tmp_path / "s"
+    run_sweep(recipe, out, log=lambda m: None)
+    rows = list(csv.DictReader((out / "points.csv").open()))
+    pareto = {r["name"]: r for r in json.loads((out / "pareto.json").read_text())["rows"]}
+    md = (out / "report.md").read_text().splitlines()
+    for r in rows:
+        x = float(r["vs_best_dense"])
+        assert x == pytest.approx(pareto[r["name"]]["vs_best_dense"])
+        line = next(ln for ln in md if ln.startswith(f"| {r['name']} |") or ln.startswith(f"| **{r['name']}** |"))
+        assert f"{x:.2f}×" in line, (line, x)
