@@ -59,10 +59,11 @@ def test_bad_recipes_are_config_errors(trained_artifact, change, msg):
         expand(load_sweep(data))
 
 
-def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, monkeypatch):
-    out = tmp_path / "sweep"
+def _dies_on_third(monkeypatch) -> tuple[list[str], object]:
+    """Make the third measured point raise KeyboardInterrupt (a Ctrl-C); returns (the names measured, the real
+    measure)."""
     real = SweepContext.measure
-    calls = []
+    calls: list[str] = []
 
     def dies_on_third(self, point):
         calls.append(point.name)
@@ -71,6 +72,12 @@ def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, mo
         return real(self, point)
 
     monkeypatch.setattr(SweepContext, "measure", dies_on_third)
+    return calls, real
+
+
+def test_killed_sweep_resumes_without_recomputing(trained_artifact, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    calls, real = _dies_on_third(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_recipe(trained_artifact), out, log=lambda m: None)
     finished = sorted(p.name for p in (out / "points").glob("*.json"))
@@ -192,16 +199,7 @@ def test_a_sweep_writes_the_files_it_names(trained_artifact, tmp_path, capsys, m
 
 
 def test_ctrl_c_says_what_finished_and_that_a_rerun_resumes(cli, trained_artifact, tmp_path, monkeypatch):
-    real = SweepContext.measure
-    calls = []
-
-    def dies_on_third(self, point):
-        calls.append(point.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, point)
-
-    monkeypatch.setattr(SweepContext, "measure", dies_on_third)
+    _dies_on_third(monkeypatch)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(trained_artifact)))
     rc, out, err = cli("sweep", recipe, "--out", tmp_path / "s")

@@ -7,15 +7,13 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json
 from ..sweep.config import SweepConfig
 from ..sweep.run import point_finished
-
-if TYPE_CHECKING:
-    from .run import SearchConfig
+from .config import SearchConfig
 
 
 def optuna_module() -> Any:

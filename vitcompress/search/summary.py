@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..artifact import save_artifact
 from ..data import load_data
@@ -17,9 +17,7 @@ from ..models import data_config
 from ..report import markdown_table, write_report
 from ..sweep.config import SweepConfig
 from ..sweep.run import SweepContext, build_point
-
-if TYPE_CHECKING:
-    from .run import SearchConfig
+from .config import SearchConfig
 
 
 def finish(cfg: SearchConfig, out: Path, base: Any, ctx: SweepContext, full: SweepConfig,

@@ -7,16 +7,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..bench import compare, model_runner
 from ..io import atomic_write_json
 from ..models import data_config
 from ..sweep.config import Point, SweepConfig, dense_point
 from ..sweep.run import bench_for, build_point, deploy
-
-if TYPE_CHECKING:
-    from .run import SearchConfig
+from .config import SearchConfig
 
 
 class Timer:
