@@ -184,3 +184,32 @@ def test_video_specs_load_and_bad_ones_fail_in_one_line():
         load_data("video:6:digits", cfg, purpose="train")
     with pytest.raises(DataError, match="labelled SOURCE"):
         load_data("video:4:synthetic:8", cfg)
+
+
+def test_an_unpicked_token_keeps_its_reference_so_slow_drift_accumulates():
+    """The reference is the input a token had when it was last processed (the paper's error accumulation): under
+    a slow linear drift, block 0's tokens stay unpicked until t x their per-frame change passes the threshold, and
+    only then does their reference move. A gate that reset its reference every frame (or compared frame to frame)
+    would never pick them, or would hold the last frame for all."""
+    dense, model = _eventful(EventfulConfig(policy="threshold", threshold=0.0))
+    base, step = _clips(1, 1)[:, 0], 0.01 * _clips(1, 1, seed=3)[:, 0]
+    frames = torch.stack([base + t * step for t in range(4)], 1)  # [1, 4, 3, 32, 32]
+
+    def block0_input(img: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return dense.norm_pre(dense.patch_drop(dense._pos_embed(dense.patch_embed(img))))
+
+    x0, x3 = block0_input(frames[:, 0]), block0_input(frames[:, 3])
+    per_frame = torch.linalg.vector_norm(block0_input(frames[:, 1]) - x0, dim=-1)[0]  # [N]
+    tau = 2.5 * float(per_frame.max())
+    for blk in model.blocks:
+        blk._vc_threshold = tau
+    with torch.inference_mode():
+        for t in range(4):  # frame by frame: the streams' state stays readable afterwards
+            model(frames[:, t])
+    ref = model.blocks[0]._vc_mem["ref_qkv"][0]
+    picked = 3 * per_frame > tau  # crossed the threshold at frame 3 (1x and 2x stay below it)
+    assert 0 < int(picked.sum()) < len(picked)
+    torch.testing.assert_close(ref[picked], x3[0][picked], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref[~picked], x0[0][~picked], atol=1e-5, rtol=1e-5)  # still frame 0's
+    assert float((x3[0][~picked] - x0[0][~picked]).abs().max()) > 1e-3  # the two hypotheses differ here
