@@ -140,7 +140,7 @@ def test_gptq_on_the_patch_embedding_uses_unfolded_patches(tiny_model):
 def test_attention_settings_are_checked(tiny_model):
     with pytest.raises(ConfigError, match="add attn_matmul to the layers"):
         compress_(copy.deepcopy(tiny_model), QuantConfig(softmax="log2"), calib=_calib(tiny_model))
-    with pytest.raises(ConfigError, match="deploy executes Linear layers only"):
+    with pytest.raises(ConfigError, match="the patch embedding is simulate-only"):
         compress_(copy.deepcopy(tiny_model), QuantConfig(mode="deploy", layers=["patch_embed"]),
                   calib=_calib(tiny_model))
     with pytest.raises(ConfigError, match="only Linear, Conv2d, Attention"):

@@ -41,3 +41,77 @@ def test_a_float_export_runs_in_f32(tiny_model, tmp_path):
     layers = _runtime_layers(path)
     assert layers[("FullyConnected", "f32")] == 4 * len(tiny_model.blocks) + 1
     assert not any(p in ("i8", "u8") for (t, p) in layers if t == "FullyConnected")
+
+
+ATTN = {"name": "quantize", "mode": "deploy", "layers": ["qkv", "proj", "fc1", "fc2", "attn_matmul"],
+        "softmax": "uniform"}
+
+
+def _matmuls_on_dequantized(proto) -> int:
+    """MatMul nodes whose two inputs both come from DequantizeLinear (or a Transpose of one): int8 matmuls."""
+    made = {o: n for n in proto.graph.node for o in n.output}
+
+    def dq(name: str) -> bool:
+        n = made.get(name)
+        while n is not None and n.op_type in ("Transpose", "Reshape"):
+            n = made.get(n.input[0])
+        return n is not None and n.op_type == "DequantizeLinear"
+
+    return sum(1 for n in proto.graph.node if n.op_type == "MatMul" and dq(n.input[0]) and dq(n.input[1]))
+
+
+def test_deployed_attention_matmuls_export_as_int8_qdq_and_match_torch(tiny_model, tmp_path):
+    """attn_matmul in deploy mode: q k^T and A V take QDQ inputs (static 8-bit grids, the probabilities on [0, 255]),
+    and ONNX Runtime computes what torch computes (the attention alone, so no 7-bit CPU weights differ)."""
+    import onnx
+    import onnxruntime as ort
+
+    torch = pytest.importorskip("torch")
+    apply_stack(tiny_model, [{**ATTN, "layers": ["attn_matmul"]}])
+    path = tmp_path / "a.onnx"
+    export_model(tiny_model, path, ExportConfig())
+    assert _matmuls_on_dequantized(onnx.load(str(path))) == 2 * len(tiny_model.blocks)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model(x).numpy()
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    assert abs(got - ref).max() <= 1e-3 * max(1.0, abs(ref).max())
+
+
+def test_with_attention_every_linear_and_every_attention_matmul_runs_int8(tiny_model, tmp_path):
+    """OpenVINO runs q k^T in i8 (symmetric q and k: no zero points) and A V in u8 (the probabilities on [0, 255])
+    in every block; with asymmetric q / k grids it left q k^T in f32 (found by this test)."""
+    n_blocks = len(tiny_model.blocks)
+    apply_stack(tiny_model, [ATTN])
+    path = tmp_path / "m.onnx"
+    export_model(tiny_model, path, ExportConfig())
+    layers = _runtime_layers(path)
+    assert layers[("FullyConnected", "i8")] + layers[("FullyConnected", "u8")] == 4 * n_blocks, layers
+    assert layers[("MatMul", "i8")] + layers[("MatMul", "u8")] == 2 * n_blocks, layers
+    assert layers[("MatMul", "f32")] == 0, layers
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"a_granularity": "per_token"}, "static per-tensor"),
+    ({"softmax": "log2"}, "simulate-only"),
+])
+def test_deployed_attention_refuses_what_has_no_qdq_form(tiny_model, over, match):
+    from vitcompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        apply_stack(tiny_model, [{**ATTN, **over}])
+
+
+def test_deployed_attention_survives_the_artifact_round_trip(tiny_model, tmp_path):
+    import torch
+
+    from vitcompress.artifact import save_artifact
+    from vitcompress.pipeline import load_artifact
+
+    apply_stack(tiny_model, [ATTN])
+    save_artifact(tiny_model, tmp_path / "a")
+    again = load_artifact(tmp_path / "a")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x), again(x))
+    export_model(again, tmp_path / "a.onnx", ExportConfig())  # still exportable after a load

@@ -215,8 +215,10 @@ class QuantConfig(Config):
                               f"got {self.group_size}")
         if self.backend == "triton" and kind not in ("int8", "fp8"):
             raise ConfigError(f"--backend triton runs the int8 and fp8 W8A8 GEMMs; {kind} runs through torch")
-        if self.softmax != SoftmaxQuant.NONE:
-            raise ConfigError("softmax / attention-matmul quantization is simulate-only (deploy runs Linear layers)")
+        if self.softmax not in (SoftmaxQuant.NONE, SoftmaxQuant.UNIFORM) or (
+                self.softmax == SoftmaxQuant.UNIFORM and (kind != "int8" or "attn_matmul" not in self.layers)):
+            raise ConfigError("deployed softmax quantization is the uniform 8-bit grid of int8 attention matmuls "
+                              "(layers with attn_matmul, exported as QDQ); other softmax quantizers are simulate-only")
 
     @property
     def deploy_kind(self) -> str | None:

@@ -16,6 +16,7 @@ absmax / 448); static per tensor (calibrated) or dynamic per token (per sample f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,8 @@ class QuantAttention(_ActQuant, Attention):
 
     _vc_softmax: str
     _vc_observer: Callable[[str, torch.Tensor], None] | None = None
+    _vc_deployed = False  # deploy mode (int8, static): exports as QDQ around the matmuls (torch runs it simulated)
+    _vc_qdq = False  # the export copy: written with the exporter's fake-quant ops
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 ) -> torch.Tensor:
@@ -107,6 +110,8 @@ class QuantAttention(_ActQuant, Attention):
     def _vc_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    ) -> torch.Tensor:
         """q, k, v [B,H,N,Dh], bias [B,1,1,N] or None -> softmax(q k^T * scale + bias) v [B,H,N,Dh]."""
+        if self._vc_qdq:
+            return self._qdq_attend(q, k, v, bias)
         observe = self._vc_observer
         if observe is not None:  # calibration: record the float tensors
             observe("q", q)
@@ -126,6 +131,34 @@ class QuantAttention(_ActQuant, Attention):
             p = self._straight_through(p, ops.fake_quant_softmax(p, scale, self._vc_a_bits, self._vc_softmax, param))
         p = self.attn_drop(p)
         return (p @ v.float()).to(v.dtype)
+
+    def export_form(self, form: Any) -> nn.Module:
+        """Deployed int8 attention matmuls (static per-tensor grids): the same function written with
+        ``fake_quantize_per_tensor_affine``, which the ONNX exporter turns into QuantizeLinear / DequantizeLinear on
+        q, k, v and the probabilities, so that OpenVINO and ONNX Runtime run q k^T and A V as int8 MatMuls."""
+        if not self._vc_deployed:
+            raise ConfigError(self._vc_export_refusal)
+        self._vc_qdq = True
+        return self
+
+    def _qdq_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    ) -> torch.Tensor:
+        """The export form of the quantized attention (8-bit, static): unsigned codes with zero points for q, k,
+        v (their grids), [0, 255] over [0, p_scale] for the probabilities; the softmax scale applied after q k^T
+        (the matmul's inputs stay the quantized tensors, the pattern runtimes fuse)."""
+        top, half = 2**self._vc_a_bits - 1, 2 ** (self._vc_a_bits - 1)
+        # unsigned codes round(x / s + z) on [0, top] are the signed codes round(x / s + z - half) on [-half,
+        # half - 1]: deployed grids are symmetric (z = half), so zero points 0, which OpenVINO's int8 MatMul takes
+        q, k, v = (torch.fake_quantize_per_tensor_affine(t.float(), float(self.qkv_scale[i]),
+                                                         int(round(float(self.qkv_zero[i]))) - half, -half, half - 1)
+                   for i, t in enumerate((q, k, v)))
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if bias is not None:
+            logits = logits + bias.float()
+        p = logits.softmax(-1)
+        if self._vc_softmax != "none":
+            p = torch.fake_quantize_per_tensor_affine(p, float(self.p_scale) / top, 0, 0, top)
+        return p @ v
 
 
 def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, softmax: str = "none",
@@ -153,6 +186,26 @@ def convert(module: nn.Module, a_bits: int | None, per_token: bool, fp8: bool, s
             extra = "a_neg_scale" if post_gelu == "twin" else "a_param"
             module.register_buffer(extra, torch.ones((), device=dev))
     module._vc_a_bits, module._vc_per_token, module._vc_fp8 = a_bits, per_token, fp8
+
+
+def set_symmetric_grids(module: QuantAttention, ranges: dict[str, tuple[float, float]]) -> None:
+    """A deployed attention's grids: q, k, v symmetric about 0 (step absmax / (2^(b-1) - 1), zero point exactly
+    2^(b-1) on the unsigned codes, i.e. signed codes without a zero point: OpenVINO runs q k^T in int8 only so);
+    the probabilities on [0, their max]."""
+    half = 2 ** (module._vc_a_bits - 1)
+    with torch.no_grad():
+        for i, key in enumerate("qkv"):
+            if key in ranges:
+                absmax = max(abs(ranges[key][0]), abs(ranges[key][1]), ops.EPS)
+                module.qkv_scale[i], module.qkv_zero[i] = absmax / (half - 1), float(half)
+        if "p" in ranges:
+            module.p_scale.fill_(max(ranges["p"][1], ops.EPS))
+
+
+def deploy_attention_(module: QuantAttention) -> None:
+    """Mark a calibrated quantized attention as deployed: its int8 matmuls export as QDQ (torch runs it simulated)."""
+    module._vc_deployed = True
+    module._vc_export_refusal = None  # the instance's: it has an export form
 
 
 def post_gelu_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], post_gelu: str) -> set[str]:

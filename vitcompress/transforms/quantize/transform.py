@@ -48,7 +48,14 @@ from .int8_linear import Int8Linear
 from .lowbit_linear import Fp8Linear, WeightOnlyLinear
 from .reconstruct import reconstruct_blocks_
 from .search import search_scales
-from .simulate import QUANTIZABLE, convert, post_gelu_layers, set_grids
+from .simulate import (
+    QUANTIZABLE,
+    convert,
+    deploy_attention_,
+    post_gelu_layers,
+    set_grids,
+    set_symmetric_grids,
+)
 
 __all__ = ["QuantConfig", "quantize_", "repq_reparam_", "select_layers"]
 
@@ -58,9 +65,14 @@ def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Modu
     layers = _select(model, cfg.layers, cfg.exclude, what="quantized", types=QUANTIZABLE)
     linear_only = cfg.mode == Mode.DEPLOY
     for name, m in layers:
-        if linear_only and not isinstance(m, nn.Linear):
-            raise ConfigError(f"'{name}' is {type(m).__name__}: deploy executes Linear layers only (the attention "
-                              "matmuls and the patch embedding are simulate-only)")
+        if linear_only and isinstance(m, Attention) and (not _int8_static(cfg) or
+                                                          cfg.softmax not in (SoftmaxQuant.NONE, SoftmaxQuant.UNIFORM)):
+            raise ConfigError(f"'{name}': deployed attention matmuls are int8 with static per-tensor activations "
+                              "(they export as QDQ): use w_bits 8, a_bits 8, a_granularity per_tensor, dtype int, "
+                              "softmax uniform (or none: the probabilities stay float)")
+        if linear_only and not isinstance(m, (nn.Linear, Attention)):
+            raise ConfigError(f"'{name}' is {type(m).__name__}: deploy executes Linear layers and the attention "
+                              "matmuls only (the patch embedding is simulate-only)")
         if cfg.group and not isinstance(m, Attention) and _fan_in(m) % cfg.group:
             raise ConfigError(f"group_size {cfg.group} does not divide {name}'s {_fan_in(m)} input features")
         if linear_only and cfg.deploy_kind == "weight_only" and cfg.w_bits == 4 and m.in_features % 2:
@@ -68,6 +80,10 @@ def select_layers(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Modu
     if cfg.softmax != SoftmaxQuant.NONE and not any(isinstance(m, Attention) for _, m in layers):
         raise ConfigError("a softmax quantizer needs the attention matmuls: add attn_matmul to the layers")
     return layers
+
+
+def _int8_static(cfg: QuantConfig) -> bool:
+    return cfg.deploy_kind == "int8" and cfg.a_granularity == ActGranularity.PER_TENSOR
 
 
 def _fan_in(m: nn.Module) -> int:
@@ -144,7 +160,10 @@ def rebuild_quantized(model: nn.Module, cfg: QuantConfig, state: dict[str, Any])
     layers = [(n, m) for n, m in select_layers(model, cfg) if n not in kept]
     gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
     for name, m in layers:
-        if cfg.mode == Mode.DEPLOY:
+        if cfg.mode == Mode.DEPLOY and isinstance(m, Attention):
+            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+            deploy_attention_(m)
+        elif cfg.mode == Mode.DEPLOY:
             replace_module(model, name, _deployed(m, cfg, None, None)[0])
         else:
             convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax), str(cfg.post_gelu) if name in gelus else "uniform")
@@ -166,10 +185,9 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     if cfg.reparam != Reparam.NONE:
         reparam = (repq_reparam_ if cfg.reparam == Reparam.REPQ else smoothquant_reparam_)(model, cfg, ctx.calib)
     float_model = copy.deepcopy(model) if cfg.rounding in BRECQS else None  # the blocks' targets
-    if not deploy:  # attention is observed (in float) through its quantized class during calibration
-        for _, m in layers:
-            if isinstance(m, Attention):
-                convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
+    for _, m in layers:  # attention is observed (in float) through its quantized class during calibration
+        if isinstance(m, Attention):
+            convert(m, cfg.a_bits, per_token, fp8, str(cfg.softmax))
     ranges, hessians = calibrate(model, layers, cfg, ctx.calib) if cfg.needs_calibration else ({}, {})
     sequential = cfg.rounding == Rounding.GPTQ and cfg.gptq_sequential
     gelus = post_gelu_layers(model, layers, str(cfg.post_gelu))
@@ -177,6 +195,10 @@ def quantize_(model: nn.Module, cfg: QuantConfig, ctx: TransformContext) -> dict
     alpha = {n: a["w_alpha"] for n, a in searched.items()}
     clips = {}
     for name, m in tracked(layers, len(layers), "quantize (layers)"):
+        if deploy and isinstance(m, Attention):  # static symmetric grids on the matmuls' inputs; exported as QDQ
+            set_symmetric_grids(m, ranges.get(name, {}))
+            deploy_attention_(m)
+            continue
         if deploy:  # earlier layers are already deployed, so a sequential Hessian sees their quantized outputs
             h = layer_hessian(model, m, ctx.calib, cfg.calib_size) if sequential and cfg.w_bits is not None and \
                 not isinstance(m, Attention) else hessians.get(name)
