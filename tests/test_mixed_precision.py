@@ -179,3 +179,18 @@ def test_attention_matmuls_and_softmax_quantizers_take_part(quant, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(load_artifact(tmp_path / "m")(x), model(x))
+
+
+def test_recovery_and_block_sparsity_refuse_a_mixed_precision_model(mixed):
+    """The guards read the layers, not the step's name: mixed precision's fake-quantized layers are protected like
+    quantize's (they escaped when the guard tested name == "quantize")."""
+    import copy
+
+    from vitcompress.transforms import BlockSparseConfig, RecoveryConfig
+    from vitcompress.transforms.layers import simulated_quantization
+
+    assert simulated_quantization(mixed)
+    with pytest.raises(ConfigError, match="put recovery before quantize"):
+        compress_(copy.deepcopy(mixed), RecoveryConfig(epochs=1, distill="none", data="synthetic:8"))
+    with pytest.raises(ConfigError, match="apply block_sparse before quantize"):
+        compress_(copy.deepcopy(mixed), BlockSparseConfig(sparsity=0.5, block_size=16))

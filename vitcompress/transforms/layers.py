@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import model_info
 from ..ui import progress_bar
 
 LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
@@ -103,8 +102,7 @@ def run_calibration(model: nn.Module, calib: Iterable[Any], calib_size: int,
 
 
 def simulated_quantization(model: nn.Module) -> bool:
-    """Whether ``model`` carries a simulated (fake-quantized) quantize step: its weights sit on a grid that
-    training or re-sparsifying would silently break, and its activation quantizers live in its layers."""
-    return any(t["name"] == "quantize" and t["config"].get("mode", "simulate") == "simulate"
-               and (t["config"].get("w_bits") is not None or t["config"].get("a_bits") is not None)
-               for t in model_info(model).transforms)
+    """Whether ``model`` holds simulated (fake-quantized) layers, from any step (quantize, mixed_precision, ...):
+    their weights sit on a grid that training or re-sparsifying would silently break, and their activation
+    quantizers live in the layers. Read from the layers themselves (``_vc_simulated_grid``), not from step names."""
+    return any(getattr(m, "_vc_simulated_grid", False) for m in model.modules())

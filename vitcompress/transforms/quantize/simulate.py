@@ -34,6 +34,7 @@ class _ActQuant:
     """Mixin: fake-quantize a tensor with the grid the module was converted with."""
 
     _vc_compressed = True
+    _vc_simulated_grid = True  # fake-quantized: training or re-sparsifying would break its grids (recovery refuses)
     _vc_a_bits: int | None
     _vc_per_token: bool
     _vc_fp8: bool
@@ -206,6 +207,7 @@ def deploy_attention_(module: QuantAttention) -> None:
     """Mark a calibrated quantized attention as deployed: its int8 matmuls export as QDQ (torch runs it simulated)."""
     module._vc_deployed = True
     module._vc_export_refusal = None  # the instance's: it has an export form
+    module._vc_simulated_grid = False  # no weights of its own (its Linears are deployed)
 
 
 def post_gelu_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], post_gelu: str) -> set[str]:
