@@ -188,3 +188,20 @@ def test_a_missing_artifact_path(tmp_path):
 def test_a_directory_that_is_not_an_artifact(tmp_path):
     with pytest.raises(ModelError, match="not a vitcompress artifact"):
         create_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mlp_layer": "SwiGLU"}, "SwiGLU"),
+    ({"norm_layer": "RmsNorm"}, "not a LayerNorm"),
+])
+def test_a_vit_with_other_parts_is_refused_when_accepted_not_deep_in_a_transform(kwargs, match):
+    """A plain VisionTransformer may carry a gated MLP or another norm: refused in one line at creation (#43)."""
+    import timm.layers
+
+    from vitcompress import create_model
+    from vitcompress.errors import ModelError
+
+    kw = {k: getattr(timm.layers, v) for k, v in kwargs.items()}
+    with pytest.raises(ModelError, match=match) as e:
+        create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, **kw)
+    assert "\n" not in str(e.value)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 from timm.layers.attention import Attention
+from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -152,6 +153,18 @@ def check_supported(model: nn.Module, name: str) -> None:
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise refuse(f"block {i} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}, "
                          "not the standard Block/Attention")
+        # a plain VisionTransformer may carry other parts (mlp_layer=SwiGLU, norm_layer=RmsNorm, ...): each method
+        # assumes these, so anything else is refused here rather than failing deep inside a transform
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
+            raise refuse(f"block {i}'s MLP is {type(blk.mlp).__name__} (a gated / SwiGLU MLP), not timm's Mlp")
+        for part in ("norm1", "norm2"):
+            if not isinstance(getattr(blk, part), nn.LayerNorm):
+                raise refuse(f"block {i}'s {part} is {type(getattr(blk, part)).__name__}, not a LayerNorm")
+        if not isinstance(blk.attn.qkv, nn.Linear):
+            raise refuse(f"block {i}'s attention has no fused qkv Linear")
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        raise refuse(f"the patch embedding is {type(model.patch_embed).__name__} without a Conv2d projection "
+                     "(an hMLP stem?)")
     if model.global_pool not in SUPPORTED_POOLS:
         raise refuse(f"global_pool='{model.global_pool}' is not supported")
 
