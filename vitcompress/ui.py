@@ -29,6 +29,7 @@ def _plain_progress(total: int, label: str) -> Iterator[Callable[..., None]]:
     start = last = time.monotonic()
     done = 0
     desc = label
+    said = (-1, "")  # the (count, description) of the last line printed: the closing line is not a repeat
 
     def line(now: float) -> str:
         rate = done / max(now - start, 1e-9)
@@ -36,16 +37,17 @@ def _plain_progress(total: int, label: str) -> Iterator[Callable[..., None]]:
         return f"{desc}: {done}/{total} ({rate:.3g}/s, {_clock(now - start)} elapsed{eta})"
 
     def tick(advance: int = 1, description: str | None = None) -> None:
-        nonlocal done, last, desc
+        nonlocal done, last, desc, said
         done += advance
         desc = description or desc
         now = time.monotonic()
         if now - last >= PLAIN_EVERY_S:
-            last = now
+            last, said = now, (done, desc)
             print(line(now), file=sys.stderr, flush=True)
 
     yield tick
-    if time.monotonic() - start >= PLAIN_EVERY_S:  # a short step stays quiet
+    # a short step stays quiet; a step whose last tick was printed is not printed twice
+    if time.monotonic() - start >= PLAIN_EVERY_S and said != (done, desc):
         print(line(time.monotonic()), file=sys.stderr, flush=True)
 
 
