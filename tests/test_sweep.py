@@ -237,3 +237,22 @@ def test_a_timed_sweep_shows_one_ratio_per_point_in_every_file(trained_artifact,
         assert x == pytest.approx(pareto[r["name"]]["vs_best_dense"])
         line = next(ln for ln in md if ln.startswith(f"| {r['name']} |") or ln.startswith(f"| **{r['name']}** |"))
         assert f"{x:.2f}×" in line, (line, x)
+
+
+def test_a_resumed_sweep_reads_the_base_logits_it_kept(trained_artifact, tmp_path, monkeypatch):
+    """The base is evaluated once per sweep folder: a re-run with a new point reads its logits from base_logits/."""
+    from vitcompress.sweep import run as sweep_run
+
+    recipe = _recipe(trained_artifact, grid=[], speed=False)
+    recipe["sweep"]["points"] = recipe["sweep"]["points"][:1]
+    out = tmp_path / "s"
+    run_sweep(recipe, out, log=lambda m: None)
+    assert len(list((out / "base_logits").glob("*.safetensors"))) == 1
+
+    def no_base_eval(*a, **k):
+        raise AssertionError("the base was evaluated again")
+
+    monkeypatch.setattr(sweep_run, "predict", no_base_eval)
+    recipe["sweep"]["points"] = _recipe(trained_artifact)["sweep"]["points"][:2]
+    run_sweep(recipe, out, log=lambda m: None)
+    assert len(list((out / "points").glob("*.json"))) == 3

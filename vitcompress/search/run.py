@@ -124,7 +124,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     base, base_key = resolve_base(probe, log=log)
     n_full, n_small = _heldout_sizes(cfg, len(load_data(cfg.data, data_config(base), purpose="train")), log)
     full, small = _sweeps(cfg, base_spec, n_full, n_small)
-    ctx, ctx_small = SweepContext(base, full), SweepContext(base, small)
+    kept = {"logits_cache": out / "base_logits", "base_key": base_key}  # a resumed search skips the base's evals
+    ctx, ctx_small = SweepContext(base, full, **kept), SweepContext(base, small, **kept)
     pdir = out / "points"
     anchor, dense = Point("base (uncompressed)", []), dense_point(cfg.target.runtime)
     t0 = time.monotonic()

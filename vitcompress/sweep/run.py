@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import distributed
@@ -35,7 +37,7 @@ from ..errors import UserError
 from ..evaluate import accuracy_dtype, accuracy_metrics, predict, predict_traced, static_metrics
 from ..export import ExportConfig, RuntimeModel, export_model, load_runtime_model
 from ..export.peers import peer_model
-from ..io import atomic_write_json, atomic_write_text, file_lock
+from ..io import atomic_write, atomic_write_json, atomic_write_text, file_lock
 from ..models import data_config, model_info
 from ..pipeline import Calibration, apply_stack, calibration_batches, create_model
 from ..provenance import run_context
@@ -112,13 +114,16 @@ def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
 class SweepContext:
     """What every point is measured against: the base's data, logits and speed runners (built once)."""
 
-    def __init__(self, base: nn.Module, cfg: SweepConfig, *, progress: bool = False):
-        """progress: show each evaluation's progress (images done, rate, ETA)."""
+    def __init__(self, base: nn.Module, cfg: SweepConfig, *, progress: bool = False, logits_cache: Path | None = None,
+                 base_key: str | None = None):
+        """progress: show each evaluation's progress (images done, rate, ETA). logits_cache: a folder where the
+        base's logits are kept (keyed by ``base_key``, the data and the bench settings), so that a resumed sweep does
+        not evaluate the base again (minutes on a real model)."""
         self.cfg, self.base, self.bench, self.rank = cfg, base, cfg.bench_config(), distributed.world()[0]
         self.progress = progress
         dcfg = data_config(base)
         self.data = {s: load_data(s, dcfg, limit=cfg.eval_limit) for s in cfg.eval_data}
-        self.base_logits = {s: predict(base, d, cfg=self.bench, progress=progress)[0] for s, d in self.data.items()}
+        self.base_logits = {s: self._base_logits(s, d, logits_cache, base_key) for s, d in self.data.items()}
         sm = cfg.speed_model
         self.speed_base = base if sm is None else create_model(sm["model"], **(sm.get("kwargs") or {}))
         size = data_config(self.speed_base)["input_size"]
@@ -130,6 +135,22 @@ class SweepContext:
             if cfg.speed_model is None and first is not None and len(first) else None  # for content-dependent models
         if self.images is not None and self.images.dim() == 5:  # video clips: their frames, as separate images
             self.images = self.images.flatten(0, 1)
+
+    def _base_logits(self, spec: str, data: Any, cache: Path | None, base_key: str | None) -> torch.Tensor:
+        """The base's logits [N, K] on ``data``: read from ``cache`` when a run computed them before."""
+        if cache is None or base_key is None:
+            return predict(self.base, data, cfg=self.bench, progress=self.progress)[0]
+        key = json.dumps([base_key, spec, self.cfg.eval_limit, len(data), self.bench.to_dict()], sort_keys=True,
+                         default=str)
+        path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            with contextlib.suppress(Exception):  # a damaged file is computed again
+                return load_file(str(path))["logits"]
+        logits = predict(self.base, data, cfg=self.bench, progress=self.progress)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"logits": logits.float().contiguous()}, tmp),
+                     suffix=".tmp.safetensors")
+        return logits
 
     def measure(self, point: Point) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="vitcompress-point-") as tmp:  # exports live as long as the point
@@ -327,7 +348,8 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
     records: list[dict[str, Any]] = []
     if todo:
         with distributed.local():  # each rank evaluates its own points alone
-            records = _run_points(SweepContext(base, cfg, progress=progress), todo, pdir, progress, log)
+            ctx = SweepContext(base, cfg, progress=progress, logits_cache=out / "base_logits", base_key=base_key)
+            records = _run_points(ctx, todo, pdir, progress, log)
     distributed.barrier()  # under torchrun: every rank's points are on disk before the report
     if report and shard[0] == 0:
 
