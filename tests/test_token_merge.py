@@ -340,3 +340,13 @@ def test_older_evit_records_keep_the_fusion_they_were_made_with():
     old = TokenMergeConfig.from_dict({"name": "token_merge", "version": 2, "method": "evit", "keep_rate": 0.7})
     assert old.method == "evit_wavg"
     assert TokenMergeConfig.from_dict({"name": "token_merge", "version": 2, "r": 4}).method == "tome"
+
+
+def test_evit_default_layers_stay_inside_shallow_models():
+    """depth x 1/4, 1/2, 3/4 rounded: on 12 blocks 3, 6, 9; a 2-block model used to get layer 2 (out of range)."""
+    from vitcompress.transforms.token_merge.transform import default_evit_layers
+
+    assert default_evit_layers(12) == [3, 6, 9]
+    for depth in range(1, 13):
+        assert all(0 < layer < depth for layer in default_evit_layers(depth))
+    assert default_evit_layers(2) == [1]

@@ -174,7 +174,7 @@ def evit_schedule(model: nn.Module, keep_rate: float, layers: list[int] | None) 
 
 def default_evit_layers(depth: int) -> list[int]:
     """EViT's locations: depth x 1/4, 1/2, 3/4 (layers 3, 6, 9 of 12, as in the paper's 4th/7th/10th)."""
-    return sorted({int(depth * f + 0.5) for f in (0.25, 0.5, 0.75)} - {0})
+    return sorted({min(depth - 1, int(depth * f + 0.5)) for f in (0.25, 0.5, 0.75)} - {0})  # shallow: in range
 
 
 def solve_flops(model: nn.Module, cfg: TokenMergeConfig) -> list[int]:
