@@ -30,7 +30,7 @@ from torch import nn
 from .errors import CheckpointError, ModelError, note
 
 INFO_ATTR = "vitcompress_info"
-SUPPORTED_POOLS = ("token", "avg", "")
+SUPPORTED_POOLS = ("token", "avg", "", "map")  # map: the attention pool (SigLIP)
 
 
 @dataclasses.dataclass

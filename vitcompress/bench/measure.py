@@ -53,8 +53,17 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
     _register_gemms()
     device = next(model.parameters()).device
     x = torch.randn(1, *input_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(), attention_backend(model, True):
-        model.eval()(x)
+    # the counter's module tracker hooks the gradients of tensors that require them; under inference mode an
+    # expanded Parameter (an attention pool's latent query) then has none and it fails: count without them
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False) as counter, torch.inference_mode(), attention_backend(model, True):
+            model.eval()(x)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return int(counter.get_total_flops())
 
 

@@ -227,6 +227,19 @@ def _weighted_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = Non
     return ops.weighted_pool(x, st.size, 0 if self.pool_include_prefix else st.protected)
 
 
+def _size_aware_attn_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    """``VisionTransformer.pool`` for attention-pool (MAP, SigLIP) models: the pool's query attends to each merged
+    token as to ``size`` copies of it (ToMe's proportional attention, log(size) added to its logits; padding, of
+    size 0, gets -inf), so merging identical tokens leaves the pooled features unchanged."""
+    st: TokenState = self._vc_token_state
+    if st.size is None:
+        return type(self).pool(self, x, pool_type)
+    size = st.size[..., 0]
+    if not self.pool_include_prefix:
+        x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+    return self.attn_pool(x, attn_mask=size.log().to(x.dtype)[:, None, None, :])
+
+
 def install_blocks(model: nn.Module, state: TokenState, drops: list[int], adapt: list[bool]) -> None:
     """Switch the model's blocks to :class:`ReducibleBlock` sharing ``state``: ``drops[i]`` tokens removed in
     block i, or an adaptive selection where ``adapt[i]``."""
@@ -236,3 +249,5 @@ def install_blocks(model: nn.Module, state: TokenState, drops: list[int], adapt:
     model._vc_token_state = state
     if model.global_pool == "avg":
         model.pool = types.MethodType(_weighted_pool, model)
+    elif getattr(model, "attn_pool", None) is not None:
+        model.pool = types.MethodType(_size_aware_attn_pool, model)
