@@ -221,9 +221,12 @@ def test_points_of_a_random_weight_base_are_marked_in_the_report(tmp_path):
     assert "tome †" in md and "† random weights" in md
 
 
-def test_a_timed_sweep_shows_one_ratio_per_point_in_every_file(trained_artifact, tmp_path):
-    """report.md's × best dense, points.csv's vs_best_dense and pareto.json's rows are the same number per point."""
+def test_a_timed_sweep_shows_one_ratio_per_point_in_every_file(trained_artifact, tmp_path, capsys, monkeypatch):
+    """report.md's × best dense, points.csv's vs_best_dense, pareto.json's rows and the command's summary are the same
+    number per point."""
     import csv
+
+    from vitcompress.cli_output import print_fronts
 
     recipe = _recipe(trained_artifact, grid=[])
     recipe["sweep"]["points"] = recipe["sweep"]["points"][:2]
@@ -237,6 +240,13 @@ def test_a_timed_sweep_shows_one_ratio_per_point_in_every_file(trained_artifact,
         assert x == pytest.approx(pareto[r["name"]]["vs_best_dense"])
         line = next(ln for ln in md if ln.startswith(f"| {r['name']} |") or ln.startswith(f"| **{r['name']}** |"))
         assert f"{x:.2f}×" in line, (line, x)
+    monkeypatch.setenv("COLUMNS", "300")
+    capsys.readouterr()
+    print_fronts(out)
+    said = capsys.readouterr().out
+    for r in rows:
+        if r["front_latency"] == "True":
+            assert f"{float(r['vs_best_dense']):.2f}x the fastest dense" in said, said
 
 
 def test_a_resumed_sweep_reads_the_base_logits_it_kept(trained_artifact, tmp_path, monkeypatch):

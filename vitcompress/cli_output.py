@@ -72,17 +72,26 @@ def print_eval(r: dict[str, Any]) -> None:
 
 
 def print_fronts(sweep_dir: Path) -> None:
-    """The accuracy-vs-latency front of a written sweep report, one row per point."""
+    """The base's accuracy and the front of a written sweep report (accuracy against latency, or against GFLOPs
+    when nothing was timed), one row per point, with report.md's numbers (x the fastest dense row)."""
     res = json.loads((Path(sweep_dir) / "pareto.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    # only the files the report wrote (an accuracy-only sweep has no latency picture)
+    # only the files the report wrote (a speed-only sweep has no picture)
     table = {label: str(Path(sweep_dir) / name) for label, name in
              (("report", "report.md"), ("picture", "pareto.png"), ("csv", "points.csv"))
              if (Path(sweep_dir) / name).is_file()}
-    for name in res["front_latency"]:
+    metric = res.get("accuracy_metric")
+    base = next((r for r in res["rows"] if r["family"] == "base"), None)
+    if base is not None and metric and base.get("accuracy") is not None:
+        table["base"] = f"{metric} {base['accuracy']:.2f}"
+    timed = bool(res.get("batch_sizes"))
+    best = (res.get("best_dense") or {}).get(str(res["reference_batch"]), "—")
+    for name in res["front_latency"] if timed else res.get("front_gflops") or []:
         r = rows[name]
-        table[f"★ {name}"] = (f"{res['accuracy_metric']} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
-                              f"{r['speedup']:.2f}x at b{res['reference_batch']}, {r['kind']}")
+        where = (f"{r['vs_best_dense']:.2f}x the fastest dense ({best}) at b{res['reference_batch']}"
+                 if timed and r.get("vs_best_dense") is not None else f"{r['gflops']:.3f} GFLOPs")
+        acc = "" if r["accuracy"] is None else f"{metric} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
+        table[f"★ {name}"] = f"{acc}{where}, {r['kind']}"
     if res["failed"]:
         table["failed points"] = len(res["failed"])
-    print_table("accuracy-vs-latency front", table)
+    print_table("accuracy-vs-latency front" if timed else "accuracy-vs-GFLOPs front (nothing timed)", table)
