@@ -201,8 +201,8 @@ def test_the_heldout_split_defaults_to_at_least_1000_images_or_says_why_not():
     from vitcompress.errors import Note
     from vitcompress.search import run
 
-    assert run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 50_000, print) == (2000, 500)
+    assert run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 50_000) == (2000, 500)
     with pytest.warns(Note, match=r"only \d+ train images are held out .* \(one image = "):
-        n, _ = run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 1_500, print)
+        n, _ = run._heldout_sizes(_cfg("x", heldout=None, heldout_small=None), 1_500)
     assert n < 1000
     assert run.split_se(50.0, 2000) == pytest.approx(1.118, abs=1e-3) and run.split_se(100.0, 64) == 100 / 64

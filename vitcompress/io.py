@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from .errors import WriteError
 
 
@@ -105,3 +108,16 @@ def file_lock(path: str | os.PathLike, *, wait: bool) -> Iterator[bool]:
 def cache_dir() -> Path:
     """``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``: trained testbeds and per-machine measurements."""
     return Path(os.environ.get("VITCOMPRESS_CACHE") or Path.home() / ".cache" / "vitcompress")
+
+
+def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors stored at ``path`` (safetensors), else ``compute()``'s, written there atomically; returns them and
+    whether they came from the file. A damaged file is computed again."""
+    if path.is_file():
+        with contextlib.suppress(Exception):
+            return load_file(str(path)), True
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp),
+                 suffix=".tmp.safetensors")
+    return tensors, False

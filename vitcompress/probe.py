@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .bench import BenchConfig
 from .data import ImageData
 from .errors import ConfigError
 from .evaluate import predict
-from .io import atomic_write, cache_dir
+from .io import cache_dir, cached_tensors
 from .models import classifier_keys, model_info
 
 
@@ -46,20 +45,18 @@ def features(model: nn.Module, data: ImageData, *, cfg: BenchConfig | None = Non
              log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logit features [N,D] (float32) and labels [N] of ``data`` under ``model``'s frozen backbone; read from the
     cache (``$VITCOMPRESS_CACHE/features``) when this backbone has seen these images before."""
-    path = cache_dir() / "features" / f"{_digest(model, data)}.safetensors"
-    if path.is_file():
-        try:
-            cached = load_file(str(path))
-            log(f"probe: reusing cached features of {data.name} ({len(cached['labels'])} images)")
-            return cached["features"], cached["labels"]
-        except Exception:  # a damaged cache entry is recomputed
-            pass
-    log(f"probe: computing the backbone's features of {len(data)} images of {data.name} (cached afterwards)")
-    backbone = copy.deepcopy(model)
-    backbone.reset_classifier(0)  # timm: the model now returns what the head would see, [B,D]
-    feats, labels, _ = predict(backbone, data, cfg=cfg or BenchConfig(dtype="fp32"), progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, tmp))
+    def compute() -> dict[str, torch.Tensor]:
+        log(f"probe: computing the backbone's features of {len(data)} images of {data.name} (cached afterwards)")
+        backbone = copy.deepcopy(model)
+        backbone.reset_classifier(0)  # timm: the model now returns what the head would see, [B,D]
+        feats, labels, _ = predict(backbone, data, cfg=cfg or BenchConfig(dtype="fp32"), progress=progress)
+        return {"features": feats, "labels": labels}
+
+    got, hit = cached_tensors(cache_dir() / "features" / f"{_digest(model, data)}.safetensors", compute)
+    feats, labels = got["features"], got["labels"]
+    if hit:
+        log(f"probe: reusing cached features of {data.name} ({len(labels)} images)")
+        return feats, labels
     return feats.clone(), labels.clone()  # normal tensors (predict made them in inference mode): the fit needs grads
 
 

@@ -15,7 +15,7 @@ Held-out images are train images no calibration subset uses (``heldout:N:SOURCE`
 source has fewer); the test split is only reported, for the chosen stack. The chosen stack is saved as ``DIR/best``
 (an artifact) and, for the ONNX Runtime and OpenVINO targets, exported to ``DIR/best.onnx``.
 
-One number per quantity: each point is timed once, by :class:`_Timer`, and that figure is written into its sweep
+One number per quantity: each point is timed once, by :class:`~.timing.Timer`, and that figure is written into its sweep
 record, so ``search.md``, ``search.json``, ``report.md``, ``points.csv`` and ``pareto.png`` all read it. A stack
 already measured (by this or another process of the study) is not measured again. The study lives in
 ``--storage`` (SQLite in ``DIR/study.db`` by default; a PostgreSQL or MySQL URL lets ``--worker`` processes on
@@ -79,6 +79,7 @@ def _metric(rec: dict[str, Any], cfg: SearchConfig) -> float:
 
 MARKER = "search-config.json"  # written first: marks the folder as a search's
 MIN_HELDOUT = 1000  # below this, one image moves the drop by more than 0.1 pt
+DEFAULT_HELDOUT = 2000
 
 
 def split_se(p: float, n: int) -> float:
@@ -122,7 +123,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
         {"artifact": cfg.model} if Path(cfg.model).is_dir() else {"model": cfg.model}
     probe = SweepConfig(base=base_spec, eval_data=[], speed=True)
     base, base_key = resolve_base(probe, log=log)
-    n_full, n_small = _heldout_sizes(cfg, len(load_data(cfg.data, data_config(base), purpose="train")), log)
+    n_full, n_small = _heldout_sizes(cfg, len(load_data(cfg.data, data_config(base), purpose="train")))
     full, small = _sweeps(cfg, base_spec, n_full, n_small)
     kept = {"logits_cache": out / "base_logits", "base_key": base_key}  # a resumed search skips the base's evals
     ctx, ctx_small = SweepContext(base, full, **kept), SweepContext(base, small, **kept)
@@ -179,11 +180,11 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     return finish(cfg, out, base, ctx, full, trials, ref, timer, (n_full, n_small), start, log, peer)
 
 
-def _heldout_sizes(cfg: SearchConfig, train_len: int, log) -> tuple[int, int]:
+def _heldout_sizes(cfg: SearchConfig, train_len: int) -> tuple[int, int]:
     """The full and the first check's held-out sizes: at least :data:`MIN_HELDOUT` images by default, or all the
     train split can spare (with a warning)."""
     cap = heldout_capacity(train_len)
-    n_full = cfg.heldout or min(max(2000, MIN_HELDOUT), cap)
+    n_full = cfg.heldout or min(DEFAULT_HELDOUT, cap)
     if cfg.heldout is None and cap < MIN_HELDOUT:
         note(f"only {cap} train images are held out from calibration: the drop is measured on {cap} images "
              f"(one image = {100 / cap:.2f} pt)")

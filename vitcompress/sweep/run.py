@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import distributed
@@ -37,7 +36,7 @@ from ..errors import UserError
 from ..evaluate import accuracy_dtype, accuracy_metrics, predict, predict_traced, static_metrics
 from ..export import ExportConfig, RuntimeModel, export_model, load_runtime_model
 from ..export.peers import peer_model
-from ..io import atomic_write, atomic_write_json, atomic_write_text, file_lock
+from ..io import atomic_write_json, atomic_write_text, cached_tensors, file_lock
 from ..models import data_config, model_info
 from ..pipeline import Calibration, apply_stack, calibration_batches, create_model
 from ..provenance import run_context
@@ -143,14 +142,8 @@ class SweepContext:
         key = json.dumps([base_key, spec, self.cfg.eval_limit, len(data), self.bench.to_dict()], sort_keys=True,
                          default=str)
         path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-        if path.is_file():
-            with contextlib.suppress(Exception):  # a damaged file is computed again
-                return load_file(str(path))["logits"]
-        logits = predict(self.base, data, cfg=self.bench, progress=self.progress)[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"logits": logits.float().contiguous()}, tmp),
-                     suffix=".tmp.safetensors")
-        return logits
+        return cached_tensors(path, lambda: {"logits": predict(self.base, data, cfg=self.bench,
+                                                                progress=self.progress)[0].float()})[0]["logits"]
 
     def measure(self, point: Point) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="vitcompress-point-") as tmp:  # exports live as long as the point
