@@ -38,8 +38,7 @@ from vitcompress.sweep import load_sweep
 
 RECIPE = "headline"  # recipes/headline.yaml, bundled with the package
 NO_DATA = {"data": "(unused: timing skips the recovery steps, the only ones that read data)"}
-ARCH = "vit_base_patch16_224"
-SIZE = (3, 224, 224)
+ARCH, IMG = "vit_base_patch16_224", 224  # --arch / --img-size change them (the runbook's CPU smoke run: a tiny ViT)
 EAGER, COMPILED = "dense, eager", "dense, compiled"
 DENSE = "__dense__"  # the warm-up worker that compiles the dense baseline
 GOAL_TOME, GOAL_FP8 = "ToMe 0.59x (r=13 on ViT-B)", "W8A8 fp8 static"
@@ -74,21 +73,28 @@ def _cfg(device: torch.device, compiled: bool, mode: CompileMode, dtype: str) ->
                        warmup_s=warm_s)
 
 
-def warm_only(names: str, device: torch.device, batch_sizes: list[int], dtype: str, dense_mode: str) -> int:
+def dense_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The random-weight ``--arch`` at ``--img-size`` (eval mode, CPU) and its input shape [3, H, W]."""
+    return create_model(args.arch, img_size=args.img_size).eval(), (3, args.img_size, args.img_size)
+
+
+def warm_only(names: str, args: argparse.Namespace) -> int:
     """Compile each variant at each batch size once (a worker of ``--jobs``: fills Inductor's cache); the name
-    ``DENSE`` compiles the dense model in ``dense_mode`` (max-autotune's GEMM search is the longest compile)."""
-    base = create_model(ARCH).eval()
+    ``DENSE`` compiles the dense model in ``--dense-mode`` (max-autotune's GEMM search is the longest compile)."""
+    device, dtype, dense_mode = torch.device(args.device), args.dtype, args.dense_mode
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    base, size = dense_model(args)
     if names == DENSE:
         model = base.to(device)
         for bs in batch_sizes:
-            model_runner(model, bs, SIZE, _cfg(device, True, CompileMode(dense_mode), dtype))()
+            model_runner(model, bs, size, _cfg(device, True, CompileMode(dense_mode), dtype))()
         print("warm: dense", flush=True)
         return 0
     for name, stack in variants(names).items():
         t = time.time()
         model = build(base, stack, device)
         for bs in batch_sizes:
-            model_runner(model, bs, SIZE, _cfg(device, True, CompileMode.DEFAULT, dtype))()
+            model_runner(model, bs, size, _cfg(device, True, CompileMode.DEFAULT, dtype))()
         print(f"warm: {name} in {time.time() - t:.0f} s", flush=True)
     return 0
 
@@ -97,7 +103,8 @@ def _spawn_warmers(names: list[str], jobs: int, args: argparse.Namespace) -> Non
     groups = [DENSE] + [";".join(names[i::jobs - 1]) for i in range(jobs - 1)]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.headline", "--warm-only", "--out", str(args.out),
                                "--device", args.device, "--dtype", args.dtype, "--batch-sizes", args.batch_sizes,
-                               "--dense-mode", args.dense_mode, "--variants", g]) for g in groups if g]
+                               "--dense-mode", args.dense_mode, "--arch", args.arch, "--img-size", str(args.img_size),
+                               "--variants", g]) for g in groups if g]
     for p in procs:
         p.wait()
 
@@ -140,10 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.time()
         _spawn_warmers(list(chosen), args.jobs, args)
         print(f"headline: {args.jobs} warm-up workers took {time.time() - t:.0f} s", flush=True)
-    base = create_model(ARCH).eval().to(device)
-    dense_flops = count_flops(base.cpu(), SIZE)
+    base, size = dense_model(args)
+    dense_flops = count_flops(base, size)
     base = base.to(device)
-    res: dict[str, Any] = {**run_context(device), "arch": ARCH, "batch_sizes": sizes, "dtype": args.dtype,
+    res: dict[str, Any] = {**run_context(device), "arch": args.arch, "img_size": args.img_size,
+                           "batch_sizes": sizes, "dtype": args.dtype,
                            "dense_compile_mode": args.dense_mode, "compile_mode": "default",
                            "gemm_table": os.environ.get("VITCOMPRESS_GEMM_TABLE", "kernels/tuned/<arch>.json"),
                            "command": "python -m benchmarks.headline " + " ".join(sys.argv[1:]),
@@ -152,8 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.time()
     dense_runners = {}
     for bs in sizes:
-        eager = model_runner(base, bs, SIZE, _cfg(device, False, CompileMode.DEFAULT, args.dtype))
-        compiled = model_runner(base, bs, SIZE, _cfg(device, True, CompileMode(args.dense_mode), args.dtype))
+        eager = model_runner(base, bs, size, _cfg(device, False, CompileMode.DEFAULT, args.dtype))
+        compiled = model_runner(base, bs, size, _cfg(device, True, CompileMode(args.dense_mode), args.dtype))
         r = compare(eager, compiled, device=device, warmup=2, repeat=args.repeat)
         res["dense"][str(bs)] = {"eager_ms": r["a_median_ms"], "compiled_ms": r["b_median_ms"],
                                  "compiled_vs_eager": r["speedup"], "dtype": str(eager.dtype)}
@@ -165,10 +173,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {"stack": stack, "by_batch": {}}
         try:
             model = build(base, stack, device)
-            row["gflops_ratio"] = round(count_flops(copy.deepcopy(model).cpu(), SIZE) / dense_flops, 4)
+            row["gflops_ratio"] = round(count_flops(copy.deepcopy(model).cpu(), size) / dense_flops, 4)
             row["cuda_graphs"] = device.type == "cuda" and static_shapes(model)
             for bs in sizes:
-                fn = model_runner(model, bs, SIZE, _cfg(device, True, CompileMode.DEFAULT, args.dtype))
+                fn = model_runner(model, bs, size, _cfg(device, True, CompileMode.DEFAULT, args.dtype))
                 r = compare(dense_runners[bs], fn, device=device, warmup=2, repeat=args.repeat)
                 d = res["dense"][str(bs)]
                 row["by_batch"][str(bs)] = {"ms": r["b_median_ms"], "vs_compiled": r["speedup"],
@@ -281,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="autocast dtype (auto: bf16 on CUDA, the faster on a CPU)")
     p.add_argument("--batch-sizes", default="1,64,256")
+    p.add_argument("--arch", default=ARCH, help="timm model id (random weights)")
+    p.add_argument("--img-size", type=int, default=IMG)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--jobs", type=int, default=1, help="compile in this many worker processes first (one of them "
                    "compiles the dense baseline)")
@@ -295,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         write(args.out, json.loads((args.out / "headline.json").read_text()))
         return 0
     if args.warm_only:
-        return warm_only(args.variants or "", torch.device(args.device), [int(b) for b in args.batch_sizes.split(",")],
-                         args.dtype, args.dense_mode)
+        return warm_only(args.variants or "", args)
     res = run(args)
     write(args.out, res)
     return 0

@@ -88,11 +88,12 @@ def test_mlp_pruning_matches_torch_pruning_group_and_zeroed_channels():
     assert {mod for mod, _ in touched} == {base.blocks[0].mlp.fc1, base.blocks[0].mlp.fc2}
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "hessian"])
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "hessian", "output"])
 def test_criteria_prune_and_reload_bit_exact(criterion, tmp_path):
     m = _model()
     calib = None if criterion == "magnitude" else _calib(m)
     compress_(m, PruneConfig(heads=0.25, mlp=0.5, criterion=criterion), calib=calib)
+    criterion = "taylor" if criterion == "output" else criterion  # block sparsity ranks tiles by weight criteria
     compress_(m, BlockSparseConfig(sparsity=0.5, block_size=16, criterion=criterion, speed_tokens=64), calib=calib)
     state = model_info(m).transforms[-1]["state"]
     assert 0.45 <= state["sparsity"] <= 0.55
@@ -132,6 +133,8 @@ def test_block_sparse_linear_matches_masked_dense_and_trains_only_kept_blocks():
     (lambda: PruneConfig(heads=1.0), "must be in"),
     (lambda: PruneConfig(mlp=-0.1), "must be in"),
     (lambda: BlockSparseConfig(sparsity=1.0), "must be in"),
+    (lambda: BlockSparseConfig(sparsity=0.5, criterion="output"), "heads and MLP"),
+    (lambda: PruneConfig(mlp=0.5, refit=True, refit_size=0), "refit_size"),
 ])
 def test_bad_settings_are_config_errors(cfg, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -146,6 +149,57 @@ def test_impossible_prunes_are_clean_errors():
         compress_(_model(), BlockSparseConfig(sparsity=0.5, block_size=48))
     with pytest.raises(ConfigError, match="calibration"):
         compress_(_model(), PruneConfig(mlp=0.5, criterion="taylor"))
+    for cfg in (PruneConfig(mlp=0.5, criterion="output"), PruneConfig(heads=0.5, refit=True)):
+        assert cfg.needs_calibration
+        with pytest.raises(ConfigError, match="calibration"):
+            compress_(_model(), cfg)
+
+
+def _silence(m, heads: int, channels: int) -> None:
+    """Zero the proj columns of the first ``heads`` heads and the fc2 columns of the first ``channels`` hidden
+    channels of every block: they add nothing to the stream."""
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.proj.weight[:, : heads * b.attn.head_dim] = 0
+            b.mlp.fc2.weight[:, :channels] = 0
+
+
+def test_output_criterion_removes_what_adds_nothing_to_the_stream():
+    """The output criterion scores what reaches the residual stream (LayerScale included): silent heads and
+    channels go first, so removing them leaves the model's output as it was; magnitude keeps the large-weight
+    silent structures instead."""
+    m = _model(init_values=0.1)
+    _silence(m, heads=1, channels=32)
+    with torch.no_grad():  # make the silent structures the largest by weight magnitude
+        for b in m.blocks:
+            a, d = b.attn.attn_dim, b.attn.head_dim
+            for part in range(3):
+                b.attn.qkv.weight[part * a: part * a + d] *= 100
+            b.mlp.fc1.weight[:32] *= 100
+    ref = _fwd(m, _x())
+    out = copy.deepcopy(m)
+    compress_(out, PruneConfig(heads=0.25, mlp=0.125, criterion="output", scope="per_layer"), calib=_calib(m))
+    assert [b.attn.num_heads for b in out.blocks] == [3, 3]
+    torch.testing.assert_close(_fwd(out, _x()), ref, rtol=1e-5, atol=1e-5)
+    mag = copy.deepcopy(m)
+    compress_(mag, PruneConfig(mlp=0.125, scope="per_layer"))
+    assert not torch.allclose(_fwd(mag, _x()), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer_scale", [None, 0.1])
+def test_refit_brings_the_pruned_stream_back_to_the_dense_one(layer_scale, tmp_path):
+    m = _model(init_values=layer_scale)
+    ref, calib = _fwd(m, _x()), _calib(m, 32)
+    plain, refit = copy.deepcopy(m), copy.deepcopy(m)
+    compress_(plain, PruneConfig(heads=0.25, mlp=0.5))
+    compress_(refit, PruneConfig(heads=0.25, mlp=0.5, refit=True, refit_size=32), calib=calib)
+    state = model_info(refit).transforms[-1]["state"]
+    assert state["refit_images"] == 32 and state["stream_error_after"] < 0.5 * state["stream_error_before"]
+    assert [b.mlp.fc1.out_features for b in refit.blocks] == [b.mlp.fc1.out_features for b in plain.blocks]
+    err = lambda mm: float((_fwd(mm, _x()) - ref).norm() / ref.norm())  # noqa: E731
+    assert err(refit) < err(plain)
+    save_artifact(refit, tmp_path / "a")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "a"), _x()), _fwd(refit, _x()))
 
 
 def test_distill_loss_and_recovery_levels():
@@ -156,6 +210,28 @@ def test_distill_loss_and_recovery_levels():
     assert RecoveryConfig(epochs=30).level == "full"
     with pytest.raises(ConfigError):
         RecoveryConfig(alpha=2.0)
+
+
+def test_feature_distillation_brings_the_pruned_features_toward_the_teacher(trained_artifact):
+    """distill: features matches the classifier's input (what a linear probe reads), and leaves no hook behind."""
+    from vitcompress.transforms import distill
+
+    teacher = create_model(str(trained_artifact)).eval()
+    student = copy.deepcopy(teacher)
+    compress_(student, PruneConfig(mlp=0.5))
+    x = load_data("digits", data_config(teacher), purpose="calib", limit=32).loader(32)
+    images = next(iter(x))[0]
+
+    def gap() -> float:
+        with torch.no_grad(), distill.capture_features(student) as s, distill.capture_features(teacher) as t:
+            student(images), teacher(images)
+            return float(distill.feature_loss(s["features"], t["features"]))
+
+    before = gap()
+    finetune_(student, RecoveryConfig(data="digits", epochs=2, limit=128, batch_size=32, lr=1e-3, distill="features",
+                                      alpha=1.0), teacher=teacher)
+    assert gap() < before
+    assert not student.get_classifier()._forward_pre_hooks and not teacher.get_classifier()._forward_pre_hooks
 
 
 def test_attn_only_recovery_changes_only_attention(trained_artifact):

@@ -125,6 +125,26 @@ def test_sweep_and_report_cli(cli, trained_artifact, tmp_path):
     assert rc == 2 and "recipe not found" in err
 
 
+def test_set_replaces_recipe_fields_and_only_runs_the_named_points(cli, trained_artifact, tmp_path):
+    """--set KEY=VALUE (dotted, YAML values) changes a recipe without editing it; --only runs a subset of the points
+    (the base always). What the GPU runbook's CPU smoke mode uses."""
+    cfg = load_sweep(_recipe(trained_artifact), overrides={"bench.batch_sizes": [3], "eval_limit": 8})
+    assert cfg.bench["batch_sizes"] == [3] and cfg.eval_limit == 8
+    with pytest.raises(ConfigError, match="no mapping 'benchh'"):
+        load_sweep(_recipe(trained_artifact), overrides={"benchh.repeat": 2})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(trained_artifact)))
+    rc, _, err = cli("sweep", recipe, "--out", tmp_path / "s", "--only", "tome", "--set", "bench.batch_sizes=[2]",
+                     "--set", "speed=false", "--no-report")
+    assert rc == 0, err
+    ran = sorted(json.loads(f.read_text())["name"] for f in (tmp_path / "s" / "points").glob("*.json"))
+    assert ran == ["base (uncompressed)", "tome"]
+    for bad, msg in ((["--set", "bench"], "KEY=VALUE"), (["--only", "nope"], "no point of the recipe is named 'nope'"),
+                     (["--set", "bench.repeat=[1"], "not YAML")):
+        rc, _, err = cli("sweep", recipe, "--out", tmp_path / "t", *bad)
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("recipe", ["demo", "vit_b16_gpu"])
 def test_bundled_recipes_cover_every_family(recipe):
     pts = expand(load_sweep(recipe))

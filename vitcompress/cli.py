@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
 
 from . import (
     cli_info,  # noqa: F401  (registers info and list)
@@ -130,7 +131,8 @@ def prune(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None
         return {k: opts[k] for k in names if k in opts}
 
     common = pick("criterion", "calib_size")
-    stack: list[Any] = [PruneConfig(**pick("heads", "mlp", "scope"), **common)] if pick("heads", "mlp") else []
+    structured = pick("heads", "mlp", "scope", "refit", "refit_size")
+    stack: list[Any] = [PruneConfig(**structured, **common)] if pick("heads", "mlp") else []
     if "block_size" in opts and "sparsity" not in opts:
         raise ConfigError("--block-size needs --sparsity (the fraction of blocks removed)")
     stack += [BlockSparseConfig(**pick("sparsity", "block_size"), **common)] if "sparsity" in opts else []
@@ -194,15 +196,20 @@ def sweep(
     no_report: bool | None = typer.Option(None, "--no-report", help="Do not write the report at the end."),
     data: str | None = typer.Option(None, "--data", help=f"The recipe's ${{data}}: {SPECS}."),
     var: list[str] | None = typer.Option(None, "--var", help="NAME=VALUE for the recipe's ${NAME} (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE: replace a recipe field, KEY dotted "
+                                          "(bench.batch_sizes=[1,16]), VALUE in YAML (repeatable)."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run only the points whose names start with this "
+                                          "(repeatable; the base and dense baselines always run)."),
 ) -> None:
     """Measure compression stacks on one base model; resumable; writes the Pareto report."""
     variables = dict(_var(v) for v in var or [])
+    overrides = dict(_setting(s) for s in set_ or [])
     if data is not None:
         variables["data"] = data
     with distributed.session():  # under torchrun the points are split across ranks
         rank, size = distributed.world()
         run_sweep(recipe, out, progress=rank == 0, log=lambda m: typer.echo(m, err=True),
-                  report=not no_report, shard=(rank, size), variables=variables,
+                  report=not no_report, shard=(rank, size), variables=variables, overrides=overrides, only=only,
                   command=shlex.join(["vitcompress", "sweep", *sys.argv[sys.argv.index("sweep") + 1:]])
                   if "sweep" in sys.argv else None)
     if not no_report and rank == 0:
@@ -219,6 +226,17 @@ def search(model: str = ModelArg, out: Path = SearchOutOpt, opts: dict[str, Any]
     cfg = SearchConfig(model=model, **(opts or {}))
     with distributed.session():  # under torchrun the ranks evaluate trials of the one study in parallel
         run_search(cfg, out, log=lambda m: typer.echo(m, err=True))
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``--set KEY=VALUE``: VALUE parsed as YAML (``[1, 16]``, ``{model: vit_tiny_patch16_224}``, ``cpu``)."""
+    key, eq, value = text.partition("=")
+    if not eq or not all(part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"--set takes KEY=VALUE with a dotted KEY, got '{text}'")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value is not YAML ({str(e).splitlines()[0]})") from None
 
 
 def _var(text: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ without ``fullgraph`` and without graphs, and :func:`static_shapes` reports it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -38,11 +39,19 @@ def static_shapes(model: nn.Module) -> bool:
     return not any(getattr(m, "_vc_dynamic_shapes", False) for m in model.modules())
 
 
+# A check-only setting: VITCOMPRESS_COMPILE_BACKEND=aot_eager makes every compile trace its graphs as usual (a graph
+# break still fails fullgraph) without Inductor's code generation; the GPU runbook's CPU smoke run uses it, where
+# compiling each model for real would take minutes and measure nothing.
+CHECK_BACKEND_ENV = "VITCOMPRESS_COMPILE_BACKEND"
+
+
 def compile_options(model: nn.Module, device: torch.device, mode: CompileMode | str = CompileMode.DEFAULT,
                     ) -> dict[str, object]:
     """The ``torch.compile`` arguments for ``model`` on ``device`` (also what a report records)."""
     mode = CompileMode(mode)
     static = static_shapes(model)
+    if backend := os.environ.get(CHECK_BACKEND_ENV):  # trace every graph as usual (fullgraph), generate no code
+        return {"fullgraph": static, "dynamic": False if static else None, "backend": backend}
     options: dict[str, object] = {"freezing": True, "triton.cudagraphs": device.type == "cuda" and static}
     if mode == CompileMode.MAX_AUTOTUNE:
         options.update({"max_autotune": True, "coordinate_descent_tuning": True})
@@ -66,7 +75,7 @@ def compile_model(model: nn.Module, device: torch.device | str, mode: CompileMod
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
     opts = compile_options(model, device, mode)
     compiled = torch.compile(model, **opts)
-    graphs = bool(opts["options"]["triton.cudagraphs"])  # type: ignore[index]
+    graphs = bool(opts.get("options", {}).get("triton.cudagraphs"))  # type: ignore[attr-defined]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if graphs:  # each call is a new step: the previous call's outputs may be overwritten

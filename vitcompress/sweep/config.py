@@ -200,14 +200,35 @@ def dense_point(spec: str) -> Point:
     return make_point(f"dense ({spec})", {"stack": [], "runtime": runtime, "dtype": dtype or None})
 
 
-def load_sweep(path_or_dict: str | Path | dict[str, Any], variables: dict[str, str] | None = None) -> SweepConfig:
+def load_sweep(path_or_dict: str | Path | dict[str, Any], variables: dict[str, str] | None = None,
+               overrides: dict[str, Any] | None = None) -> SweepConfig:
     """A SweepConfig from a YAML path, a bundled recipe name, or a dict (the ``sweep:`` section if present);
-    ``${NAME}`` placeholders are filled from ``variables``, then from the recipe's own ``variables:``."""
+    ``${NAME}`` placeholders are filled from ``variables``, then from the recipe's own ``variables:``.
+
+    overrides: ``{"bench.batch_sizes": [1], "base": {...}}``: a dotted key replaces that field of the recipe
+    (``vitcompress sweep --set KEY=VALUE``), before validation."""
     data = path_or_dict if isinstance(path_or_dict, dict) else load_recipe(recipe_path(str(path_or_dict)))
-    data = dict(data.get("sweep", data))
+    data = override(dict(data.get("sweep", data)), overrides or {})
     values = {**(data.get("variables") or {}), **(variables or {})}
     data["variables"] = {k: str(v) for k, v in values.items()}
     return SweepConfig.from_dict(fill_placeholders(data, data["variables"]))
+
+
+def override(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted ``key`` of ``overrides`` set; every part of the key but the last must
+    name a mapping of the recipe (a typo is a one-line error, not a silently new field)."""
+    data = json.loads(json.dumps(data))
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {key}: the recipe has no mapping '{'.'.join(parents[: i + 1])}'")
+            node = node[part]
+        if not last:
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted KEY, got '{key}'")
+        node[last] = value
+    return data
 
 
 def fill_placeholders(value: Any, variables: dict[str, str]) -> Any:

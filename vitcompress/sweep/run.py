@@ -32,7 +32,7 @@ from .. import distributed
 from ..artifact import WEIGHTS, read_manifest
 from ..bench import BenchConfig, Dtype, compare, model_runner, peak_memory_mb
 from ..data import load_data
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..evaluate import accuracy_dtype, accuracy_metrics, predict, predict_traced, static_metrics
 from ..export import ExportConfig, RuntimeModel, export_model, load_runtime_model
 from ..export.peers import peer_model
@@ -314,16 +314,24 @@ def run_point(ctx: SweepContext, pid: str, p: Point, pdir: Path, log, tick) -> d
 
 def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path, *, progress: bool = False,
               log=print, report: bool = True, shard: tuple[int, int] = (0, 1),
-              variables: dict[str, str] | None = None, command: str | None = None) -> list[dict[str, Any]]:
+              variables: dict[str, str] | None = None, overrides: dict[str, Any] | None = None,
+              only: list[str] | None = None, command: str | None = None) -> list[dict[str, Any]]:
     """Run every unfinished point (those with ``index % shard[1] == shard[0]``); write the report.
 
-    variables: values for the recipe's ``${NAME}`` placeholders; command: the command line that reproduces the
-    sweep, for the report. Returns the records of the points run now.
+    variables: values for the recipe's ``${NAME}`` placeholders; overrides: dotted recipe fields to replace
+    (:func:`load_sweep`); only: run just the points whose names start with one of these (the base always runs);
+    command: the command line that reproduces the sweep, for the report. Returns the records of the points run now.
     """
 
-    cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe, variables)
+    cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe, variables, overrides)
     out = Path(out)
     points = expand(cfg)
+    if only:
+        unknown = [o for o in only if not any(p.name.startswith(o) for p in points)]
+        if unknown:
+            raise ConfigError(f"--only: no point of the recipe is named {', '.join(map(repr, unknown))}")
+        anchors = 1 + len(cfg.dense)  # the base and the dense baselines: every ratio is read against them
+        points = [p for k, p in enumerate(points) if k < anchors or any(p.name.startswith(o) for o in only)]
     if shard[0] != 0:
         distributed.barrier()  # rank 0 trains or loads the base first, so the cache is filled once
     base, base_key = resolve_base(cfg, progress=progress, log=log)

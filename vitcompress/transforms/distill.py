@@ -61,6 +61,24 @@ def capture(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             h.remove()
 
 
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the pre-logits features [B,D], relative to the teacher's mean energy -> scalar
+    (scale-free, so one weight suits any backbone)."""
+    return (student - teacher).pow(2).sum(-1).mean() / teacher.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside, every forward of ``model`` leaves the input of its classifier ``head`` (the pre-logits features
+    [B,D]: pooled, normed) in the yielded dict under ``features``."""
+    got: dict[str, torch.Tensor] = {}
+    handle = model.get_classifier().register_forward_pre_hook(lambda _m, args: got.__setitem__("features", args[0]))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
 def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The qkv layer's output [B,N,3C] -> (q, k, v), each [B,N,C]."""
     return tuple(qkv.chunk(3, dim=-1))

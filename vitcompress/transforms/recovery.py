@@ -6,7 +6,9 @@ Loss (``distill``):
 - ``soft``: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``;
 - ``hard``: DeiT's hard distillation, ``0.5 * CE(s, labels) + 0.5 * CE(s, argmax t)``;
 - ``weight``: MiniViT's weight distillation: ``soft`` plus ``attn_weight`` x the last block's q/k/v relation loss
-  plus ``hidden_weight`` x its MLP hidden-state relation loss (:mod:`.distill`).
+  plus ``hidden_weight`` x its MLP hidden-state relation loss (:mod:`.distill`);
+- ``features``: ``alpha * ||f_s - f_t||^2 / ||f_t||^2 + (1 - alpha) * CE(s, labels)`` on the pre-logits features
+  (the classifier's input): a backbone with a linear probe gets the whole feature to match, not 10 logits.
 
 ``attn_only`` trains only the attention weights (qkv, proj and their norms); everything else is frozen,
 which saves optimizer state and weight gradients ("Three things everyone should know about ViTs").
@@ -43,6 +45,7 @@ class Distill(StrEnum):
     SOFT = "soft"
     HARD = "hard"
     WEIGHT = "weight"
+    FEATURES = "features"
 
 
 @dataclasses.dataclass
@@ -137,6 +140,7 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         p.requires_grad_(id(p) in keep)
 
     weight = cfg.distill == Distill.WEIGHT and teacher is not None
+    features = cfg.distill == Distill.FEATURES and teacher is not None
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = None
@@ -146,6 +150,9 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         out = model(x)  # a distilled model in distilled training returns (class logits, distillation logits)
         if isinstance(out, tuple):
             return distill_loss(out[0].float(), t, y, cfg, student_dist=out[1].float())
+        if features:
+            return cfg.alpha * distill.feature_loss(s_feats["features"].float(), t_feats["features"].float()) \
+                + (1 - cfg.alpha) * F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
         loss = distill_loss(out.float(), t, y, cfg)
         if weight:  # MiniViT: the last block's relations as well
             loss = loss + cfg.attn_weight * distill.attention_relation_loss(
@@ -159,8 +166,9 @@ def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | Non
         model.set_distilled_training(True)
     model.to(device).train()
     captures = contextlib.ExitStack()  # MiniViT: hooks keep the last block's features; removed in the finally below
-    s_feats = captures.enter_context(distill.capture(model)) if weight else {}
-    t_feats = captures.enter_context(distill.capture(teacher)) if weight else {}  # type: ignore[arg-type]
+    hooks = distill.capture if weight else distill.capture_features if features else None
+    s_feats = captures.enter_context(hooks(model)) if hooks else {}
+    t_feats = captures.enter_context(hooks(teacher)) if hooks else {}  # type: ignore[arg-type]
     try:
         loss, seconds = fit(model, data.loader(cfg.batch_size, shuffle=True, seed=cfg.seed), loss_fn, cfg, device,
                             params=trainable, progress=progress, desc="recover")

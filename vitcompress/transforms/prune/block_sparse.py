@@ -57,6 +57,9 @@ class BlockSparseConfig(Config):
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if not self.layers:
             raise ConfigError("no layers to sparsify")
+        if self.criterion == Criterion.OUTPUT:
+            raise ConfigError("criterion 'output' ranks heads and MLP channels (prune); block sparsity takes "
+                              "magnitude, taylor or hessian")
 
     @property
     def needs_calibration(self) -> bool:

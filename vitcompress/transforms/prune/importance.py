@@ -6,7 +6,11 @@ weight tile):
 - magnitude: ``w**2`` (the group's squared L2 norm; needs no data);
 - taylor: ``w * g`` summed over the group per calibration batch, then squared (Molchanov et al. 2019);
 - hessian: ``(w * g)**2`` per micro-batch, summed: ``w**2 * E[g**2]``, the OBD saliency with the Fisher as
-  the Hessian diagonal.
+  the Hessian diagonal;
+- output: the energy a structure adds to the residual stream, ``E||gamma * W_out[:, s] h_s||^2`` over the
+  calibration tokens, divided by the stream's own energy ``E||x||^2`` at that block (:func:`output_scores`).
+  LayerScale's ``gamma`` is in it, and the division makes blocks comparable in a global ranking without the
+  per-layer normalisation the weight-only criteria need (DINOv2's stream grows ~10x with depth).
 
 Gradients come from the cross-entropy on the calibration labels (the model's own predictions where
 there are none). Scores are float32 tensors on the CPU.
@@ -33,6 +37,12 @@ class Criterion(StrEnum):
     MAGNITUDE = "magnitude"
     TAYLOR = "taylor"
     HESSIAN = "hessian"
+    OUTPUT = "output"
+
+    @property
+    def layer_normalized(self) -> bool:
+        """Whether a global ranking divides each layer's scores by their mean (scores not comparable across layers)."""
+        return self != Criterion.OUTPUT
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -130,16 +140,65 @@ def scores(model: nn.Module, criterion: Criterion, score_fn: Callable[[Term], di
     return {k: v.cpu() for k, v in total.items()}
 
 
+def _gamma(blk: nn.Module, name: str, width: int) -> torch.Tensor:
+    """LayerScale's per-channel gain [C] of a block's ``ls1`` / ``ls2`` (ones where there is none)."""
+    g = getattr(getattr(blk, name, None), "gamma", None)
+    return g.detach().float() if g is not None else torch.ones(width)
+
+
+def output_scores(blocks: list[nn.Module], run: Callable[[list[tuple[nn.Module, Callable[..., None]]]], int],
+                  heads: bool, mlp: bool) -> dict[str, torch.Tensor]:
+    """The ``output`` criterion: per head ``h{i}`` [H] and per MLP channel ``m{i}`` [hidden] of block i,
+    ``sum over tokens ||gamma * (W_out[:, s] @ a_s)||^2 / sum over tokens ||x_i||^2``.
+
+    a_s: a head's output [tokens, d] (the input of ``attn.proj``, exact per head) or one hidden channel [tokens]
+    (the input of ``fc2``; cross-channel terms are left out, as in Wanda's per-weight score). ``run(pre_hooks)``
+    forwards the calibration images with the hooks in place (``layers.run_calibration``).
+    """
+    acc: dict[str, torch.Tensor] = {}
+
+    def add(key: str, v: torch.Tensor) -> None:
+        acc[key] = acc[key] + v if key in acc else v
+
+    def on_block(i: int) -> Callable[..., None]:
+        return lambda _m, args: add(f"x{i}", args[0].detach().float().pow(2).sum())
+
+    def on_proj(i: int, blk: nn.Module) -> Callable[..., None]:
+        attn = blk.attn
+        w = attn.proj.weight.detach().float() * _gamma(blk, "ls1", attn.proj.out_features)[:, None]
+        w = w.reshape(w.shape[0], attn.num_heads, attn.head_dim)  # [C, H, d]
+
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            o = args[0].detach().float().reshape(-1, attn.num_heads, attn.head_dim)  # [tokens, H, d]
+            add(f"h{i}", torch.einsum("nhd,chd->nhc", o, w).pow(2).sum((0, 2)))
+        return hook
+
+    def on_fc2(i: int, blk: nn.Module) -> Callable[..., None]:
+        fc2 = blk.mlp.fc2
+        col = (fc2.weight.detach().float() * _gamma(blk, "ls2", fc2.out_features)[:, None]).pow(2).sum(0)  # [hidden]
+        return lambda _m, args: add(f"m{i}", args[0].detach().float().pow(2).reshape(-1, col.numel()).sum(0) * col)
+
+    hooks: list[tuple[nn.Module, Callable[..., None]]] = []
+    for i, blk in enumerate(blocks):
+        hooks.append((blk, on_block(i)))
+        if heads:
+            hooks.append((blk.attn.proj, on_proj(i, blk)))
+        if mlp:
+            hooks.append((blk.mlp.fc2, on_fc2(i, blk)))
+    run(hooks)
+    return {k: (v / acc[f"x{k[1:]}"].clamp_min(1e-30)).cpu() for k, v in acc.items() if k[0] != "x"}
+
+
 def normalized(score: torch.Tensor) -> torch.Tensor:
     """Scores divided by their layer mean, so layers compete on relative importance in a global ranking."""
     return score / score.mean().clamp_min(1e-30)
 
 
-def global_keep(scores: list[torch.Tensor], frac: float) -> list[torch.Tensor]:
+def global_keep(scores: list[torch.Tensor], frac: float, layer_normalized: bool = True) -> list[torch.Tensor]:
     """Boolean keep-masks (one per score tensor, same shape) that drop exactly ``round(frac * total)`` entries:
-    the lowest layer-normalized scores, ties broken by position (a threshold would drop every tied entry,
+    the lowest (layer-normalized) scores, ties broken by position (a threshold would drop every tied entry,
     e.g. all the zero Taylor scores)."""
-    flat = torch.cat([normalized(s).flatten() for s in scores])
+    flat = torch.cat([(normalized(s) if layer_normalized else s).flatten() for s in scores])
     n_drop = round(frac * len(flat))
     keep = torch.ones(len(flat), dtype=torch.bool)
     keep[torch.sort(flat, stable=True).indices[:n_drop]] = False

@@ -15,6 +15,7 @@ their mean. MLP widths are rounded to multiples of ``round_to`` (8); every layer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -23,9 +24,11 @@ from torch import nn
 
 from ...config import Config, StrEnum
 from ...errors import ConfigError
+from ..layers import run_calibration
 from ..registry import TransformContext, register_transform
 from . import importance as imp
 from .importance import Criterion
+from .refit import refit_
 
 
 class Scope(StrEnum):
@@ -35,30 +38,37 @@ class Scope(StrEnum):
 
 @dataclasses.dataclass
 class PruneConfig(Config):
-    """heads / mlp: the fraction of attention heads / MLP hidden channels removed, in [0, 1)."""
+    """heads / mlp: the fraction of attention heads / MLP hidden channels removed, in [0, 1).
+
+    criterion: how structures are ranked (:mod:`.importance`); refit: afterwards, refit each block's ``attn.proj``
+    and ``fc2`` by least squares on ``refit_size`` calibration images so the stream follows the dense model's
+    (:mod:`.refit`; no training)."""
 
     NAME = "prune"
 
     FAMILY = "prune"
-    VERSION = 1
+    VERSION = 2  # 2: criterion output, refit, refit_size (v1 dicts read as they were)
     heads: float = 0.0
     mlp: float = 0.0
     criterion: Criterion = Criterion.MAGNITUDE
     scope: Scope = Scope.GLOBAL
     round_to: int = 8
     calib_size: int = 32
+    refit: bool = False
+    refit_size: int = 128
 
     def validate(self) -> None:
         for name in ("heads", "mlp"):
             f = getattr(self, name)
             if not 0 <= f < 1:
                 raise ConfigError(f"--{name} is the fraction removed and must be in [0, 1), got {f}")
-        if self.round_to < 1 or self.calib_size < 1:
-            raise ConfigError(f"round_to and calib_size must be >= 1 (got {self.round_to}, {self.calib_size})")
+        if self.round_to < 1 or self.calib_size < 1 or self.refit_size < 1:
+            raise ConfigError(f"round_to, calib_size and refit_size must be >= 1 (got {self.round_to}, "
+                              f"{self.calib_size}, {self.refit_size})")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion != Criterion.MAGNITUDE and (self.heads > 0 or self.mlp > 0)
+        return (self.criterion != Criterion.MAGNITUDE or self.refit) and (self.heads > 0 or self.mlp > 0)
 
 
 # ---------------------------------------------------------------------------------------------- surgery
@@ -110,14 +120,15 @@ def _round(n: float, to: int, hi: int) -> int:
     return int(min(hi, max(to, round(n / to) * to)))
 
 
-def keep_heads(scores: list[torch.Tensor], frac: float, scope: Scope) -> list[list[int]]:
-    """Head indices each layer keeps. scores: per layer [H_l]."""
+def keep_heads(scores: list[torch.Tensor], frac: float, scope: Scope, layer_normalized: bool = True
+               ) -> list[list[int]]:
+    """Head indices each layer keeps. scores: per layer [H_l]. A global ranking keeps >= 1 head a layer."""
     if frac == 0:
         return [list(range(len(s))) for s in scores]
     if scope == Scope.PER_LAYER:
         counts = [len(s) - round(frac * len(s)) for s in scores]
     else:
-        counts = [int(m.sum()) for m in imp.global_keep(scores, frac)]
+        counts = [max(1, int(m.sum())) for m in imp.global_keep(scores, frac, layer_normalized)]
     out = []
     for i, (s, n) in enumerate(zip(scores, counts)):
         if n < 1:
@@ -126,14 +137,15 @@ def keep_heads(scores: list[torch.Tensor], frac: float, scope: Scope) -> list[li
     return out
 
 
-def keep_channels(scores: list[torch.Tensor], frac: float, scope: Scope, round_to: int) -> list[list[int]]:
+def keep_channels(scores: list[torch.Tensor], frac: float, scope: Scope, round_to: int,
+                  layer_normalized: bool = True) -> list[list[int]]:
     """MLP hidden channels each layer keeps (counts rounded to ``round_to``). scores: per layer [hidden_l]."""
     if frac == 0:
         return [list(range(len(s))) for s in scores]
     if scope == Scope.PER_LAYER:
         counts = [(1 - frac) * len(s) for s in scores]
     else:
-        counts = [float(m.sum()) for m in imp.global_keep(scores, frac)]
+        counts = [float(m.sum()) for m in imp.global_keep(scores, frac, layer_normalized)]
     out = []
     for s, n in zip(scores, counts):
         k = _round(n, round_to, len(s)) if len(s) >= round_to else len(s)
@@ -175,10 +187,18 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
                 out[f"m{i}"] = imp.mlp_scores(b.mlp, term)
         return out
 
-    sc = imp.scores(model, cfg.criterion, score_fn, ctx.calib, cfg.calib_size)
-    n = len(blocks)
-    heads = keep_heads([sc[f"h{i}"] for i in range(n)], cfg.heads, cfg.scope) if cfg.heads > 0 else None
-    mlp = keep_channels([sc[f"m{i}"] for i in range(n)], cfg.mlp, cfg.scope, cfg.round_to) if cfg.mlp > 0 else None
+    if cfg.criterion == Criterion.OUTPUT:
+        if ctx.calib is None:
+            raise ConfigError("criterion 'output' needs calibration images (--calib-data)")
+        sc = imp.output_scores(blocks, lambda hooks: run_calibration(model, ctx.calib, cfg.calib_size, hooks),
+                               cfg.heads > 0, cfg.mlp > 0)
+    else:
+        sc = imp.scores(model, cfg.criterion, score_fn, ctx.calib, cfg.calib_size)
+    n, norm = len(blocks), cfg.criterion.layer_normalized
+    heads = keep_heads([sc[f"h{i}"] for i in range(n)], cfg.heads, cfg.scope, norm) if cfg.heads > 0 else None
+    mlp = (keep_channels([sc[f"m{i}"] for i in range(n)], cfg.mlp, cfg.scope, cfg.round_to, norm)
+           if cfg.mlp > 0 else None)
+    dense = copy.deepcopy(model) if cfg.refit else None
     before = sum(p.numel() for p in model.parameters())
     for i, b in enumerate(blocks):
         if heads is not None:
@@ -186,5 +206,10 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
         if mlp is not None:
             prune_mlp_(b.mlp, mlp[i])
     after = sum(p.numel() for p in model.parameters())
-    return {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks],
-            "params_before": before, "params_after": after, "params_fraction": round(after / before, 4)}
+    state = {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks],
+             "params_before": before, "params_after": after, "params_fraction": round(after / before, 4)}
+    if dense is not None:
+        if ctx.calib is None:
+            raise ConfigError("refit needs calibration images (--calib-data)")
+        state.update(refit_(dense, model, ctx.calib, cfg.refit_size))
+    return state
