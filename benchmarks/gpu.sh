@@ -13,7 +13,7 @@
 # bug fail here instead of on the lent GPU, whose minutes do not come back.
 #
 # `headline` always runs first: it measures this GPU's GEMM table (python -m vitcompress.kernels.tune, into
-# tuned/<arch>.json: commit it to kernels/tuned/), then times ViT-B/16 at batch 1 / 64 / 256, eager and compiled
+# tuned/<arch>.json: commit it to vitcompress/kernels/tuned/), then times ViT-B/16 at batch 1 / 64 / 256, eager and compiled
 # dense against every deployable method and the best stacks, compiled (benchmarks/headline.py), with the CIFAR-10
 # accuracy that the CPU measured beforehand (results/headline/cifar10). Its compiles run in HEADLINE_JOBS (6)
 # worker processes first, sharing one Inductor cache.

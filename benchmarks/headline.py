@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {**run_context(device), "arch": args.arch, "img_size": args.img_size,
                            "batch_sizes": sizes, "dtype": args.dtype,
                            "dense_compile_mode": args.dense_mode, "compile_mode": "default",
-                           "gemm_table": os.environ.get("VITCOMPRESS_GEMM_TABLE", "kernels/tuned/<arch>.json"),
+                           "gemm_table": os.environ.get("VITCOMPRESS_GEMM_TABLE",
+                                                        "vitcompress/kernels/tuned/<arch>.json"),
                            "command": "python -m benchmarks.headline " + " ".join(sys.argv[1:]),
                            "accuracy_source": str(args.accuracy) if args.accuracy else None,
                            "accuracy": accuracy_of(args.accuracy), "dense": {}, "rows": {}}

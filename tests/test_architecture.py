@@ -27,7 +27,7 @@ LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for base, pkg in ((ROOT / "vitcompress", "vitcompress"), (ROOT / "kernels", "vitcompress.kernels")):
+    for base, pkg in ((ROOT / "vitcompress", "vitcompress"),):
         for f in base.rglob("*.py"):
             parts = list(f.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__" and len(parts) > 1:

@@ -3,12 +3,12 @@
 import importlib as _importlib
 import os as _os
 
-# Installed, kernels/ and recipes/ ship as vitcompress.kernels and vitcompress.recipes (pyproject's package-dir).
-# Run from a source checkout that is not installed (e.g. `python -m benchmarks.kernels` on a machine
-# whose Python has no registry access), the same names resolve to the folders beside this package.
+# Installed, the checkout's recipes/ (where users' commands name them) ships as vitcompress.recipes (pyproject's
+# package-dir). Run from a source checkout that is not installed (the GPU runbook on a device's own Python), the
+# same name resolves to the folder beside this package.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and \
-        _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
+if not _os.path.isdir(_os.path.join(__path__[0], "recipes")) and \
+        _os.path.isfile(_os.path.join(_root, "recipes", "__init__.py")):
     __path__.append(_root)
 
 from ._version import __version__  # noqa: E402

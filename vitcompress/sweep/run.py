@@ -326,12 +326,11 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
     cfg = recipe if isinstance(recipe, SweepConfig) else load_sweep(recipe, variables, overrides)
     out = Path(out)
     points = expand(cfg)
-    if only:
-        unknown = [o for o in only if not any(p.name.startswith(o) for p in points)]
-        if unknown:
-            raise ConfigError(f"--only: no point of the recipe is named {', '.join(map(repr, unknown))}")
-        anchors = 1 + len(cfg.dense)  # the base and the dense baselines: every ratio is read against them
-        points = [p for k, p in enumerate(points) if k < anchors or any(p.name.startswith(o) for o in only)]
+    anchors = 1 + len(cfg.dense)  # the base and the dense baselines always run: every ratio is read against them
+    chosen = [k < anchors or not only or any(p.name.startswith(o) for o in only) for k, p in enumerate(points)]
+    unknown = [o for o in only or [] if not any(p.name.startswith(o) for p in points)]
+    if unknown:
+        raise ConfigError(f"--only: no point of the recipe is named {', '.join(map(repr, unknown))}")
     if shard[0] != 0:
         distributed.barrier()  # rank 0 trains or loads the base first, so the cache is filled once
     base, base_key = resolve_base(cfg, progress=progress, log=log)
@@ -343,9 +342,10 @@ def run_sweep(recipe: str | Path | dict[str, Any] | SweepConfig, out: str | Path
         atomic_write_json(out / "sweep.json", {"config": cfg.to_dict(), "base_key": base_key, "command": command,
                                                "points": [{"id": i, "name": p.name, "family": p.family}
                                                           for i, p in zip(ids, points)]})
-    todo = [(i, p) for k, (i, p) in enumerate(zip(ids, points))
-            if k % shard[1] == shard[0] and not point_finished(pdir / f"{i}.json")]
-    log(f"sweep: {len(points)} points, {len(points) - len(todo)} finished or on other ranks, {len(todo)} to run")
+    todo = [(i, p) for k, (i, p) in enumerate(zip(ids, points))  # the report keeps every finished point
+            if chosen[k] and k % shard[1] == shard[0] and not point_finished(pdir / f"{i}.json")]
+    log(f"sweep: {len(points)} points, {len(points) - len(todo)} finished, on other ranks"
+        f"{' or not chosen by --only' if only else ''}, {len(todo)} to run")
     records: list[dict[str, Any]] = []
     if todo:
         with distributed.local():  # each rank evaluates its own points alone

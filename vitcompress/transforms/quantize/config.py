@@ -162,8 +162,9 @@ class QuantConfig(Config):
                 raise ConfigError("dense_fallback chooses between a W8A8 GEMM and bf16: it needs --mode deploy with "
                                   "int8 or fp8 W8A8")
             if table_for(self.dense_fallback) is None:
-                raise ConfigError(f"no GEMM table for '{self.dense_fallback}' (kernels/tuned/{self.dense_fallback}"
-                                  ".json): measure one on that GPU with python -m vitcompress.kernels.tune")
+                raise ConfigError(f"no GEMM table for '{self.dense_fallback}' (vitcompress/kernels/tuned/"
+                                  f"{self.dense_fallback}.json): measure one on that GPU with python -m "
+                                  "vitcompress.kernels.tune")
             if self.dense_fallback_rows < 1:
                 raise ConfigError(f"dense_fallback_rows must be >= 1, got {self.dense_fallback_rows}")
         if not 0 <= self.smooth_alpha <= 1:

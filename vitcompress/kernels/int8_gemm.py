@@ -67,7 +67,7 @@ def layernorm_quantize_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 # ---------------------------------------------------------------------------------------------- configs
 # Pruned to four (from eight) so that a cold cache autotunes each shape in seconds: the tile families that span the
 # M range of a ViT (a 128 x 256 tile for large M, 64-row tiles for batch 1); the per-shape choice between this
-# kernel and torch._int_mm is the GEMM table's (kernels/tuned), not run-time autotuning's.
+# kernel and torch._int_mm is the GEMM table's (tuned/), not run-time autotuning's.
 GEMM_CONFIGS = [  # Hopper-sized tiles first; 8-bit operands want B column-major (K contiguous): see Int8Linear
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},

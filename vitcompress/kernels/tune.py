@@ -1,6 +1,6 @@
 """Measure the per-shape GEMM table that ``backend="auto"`` reads (:mod:`.tuned`) on this GPU.
 
-    python -m vitcompress.kernels.tune --out kernels/tuned/sm90.json          # on the GPU (the runbook does it)
+    python -m vitcompress.kernels.tune --out vitcompress/kernels/tuned/sm90.json  # on the GPU (the runbook does)
     python -m vitcompress.kernels.tune --seed-from kernels.json --out T.json   # from a kernel benchmark's JSON
 
 For each quantized GEMM shape (ViT-B and its pruned widths) and each row count M (batch x tokens at batch 1, 64
