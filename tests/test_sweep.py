@@ -139,6 +139,8 @@ def test_set_replaces_recipe_fields_and_only_runs_the_named_points(cli, trained_
     assert rc == 0, err
     ran = sorted(json.loads(f.read_text())["name"] for f in (tmp_path / "s" / "points").glob("*.json"))
     assert ran == ["base (uncompressed)", "tome"]
+    listed = [p["name"] for p in json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]]
+    assert len(listed) == 7 and "w8a8" in listed  # a later report still shows every finished point
     for bad, msg in ((["--set", "bench"], "KEY=VALUE"), (["--only", "nope"], "no point of the recipe is named 'nope'"),
                      (["--set", "bench.repeat=[1"], "not YAML")):
         rc, _, err = cli("sweep", recipe, "--out", tmp_path / "t", *bad)
