@@ -288,3 +288,21 @@ def test_a_resumed_sweep_reads_the_base_logits_it_kept(trained_artifact, tmp_pat
     recipe["sweep"]["points"] = _recipe(trained_artifact)["sweep"]["points"][:2]
     run_sweep(recipe, out, log=lambda m: None)
     assert len(list((out / "points").glob("*.json"))) == 3
+
+
+def test_the_mean_weight_width_of_a_stack_of_quantize_steps_weights_each_layer_by_its_size():
+    """W6 everywhere but fc2, then fc2 at W8: the report's width is the parameter-weighted mean, not the last step's."""
+    from conftest import TINY
+
+    from vitcompress import apply_stack, create_model
+    from vitcompress.pipeline import Calibration
+    from vitcompress.sweep.run import mean_weight_bits
+
+    m = create_model("vit_tiny_patch16_224", **TINY)
+    apply_stack(m, [{"name": "quantize", "w_bits": 6, "a_bits": 6, "exclude": ["fc2"]},
+                    {"name": "quantize", "w_bits": 8, "a_bits": 8, "layers": ["fc2"]}], calib=Calibration("digits", 8))
+    six, eight = 64 * 192 + 64 * 64 + 64 * 256, 256 * 64  # qkv, proj, fc1 | fc2, per block
+    assert mean_weight_bits(m) == round((6 * six + 8 * eight) / (six + eight), 2)
+    single = create_model("vit_tiny_patch16_224", **TINY)
+    apply_stack(single, [{"name": "quantize", "w_bits": 4, "a_bits": 8}], calib=Calibration("digits", 8))
+    assert mean_weight_bits(single) is None  # one step: its own w_bits is exact

@@ -43,6 +43,7 @@ from ..provenance import run_context
 from ..report import write_report
 from ..robustness import AttackConfig, AttackSource, attack_eval
 from ..train import baseline
+from ..transforms import config_from_dict
 from ..ui import progress_bar, resumable
 from .config import Point, SweepConfig, SweepRuntime, expand, load_sweep, point_id
 
@@ -175,6 +176,9 @@ class SweepContext:
         if cfg.speed:
             out.update(self.speed(fast, bench))
         out["random_weights"] = bool(model_info(self.base).provenance.get("random_weights"))
+        bits = mean_weight_bits(built)
+        if bits is not None:  # several quantize steps over different layers: the mean the model really has
+            out["report"] = {**point.report, "w_bits": bits}
         out["transforms"] = [{k: v for k, v in t.items() if k != "state"} for t in built.vitcompress_info.transforms]
         out["recovery_record"] = built.vitcompress_info.provenance.get("recovery")
         out["training_record"] = built.vitcompress_info.provenance.get("learned_merge")
@@ -290,6 +294,27 @@ def _run_points(ctx: SweepContext, todo: list[tuple[str, Point]], pdir: Path, pr
                 if ours:
                     records.append(run_point(ctx, pid, p, pdir, log, tick))
     return records
+
+
+def mean_weight_bits(model: nn.Module) -> float | None:
+    """The parameter-weighted mean weight width over the layers that steps reporting ``w_bits`` recorded in their
+    state (``layers``), a later step overriding an earlier one on the same layer, and 32 for the rest of the blocks'
+    Linear layers; None unless at least two such steps ran (one step's own ``w_bits`` is already exact)."""
+    widths: dict[str, float] = {}
+    steps = 0
+    for t in model_info(model).transforms:
+        w = config_from_dict({"name": t["name"], **t.get("config", {})}).report_fields().get("w_bits")
+        layers = (t.get("state") or {}).get("layers")
+        if w and layers:
+            steps += 1
+            widths.update(dict.fromkeys(layers, float(w)))
+    if steps < 2:
+        return None
+    sizes = {n: m.in_features * m.out_features for n, m in model.named_modules()
+             if n in widths or (isinstance(m, nn.Linear) and n.startswith("blocks.")
+                                and not any(n.startswith(q + ".") for q in widths))}
+    total = sum(sizes.values()) or 1
+    return round(sum(sizes[n] * widths.get(n, 32.0) for n in sizes) / total, 2)
 
 
 def run_point(ctx: SweepContext, pid: str, p: Point, pdir: Path, log, tick) -> dict[str, Any]:
