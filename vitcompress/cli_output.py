@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .report import timed
+
 
 def fmt(v: Any) -> str:
     """A number as a table cell: 4 significant digits, thousands separators for large values."""
@@ -84,12 +86,12 @@ def print_fronts(sweep_dir: Path) -> None:
     base = next((r for r in res["rows"] if r["family"] == "base"), None)
     if base is not None and metric and base.get("accuracy") is not None:
         table["base"] = f"{metric} {base['accuracy']:.2f}"
-    timed = bool(res.get("batch_sizes"))
+    is_timed = timed(res)
     best = (res.get("best_dense") or {}).get(str(res["reference_batch"]), "—")
-    for name in res["front_latency"] if timed else res.get("front_gflops") or []:
+    for name in res["front_latency"] if is_timed else res.get("front_gflops") or []:
         r = rows[name]
         where = (f"{r['vs_best_dense']:.2f}x the fastest dense ({best}) at b{res['reference_batch']}"
-                 if timed and r.get("vs_best_dense") is not None else f"{r['gflops']:.3f} GFLOPs")
+                 if is_timed and r.get("vs_best_dense") is not None else f"{r['gflops']:.3f} GFLOPs")
         acc = "" if r["accuracy"] is None else f"{metric} {r['accuracy']:.2f} ({r['delta']:+.2f}), "
         table[f"★ {name}"] = f"{acc}{where}, {r['kind']}"
     if res["failed"]:

@@ -233,7 +233,7 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
              + "".join(f", {k} {versions[k]}" for k in ("onnxruntime", "openvino", "nncf") if versions.get(k))
              + f"; {ctx.get('date')}.", *([f"Command: `{command}`", ""] if command else []),
              (f"Accuracy axis: `{res['accuracy_metric']}`. " if res["accuracy_metric"] else "Speed only. ")
-             + ("Accuracy only: no point was timed." if not res.get("batch_sizes") else
+             + ("Accuracy only: no point was timed." if not timed(res) else
                 f"Each point is timed alternately with the anchor ({res.get('anchor') or 'the base in torch'}) in one "
                 f"process at batch {ref} "
              "(median); latency = the sweep's median anchor latency / the point's speed-up over it, which removes "
@@ -241,7 +241,7 @@ def markdown(res: dict[str, Any], title: str = "vitcompress sweep", command: str
              f"fastest dense row of this table (at b{ref}: {best.get(str(ref), '—')}), whatever runtime that is.")
              + (f" Latency, size and GFLOPs are measured on `{res['speed_model']['model']}` with the same stack "
                 "(random weights)." if res.get("speed_model") else ""),
-             f"★ = on the accuracy-vs-{'latency' if res.get('batch_sizes') else 'GFLOPs'} front, ◆ = on the "
+             f"★ = on the accuracy-vs-{'latency' if timed(res) else 'GFLOPs'} front, ◆ = on the "
              "accuracy-vs-size front. *accuracy-only* points "
              "simulate (fake-quantize) and run in floating point: their latency is not a deployment figure.", ""]
     if not res["rows"]:
@@ -355,12 +355,12 @@ def plot(res: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = _timed(res)
+    on_latency = _latency_axis(res)
     rows = [{**r, "n": n} for n, r in enumerate((r for r in res["rows"] if r["accuracy"] is not None
-                                                 and (r["latency_ms"] is not None or not timed)), 1)]
+                                                 and (r["latency_ms"] is not None or not on_latency)), 1)]
     lat = f"latency at batch {res['reference_batch']} (ms, lower is better)"
     acc = f"{res['accuracy_metric']} (%, higher is better)"
-    first = ("latency_ms", "accuracy", "front_latency", lat, acc) if timed else \
+    first = ("latency_ms", "accuracy", "front_latency", lat, acc) if on_latency else \
         ("gflops", "accuracy", "front_gflops", "GFLOPs per image (lower is better; FLOPs are not speed)", acc)
     panels = [first, ("size_mb", "accuracy", "front_size", "size on disk (MiB, lower is better)", acc)]
     if res.get("robust_axis"):
@@ -374,18 +374,18 @@ def plot(res: dict[str, Any]) -> bytes:
     key_ax = all_axes[-1]
     key_ax.axis("off")
     # the key shows report.md's numbers: x the fastest dense row (not the raw ratio over the anchor)
-    speed = [f"{r['vs_best_dense']:5.2f}x" if timed else f"{r['gflops']:6.2f}" for r in rows]
+    speed = [f"{r['vs_best_dense']:5.2f}x" if on_latency else f"{r['gflops']:6.2f}" for r in rows]
     key_lines = [f"{r['n']:>2} {r['name'][:38]:<38} {r['accuracy']:6.2f} {sp:>6} {r['size_mb']:6.2f}"
                  + (" *" if r["kind"] != "deployable" else "") for r, sp in zip(rows, speed)]
     best = (res.get("best_dense") or {}).get(str(res["reference_batch"]), "—")
-    col = "x dense" if timed else "GFLOPs"
+    col = "x dense" if on_latency else "GFLOPs"
     key_ax.text(0.0, 0.5, "\n".join([f" # {'point':<38} {'acc %':>6} {col:>6} {'MiB':>6}", *key_lines, "",
                                      *([f"x dense: x the fastest dense row at b{res['reference_batch']} ({best})"]
-                                       if timed else []),
+                                       if on_latency else []),
                                      "* accuracy-only (simulated, not a deployment speed)"]),
                 fontsize=8.5, family="monospace", va="center", ha="left", transform=key_ax.transAxes)
     ctx = res["context"]
-    what = ("latency" if timed else "GFLOPs") + ", size" + (" and robustness" if res.get("robust_axis") else "")
+    what = ("latency" if on_latency else "GFLOPs") + ", size" + (" and robustness" if res.get("robust_axis") else "")
     fig.suptitle(f"{res['accuracy_metric']} vs {what}; bold: on the Pareto front — {ctx.get('device')}, "
                  f"{res['dtype']}, {str(ctx.get('date', ''))[:10]}")
     fig.tight_layout()
@@ -410,6 +410,11 @@ def write_report(out: str | Path, title: str | None = None) -> dict[str, Any]:
     return res
 
 
-def _timed(res: dict[str, Any]) -> bool:
-    """Whether any point with an accuracy was timed (else the picture plots accuracy against GFLOPs)."""
+def timed(res: dict[str, Any]) -> bool:
+    """Whether the sweep timed its points (its report and console summary then speak of latency, else of GFLOPs)."""
+    return bool(res.get("batch_sizes"))
+
+
+def _latency_axis(res: dict[str, Any]) -> bool:
+    """Whether the picture can plot accuracy against latency: a point has both (a speed-only sweep has none)."""
     return any(r["latency_ms"] is not None and r["accuracy"] is not None for r in res["rows"])
