@@ -306,3 +306,10 @@ def test_the_mean_weight_width_of_a_stack_of_quantize_steps_weights_each_layer_b
     single = create_model("vit_tiny_patch16_224", **TINY)
     apply_stack(single, [{"name": "quantize", "w_bits": 4, "a_bits": 8}], calib=Calibration("digits", 8))
     assert mean_weight_bits(single) is None  # one step: its own w_bits is exact
+
+
+def test_the_recorded_command_regenerates_the_table_without_only():
+    from vitcompress.cli import _sweep_command
+
+    argv = ["vitcompress", "sweep", "r.yaml", "--only", "W4A4 x", "--out", "o", "--only=ToMe", "--var", "a=b"]
+    assert _sweep_command(argv) == "vitcompress sweep r.yaml --out o --var a=b"

@@ -210,8 +210,7 @@ def sweep(
         rank, size = distributed.world()
         run_sweep(recipe, out, progress=rank == 0, log=lambda m: typer.echo(m, err=True),
                   report=not no_report, shard=(rank, size), variables=variables, overrides=overrides, only=only,
-                  command=shlex.join(["vitcompress", "sweep", *sys.argv[sys.argv.index("sweep") + 1:]])
-                  if "sweep" in sys.argv else None)
+                  command=_sweep_command(sys.argv))
     if not no_report and rank == 0:
         print_fronts(out)
 
@@ -226,6 +225,20 @@ def search(model: str = ModelArg, out: Path = SearchOutOpt, opts: dict[str, Any]
     cfg = SearchConfig(model=model, **(opts or {}))
     with distributed.session():  # under torchrun the ranks evaluate trials of the one study in parallel
         run_search(cfg, out, log=lambda m: typer.echo(m, err=True))
+
+
+def _sweep_command(argv: list[str]) -> str | None:
+    """The command that regenerates the sweep's table: the command line without ``--only`` (which chose what ran
+    now; the table holds every finished point, and the same command fills in the rest)."""
+    if "sweep" not in argv:
+        return None
+    args, rest = [], iter(argv[argv.index("sweep") + 1:])
+    for a in rest:
+        if a == "--only":
+            next(rest, None)
+        elif not a.startswith("--only="):
+            args.append(a)
+    return shlex.join(["vitcompress", "sweep", *args])
 
 
 def _setting(text: str) -> tuple[str, Any]:
