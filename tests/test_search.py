@@ -108,10 +108,17 @@ def test_an_option_may_be_a_sub_stack_with_the_searchs_data(tiny, tmp_path):
     assert stacks and stacks[0][0] == {"name": "minivit", "share": 2} and stacks[0][1]["data"] == "digits"
 
 
-def test_exported_targets_leave_out_what_a_file_cannot_hold():
+def test_exported_targets_leave_out_what_a_file_cannot_hold(tmp_path):
+    """The configs say what a file can hold (``exportable``); the search names no transform."""
     space = load_space().for_target(exported=True)
     assert all(o.get("a_granularity") != "per_token" for o in space.families["quant"])
     assert load_space().families["quant"] != space.families["quant"]
+    text = ("search:\n  token:\n    - {name: adaptive_tokens, target_flops: [0.5, 0.9]}\n"
+            "    - {name: learned_merge, method: ltmp, target_flops: [0.5, 0.9]}\n"
+            "    - {name: learned_merge, method: diffrate, target_flops: [0.5, 0.9]}\n"
+            "  quant:\n    - {name: quantize, w_bits: 4, a_bits: 8}\n    - {name: mixed_precision, mean_bits: 6}\n")
+    kept = load_space(_space(tmp_path, text)).for_target(exported=True).families
+    assert kept == {"token": [{"name": "learned_merge", "method": "diffrate", "target_flops": [0.5, 0.9]}]}
 
 
 @pytest.mark.parametrize("over,match", [

@@ -40,6 +40,12 @@ class Config:
         """Whether the model this config makes runs as deployed (False: it only simulates, e.g. fake quantization)."""
         return True
 
+    @property
+    def exportable(self) -> bool:
+        """Whether a file exported for ONNX Runtime / OpenVINO can hold what this step makes: a deployed model with
+        the same shapes for every image (the search leaves the rest out for those targets)."""
+        return self.deployable
+
     def report_fields(self) -> dict[str, Any]:
         """What reports show of this step besides accuracy and speed (e.g. ``w_bits``, the mean weight width)."""
         return {}

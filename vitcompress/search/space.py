@@ -10,11 +10,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..recipes import recipe_path
 from ..train import load_recipe
+from ..transforms import config_from_dict
 
 DEFAULT = "search_space"
-# steps a file exported for ONNX Runtime / OpenVINO cannot hold (per-image counts, per-token activations)
-NOT_EXPORTABLE = ({"name": "adaptive_tokens"}, {"name": "sparse_attention"}, {"name": "quantize", "mode": "simulate"},
-                  {"name": "quantize", "a_granularity": "per_token"}, {"name": "learned_merge", "method": "ltmp"})
 
 
 @dataclasses.dataclass
@@ -26,11 +24,11 @@ class SearchSpace:
     families: dict[str, list[Any]]
 
     def for_target(self, exported: bool) -> SearchSpace:
-        """The options a target can run: an exported file takes static, deployable steps only."""
+        """The options a target can run: an exported file takes the steps whose configs say they are ``exportable``
+        (static shapes, deployed layers)."""
         if not exported:
             return self
-        keep = {f: [o for o in opts if not any(_matches(s, bad) for s in _steps(o) for bad in NOT_EXPORTABLE)]
-                for f, opts in self.families.items()}
+        keep = {f: [o for o in opts if all(_exportable(s) for s in _steps(o))] for f, opts in self.families.items()}
         return SearchSpace({f: opts for f, opts in keep.items() if opts})
 
     def sample(self, trial: Any) -> list[dict[str, Any]]:
@@ -68,12 +66,13 @@ def _is_range(value: Any) -> bool:
                                                                for v in value)
 
 
-def _matches(option: dict[str, Any], pattern: dict[str, Any]) -> bool:
-    return all(option.get(k, _DEFAULTS.get((option.get("name"), k))) == v for k, v in pattern.items())
-
-
-_DEFAULTS = {("quantize", "mode"): "simulate", ("quantize", "a_granularity"): "per_tensor",
-             ("learned_merge", "method"): "ltmp"}
+def _exportable(step: dict[str, Any]) -> bool:
+    """What the step's config says, at its fixed settings with each range or choice at its first value (a choice
+    whose values differ in this should be two options)."""
+    try:
+        return config_from_dict({k: v[0] if isinstance(v, list) and v else v for k, v in step.items()}).exportable
+    except ConfigError as e:
+        raise ConfigError(f"search space option {step}: {e}") from None
 
 
 def load_space(path: str | Path | None = None) -> SearchSpace:

@@ -146,6 +146,10 @@ class QuantConfig(Config):
     def deployable(self) -> bool:
         return self.mode != Mode.SIMULATE  # simulate = fake quantization in floating point, an accuracy study
 
+    @property
+    def exportable(self) -> bool:
+        return self.deployable and self.a_granularity != ActGranularity.PER_TOKEN  # QDQ holds one scale per tensor
+
     def validate(self) -> None:
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)

@@ -48,6 +48,10 @@ class SparseAttentionConfig(Config):
     def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         return upgrade_backend(data, version, 2)
 
+    @property
+    def exportable(self) -> bool:
+        return False  # a block pattern chosen per image at run time
+
     def validate(self) -> None:
         if not 0 < self.density <= 1:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")

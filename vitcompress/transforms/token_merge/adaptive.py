@@ -73,6 +73,10 @@ class AdaptiveTokensConfig(Config):
     def needs_calibration(self) -> bool:
         return self.target_flops is not None
 
+    @property
+    def exportable(self) -> bool:
+        return False  # per-image token counts: no static graph holds them
+
     def validate(self) -> None:
         if self.backend == Backend.BNB:
             raise ConfigError("backend must be one of: auto, torch, triton (bnb is for quantized layers)")

@@ -96,6 +96,10 @@ class LearnedMergeConfig(Config):
                     "flops_weight": data.get("flops_weight", 50.0)}
         return data
 
+    @property
+    def exportable(self) -> bool:
+        return self.method not in (LearnedMethod.LTMP, LearnedMethod.LTM)  # thresholds: per-image counts
+
     def validate(self) -> None:
         if not 0 < self.target_flops <= 1:
             raise ConfigError(f"target_flops is a fraction of the base GFLOPs in (0, 1], got {self.target_flops}")
