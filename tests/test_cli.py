@@ -264,6 +264,11 @@ def test_long_steps_print_plain_progress_lines_when_stderr_is_not_a_terminal(cli
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if re.match(r"eval digits: \d+/\d+ \([\d.e+]+/s, \d+:\d\d elapsed", ln)]
     assert len(lines) >= 3 and "\x1b[" not in err, err
+    # recovery inside a stack (a prune --epochs run, a sweep point) shows its steps too, not only at the end
+    rc, _, err = cli("prune", trained_artifact, "--mlp", "0.5", "--epochs", "1", "--data", "digits",
+                     "--out", trained_artifact.parent / "pruned_progress")
+    assert rc == 0, err
+    assert re.search(r"recover epoch 1/1 loss [\d.]+: \d+/\d+ \(", err), err
 
 
 def test_the_sweep_summary_names_only_the_files_the_report_wrote(tmp_path, capsys, monkeypatch):

@@ -19,7 +19,7 @@ from torch import nn
 from .bench import Dtype
 from .config import Config
 from .errors import ConfigError, check_positive
-from .ui import progress_bar
+from .ui import progress_bar, progress_on
 
 
 @dataclasses.dataclass
@@ -79,7 +79,8 @@ def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
 
 
 def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: torch.device, *,
-        params: list[nn.Parameter] | None = None, progress: bool = False, desc: str = "train") -> tuple[float, float]:
+        params: list[nn.Parameter] | None = None, progress: bool | None = False, desc: str = "train",
+        ) -> tuple[float, float]:
     """Optimise ``loss_fn(x [B,3,H,W], y [B]) -> scalar`` over ``loader`` for ``cfg.epochs`` epochs.
 
     AdamW on ``params`` (default: all trainable; no weight decay on biases, norms and position embeddings),
@@ -99,6 +100,7 @@ def fit(model: nn.Module, loader: Any, loss_fn: Any, cfg: OptimConfig, device: t
     dtype = cfg.dtype.on(device)
     use_amp = dtype != Dtype.FP32
     t0, step, loss_avg = time.perf_counter(), 0, float("nan")
+    progress = progress_on(progress)  # None: the process's default (the CLI shows progress)
     with progress_bar(progress, steps, desc) as tick:
         for epoch in range(cfg.epochs):
             for x, y, _ in loader:

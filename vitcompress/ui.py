@@ -60,14 +60,17 @@ def show_progress(on: bool = True) -> None:
     _PROGRESS[0] = on
 
 
+def progress_on(enabled: bool | None = None) -> bool:
+    """``enabled``, or (None) the process's default (see :func:`show_progress`)."""
+    return _PROGRESS[0] if enabled is None else enabled
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool | None, total: int, label: str) -> Iterator[Callable[..., None]]:
     """Yield ``tick(advance=1, description=None)``. When ``enabled`` (None: the process's default, see
     :func:`show_progress`): a transient rich bar on stderr where stderr is a terminal, else a plain line every few
     seconds (what a log file or CI can read)."""
-    if enabled is None:
-        enabled = _PROGRESS[0]
-    if not enabled:
+    if not progress_on(enabled):
         yield lambda advance=1, description=None: None
         return
     if not sys.stderr.isatty():

@@ -110,7 +110,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: to
 
 
 def finetune_(model: nn.Module, cfg: RecoveryConfig, *, teacher: nn.Module | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place per ``cfg``; record ``provenance.recovery``. Returns its metrics.
 
     teacher: the uncompressed model; needed unless ``distill`` is none (:func:`vitcompress.pipeline.apply_stack`
