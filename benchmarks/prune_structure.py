@@ -24,7 +24,7 @@ from vitcompress.models import model_info
 from vitcompress.pipeline import Calibration, apply_stack, calibration_batches, create_model
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table, write_results
-from vitcompress.transforms.prune.refit import embed
+from vitcompress.transforms.layers import layer_scale, token_stream
 
 CRITERIA = ("magnitude", "output")
 
@@ -33,7 +33,7 @@ def stream_rms(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
     """The residual stream's RMS after each block on ``images`` [B,3,H,W]."""
     out = []
     with torch.no_grad():
-        x = embed(model, images)
+        x = token_stream(model, images)
         for blk in model.blocks:
             x = blk(x)
             out.append(round(float(x.pow(2).mean().sqrt()), 3))
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rms = stream_rms(base, images)
     rows = []
     for i, blk in enumerate(base.blocks):
-        g1, g2 = (float(getattr(blk, n).gamma.detach().abs().mean()) if hasattr(getattr(blk, n), "gamma") else 1.0
-                  for n in ("ls1", "ls2"))
+        g1, g2 = (float(g.abs().mean()) if (g := layer_scale(blk, n)) is not None else 1.0 for n in ("ls1", "ls2"))
         rows.append([i, round(g1, 4), round(g2, 4), rms[i],
                      *[v for c in CRITERIA for v in (states[c]["heads"][i], states[c]["mlp"][i])]])
     heads0, mlp0 = base.blocks[0].attn.num_heads, base.blocks[0].mlp.fc1.out_features

@@ -151,8 +151,10 @@ def test_impossible_prunes_are_clean_errors():
         compress_(_model(), PruneConfig(mlp=0.5, criterion="taylor"))
     for cfg in (PruneConfig(mlp=0.5, criterion="output"), PruneConfig(heads=0.5, refit=True)):
         assert cfg.needs_calibration
+        m = _model()
         with pytest.raises(ConfigError, match="calibration"):
-            compress_(_model(), cfg)
+            compress_(m, cfg)
+        assert [b.attn.num_heads for b in m.blocks] == [4, 4]  # refused before the in-place pruning
 
 
 def _silence(m, heads: int, channels: int) -> None:

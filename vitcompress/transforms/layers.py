@@ -106,3 +106,14 @@ def simulated_quantization(model: nn.Module) -> bool:
     their weights sit on a grid that training or re-sparsifying would silently break, and their activation
     quantizers live in the layers. Read from the layers themselves (``_vc_simulated_grid``), not from step names."""
     return any(getattr(m, "_vc_simulated_grid", False) for m in model.modules())
+
+
+def token_stream(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The token stream a timm ViT feeds its first block, from timm's own submodules: [B,3,H,W] -> [B,N,C]."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
+def layer_scale(block: nn.Module, name: str) -> torch.Tensor | None:
+    """LayerScale's per-channel gain [C] of a block's ``ls1`` / ``ls2``, detached; None where the block has none."""
+    gamma = getattr(getattr(block, name, None), "gamma", None)
+    return None if gamma is None else gamma.detach()

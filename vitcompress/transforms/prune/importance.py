@@ -27,7 +27,7 @@ from torch import nn
 
 from ...config import StrEnum
 from ...errors import ConfigError
-from ..layers import calib_batches
+from ..layers import calib_batches, layer_scale
 
 Term = Callable[[nn.Parameter], torch.Tensor]
 HESSIAN_MICRO_BATCH = 4
@@ -141,9 +141,9 @@ def scores(model: nn.Module, criterion: Criterion, score_fn: Callable[[Term], di
 
 
 def _gamma(blk: nn.Module, name: str, width: int) -> torch.Tensor:
-    """LayerScale's per-channel gain [C] of a block's ``ls1`` / ``ls2`` (ones where there is none)."""
-    g = getattr(getattr(blk, name, None), "gamma", None)
-    return g.detach().float() if g is not None else torch.ones(width)
+    """LayerScale's gain [C] of ``ls1`` / ``ls2`` in float32 (ones where the block has none)."""
+    g = layer_scale(blk, name)
+    return g.float() if g is not None else torch.ones(width)
 
 
 def output_scores(blocks: list[nn.Module], run: Callable[[list[tuple[nn.Module, Callable[..., None]]]], int],

@@ -25,33 +25,29 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..layers import calib_batches
+from ..layers import calib_batches, layer_scale, token_stream
 
 DAMP = 0.01
 CHUNK = 16  # images a sub-layer runs at once (the streams of every calibration image stay in memory)
-
-
-def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The token stream a timm ViT feeds its first block: [B,3,H,W] -> [B,N,C]."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
 
 def _gain(blk: nn.Module, name: str) -> torch.Tensor | None:
     """LayerScale's gamma [C] in float64, kept away from 0. Each output channel is its own least-squares problem,
     so fitting ``T / gamma`` has the same solution as fitting ``T`` through ``gamma`` (its weight gamma_c^2 is
     common to the whole channel)."""
-    g = getattr(getattr(blk, name, None), "gamma", None)
+    g = layer_scale(blk, name)
     if g is None:
         return None
-    g = g.detach().double()
+    g = g.double()
     return torch.where(g >= 0, g.clamp_min(1e-12), g.clamp_max(-1e-12))
 
 
-def _check(dense: nn.Module, pruned: nn.Module) -> None:
-    for i, (d, p) in enumerate(zip(dense.blocks, pruned.blocks)):
-        parts = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
-        if not all(hasattr(d, n) and hasattr(p, n) for n in parts) or hasattr(d, "norm3"):
-            raise ConfigError(f"refit: block {i} ({type(d).__name__}) is not a pre-norm timm Block "
+def check_refittable(model: nn.Module) -> None:
+    """Refuse a model whose blocks are not pre-norm timm Blocks (what :func:`_branch` computes)."""
+    parts = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
+    for i, blk in enumerate(model.blocks):
+        if not all(hasattr(blk, n) for n in parts) or hasattr(blk, "norm3"):
+            raise ConfigError(f"refit: block {i} ({type(blk).__name__}) is not a pre-norm timm Block "
                               "(norm1 -> attn -> ls1, norm2 -> mlp -> ls2)")
 
 
@@ -93,17 +89,18 @@ def _branch(blk: nn.Module, names: tuple[str, str, str], x: torch.Tensor) -> tor
 
 @torch.no_grad()
 def refit_(dense: nn.Module, pruned: nn.Module, calib: Iterable[Any], calib_size: int) -> dict[str, Any]:
-    """Refit ``pruned``'s ``attn.proj`` and ``mlp.fc2`` in every block, in place (see the module docstring).
+    """Refit ``pruned``'s ``attn.proj`` and ``mlp.fc2`` in every block, in place (see the module docstring); its
+    blocks must pass :func:`check_refittable`.
 
-    dense: the model before pruning (not modified). Returns the relative stream error (||X_p - X_d|| / ||X_d||) after
-    the last block, before and after the refit, on the calibration images.
+    dense: the model before pruning (not modified). Returns the relative error of the last block's output after the
+    final norm (||X_p - X_d|| / ||X_d||), before and after the refit, on the calibration images: read from the
+    streams the refit computes anyway (the pruned model runs once more, for "before").
     """
-    _check(dense, pruned)
     device = next(pruned.parameters()).device
     images = torch.cat([x for x, _ in calib_batches(calib, calib_size, device)])
-    xd = [embed(dense, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
-    xp = [embed(pruned, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
-    before = _stream_error(dense, pruned, images)
+    xd = [token_stream(dense, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
+    xp = [token_stream(pruned, images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
+    unfitted = [pruned.forward_features(images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]
     for bd, bp in zip(dense.blocks, pruned.blocks):
         for names, proj in ((("norm1", "attn", "ls1"), bp.attn.proj), (("norm2", "mlp", "ls2"), bp.mlp.fc2)):
             eq, gain, seen = _Normal(), _gain(bp, names[2]), []
@@ -118,16 +115,13 @@ def refit_(dense: nn.Module, pruned: nn.Module, calib: Iterable[Any], calib_size
                 hook.remove()
             eq.solve(proj)
             xp = [p + _branch(bp, names, p) for p in xp]
-    return {"refit_images": len(images), "stream_error_before": round(before, 4),
-            "stream_error_after": round(_stream_error(dense, pruned, images), 4)}
+    out_d = [dense.norm(d) for d in xd]  # forward_features: the blocks, then the final norm
+    return {"refit_images": len(images), "stream_error_before": round(_relative_error(unfitted, out_d), 4),
+            "stream_error_after": round(_relative_error([pruned.norm(p) for p in xp], out_d), 4)}
 
 
-def _stream_error(dense: nn.Module, pruned: nn.Module, images: torch.Tensor) -> float:
-    """||X_p - X_d|| / ||X_d|| of the last block's output over ``images``."""
-    num = den = 0.0
-    for i in range(0, len(images), CHUNK):
-        x = images[i:i + CHUNK]
-        d, p = dense.forward_features(x), pruned.forward_features(x)
-        num += float((p - d).double().pow(2).sum())
-        den += float(d.double().pow(2).sum())
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """||got - want|| / ||want|| over chunks of [b,N,C]."""
+    num = sum(float((g - w).double().pow(2).sum()) for g, w in zip(got, want))
+    den = sum(float(w.double().pow(2).sum()) for w in want)
     return (num / max(den, 1e-30)) ** 0.5

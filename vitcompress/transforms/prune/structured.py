@@ -28,7 +28,7 @@ from ..layers import run_calibration
 from ..registry import TransformContext, register_transform
 from . import importance as imp
 from .importance import Criterion
-from .refit import refit_
+from .refit import check_refittable, refit_
 
 
 class Scope(StrEnum):
@@ -177,6 +177,12 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
     _check_prunable(model)
     if cfg.heads > 0 and any(b.attn.num_heads < 2 for b in blocks):
         raise ConfigError("--heads: a block has a single head, which cannot be removed")
+    # refused before anything changes: the model is pruned in place
+    if (cfg.criterion == Criterion.OUTPUT or cfg.refit) and ctx.calib is None:
+        what = "criterion 'output'" if cfg.criterion == Criterion.OUTPUT else "refit"
+        raise ConfigError(f"{what} needs calibration images (--calib-data)")
+    if cfg.refit:
+        check_refittable(model)
 
     def score_fn(term: imp.Term) -> dict[str, torch.Tensor]:
         out = {}
@@ -188,8 +194,6 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
         return out
 
     if cfg.criterion == Criterion.OUTPUT:
-        if ctx.calib is None:
-            raise ConfigError("criterion 'output' needs calibration images (--calib-data)")
         sc = imp.output_scores(blocks, lambda hooks: run_calibration(model, ctx.calib, cfg.calib_size, hooks),
                                cfg.heads > 0, cfg.mlp > 0)
     else:
@@ -209,7 +213,5 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
     state = {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks],
              "params_before": before, "params_after": after, "params_fraction": round(after / before, 4)}
     if dense is not None:
-        if ctx.calib is None:
-            raise ConfigError("refit needs calibration images (--calib-data)")
         state.update(refit_(dense, model, ctx.calib, cfg.refit_size))
     return state

@@ -23,6 +23,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..attention import attention
+from ..layers import token_stream
 from . import learned_ops as lo
 from . import ops
 from .transform import counts_flops_fraction
@@ -36,7 +37,7 @@ def masked_forward(model: nn.Module, images: torch.Tensor, step: Step, layers: s
                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """images [B,3,H,W] -> (logits [B,K], per block (tokens into attention [B], into the MLP [B]) as mask sums).
     score: ``importance`` (LTMP) or ``cls`` (DiffRate), the attention statistic handed to ``step``."""
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = token_stream(model, images)
     b, n, _ = x.shape
     size = x.new_ones(b, n, 1, dtype=torch.float32)
     mask = x.new_ones(b, n, dtype=torch.float32)
