@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vitcompress.kernels import attention, bsr_gemm, fp8_gemm, int8_gemm
-from vitcompress.kernels._triton import interpreting
 
 from vitcompress.io import atomic_write_json, atomic_write_text
+from vitcompress.kernels import attention, bsr_gemm, fp8_gemm, int8_gemm
+from vitcompress.kernels._triton import interpreting
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table
 

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from vitcompress.bench.timing import time_callable
+from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.kernels.attention import attention, attention_ref
 from vitcompress.kernels.bsr_gemm import bsr_gemm
 from vitcompress.kernels.fp8_gemm import fp8_gemm, quantize_per_token_fp8_ref, scaled_mm, scaled_mm_rowwise
 from vitcompress.kernels.int8_gemm import int8_gemm, quantize_per_token
-
-from vitcompress.bench.timing import time_callable
-from vitcompress.io import atomic_write_json, atomic_write_text
 from vitcompress.provenance import run_context
 from vitcompress.report import markdown_table
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from vitcompress.kernels import tune, tuned
 from vitcompress.kernels._triton import runs_kernel
 from vitcompress.kernels.tuned import GemmPath, lookup, read_table

@@ -8,6 +8,7 @@ bits as one launch.
 
 import pytest
 import torch
+
 from vitcompress.kernels import _triton
 from vitcompress.kernels import attention as attn_mod
 from vitcompress.kernels import bsr_gemm as bsr_mod

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import TINY
 from torch import nn
-from vitcompress.kernels.attention import attention
 
 from vitcompress import create_model
 from vitcompress.dropins import BlockSparseLinear, FusedAttention, Int8Linear, use_fused_attention_
+from vitcompress.kernels.attention import attention
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")

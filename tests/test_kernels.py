@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
+
+from benchmarks import kernels as kb
 from vitcompress.kernels import attention as attn_mod
 from vitcompress.kernels import bsr_gemm as bsr_mod
 from vitcompress.kernels import fp8_gemm as f8
 from vitcompress.kernels import int8_gemm as i8
-
-from benchmarks import kernels as kb
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support")

@@ -7,6 +7,7 @@ code generation for each tile shape the autotuner may pick, wgmma layouts, and t
 
 import pytest
 import torch
+
 from vitcompress.kernels import attention as attn_mod
 from vitcompress.kernels import bsr_gemm as bsr_mod
 from vitcompress.kernels import fp8_gemm as f8

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 from torch import nn
-from vitcompress.kernels import fp8_gemm as f8
-from vitcompress.kernels.int8_gemm import quantize_per_token_ref
 
 from vitcompress import compress_, load_artifact, save_artifact
 from vitcompress.data import load_data
 from vitcompress.device import onednn_int8_exact
+from vitcompress.kernels import fp8_gemm as f8
+from vitcompress.kernels.int8_gemm import quantize_per_token_ref
 from vitcompress.models import data_config
 from vitcompress.transforms import QuantConfig
 from vitcompress.transforms.quantize import int8_linear, ops
