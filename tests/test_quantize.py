@@ -291,3 +291,36 @@ def test_gptq_act_order_rounds_on_the_grid_and_beats_rtn():
     assert err(q) < err(rtn) and not torch.equal(q, ops.gptq_quantize(w, h, 4)[0])
     with pytest.raises(ConfigError, match="act_order is a GPTQ option"):
         QuantConfig(w_bits=4, act_order=True)
+
+
+def _gptq_static_groups_reference(w, h, bits, group, damp=0.01):
+    """GPTQ with act-order and static groups, restated one column at a time from the reference's loop (no blocks):
+    group scales from the original weights, columns in descending Hessian-diagonal order, each rounded with the
+    scale of the group it came from."""
+    q = 2 ** (bits - 1) - 1
+    scales = w.reshape(w.shape[0], -1, group).abs().amax(-1) / q  # [O, I/g]
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm].double().clone(), h[perm][:, perm].double()
+    h = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    out = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        s = scales[:, int(perm[j]) // group].double()
+        out[:, j] = torch.round(w[:, j] / s).clamp(-q, q) * s
+        w[:, j + 1:] -= ((w[:, j] - out[:, j]) / hinv[j, j])[:, None] * hinv[j, j + 1:][None, :]
+    return out[:, torch.argsort(perm)].float(), scales
+
+
+def test_gptq_act_order_with_groups_uses_static_group_scales():
+    from vitcompress.transforms.quantize import ops
+
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(8, 40, generator=g), torch.randn(128, 40, generator=g) * torch.linspace(0.1, 3, 40)
+    h = x.t() @ x
+    q, scale = ops.gptq_quantize(w, h, 4, group_size=8, act_order=True, block=16)  # blocks that cut groups
+    ref, ref_scale = _gptq_static_groups_reference(w, h, 4, 8)
+    assert scale.shape == (8, 5, 1) and torch.allclose(scale[..., 0], ref_scale)
+    assert torch.allclose(q, ref, atol=1e-5)
+    codes = q.reshape(8, 5, 8) / scale
+    assert torch.allclose(codes, torch.round(codes), atol=1e-4)  # on the static per-group grid
+    QuantConfig(w_bits=4, rounding="gptq", act_order=True, w_granularity="per_group", group_size=8)  # accepted

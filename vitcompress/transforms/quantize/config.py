@@ -178,8 +178,8 @@ class QuantConfig(Config):
         if self.reparam == Reparam.REPQ and not self.static_acts:
             raise ConfigError("repq reparameterizes for static per-tensor activations: it needs a_bits and "
                               "a_granularity per_tensor")
-        if self.act_order and (self.rounding != Rounding.GPTQ or self.w_granularity != WeightGranularity.PER_CHANNEL):
-            raise ConfigError("act_order is a GPTQ option for per-channel weights (rounding gptq, per_channel)")
+        if self.act_order and self.rounding != Rounding.GPTQ:
+            raise ConfigError("act_order is a GPTQ option (rounding gptq)")
         if self.rounding in (Rounding.GPTQ, *BRECQS) and self.w_bits is None:
             raise ConfigError(f"{self.rounding} rounds weights: it needs w_bits")
         if self.rounding in BRECQS and (self.mode != Mode.SIMULATE or self.dtype != QuantDtype.INT):

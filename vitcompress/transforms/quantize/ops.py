@@ -104,24 +104,23 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     """GPTQ: round w [O,I] column by column, pushing each column's error onto the columns not yet rounded.
 
     hessian: [I,I] = sum of x^T x over the layer's calibration inputs. The grid is the same symmetric
-    per-channel (or per-group, its scale taken when the group starts) grid as RTN. ``act_order`` rounds the
-    columns in descending order of the Hessian's diagonal (GPTQ's act-order; per-channel grids only). Returns
-    the dequantized float32 weights, which lie exactly on that grid, and the scales.
+    per-channel (or per-group) grid as RTN. ``act_order`` rounds the columns in descending order of the Hessian's
+    diagonal (GPTQ's act-order). Group scales: taken when the group starts, from the error-updated weights, in
+    column order; with ``act_order``, from the original weights' contiguous groups before any rounding (the
+    reference's ``static_groups``), since permuted columns no longer arrive group by group. Returns the
+    dequantized float32 weights [O,I], which lie exactly on that grid, and the scales ([O,1] or [O, I/g, 1]).
     """
-    if act_order:
-        if group_size:
-            raise ValueError("act_order takes per-channel weight scales (groups would not stay contiguous)")
-        perm = torch.argsort(torch.diag(hessian), descending=True)
-        out, scale = gptq_quantize(w[:, perm], hessian[perm][:, perm], bits, None, damp, block)
-        return out[:, torch.argsort(perm)], scale
     w = w.detach().float().clone()
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    q = qmax_signed(bits)
+    static = weight_scale(w, bits, group_size)[..., 0] if group_size and act_order else None  # [O, I/g]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = qmax_signed(bits)
     out = torch.zeros_like(w)
     scale = weight_scale(w, bits)[:, 0] if not group_size else None
     scales = [] if group_size else [scale]
@@ -130,7 +129,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         w1, err1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size and col % group_size == 0:  # the group's scale, from the error-updated weights
+            if static is not None:
+                scale = static[:, int(perm[col]) // group_size]
+            elif group_size and col % group_size == 0:  # the group's scale, from the error-updated weights
                 g = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
                 scale = (g.abs().amax(1).clamp_min(EPS)) / q
                 scales.append(scale)
@@ -140,6 +141,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             w1[:, i:] -= err[:, None] * hinv[col, col:i2][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = out[:, torch.argsort(perm)]
+    if static is not None:
+        return out, static[..., None]
     return out, torch.stack(scales, 1)[..., None] if group_size else scales[0][:, None]
 
 
