@@ -92,6 +92,17 @@ def test_int8_export_holds_int8_weights_and_qdq(tiny_model, tmp_path):
     assert float(_value(proto.graph, a_scale)) == pytest.approx(float(blk.a_scale))
 
 
+def test_token_merging_exports_at_a_static_batch(tiny_model, tmp_path):
+    """A static batch size makes the tracer check every shape: ToMe's masking of an empty prefix slice (no prefix
+    token falls in set B) failed there (an internal assert), while a dynamic batch exported."""
+    model = apply_stack(tiny_model, STACKS["merged"], calib=CALIB)
+    x = _batch(model, 6)
+    with torch.no_grad():
+        ref = model(x)
+    export_model(model, tmp_path / "m.onnx", ExportConfig(batch_size=4))
+    assert torch.allclose(RuntimeModel(tmp_path / "m.onnx")(x), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_uint8_activations_and_static_batch(tiny_model, tmp_path):
     model = apply_stack(tiny_model, STACKS["int8"], calib=CALIB)
     x = _batch(model, 11)  # not a multiple of the static batch: the runtime model pads the last chunk

@@ -11,6 +11,7 @@ from vitcompress import apply_stack, compress_, create_model, load_artifact, sav
 from vitcompress.data import load_data
 from vitcompress.errors import ConfigError
 from vitcompress.models import data_config, model_info
+from vitcompress.pipeline import Calibration
 from vitcompress.transforms import BlockSparseConfig, PruneConfig
 from vitcompress.transforms.prune.block_sparse_linear import BlockSparseLinear
 from vitcompress.transforms.prune.structured import keep_heads
@@ -336,3 +337,13 @@ def test_stacks_that_would_silently_lie_are_refused():
         compress_(fake, BlockSparseConfig(sparsity=0.5, block_size=16))
     with pytest.raises(ConfigError, match="fine-tuning a simulated-quantized model"):
         apply_stack(fake, [RecoveryConfig(epochs=1, limit=16, distill="none")])
+
+
+def test_a_stack_draws_the_images_the_refit_asks_for():
+    """refit_size above calib_size: apply_stack draws the larger (it drew calib_size, and the refit silently used
+    fewer images than asked)."""
+    m = _model()
+    apply_stack(m, [{"name": "prune", "mlp": 0.5, "calib_size": 8, "refit": True, "refit_size": 24}],
+                calib=Calibration(data="digits", size=8))
+    assert model_info(m).transforms[-1]["state"]["refit_images"] == 24
+    assert PruneConfig(mlp=0.5, calib_size=8).calibration_images == 8

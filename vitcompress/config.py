@@ -46,6 +46,11 @@ class Config:
         the same shapes for every image (the search leaves the rest out for those targets)."""
         return self.deployable
 
+    @property
+    def calibration_images(self) -> int | None:
+        """How many calibration images the step reads (None: the calibration's own size)."""
+        return getattr(self, "calib_size", None)
+
     def report_fields(self) -> dict[str, Any]:
         """What reports show of this step besides accuracy and speed (e.g. ``w_bits``, the mean weight width)."""
         return {}

@@ -160,7 +160,7 @@ def apply_stack(model: nn.Module, stack: Sequence[Step], *, calib: Calibration |
                 continue
             batches = None
             if getattr(c, "needs_calibration", False):
-                batches = calibration_batches(model, calib, getattr(c, "calib_size", None))
+                batches = calibration_batches(model, calib, c.calibration_images)
             compress_(model, c, calib=batches, teacher=teacher)
             tick()
     return model

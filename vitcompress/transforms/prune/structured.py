@@ -57,6 +57,11 @@ class PruneConfig(Config):
     refit: bool = False
     refit_size: int = 128
 
+    @property
+    def calibration_images(self) -> int:
+        """The ranking reads ``calib_size`` images and the refit ``refit_size``: the stack draws the larger."""
+        return max(self.calib_size, self.refit_size) if self.refit else self.calib_size
+
     def validate(self) -> None:
         for name in ("heads", "mlp"):
             f = getattr(self, name)

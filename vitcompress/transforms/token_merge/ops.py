@@ -37,8 +37,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
         m = metric.float()
         m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
-        scores[:, :a_pre, :] = -math.inf
-        scores[:, :, :b_pre] = -math.inf
+        # only non-empty slices: an assignment to an empty one breaks the ONNX tracer at a static batch size
+        if a_pre:
+            scores[:, :a_pre, :] = -math.inf
+        if b_pre:
+            scores[:, :, :b_pre] = -math.inf
         best, best_idx = scores.max(dim=-1)  # [B, Na]
         order = best.argsort(dim=-1, descending=True)[..., None]  # [B, Na, 1]
         keep_idx, src_idx = order[:, r:], order[:, :r]
