@@ -347,3 +347,20 @@ def test_a_stack_draws_the_images_the_refit_asks_for():
                 calib=Calibration(data="digits", size=8))
     assert model_info(m).transforms[-1]["state"]["refit_images"] == 24
     assert PruneConfig(mlp=0.5, calib_size=8).calibration_images == 8
+
+
+def test_refit_head_brings_the_logits_toward_the_dense_ones():
+    m = _model(init_values=0.1)
+    ref, calib = _fwd(m, _x()), _calib(m, 32)
+    stream, head = copy.deepcopy(m), copy.deepcopy(m)
+    compress_(stream, PruneConfig(heads=0.25, mlp=0.5, refit=True, refit_size=32), calib=calib)
+    compress_(head, PruneConfig(heads=0.25, mlp=0.5, refit=True, refit_size=32, refit_head=True), calib=calib)
+    state = model_info(head).transforms[-1]["state"]
+    assert state["logit_error_after_head_refit"] < state["logit_error_before_head_refit"]
+    assert torch.equal(stream.blocks[-1].mlp.fc2.weight, head.blocks[-1].mlp.fc2.weight)  # the blocks' refit: same
+    assert (_fwd(head, _x()) - ref).norm() < (_fwd(stream, _x()) - ref).norm()  # on images it did not fit
+    with pytest.raises(ConfigError, match="refit_head .* needs refit"):
+        PruneConfig(mlp=0.5, refit_head=True)
+    headless = _model(num_classes=0)
+    with pytest.raises(ConfigError, match="no Linear classifier head"):
+        compress_(headless, PruneConfig(mlp=0.5, refit=True, refit_head=True), calib=_calib(headless, 8))

@@ -131,7 +131,7 @@ def prune(model: str, out: Path, opts: dict[str, Any], calib: Calibration | None
         return {k: opts[k] for k in names if k in opts}
 
     common = pick("criterion", "calib_size")
-    structured = pick("heads", "mlp", "scope", "refit", "refit_size")
+    structured = pick("heads", "mlp", "scope", "refit", "refit_size", "refit_head")
     stack: list[Any] = [PruneConfig(**structured, **common)] if pick("heads", "mlp") else []
     if "block_size" in opts and "sparsity" not in opts:
         raise ConfigError("--block-size needs --sparsity (the fraction of blocks removed)")

@@ -28,6 +28,7 @@ from ...errors import ConfigError
 from ..layers import calib_batches, layer_scale, token_stream
 
 DAMP = 0.01
+HEAD_DAMP = 0.1  # the head's fit has one row per image (not per token): a stronger pull toward the old head
 CHUNK = 16  # images a sub-layer runs at once (the streams of every calibration image stay in memory)
 
 
@@ -65,15 +66,19 @@ class _Normal:
         self.ata = ata if self.ata is None else self.ata + ata
         self.att = att if self.att is None else self.att + att
 
-    def solve(self, layer: nn.Linear) -> None:
+    def solve(self, layer: nn.Linear, damp: float = DAMP, prior: bool = False) -> None:
         """Write the solution into ``layer`` (out = C): its weight [C, k] and its bias [C] (if it has one; without one
-        the fit has no constant column, so the artifact's structure stays the same)."""
+        the fit has no constant column, so the artifact's structure stays the same). prior: the ridge term pulls
+        the weight toward the layer's current one (``lambda ||W - W0||^2``) instead of toward 0: with fewer rows
+        than columns, the directions the data does not see keep their old weights."""
         assert self.ata is not None and self.att is not None
         k = self.ata.shape[0] - 1
         n = k + 1 if layer.bias is not None else k
-        ata, att = self.ata[:n, :n].clone(), self.att[:n]
-        lam = DAMP * ata.diagonal()[:k].mean().clamp_min(1e-12)
+        ata, att = self.ata[:n, :n].clone(), self.att[:n].clone()
+        lam = damp * ata.diagonal()[:k].mean().clamp_min(1e-12)
         ata.diagonal()[:k] += lam
+        if prior:
+            att[:k] += lam * layer.weight.detach().double().T
         sol = torch.linalg.solve(ata, att)  # [n, C]
         with torch.no_grad():
             layer.weight.copy_(sol[:k].T.to(layer.weight.dtype))
@@ -87,8 +92,15 @@ def _branch(blk: nn.Module, names: tuple[str, str, str], x: torch.Tensor) -> tor
     return ls(sub(norm(x)))
 
 
+def check_head_refittable(model: nn.Module) -> None:
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or not hasattr(model, "forward_head"):
+        raise ConfigError("refit_head: the model has no Linear classifier head (num_classes 0?) to refit")
+
+
 @torch.no_grad()
-def refit_(dense: nn.Module, pruned: nn.Module, calib: Iterable[Any], calib_size: int) -> dict[str, Any]:
+def refit_(dense: nn.Module, pruned: nn.Module, calib: Iterable[Any], calib_size: int, head: bool = False,
+           ) -> dict[str, Any]:
     """Refit ``pruned``'s ``attn.proj`` and ``mlp.fc2`` in every block, in place (see the module docstring); its
     blocks must pass :func:`check_refittable`.
 
@@ -116,8 +128,28 @@ def refit_(dense: nn.Module, pruned: nn.Module, calib: Iterable[Any], calib_size
             eq.solve(proj)
             xp = [p + _branch(bp, names, p) for p in xp]
     out_d = [dense.norm(d) for d in xd]  # forward_features: the blocks, then the final norm
-    return {"refit_images": len(images), "stream_error_before": round(_relative_error(unfitted, out_d), 4),
-            "stream_error_after": round(_relative_error([pruned.norm(p) for p in xp], out_d), 4)}
+    out_p = [pruned.norm(p) for p in xp]
+    state = {"refit_images": len(images), "stream_error_before": round(_relative_error(unfitted, out_d), 4),
+             "stream_error_after": round(_relative_error(out_p, out_d), 4)}
+    if head:
+        state.update(_refit_head(dense, pruned, out_d, out_p))
+    return state
+
+
+def _refit_head(dense: nn.Module, pruned: nn.Module, out_d: list[torch.Tensor], out_p: list[torch.Tensor],
+                ) -> dict[str, Any]:
+    """Refit the classifier so the pruned model's logits follow the dense model's: ``head`` [K, C] by least squares
+    from the pruned pooled features ([images, C]) to the dense logits ([images, K]), pulled toward the current head
+    (one row per image: few rows, so the prior and a stronger ridge, ``HEAD_DAMP``). No labels are used."""
+    want = [dense.forward_head(d) for d in out_d]
+    feats = [pruned.forward_head(p, pre_logits=True) for p in out_p]
+    before = _relative_error([pruned.head(f) for f in feats], want)
+    eq = _Normal()
+    for f, t in zip(feats, want):
+        eq.add(f, t)
+    eq.solve(pruned.head, HEAD_DAMP, prior=True)
+    return {"logit_error_before_head_refit": round(before, 4),
+            "logit_error_after_head_refit": round(_relative_error([pruned.head(f) for f in feats], want), 4)}
 
 
 def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:

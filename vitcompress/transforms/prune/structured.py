@@ -28,7 +28,7 @@ from ..layers import run_calibration
 from ..registry import TransformContext, register_transform
 from . import importance as imp
 from .importance import Criterion
-from .refit import check_refittable, refit_
+from .refit import check_head_refittable, check_refittable, refit_
 
 
 class Scope(StrEnum):
@@ -42,12 +42,12 @@ class PruneConfig(Config):
 
     criterion: how structures are ranked (:mod:`.importance`); refit: afterwards, refit each block's ``attn.proj``
     and ``fc2`` by least squares on ``refit_size`` calibration images so the stream follows the dense model's
-    (:mod:`.refit`; no training)."""
+    (:mod:`.refit`; no training); refit_head: then the classifier, so the logits follow the dense model's."""
 
     NAME = "prune"
 
     FAMILY = "prune"
-    VERSION = 2  # 2: criterion output, refit, refit_size (v1 dicts read as they were)
+    VERSION = 3  # 2: criterion output, refit, refit_size (v1 dicts read as they were); 3: refit_head
     heads: float = 0.0
     mlp: float = 0.0
     criterion: Criterion = Criterion.MAGNITUDE
@@ -56,6 +56,7 @@ class PruneConfig(Config):
     calib_size: int = 32
     refit: bool = False
     refit_size: int = 128
+    refit_head: bool = False
 
     @property
     def calibration_images(self) -> int:
@@ -70,6 +71,8 @@ class PruneConfig(Config):
         if self.round_to < 1 or self.calib_size < 1 or self.refit_size < 1:
             raise ConfigError(f"round_to, calib_size and refit_size must be >= 1 (got {self.round_to}, "
                               f"{self.calib_size}, {self.refit_size})")
+        if self.refit_head and not self.refit:
+            raise ConfigError("refit_head refits the classifier after the blocks' refit: it needs refit")
 
     @property
     def needs_calibration(self) -> bool:
@@ -188,6 +191,8 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
         raise ConfigError(f"{what} needs calibration images (--calib-data)")
     if cfg.refit:
         check_refittable(model)
+        if cfg.refit_head:
+            check_head_refittable(model)
 
     def score_fn(term: imp.Term) -> dict[str, torch.Tensor]:
         out = {}
@@ -218,5 +223,5 @@ def prune_(model: nn.Module, cfg: PruneConfig, ctx: TransformContext) -> dict[st
     state = {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks],
              "params_before": before, "params_after": after, "params_fraction": round(after / before, 4)}
     if dense is not None:
-        state.update(refit_(dense, model, ctx.calib, cfg.refit_size))
+        state.update(refit_(dense, model, ctx.calib, cfg.refit_size, head=cfg.refit_head))
     return state
