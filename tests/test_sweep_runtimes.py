@@ -2,6 +2,7 @@
 accuracy-only sweeps, recipe variables and goals."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,23 @@ def test_a_sweep_scores_on_heldout_data_and_refuses_steps_that_could_see_it(trai
     recipe["sweep"]["points"][0]["stack"] = [{"name": "prune", "mlp": 0.5}, {"name": "recovery", "epochs": 1}]
     with pytest.raises(ConfigError, match="recovery limit None"):
         load_sweep(recipe)
+
+
+def test_one_runtime_word_for_export_sweeps_and_the_search():
+    """Export, sweeps and the search share one Runtime enum; cuda is a search target only, and a compiled runtime
+    does not run an exported file."""
+    import vitcompress
+    from vitcompress.export import Runtime, RuntimeModel
+    from vitcompress.search import SearchConfig
+    from vitcompress.sweep import SweepConfig
+    from vitcompress.sweep.config import make_point
+
+    root = Path(vitcompress.__file__).parent
+    enums = [str(p) for p in root.rglob("*.py") if re.search(r"class \w*Runtime\w*\((Str)?Enum\)", p.read_text())]
+    assert len(enums) == 1
+    assert SearchConfig(model="m", data="d", target="cuda").target is Runtime.CUDA
+    assert SweepConfig(base={"model": "x"}, eval_data=[], runtime="openvino").runtime is Runtime.OPENVINO
+    with pytest.raises(ConfigError, match="cuda is a search target"):
+        make_point("p", {"stack": [], "runtime": "cuda"})
+    with pytest.raises(ConfigError, match="compiles torch models"):
+        RuntimeModel(root / "missing.onnx", runtime="torch-compile")

@@ -22,9 +22,24 @@ EXPORTED_SUFFIXES = (".onnx", ".pt2")
 
 
 class Runtime(StrEnum):
+    """Where a model runs: the one word that export, sweeps and the search share. torch: eager (and an exported
+    ``.pt2`` file); torch-compile: compiled (:mod:`vitcompress.bench.compiled`); cuda: compiled with CUDA graphs on
+    the GPU (a search target); onnxruntime / openvino: the model's ONNX export in that runtime."""
+
+    TORCH = "torch"
+    TORCH_COMPILE = "torch-compile"
+    CUDA = "cuda"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
-    TORCH = "torch"
+
+    @property
+    def exported(self) -> bool:
+        """Runs the model's ONNX export rather than the torch model."""
+        return self in (Runtime.ONNXRUNTIME, Runtime.OPENVINO)
+
+    @property
+    def compiled(self) -> bool:
+        return self in (Runtime.TORCH_COMPILE, Runtime.CUDA)
 
 
 def is_exported(name: str | Path) -> bool:
@@ -67,6 +82,9 @@ class RuntimeModel(nn.Module):
         self.path = Path(path)
         default = Runtime.TORCH if self.path.suffix == ".pt2" else Runtime.ONNXRUNTIME
         self.runtime = parse_enum(Runtime, runtime or default, "runtime")
+        if self.runtime.compiled:
+            raise ConfigError(f"runtime {self.runtime} compiles torch models; an exported file runs in onnxruntime, "
+                              "openvino or (.pt2) torch")
         if not self.path.is_file():
             raise ModelError(f"exported model not found: {self.path}")
         try:

@@ -1,7 +1,7 @@
 """``vitcompress search``: the fastest deployable stack within an accuracy budget (config, space, run)."""
 
-from .config import Metric, SearchConfig, Target
+from .config import Metric, SearchConfig
 from .run import run_search
 from .space import SearchSpace, load_space
 
-__all__ = ["Metric", "SearchConfig", "SearchSpace", "Target", "load_space", "run_search"]
+__all__ = ["Metric", "SearchConfig", "SearchSpace", "load_space", "run_search"]

@@ -6,22 +6,12 @@ import dataclasses
 
 from ..config import Config, StrEnum
 from ..errors import ConfigError
+from ..export import Runtime
 
 
-class Target(StrEnum):
-    TORCH = "torch"
-    TORCH_COMPILE = "torch-compile"
-    ONNXRUNTIME = "onnxruntime"
-    OPENVINO = "openvino"
-    CUDA = "cuda"  # torch compiled, with CUDA graphs, on the GPU
-
-    @property
-    def runtime(self) -> str:
-        return "torch-compile" if self == Target.CUDA else str(self)
-
-    @property
-    def exported(self) -> bool:
-        return self in (Target.ONNXRUNTIME, Target.OPENVINO)
+def point_runtime(target: Runtime) -> Runtime:
+    """The runtime a sweep point of this target runs in: cuda is torch-compile (timed on the GPU)."""
+    return Runtime.TORCH_COMPILE if target == Runtime.CUDA else target
 
 
 class Metric(StrEnum):
@@ -47,7 +37,7 @@ class SearchConfig(Config):
     data: str = ""
     max_drop: float = 1.0
     metric: Metric = Metric.TOP1
-    target: Target = Target.TORCH
+    target: Runtime = Runtime.TORCH
     batch_size: int = 64
     budget_minutes: float = 30.0
     space: str | None = None

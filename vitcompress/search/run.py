@@ -37,12 +37,13 @@ from .. import distributed
 from ..data import load_data
 from ..data.registry import heldout_capacity
 from ..errors import ConfigError, UserError, note
+from ..export import Runtime
 from ..io import atomic_write_json
 from ..models import data_config
 from ..sweep.config import Point, SweepConfig, dense_point, fill_placeholders, make_point, point_id
 from ..sweep.run import SweepContext, point_finished, resolve_base, run_point
 from ..ui import resumable
-from .config import SearchConfig, Target
+from .config import SearchConfig, point_runtime
 from .space import SearchSpace, load_space
 from .study import finished_trials, open_study, optuna_module, wait_for_others, write_sweep_index
 from .summary import finish
@@ -51,19 +52,19 @@ from .timing import Timer
 PEER = {"peer": "nncf_accuracy_control", "runtime": "openvino"}  # the point NNCF's accuracy control runs as
 
 
-def _require(target: Target) -> None:
+def _require(target: Runtime) -> None:
     """A one-line refusal when the target runtime is not here."""
-    need = {Target.ONNXRUNTIME: "onnxruntime", Target.OPENVINO: "openvino"}.get(target)
+    need = {Runtime.ONNXRUNTIME: "onnxruntime", Runtime.OPENVINO: "openvino"}.get(target)
     if need and importlib.util.find_spec(need) is None:
         raise ConfigError(f"target {target} needs {need}, which is not installed: pip install 'vitcompress[export]'")
-    if target == Target.CUDA and not torch.cuda.is_available():
+    if target == Runtime.CUDA and not torch.cuda.is_available():
         raise ConfigError("target cuda needs a CUDA GPU, and torch sees none")
 
 
 def _sweeps(cfg: SearchConfig, base: dict[str, Any], n_full: int, n_small: int) -> tuple[SweepConfig, SweepConfig]:
     """The sweep settings of the full stage (held-out accuracy and speed) and of the cheap first check."""
     full_spec, small_spec = f"heldout:{n_full}:{cfg.data}", f"heldout:{n_small}:{cfg.data}"
-    bench = {"device": "cuda" if cfg.target == Target.CUDA else "cpu", "batch_sizes": [cfg.batch_size],
+    bench = {"device": "cuda" if cfg.target == Runtime.CUDA else "cpu", "batch_sizes": [cfg.batch_size],
              "repeat": cfg.repeat, "warmup": 2, "warmup_s": 0.2}
     common = dict(base=base, calib_data=cfg.data, calib_size=cfg.calib_size, bench=bench,
                   title=f"vitcompress search: {cfg.model} on {cfg.target}, batch {cfg.batch_size}")
@@ -128,7 +129,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     kept = {"logits_cache": out / "base_logits", "base_key": base_key}  # a resumed search skips the base's evals
     ctx, ctx_small = SweepContext(base, full, **kept), SweepContext(base, small, **kept)
     pdir = out / "points"
-    anchor, dense = Point("base (uncompressed)", []), dense_point(cfg.target.runtime)
+    anchor, dense = Point("base (uncompressed)", []), dense_point(point_runtime(cfg.target))
     t0 = time.monotonic()
     ref_small = _metric(ctx_small.measure(anchor), cfg)
     per_image = (time.monotonic() - t0) / n_small  # what one image's evaluation costs: the budget's estimates
@@ -148,7 +149,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, log=print) -> dict[str, An
     base_rec = timer.record(anchor, base_rec, pdir, key="anchor")
     timer.record(dense, dense_rec, pdir, self_anchor=True)
     peer = None
-    if cfg.target == Target.OPENVINO and importlib.util.find_spec("nncf") is not None:  # the peer, side by side
+    if cfg.target == Runtime.OPENVINO and importlib.util.find_spec("nncf") is not None:  # the peer, side by side
         rec = _measured(ctx, make_point("NNCF quantize_with_accuracy_control", PEER), full, base_key, pdir, log)
         if rec.get("status") == "ok":
             timer.record(make_point("peer", PEER), rec, pdir, key="peer")
@@ -267,7 +268,7 @@ class _Objective:
             entry.update(stage="dense", drop=0.0, speed=1.0)
             _constrain(trial, 0.0)
             return 1.0
-        point = make_point(f"trial {trial.number}", {"stack": stack, "runtime": self.cfg.target.runtime})
+        point = make_point(f"trial {trial.number}", {"stack": stack, "runtime": point_runtime(self.cfg.target)})
         small = self.ctx_small.measure(point)
         drop_small = self.ref_small - _metric(small, self.cfg)
         se = split_se(_metric(small, self.cfg), self.n_small)

@@ -14,7 +14,7 @@ from ..io import atomic_write_json
 from ..models import data_config
 from ..sweep.config import Point, SweepConfig, dense_point
 from ..sweep.run import bench_for, build_point, deploy
-from .config import SearchConfig
+from .config import SearchConfig, point_runtime
 
 
 class Timer:
@@ -29,7 +29,7 @@ class Timer:
         self._tmp = tempfile.TemporaryDirectory(prefix="vitcompress-search-")
         self._kept: dict[str, Any] = {}
         self._dense_ms: float | None = None
-        self.dense = self._runner(dense_point(cfg.target.runtime), "dense")
+        self.dense = self._runner(dense_point(point_runtime(cfg.target)), "dense")
 
     def _runner(self, p: Point, key: str) -> Any:
         if key in self._kept:

@@ -35,20 +35,6 @@ from ..train import load_recipe
 from ..transforms import RecoveryConfig, config_from_dict
 
 
-class SweepRuntime(StrEnum):
-    """Where a point runs: torch eager, torch compiled (:mod:`vitcompress.bench.compiled`), or its ONNX export in
-    ONNX Runtime or OpenVINO."""
-
-    TORCH = "torch"
-    TORCH_COMPILE = "torch-compile"
-    ONNXRUNTIME = "onnxruntime"
-    OPENVINO = "openvino"
-
-    @property
-    def exported(self) -> Runtime | None:
-        return {SweepRuntime.ONNXRUNTIME: Runtime.ONNXRUNTIME, SweepRuntime.OPENVINO: Runtime.OPENVINO}.get(self)
-
-
 @dataclasses.dataclass
 class SweepConfig(Config):
     """base: ``{recipe: NAME}`` (trained or reused from the cache), ``{artifact: DIR}`` or
@@ -81,7 +67,7 @@ class SweepConfig(Config):
     speed: bool = True
     reference_batch: int | None = None
     speed_model: dict[str, Any] | None = None
-    runtime: SweepRuntime = SweepRuntime.TORCH
+    runtime: Runtime = Runtime.TORCH
     dense: list[str] = dataclasses.field(default_factory=list)
     points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     grid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -97,6 +83,8 @@ class SweepConfig(Config):
         if self.eval_data and (spec not in self.eval_data or metric not in ("top1", "agreement")):
             raise ConfigError(f"accuracy must be DATA:top1 or DATA:agreement with DATA in eval_data, "
                               f"got '{self.accuracy}'")
+        if self.runtime == Runtime.CUDA:
+            raise ConfigError("runtime cuda is a search target; a sweep runs torch-compile with bench device cuda")
         if not self.eval_data and not self.speed:
             raise ConfigError("a sweep with no eval_data and speed: false measures nothing")
         if not any(k in self.base for k in ("recipe", "artifact", "model")):
@@ -144,12 +132,12 @@ class Point:
 
     name: str
     stack: list[dict[str, Any]]
-    runtime: SweepRuntime | None = None
+    runtime: Runtime | None = None
     dtype: Dtype | None = None
     export: dict[str, Any] | None = None
     peer: Peer | None = None
 
-    def runs_in(self, cfg: SweepConfig) -> SweepRuntime:
+    def runs_in(self, cfg: SweepConfig) -> Runtime:
         """Where the point runs: its own runtime, else the sweep's."""
         return self.runtime or cfg.runtime
 
@@ -291,15 +279,18 @@ def make_point(name: str, p: dict[str, Any]) -> Point:
     if unknown:
         raise ConfigError(f"point '{name}': unknown field(s) {', '.join(unknown)}")
     pt = Point(name, [dict(s) for s in p.get("stack") or []],
-               runtime=None if p.get("runtime") is None else parse_enum(SweepRuntime, p["runtime"], "runtime"),
+               runtime=None if p.get("runtime") is None else parse_enum(Runtime, p["runtime"], "runtime"),
                dtype=None if p.get("dtype") is None else parse_enum(Dtype, p["dtype"], "dtype"),
                export=p.get("export"), peer=None if p.get("peer") is None else parse_enum(Peer, p["peer"], "peer"))
-    if pt.peer is not None and (pt.stack or pt.runtime is None or pt.runtime.exported is None):
+    if pt.runtime == Runtime.CUDA:
+        raise ConfigError(f"point '{name}': runtime cuda is a search target; a sweep runs torch-compile with "
+                          "bench device cuda")
+    if pt.peer is not None and (pt.stack or pt.runtime is None or not pt.runtime.exported):
         raise ConfigError(f"point '{name}': a peer quantizes the dense export itself: give it no stack and runtime "
                           "onnxruntime or openvino")
     if pt.export is not None and not (pt.runtime and pt.runtime.exported):
         raise ConfigError(f"point '{name}': export settings need runtime onnxruntime or openvino")
-    if pt.dtype is not None and pt.runtime is not None and pt.runtime.exported is not None:
+    if pt.dtype is not None and pt.runtime is not None and pt.runtime.exported:
         raise ConfigError(f"point '{name}': an exported model runs in float32; a dtype is for torch runtimes")
     return pt
 
@@ -313,6 +304,6 @@ def point_id(point: Point, cfg: SweepConfig, base_key: str) -> str:
         key["attack"] = [[a.to_dict() for a in cfg.attacks()], cfg.attack_limit]
     if not cfg.speed:
         key["speed"] = False
-    if point.runtime is None and point.runs_in(cfg) != SweepRuntime.TORCH:
+    if point.runtime is None and point.runs_in(cfg) != Runtime.TORCH:
         key["runtime"] = str(cfg.runtime)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -45,7 +45,7 @@ from ..robustness import AttackConfig, AttackSource, attack_eval
 from ..train import baseline
 from ..transforms import config_from_dict
 from ..ui import progress_bar, resumable
-from .config import Point, SweepConfig, SweepRuntime, expand, load_sweep, point_id
+from .config import Point, Runtime, SweepConfig, expand, load_sweep, point_id
 
 
 def resolve_base(cfg: SweepConfig, *, progress: bool = False, log=print) -> tuple[nn.Module, str]:
@@ -75,13 +75,13 @@ def deploy(model: nn.Module, point: Point, cfg: SweepConfig, workdir: Path) -> n
     runtime = point.runs_in(cfg)
     if point.peer is not None:
         calib = [x.numpy() for x, _, _ in calibration_batches(model, Calibration(cfg.calib_data, cfg.calib_size))]
-        return peer_model(point.peer, model, calib, workdir, runtime.exported, validation=_validation(model, cfg),
+        return peer_model(point.peer, model, calib, workdir, runtime, validation=_validation(model, cfg),
                           max_drop=cfg.peer_max_drop)
-    if runtime.exported is None:
+    if not runtime.exported:
         return model
     path = workdir / "model.onnx"
     export_model(model, path, ExportConfig.from_dict(point.export or {}))
-    return load_runtime_model(path, runtime.exported)
+    return load_runtime_model(path, runtime)
 
 
 def _validation(model: nn.Module, cfg: SweepConfig) -> list[tuple[Any, Any]]:
@@ -104,9 +104,9 @@ def bench_for(point: Point, cfg: SweepConfig) -> BenchConfig:
     """The timing and accuracy settings of ``point``: an exported model runs float32 on the CPU; torch-compile
     compiles; a point's dtype replaces the sweep's."""
     bench, runtime = cfg.bench_config(), point.runs_in(cfg)
-    if runtime.exported is not None:
+    if runtime.exported:
         return dataclasses.replace(bench, device="cpu", dtype=Dtype.FP32, compile=False)
-    return dataclasses.replace(bench, compile=runtime == SweepRuntime.TORCH_COMPILE,
+    return dataclasses.replace(bench, compile=runtime == Runtime.TORCH_COMPILE,
                                dtype=point.dtype or bench.dtype)
 
 
