@@ -13,7 +13,7 @@ from vitcompress.transforms import LearnedMergeConfig, TokenMergeConfig
 from vitcompress.transforms.token_merge import ops
 from vitcompress.transforms.token_merge.adaptive import is_adaptive, measure
 from vitcompress.transforms.token_merge.learned import rate_weights, threshold_weights
-from vitcompress.transforms.token_merge.transform import tokens_per_layer
+from vitcompress.transforms.tokens import token_counts, tokens_per_layer
 
 _model, _x, _fwd = wide_model, images, infer
 
@@ -81,7 +81,7 @@ def test_diffrate_solves_a_static_prune_and_merge_schedule(trained):
     assert all(a >= b for a, b in kept) and all(kept[i][1] >= kept[i + 1][0] for i in range(len(kept) - 1))
     assert tokens_per_layer(model) is not None and not is_adaptive(model)
     n = model.patch_embed.num_patches + 1
-    want = ops.token_counts(n, state["schedule"])
+    want = token_counts(n, state["schedule"])
     assert tokens_per_layer(model) == [a for a, _ in want]
     rec = state["training"]
     assert abs(rec["train_flops_fraction"] - 0.6) < 0.1, rec

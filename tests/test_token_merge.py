@@ -11,7 +11,7 @@ from vitcompress.bench import count_flops
 from vitcompress.errors import ConfigError, Note
 from vitcompress.transforms import ResolutionConfig, TokenMergeConfig
 from vitcompress.transforms.token_merge import ops
-from vitcompress.transforms.token_merge.transform import flops_fraction, tokens_per_layer
+from vitcompress.transforms.tokens import flops_fraction, tokens_per_layer
 
 # 64 patches (32 px, patch 4) and depth 4, so that schedules have room.
 WIDE = {**TINY, "patch_size": 4, "depth": 4}

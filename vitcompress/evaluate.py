@@ -32,6 +32,7 @@ from .models import data_config, model_info
 from .pipeline import load_base
 from .provenance import run_context
 from .robustness import AttackConfig, AttackSource, attack_eval
+from .transforms.tokens import token_state
 from .ui import progress_bar
 
 
@@ -88,7 +89,7 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def predict_traced(model: nn.Module, data: ImageData, **kwargs: Any,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]:
     """:func:`predict`, plus the token statistics of an adaptive-token model (None for any other)."""
-    st = getattr(model, "_vc_token_state", None)  # a token family's state: it says whether counts vary per image
+    st = token_state(model)  # a token family's state: it says whether counts vary per image
     if st is None or not st.adaptive or st.summarize is None:
         return (*predict(model, data, **kwargs), None)
     with st.tracing(len(model.blocks)) as forwards:

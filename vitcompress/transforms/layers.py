@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ui import progress_bar
+from .tokens import token_state
 
 LAYER_ALIASES = {"qkv": "blocks.*.attn.qkv", "proj": "blocks.*.attn.proj", "fc1": "blocks.*.mlp.fc1",
                  "fc2": "blocks.*.mlp.fc2", "head": "head", "attn_matmul": "blocks.*.attn",
@@ -52,7 +53,7 @@ def select_layers(model: nn.Module, layers: list[str], exclude: list[str], *, wh
 def use_torch_references_(model: nn.Module) -> None:
     """Make every kernel choice in ``model`` its torch reference, in place: every layer's ``backend`` and token
     merging's shared attention ``backend`` (export and autograd need them)."""
-    for holder in [*model.modules(), getattr(model, "_vc_token_state", None)]:
+    for holder in [*model.modules(), token_state(model)]:
         if isinstance(getattr(holder, "backend", None), str) and holder.backend in ("auto", "triton"):
             holder.backend = "torch"
 

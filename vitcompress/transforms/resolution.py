@@ -14,6 +14,7 @@ from torch import nn
 from ..config import Config
 from ..errors import ConfigError
 from .registry import TransformContext, register_transform
+from .tokens import token_state
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ def resolution_(model: nn.Module, cfg: ResolutionConfig, ctx: TransformContext) 
     patch = model.patch_embed.patch_size[0]
     if cfg.img_size % patch or cfg.img_size < patch:
         raise ConfigError(f"img_size {cfg.img_size} must be a positive multiple of the patch size {patch}")
-    if hasattr(model, "_vc_token_state"):
+    if token_state(model) is not None:
         raise ConfigError("change the resolution before token merging, not after")
     before = tuple(model.patch_embed.img_size)
     if before != (cfg.img_size, cfg.img_size):

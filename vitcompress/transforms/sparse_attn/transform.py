@@ -24,7 +24,7 @@ from ...kernels._triton import Backend, runs_kernel
 from ...kernels.attention import attention as fused
 from ..attention import attention
 from ..registry import TransformContext, register_transform
-from ..token_merge.transform import analytic_flops, tokens_per_layer
+from ..tokens import analytic_flops, tokens_per_layer
 from . import ops
 
 

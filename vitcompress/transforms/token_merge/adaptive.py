@@ -27,9 +27,9 @@ from ...errors import ConfigError
 from ...kernels._triton import Backend
 from ..layers import calib_batches
 from ..registry import TransformContext, register_transform
+from ..tokens import analytic_flops, counts_flops_fraction
 from . import ops
 from .block import Selector, TokenState, install_blocks
-from .transform import analytic_flops, counts_flops_fraction
 
 MAX_BUDGET = 8.0
 

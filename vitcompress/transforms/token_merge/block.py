@@ -28,6 +28,7 @@ from torch import nn
 from ...config import StrEnum
 from ...kernels._triton import Backend
 from ..attention import attention
+from ..tokens import STATE_ATTR
 from . import learned_ops, ops
 
 
@@ -246,7 +247,7 @@ def install_blocks(model: nn.Module, state: TokenState, drops: list[int], adapt:
     for i, (blk, r, a) in enumerate(zip(model.blocks, drops, adapt)):
         blk.__class__ = ReducibleBlock
         blk._vc_state, blk._vc_drop, blk._vc_adapt, blk._vc_first, blk._vc_index = state, int(r), bool(a), i == 0, i
-    model._vc_token_state = state
+    setattr(model, STATE_ATTR, state)
     if model.global_pool == "avg":
         model.pool = types.MethodType(_weighted_pool, model)
     elif getattr(model, "attn_pool", None) is not None:

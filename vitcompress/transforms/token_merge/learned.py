@@ -41,11 +41,12 @@ from ...device import resolve_device
 from ...errors import ConfigError
 from ...models import data_config, model_info
 from ..registry import TransformContext, register_transform
+from ..tokens import counts_flops_fraction
 from .adaptive import trace_summary
 from .block import MergeWeights, TokenMethod, TokenState, install_blocks
 from .learned_ops import ltmp_reduce, threshold_gate
 from .relaxed import diffrate_schedule, train_relaxed
-from .transform import TokenMergeConfig, capped, counts_flops_fraction
+from .transform import TokenMergeConfig, capped
 from .transform import install as install_tome
 
 

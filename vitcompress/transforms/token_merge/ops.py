@@ -245,24 +245,6 @@ def constant_schedule(r: int, depth: int, inflection: float = 0.0) -> list[int]:
     return out
 
 
-def token_counts(n_tokens: int, schedule: list[int]) -> list[tuple[int, int]]:
-    """Per layer (tokens into attention, tokens into the MLP), with ``schedule[l]`` removed in between."""
-    out, n = [], n_tokens
-    for r in schedule:
-        out.append((n, n - r))
-        n -= r
-    return out
-
-
-def block_flops(n_attn: int, n_mlp: int, dim: int, hidden: int, attn_dim: int | None = None) -> int:
-    """FLOPs (2 x MACs) of one ViT block: qkv + attention matmuls + proj on n_attn tokens, MLP on n_mlp.
-
-    attn_dim: heads x head_dim of this block (default ``dim``; smaller after head pruning); hidden: its MLP width.
-    """
-    a = dim if attn_dim is None else attn_dim
-    return 2 * n_attn * dim * 3 * a + 4 * n_attn * n_attn * a + 2 * n_attn * a * dim + 4 * n_mlp * dim * hidden
-
-
 def keep_count(n_patch: int, keep_rate: float) -> int:
     """EViT: how many of ``n_patch`` tokens a keep-rate keeps (at least 1)."""
     return max(1, math.ceil(keep_rate * n_patch))

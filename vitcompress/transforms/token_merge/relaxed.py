@@ -24,9 +24,9 @@ from torch import nn
 from ...errors import ConfigError
 from ..attention import attention
 from ..layers import token_stream
+from ..tokens import counts_flops_fraction
 from . import learned_ops as lo
 from . import ops
-from .transform import counts_flops_fraction
 
 # (block index, x, size, mask, keys [B,N,Dh], score [B,N]) -> (x, size, mask)
 Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -18,6 +17,7 @@ from ...errors import ConfigError, note
 from ...kernels._triton import Backend
 from ...models import data_config
 from ..registry import TransformContext, register_transform
+from ..tokens import flops_fraction, model_dims, token_counts, tokens_per_layer
 from . import ops
 from .block import ReducibleBlock, TokenMethod, TokenState, install_blocks
 
@@ -88,56 +88,18 @@ class TokenMergeConfig(Config):
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-def _dims(model: nn.Module) -> tuple[int, int, int, int]:
-    """(tokens at the first block, protected prefix tokens, width, MLP hidden width)."""
-    n = model.patch_embed.num_patches + model.num_prefix_tokens
-    return n, model.num_prefix_tokens, model.embed_dim, model.blocks[0].mlp.fc1.out_features
-
-
 def check_schedule(model: nn.Module, schedule: list[int], method: TokenMethod) -> None:
     """Raise :class:`ConfigError` if any layer removes more tokens than it can (ToMe schedules are clamped
     first, see :func:`capped`, so this only refuses EViT's)."""
-    n, p, _, _ = _dims(model)
+    n, p, _, _ = model_dims(model)
     if len(schedule) != len(model.blocks):
         raise ConfigError(f"schedule has {len(schedule)} entries but the model has {len(model.blocks)} blocks")
-    for layer, (n_in, _) in enumerate(ops.token_counts(n, schedule)):
+    for layer, (n_in, _) in enumerate(token_counts(n, schedule)):
         r, patches = schedule[layer], n_in - p
         limit = patches // 2 if method == TokenMethod.TOME else patches - 2
         if r > max(limit, 0):
             raise ConfigError(f"cannot remove {r} tokens in layer {layer}: it has {patches} mergeable tokens "
                               f"(at most {max(limit, 0)} for {method}); lower r / raise keep_rate")
-
-
-def flops_fraction(model: nn.Module, schedule: list[int]) -> float:
-    """Analytic GFLOPs under ``schedule`` over the unreduced model's (attention, patch embedding and head
-    included), matching what ``torch.utils.flop_counter`` counts."""
-    return float(counts_flops_fraction(model, ops.token_counts(_dims(model)[0], schedule)))
-
-
-def counts_flops_fraction(model: nn.Module, counts: Sequence[tuple[Any, Any]]) -> Any:
-    """:func:`flops_fraction` for given (tokens into attention, into the MLP) per block: ints, or tensors [B]
-    of per-image counts (adaptive methods) for a per-image fraction [B]."""
-    n = _dims(model)[0]
-    return analytic_flops(model, counts) / analytic_flops(model, [(n, n)] * len(model.blocks))
-
-
-def analytic_flops(model: nn.Module, counts: Sequence[tuple[Any, Any]]) -> Any:
-    """FLOPs per image for (tokens into attention, into the MLP) per block, patch embedding and head included."""
-    _, _, dim, _ = _dims(model)
-    proj = model.patch_embed.proj
-    fixed = 2 * model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
-    fixed += sum(2 * h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
-                 if isinstance(h, nn.Linear))
-    return fixed + sum(ops.block_flops(a, m, dim, h, ad) for (a, m), (ad, h) in zip(counts, _widths(model)))
-
-
-def _widths(model: nn.Module) -> list[tuple[int, int]]:
-    """(heads x head_dim, MLP hidden width) of each block: per layer, since head / MLP pruning changes them."""
-    def out(m: nn.Module, default: int) -> int:  # deployed layers that do not say keep the model's widths
-        return int(getattr(m, "out_features", default))
-
-    dim, hidden = model.embed_dim, model.blocks[0].mlp.fc1
-    return [(out(blk.attn.qkv, 3 * dim) // 3, out(blk.mlp.fc1, out(hidden, 4 * dim))) for blk in model.blocks]
 
 
 def tome_schedule(model: nn.Module, r: float, inflection: float) -> list[int]:
@@ -146,7 +108,7 @@ def tome_schedule(model: nn.Module, r: float, inflection: float) -> list[int]:
 
 def capped(model: nn.Module, schedule: list[int]) -> list[int]:
     """``schedule`` with each layer's merges capped at half its mergeable tokens (ToMe's limit)."""
-    n, p, _, _ = _dims(model)
+    n, p, _, _ = model_dims(model)
     out = []
     for r in schedule:
         out.append(min(r, (n - p) // 2))
@@ -156,7 +118,7 @@ def capped(model: nn.Module, schedule: list[int]) -> list[int]:
 
 def evit_schedule(model: nn.Module, keep_rate: float, layers: list[int] | None) -> list[int]:
     """Tokens removed per layer when EViT keeps ``keep_rate`` of the patch tokens at ``layers``."""
-    n, p, _, _ = _dims(model)
+    n, p, _, _ = model_dims(model)
     depth = len(model.blocks)
     layers = default_evit_layers(depth) if layers is None else layers
     if any(not 0 <= layer < depth for layer in layers):
@@ -183,7 +145,7 @@ def solve_flops(model: nn.Module, cfg: TokenMergeConfig) -> list[int]:
     if cfg.method == TokenMethod.TOME:
         def family(s: float) -> list[int]:  # s: tokens merged per layer, capped where a layer has too few
             return capped(model, tome_schedule(model, s, cfg.inflection))
-        strongest = float(_dims(model)[0])
+        strongest = float(model_dims(model)[0])
     else:
         def family(s: float) -> list[int]:  # s: fraction of patch tokens dropped at each EViT layer
             return evit_schedule(model, 1.0 - s, cfg.layers)
@@ -306,18 +268,9 @@ def token_merge_(model: nn.Module, cfg: TokenMergeConfig, ctx: TransformContext)
     """Apply token merging / pruning in place; records the per-layer schedule it resolved."""
     schedule, extra = resolve_schedule(model, cfg)
     install(model, schedule, cfg)
-    n, _, _, _ = _dims(model)
-    return {"schedule": schedule, "tokens": [a for a, _ in ops.token_counts(n, schedule)],
+    n, _, _, _ = model_dims(model)
+    return {"schedule": schedule, "tokens": [a for a, _ in token_counts(n, schedule)],
             "flops_fraction": round(flops_fraction(model, schedule), 4), **extra}
-
-
-def tokens_per_layer(model: nn.Module) -> list[int] | None:
-    """Tokens entering each block for the installed schedule (None without one, or for adaptive counts)."""
-    st = getattr(model, "_vc_token_state", None)
-    if st is None or st.adaptive:
-        return None
-    n, _, _, _ = _dims(model)
-    return [a for a, _ in ops.token_counts(n, [b._vc_drop for b in model.blocks])]
 
 
 __all__ = ["PropAttn", "ReducibleBlock", "TokenMergeConfig", "TokenMethod", "token_merge_", "tokens_per_layer"]
