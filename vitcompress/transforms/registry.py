@@ -23,7 +23,6 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..artifact import WEIGHTS, read_manifest
@@ -36,11 +35,13 @@ from ..models import model_info
 class TransformContext:
     """What a transform gets besides the model and its config.
 
-    calib: calibration batches ``(images[B,3,H,W], labels[B])`` from the *train* split, or None.
+    calib: calibration batches ``(images [B,3,H,W], labels [B], groups [B])`` from the *train* split (what
+    :func:`~vitcompress.pipeline.calibration_batches` yields; a bare ``images`` tensor or ``(images, labels)`` is
+    accepted too), or None.
     teacher: the uncompressed model, for transforms that train (recovery); set by ``pipeline.apply_stack``.
     """
 
-    calib: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    calib: Iterable[Any] | None = None
     teacher: nn.Module | None = None
 
 
@@ -81,7 +82,7 @@ def compress_(
     model: nn.Module,
     config: Config,
     *,
-    calib: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calib: Iterable[Any] | None = None,
     teacher: nn.Module | None = None,
 ) -> nn.Module:
     """Apply one registered transform to ``model`` in place and record it in the model's history."""
