@@ -70,8 +70,9 @@ def role(exec_type: str, node_type: str, name: str) -> str:
         return "softmax"
     if t in ("MVN", "NormalizeL2"):
         return "norm"
-    if t in MERGE:
-        return "token merging ops"
+    if t in MERGE:  # inside a block but outside its sublayers: the merging glue (outside: CLS gather and the like)
+        inside = block_of(name) != "outside" and not re.search(r"/(attn|mlp|norm\d?|ls\d)/", name)
+        return "token merging ops" if inside else "data movement"
     if t in MOVE:
         return "data movement"
     if t in ("Eltwise", "Subgraph", "Multiply", "Add", "Gelu", "Divide", "Power", "Sqrt", "Erf"):
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a timm.create_model argument (repeatable; tests shrink the model with depth=2)")
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--points", default=",".join(POINTS), help="comma-separated names of POINTS")
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, text = item.partition("=")
         points[name] = yaml.safe_load(text)
     torch.manual_seed(0)
-    base = create_model(args.model, img_size=args.img_size, num_classes=10).eval()
+    kwargs = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.model_arg)}
+    base = create_model(args.model, img_size=args.img_size, num_classes=10, **kwargs).eval()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     res: dict[str, Any] = {"what": __doc__.splitlines()[0], "model": args.model, "img_size": args.img_size,
                            "command": "python -m benchmarks.openvino_profile " + " ".join(argv or sys.argv[1:]),

@@ -115,3 +115,21 @@ def test_deployed_attention_survives_the_artifact_round_trip(tiny_model, tmp_pat
     with torch.no_grad():
         assert torch.equal(tiny_model(x), again(x))
     export_model(again, tmp_path / "a.onnx", ExportConfig())  # still exportable after a load
+
+
+def test_the_openvino_profile_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/openvino_profile (#42 item 3): dense and ToMe at a static batch, OpenVINO's per-node counters
+    summed by role, block and node type."""
+    import json
+
+    from benchmarks.openvino_profile import main
+
+    main(["--model", "vit_small_patch14_dinov2", "--img-size", "112", "--model-arg", "depth=4",
+          "--model-arg", "embed_dim=64", "--model-arg", "num_heads=2", "--batch-sizes", "2", "--repeat", "2",
+          "--points", "dense,ToMe 0.65x", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "openvino_profile.json").read_text())
+    dense, tome = (res["points"][n]["batches"]["2"] for n in ("dense", "ToMe 0.65x"))
+    assert dense["by_role"]["linear"] > 0 and "token merging ops" not in dense["by_role"]
+    assert tome["by_role"]["token merging ops"] > 0
+    assert set(dense["by_block"]) >= {"0", "3"}
+    assert "## Batch 2" in (tmp_path / "openvino_profile.md").read_text()
