@@ -266,3 +266,59 @@ def test_onednn_exactness_follows_the_isa_cap(monkeypatch, var):
     assert not onednn_int8_exact()
     monkeypatch.setenv(var, "avx512_core")
     assert not onednn_int8_exact()
+
+
+def _asym_layer(backend="auto"):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    return lin, int8_linear.Int8Linear.from_linear(lin, per_token=False, a_range=(-0.17, 5.0), backend=backend)
+
+
+def test_static_activations_take_an_asymmetric_grid_that_every_path_computes_alike():
+    """a_range (lo, hi) sets scale (hi - lo) / 255 and its own zero point: 0 stays exact, the oneDNN path (the zero
+    point in its call), the int_mm reference (the zero point's share in the bias), the gradient twin and the QDQ
+    form compute the same function; on GELU outputs it is finer than the symmetric grid."""
+    from vitcompress.transforms.quantize.qdq import QdqActivations, QdqForm
+
+    lin, mod = _asym_layer()
+    assert int(mod.a_zero) == round(0.17 / float(mod.a_scale)) and int(mod.a_zero) != 128
+    x = torch.nn.functional.gelu(torch.randn(5, 96) * 2)
+    s, z = float(mod.a_scale), int(mod.a_zero)
+    codes = (torch.round(x.double() / s) + z).clamp(0, 255) - z
+    w, ws = mod.w_int8.double(), mod.w_scale.double()
+    if int8_linear.cpu_path("auto", x) and not int8_linear.ONEDNN_EXACT:
+        w, ws = halve_codes(mod.w_int8, mod.w_scale, unpack_bits(mod.w_half, 96))
+        w, ws = w.double(), ws.double()
+    ref = ((codes @ w.t()) * s * ws + mod.bias.double()).float()
+    assert torch.allclose(mod(x), ref, atol=1e-4, rtol=1e-4)  # auto: oneDNN on this CPU
+    mod.backend = "torch"
+    exact = ((codes @ mod.w_int8.double().t()) * s * mod.w_scale.double() + mod.bias.double()).float()
+    assert torch.allclose(mod(x), exact, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(mod(torch.zeros(1, 96)), mod.bias[None], atol=1e-6)  # 0 is on the grid
+    twin = int8_linear.Int8Linear.gradient_twin(mod)
+    assert torch.allclose(twin(x), exact, atol=1e-4, rtol=1e-4)
+    for acts in QdqActivations:
+        assert torch.allclose(mod.export_form(QdqForm(acts))(x), exact, atol=1e-4, rtol=1e-4)
+    lo, hi = float(x.min()), float(x.max())  # both grids calibrated on x itself: no clipping
+    asym = int8_linear.Int8Linear.from_linear(lin, per_token=False, a_range=(lo, hi), backend="torch")
+    sym = int8_linear.Int8Linear.from_linear(lin, per_token=False, a_absmax=hi, backend="torch")
+    with torch.no_grad():  # the activations' share of the error: against the same int8 weights on float inputs
+        want = x @ mod.dequantized_weight().t() + mod.bias
+        assert _rel(asym(x), want) < 0.75 * _rel(sym(x), want)
+
+
+def test_older_static_layers_and_configs_keep_the_symmetric_grid(tmp_path, tiny_model):
+    _, mod = _asym_layer()
+    state = {k: v for k, v in mod.state_dict().items() if k != "a_zero"}  # an artifact from before a_zero
+    fresh = int8_linear.Int8Linear(96, 40, per_token=False)
+    fresh.load_state_dict(state)
+    assert int(fresh.a_zero) == 128
+    assert QuantConfig.from_dict({"name": "quantize", "version": 6, "mode": "deploy"}).a_symmetric is True
+    assert QuantConfig().a_symmetric is False
+    calib = _calib(tiny_model)
+    sym, asym = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    compress_(sym, QuantConfig(mode="deploy", a_symmetric=True), calib=calib)
+    compress_(asym, QuantConfig(mode="deploy"), calib=calib)
+    assert int(sym.blocks[0].mlp.fc2.a_zero) == 128 and int(asym.blocks[0].mlp.fc2.a_zero) < 128  # GELU: lo ~ -0.17
+    save_artifact(asym, tmp_path / "a")
+    assert torch.equal(_fwd(load_artifact(tmp_path / "a")), _fwd(asym))

@@ -202,7 +202,8 @@ def test_w8a8_deploy_runs_in_int8_and_round_trips(tmp_path, tiny_model, a_granul
     assert torch.equal(_fwd(loaded, _x()), out)
     ratio = (tmp_path / "int8" / "model.safetensors").stat().st_size / \
         (tmp_path / "fp32" / "model.safetensors").stat().st_size
-    assert ratio < 0.4  # tiny model: patch embedding, position embedding and head stay float
+    assert ratio < 0.41  # tiny model: patch embedding, position embedding and head stay float (and each layer
+    # stores a few scalars: scales, zero point)
 
 
 @pytest.mark.parametrize("group", [None, 8])

@@ -38,14 +38,26 @@ ONEDNN_EXACT = onednn_int8_exact()
 # graph): {(data_ptr, shape, version, 7-bit mode): (weakref to the int8 weight, packed, zero points, scales)}
 _PACKED: dict[tuple, tuple] = {}
 
+SYMMETRIC_ZERO = QMAX + 1  # the static grid's zero point that stands for the symmetric grid (codes 1..255 = +-127)
+
+
+def lowest_code(zero: int) -> int:
+    """The lowest uint8 code of a static grid: 1 on the symmetric one (+-127, as before zero points were stored and
+    as the per-token path), 0 on an asymmetric one."""
+    return 1 if zero == SYMMETRIC_ZERO else 0
+
+
 CHUNK = 1 << 18  # elements per row block of the activation quantizer: its float temporaries stay in cache
 
 
-def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (codes + qmax + 1 as uint8 [M, K], per-row scales fp32 [M, 1] when ``scale`` is None).
+def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX, zero: int = SYMMETRIC_ZERO,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, K] -> (uint8 codes [M, K], per-row scales fp32 [M, 1] when ``scale`` is None).
 
-    Symmetric, round half to even, clamped to +-qmax: at qmax 127 the codes of ``quantize_per_token_ref`` (per
-    row) or of the static path (one scale); qmax 63 is the 7-bit grid of CPUs without VNNI. Done in row blocks:
+    Per row (``scale`` None): symmetric, round half to even, clamped to +-qmax and shifted by qmax + 1: at qmax 127
+    the codes of ``quantize_per_token_ref``; qmax 63 is the 7-bit grid of CPUs without VNNI. Static (one
+    ``scale``): round(x / scale) + ``zero``, clamped to [:func:`lowest_code`, 255] (zero 128: the symmetric grid).
+    Done in row blocks:
     on whole [M, K] tensors the four elementwise passes go to memory (ViT-B fc2 at batch 16: 51 ms, against 9 ms
     in blocks)."""
     out = torch.empty(x.shape, dtype=torch.uint8)
@@ -59,7 +71,10 @@ def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX) -> tuple[t
         else:
             si = scale
         xi = xi.div_(si) if own else xi.div(si)
-        out[i:i + rows] = xi.round_().clamp_(-qmax, qmax).add_(qmax + 1)
+        if scale is None:
+            out[i:i + rows] = xi.round_().clamp_(-qmax, qmax).add_(qmax + 1)
+        else:
+            out[i:i + rows] = xi.round_().add_(zero).clamp_(lowest_code(zero), 255)
     return out, scales
 
 
@@ -115,11 +130,12 @@ def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, w_half: torch.Ten
 @torch.library.custom_op("vitcompress::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
                        bias: torch.Tensor | None, per_token: bool, w_half: torch.Tensor | None = None,
-                       ) -> torch.Tensor:
+                       a_zero: int = SYMMETRIC_ZERO) -> torch.Tensor:
     """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
     (fp32 or bf16), for int8 weight codes [out, in] with scales [out]. One opaque op, so that a compiled graph
     keeps it whole (its fake implementation gives the shape). oneDNN takes uint8 activations with a zero point:
-    the int8 codes + 128 are the same grid. A static scale ``a_scale`` [] and the bias go into oneDNN's
+    the int8 codes + 128 are the same grid (per token), or the static grid's own zero point ``a_zero``. A static
+    scale ``a_scale`` [] and the bias go into oneDNN's
     epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
     ``ONEDNN_EXACT``)."""
     packed, zeros, ws = packed_weight(w_int8, w_scale, w_half)
@@ -130,15 +146,15 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
                                                  torch.float32, "none", [], "").mul_(s)
         return (out if bias is None else out.add_(bias)).to(x2.dtype)
     a = float(a_scale)
-    qx, _ = _to_uint8(x2, a, qmax)
+    qx, _ = _to_uint8(x2, a, qmax, a_zero)
     out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
     bias = None if bias is None else bias.to(out_dtype)
-    return torch.ops.onednn.qlinear_pointwise(qx, a, qmax + 1, packed, ws, zeros, bias, 1.0, 0,
+    return torch.ops.onednn.qlinear_pointwise(qx, a, a_zero, packed, ws, zeros, bias, 1.0, 0,
                                               out_dtype, "none", [], "").to(x2.dtype)
 
 
 @onednn_int8_linear.register_fake
-def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None):  # noqa: ANN001
+def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None, a_zero=SYMMETRIC_ZERO):  # noqa: ANN001
     return x2.new_empty(x2.shape[0], w_int8.shape[0])
 
 
@@ -162,20 +178,24 @@ class TwinLinear(nn.Module):
     the backward pass (straight-through), and ``weight`` [out, in] is what the deployed GEMM multiplies by."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None, kind: str,
-                 qmax: int = QMAX, bf16_product: bool = False):
+                 qmax: int = QMAX, bf16_product: bool = False, a_zero: int | None = None):
         super().__init__()
         self.bf16_product = bf16_product  # the deployed GEMM returns its product in bf16 (torch._scaled_mm)
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("a_scale", None if a_scale is None else a_scale.detach().float().clone())
-        self.kind, self.qmax = kind, qmax
+        self.kind, self.qmax, self.a_zero = kind, qmax, a_zero  # a_zero: a static uint8 grid's zero point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.kind == "int":
             s = x.abs().amax(-1, keepdim=True).clamp_min(ops.EPS) / self.qmax if self.a_scale is None else \
                 self.a_scale
-            rounded = torch.round(x / s).clamp(-self.qmax, self.qmax) * s
+            if self.a_zero is None:
+                rounded = torch.round(x / s).clamp(-self.qmax, self.qmax) * s
+            else:
+                z = self.a_zero
+                rounded = (torch.round(x / s) + z).clamp(lowest_code(z), 255).sub(z) * s
         else:
             s = ops.fp8_scale(x.abs().amax(-1, keepdim=True)) if self.a_scale is None else self.a_scale
             rounded = ops.fp8_codes(x, s).float() * s
@@ -229,7 +249,9 @@ class Int8Linear(ScaledLinear):
     Buffers: w_int8 int8 [out, in] (row-major, so the GEMM's [in, out] operand ``w_int8.t()`` is column-major:
     the layout cuBLASLt's int8 GEMM and Hopper's 8-bit wgmma want), w_half uint8 [out, ceil(in / 8)] (one bit
     per weight: which way its 7-bit code rounds, for CPUs without VNNI), w_scale float32 [out], a_scale float32
-    [] (static per-tensor activations; unused per token). Parameter: bias [out] or None.
+    [] and a_zero int32 [] (static per-tensor activations: codes round(x / a_scale) + a_zero on [0, 255], the
+    asymmetric uint8 grid; a_zero 128 is the symmetric one of artifacts from before it; unused per token).
+    Parameter: bias [out] or None.
     """
 
     _vc_derived_buffers = ("w_half",)  # absent from artifacts before 2026-12-05: rebuilt from the codes on load
@@ -240,6 +262,7 @@ class Int8Linear(ScaledLinear):
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_half", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8,
                                                    device=device))
+        self.register_buffer("a_zero", torch.tensor(QMAX + 1, dtype=torch.int32, device=device))
 
     def _codes(self) -> torch.Tensor:
         return self.w_int8
@@ -252,14 +275,19 @@ class Int8Linear(ScaledLinear):
         if codes is not None and prefix + "w_half" not in state_dict:  # before 2026-12-05: round half to even
             even = torch.round(codes.float() / 2) > torch.floor(codes.float() / 2)
             state_dict[prefix + "w_half"] = qdq_pack(even)
+        if codes is not None and prefix + "a_zero" not in state_dict:  # before 2026-12-08: the symmetric grid
+            state_dict[prefix + "a_zero"] = torch.tensor(QMAX + 1, dtype=torch.int32)
         _forget_packed(getattr(self, "w_int8", None))  # new weights: repack on the next call
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     @torch.no_grad()  # the codes and scales are buffers: no autograd history from the float weight
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
-                    clip: float = 1.0, backend: str = "auto") -> Int8Linear:
-        """Quantize ``linear``'s weight per output channel; ``a_absmax`` sets a static activation scale.
+                    clip: float = 1.0, backend: str = "auto", a_range: tuple[float, float] | None = None,
+                    ) -> Int8Linear:
+        """Quantize ``linear``'s weight per output channel. Static activations: ``a_range`` (lo, hi) sets the
+        asymmetric uint8 grid (scale (hi - lo) / 255, lo and hi widened to hold 0 exactly), or ``a_absmax`` the
+        symmetric one.
 
         backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
         (``torch._int_mm``), or ``auto`` (on CUDA, whichever of the two the per-architecture GEMM table measured
@@ -273,9 +301,24 @@ class Int8Linear(ScaledLinear):
         mod.w_scale.copy_(scale[:, 0])
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().float())
-        if a_absmax is not None:
+        if a_range is not None:
+            lo, hi = min(float(a_range[0]), 0.0), max(float(a_range[1]), 0.0)
+            scale = max(hi - lo, ops.EPS) / 255
+            mod.a_scale.fill_(scale)
+            mod.a_zero.fill_(min(max(round(-lo / scale), 0), 255))
+        elif a_absmax is not None:
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
+
+    def _static_bias(self) -> torch.Tensor | None:
+        """The bias of the int8 GEMM's float epilogue on the static grid: codes - 128 run as int8, so the layer's
+        bias gains a_scale * w_scale * (128 - a_zero) * (the weight codes' row sums) [out] (0 on the symmetric
+        grid)."""
+        shift = QMAX + 1 - int(self.a_zero)
+        if shift == 0:
+            return self.bias
+        extra = self.w_int8.sum(1, dtype=torch.int32).float() * (shift * self.a_scale * self.w_scale)
+        return extra if self.bias is None else self.bias + extra
 
     def gradient_twin(self) -> nn.Module:
         """The deployed function (see :meth:`ScaledLinear.gradient_twin`): on a CPU without VNNI, the 7-bit weights
@@ -284,7 +327,8 @@ class Int8Linear(ScaledLinear):
         if cpu_path(self.backend, self.w_int8):
             w, scale = cpu_weight_codes(w, scale, self.w_half)
         a_scale = None if self.per_token else self.a_scale
-        return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX)
+        return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX,
+                          a_zero=None if self.per_token else int(self.a_zero))
 
     def export_form(self, form: QdqForm) -> nn.Module:
         """The ONNX form: a :class:`QDQLinear` with the same codes (per-token activations have none)."""
@@ -292,7 +336,7 @@ class Int8Linear(ScaledLinear):
             raise ConfigError("it quantizes activations per token on the fly, which has no static QDQ form: "
                               "quantize with --a-granularity per_tensor (calibrated)")
         return qdq_linear(self.w_int8, self.w_scale, self.bias, self.a_scale, form,
-                          unpack_bits(self.w_half, self.in_features))
+                          unpack_bits(self.w_half, self.in_features), int(self.a_zero))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -301,21 +345,23 @@ class Int8Linear(ScaledLinear):
         kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
         if not kernel and cpu_path(self.backend, x):
             out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
-                                                           self.per_token, self.w_half)
+                                                           self.per_token, self.w_half, int(self.a_zero))
             return out.reshape(*shape[:-1], self.out_features)
         if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference (which a
             # compiled graph fuses into the LayerNorm / GELU before it, so it takes the reference there)
             fused = kernel and not torch.compiler.is_compiling()
             q, s = quantize_per_token(x2, backend="triton" if fused else "torch")
-        else:
+        else:  # the static uint8 grid's codes - 128, as int8; the zero point's share goes into the bias
             s = self.a_scale.expand(x2.shape[0])
-            q = torch.round(x2.float() / self.a_scale).clamp(-QMAX, QMAX).to(torch.int8)
+            z = int(self.a_zero)
+            q = (torch.round(x2.float() / self.a_scale) + z).clamp(lowest_code(z), 255).sub(QMAX + 1).to(torch.int8)
+        bias = self.bias if self.per_token else self._static_bias()
         if kernel:
-            out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, self.bias, out_dtype=x.dtype,
+            out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, bias, out_dtype=x.dtype,
                             backend="triton")
             return out.reshape(*shape[:-1], self.out_features)
         acc = int_mm(q, self.w_int8.t())
         out = acc.float() * (s[:, None] * self.w_scale)
-        if self.bias is not None:
-            out = out + self.bias
+        if bias is not None:
+            out = out + bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

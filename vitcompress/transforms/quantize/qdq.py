@@ -13,8 +13,8 @@ from ...config import StrEnum
 
 
 class QdqActivations(StrEnum):
-    INT8 = "int8"  # symmetric, zero point 0: what TensorRT takes
-    UINT8 = "uint8"  # the same grid shifted by 128 (zero point 128): what ONNX Runtime's x86 kernels prefer
+    INT8 = "int8"  # int8 codes (zero point a_zero - 128; 0 on the symmetric grid): what TensorRT takes
+    UINT8 = "uint8"  # the same grid as uint8 codes (zero point a_zero): what ONNX Runtime's x86 kernels prefer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +64,12 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def qdq_linear(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None,
-               form: QdqForm, up: torch.Tensor | None = None) -> QDQLinear:
+               form: QdqForm, up: torch.Tensor | None = None, a_zero: int = 128) -> QDQLinear:
     """The QDQ form of a layer with int8 weight codes [out, in] and scales [out] (onto 7 bits if asked; ``up``:
-    see :func:`halve_codes`)."""
+    see :func:`halve_codes`); ``a_zero``: the activations' zero point on the uint8 grid (128: symmetric)."""
     if form.weight_bits == 7:
         codes, scale = halve_codes(codes, scale, up)
-    return QDQLinear(codes, scale, bias, a_scale, form.activations)
+    return QDQLinear(codes, scale, bias, a_scale, form.activations, a_zero)
 
 
 class QDQLinear(nn.Module):
@@ -78,14 +78,16 @@ class QDQLinear(nn.Module):
     a_scale [] (absent for weight-only)."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 a_scale: torch.Tensor | None, act_dtype: QdqActivations):
+                 a_scale: torch.Tensor | None, act_dtype: QdqActivations, a_zero: int = 128):
         super().__init__()
         self.register_buffer("weight_t", (codes.float() * w_scale[:, None].float()).t().contiguous())
         self.register_buffer("w_scale", w_scale.float().clone())
         self.register_buffer("w_zero", torch.zeros_like(w_scale, dtype=torch.int32))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
         self.a_scale = None if a_scale is None else float(a_scale)
-        self.a_zero, self.a_range = (128, (0, 255)) if act_dtype == QdqActivations.UINT8 else (0, (-128, 127))
+        # the same grid either way: uint8 codes with zero point a_zero, or int8 codes with a_zero - 128
+        self.a_zero, self.a_range = (a_zero, (0, 255)) if act_dtype == QdqActivations.UINT8 else \
+            (a_zero - 128, (-128, 127))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_scale is not None:

@@ -118,7 +118,9 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
         return Fp8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, backend=cfg.backend), 1.0
     clip = _weight_clip(m.weight, cfg, w_alpha)
     if kind == "int8":
-        return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, clip=clip, backend=cfg.backend), clip
+        static = None if cfg.a_symmetric or per_token or "" not in rng else rng[""]
+        return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, a_range=static, clip=clip,
+                                      backend=cfg.backend), clip
     if hessian is not None:
         w, scale = ops.gptq_quantize(m.weight, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp, act_order=cfg.act_order)
         return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, weight=w, scale=scale), 1.0
