@@ -322,3 +322,48 @@ def test_older_static_layers_and_configs_keep_the_symmetric_grid(tmp_path, tiny_
     assert int(sym.blocks[0].mlp.fc2.a_zero) == 128 and int(asym.blocks[0].mlp.fc2.a_zero) < 128  # GELU: lo ~ -0.17
     save_artifact(asym, tmp_path / "a")
     assert torch.equal(_fwd(load_artifact(tmp_path / "a")), _fwd(asym))
+
+
+def test_per_token_activations_on_asymmetric_rows_compute_alike_on_every_path():
+    """asym: each row on its own uint8 grid; oneDNN (one zero point of 128, each row's own added through the
+    weight row sums), the int_mm reference and the gradient twin compute the same function as a float64
+    restatement, leave the input alone, and beat the symmetric rows on GELU outputs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    mod = int8_linear.Int8Linear.from_linear(lin, per_token=True, asym=True)
+    x = torch.nn.functional.gelu(torch.randn(2, 9, 96) * 2)
+    keep = x.clone()
+    x2 = x.reshape(-1, 96).double()
+    lo, hi = x2.amin(1, keepdim=True).clamp(max=0), x2.amax(1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255).float().double()
+    z = torch.round(-lo / s)
+    codes = (torch.round(x2 / s) + z).clamp(0, 255) - z
+
+    def ref(w, ws):
+        return ((codes @ w.double().t()) * s * ws.double() + mod.bias.double()).float().reshape(2, 9, 40)
+
+    w, ws = mod.w_int8, mod.w_scale
+    if int8_linear.cpu_path("auto", x) and not int8_linear.ONEDNN_EXACT:
+        w, ws = halve_codes(mod.w_int8, mod.w_scale, unpack_bits(mod.w_half, 96))
+    assert torch.allclose(mod(x), ref(w, ws), atol=1e-4, rtol=1e-4)  # auto: oneDNN on this CPU
+    assert torch.equal(x, keep)
+    mod.backend = "torch"
+    exact = ref(mod.w_int8, mod.w_scale)
+    assert torch.allclose(mod(x), exact, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(int8_linear.Int8Linear.gradient_twin(mod)(x), exact, atol=1e-4, rtol=1e-4)
+    sym = int8_linear.Int8Linear.from_linear(lin, per_token=True, backend="torch")
+    with torch.no_grad():
+        want = x @ mod.dequantized_weight().t() + mod.bias
+        assert _rel(mod(x), want) < 0.75 * _rel(sym(x), want)
+
+
+def test_per_token_grids_follow_the_config_through_an_artifact(tmp_path, tiny_model):
+    calib = _calib(tiny_model)
+    old = QuantConfig.from_dict({"name": "quantize", "version": 6, "mode": "deploy", "a_granularity": "per_token"})
+    for cfg, asym in ((QuantConfig(mode="deploy", a_granularity="per_token"), True), (old, False)):
+        m = copy.deepcopy(tiny_model)
+        compress_(m, cfg, calib=calib)
+        assert m.blocks[0].mlp.fc2.asym is asym
+        save_artifact(m, tmp_path / str(asym))
+        loaded = load_artifact(tmp_path / str(asym))
+        assert loaded.blocks[0].mlp.fc2.asym is asym and torch.equal(_fwd(loaded), _fwd(m))

@@ -78,6 +78,38 @@ def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX, zero: int 
     return out, scales
 
 
+def _to_uint8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (uint8 codes [M, K], scales fp32 [M, 1], zero points fp32 [M, 1]): each row on the uint8 grid over
+    its own range (widened to hold 0), as :func:`quantize_per_token_asym`; in row blocks like :func:`_to_uint8`."""
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    scales, zeros = torch.empty(x.shape[0], 1), torch.empty(x.shape[0], 1)
+    rows = max(1, CHUNK // max(1, x.shape[1]))
+    own = x.dtype != torch.float32  # .float() made a copy we may overwrite; an fp32 input is the caller's
+    for i in range(0, x.shape[0], rows):
+        xi = x[i:i + rows].float()
+        si, zi = _row_grid(xi)
+        scales[i:i + rows], zeros[i:i + rows] = si, zi
+        out[i:i + rows] = (xi.div_(si) if own else xi.div(si)).round_().add_(zi).clamp_(0, 255)
+    return out, scales, zeros
+
+
+def _row_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x [M, K]: (scale [M, 1], zero point [M, 1]) of the uint8 grid over [min(lo, 0), max(hi, 0)]."""
+    lo, hi = x.amin(1, keepdim=True).clamp_max(0), x.amax(1, keepdim=True).clamp_min(0)
+    s = (hi - lo).clamp_min(ops.EPS) / 255
+    return s, torch.round(-lo / s).clamp_(0, 255)
+
+
+def quantize_per_token_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes - 128 as int8 [M, K], scales fp32 [M], zero points fp32 [M]): each row on its own uint8
+    grid (scale (hi - lo) / 255, zero point round(-lo / scale)), round half to even. The int8 GEMM multiplies the
+    codes - 128; each row's zero point then adds (128 - z) x the weight codes' row sums."""
+    xf = x.float()
+    s, z = _row_grid(xf)
+    q = (torch.round(xf / s) + z).clamp(0, 255).sub(SYMMETRIC_ZERO).to(torch.int8)
+    return q, s[:, 0], z[:, 0]
+
+
 def _weight_key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), tuple(w.shape), -1 if w.is_inference() else w._version)  # inference: no version counter
 
@@ -110,27 +142,29 @@ def cpu_path(backend: str, x: torch.Tensor) -> bool:
 
 
 def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, w_half: torch.Tensor | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out]) for int8 codes [out, in]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(oneDNN's prepacked weight, zero points [out], its per-channel scales [out], the scaled row sums of the codes
+    it multiplies [out] (what a per-row activation zero point contributes)) for int8 codes [out, in]:
     packed once, again only when the weight changes. Without VNNI the codes are halved onto 7 bits. Cached by the
     weight's storage and version; an entry whose weight was freed is dropped (its address may be reused)."""
     key = (*_weight_key(w_int8), ONEDNN_EXACT)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is not None:
-        return hit[1], hit[2], hit[3]
+        return hit[1], hit[2], hit[3], hit[4]
     for k in [k for k, v in _PACKED.items() if v[0]() is None]:
         del _PACKED[k]
     w, scale = cpu_weight_codes(w_int8, w_scale, w_half)
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     zeros = torch.zeros(w_int8.shape[0], dtype=torch.long)
-    _PACKED[key] = (weakref.ref(w_int8), packed, zeros, scale)
-    return packed, zeros, scale
+    sums = w.sum(1, dtype=torch.int32).float() * scale
+    _PACKED[key] = (weakref.ref(w_int8), packed, zeros, scale, sums)
+    return packed, zeros, scale, sums
 
 
 @torch.library.custom_op("vitcompress::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
                        bias: torch.Tensor | None, per_token: bool, w_half: torch.Tensor | None = None,
-                       a_zero: int = SYMMETRIC_ZERO) -> torch.Tensor:
+                       a_zero: int = SYMMETRIC_ZERO, asym: bool = False) -> torch.Tensor:
     """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
     (fp32 or bf16), for int8 weight codes [out, in] with scales [out]. One opaque op, so that a compiled graph
     keeps it whole (its fake implementation gives the shape). oneDNN takes uint8 activations with a zero point:
@@ -138,8 +172,14 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
     scale ``a_scale`` [] and the bias go into oneDNN's
     epilogue; per-token scales are applied to its fp32 output. Without VNNI one side takes 7 bits (see
     ``ONEDNN_EXACT``)."""
-    packed, zeros, ws = packed_weight(w_int8, w_scale, w_half)
+    packed, zeros, ws, sums = packed_weight(w_int8, w_scale, w_half)
     qmax = QMAX
+    if per_token and asym:  # oneDNN takes one zero point: 128, and each row's own adds (128 - z) x the row sums
+        qx, s, z = _to_uint8_rows(x2)
+        out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, SYMMETRIC_ZERO, packed, ws, zeros, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        out.add_((SYMMETRIC_ZERO - z) * sums).mul_(s)
+        return (out if bias is None else out.add_(bias)).to(x2.dtype)
     if per_token:
         qx, s = _to_uint8(x2, None, qmax)
         out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, ws, zeros, None, 1.0, 0,
@@ -154,7 +194,7 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
 
 
 @onednn_int8_linear.register_fake
-def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None, a_zero=SYMMETRIC_ZERO):  # noqa: ANN001
+def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None, a_zero=SYMMETRIC_ZERO, asym=False):  # noqa: ANN001
     return x2.new_empty(x2.shape[0], w_int8.shape[0])
 
 
@@ -178,17 +218,22 @@ class TwinLinear(nn.Module):
     the backward pass (straight-through), and ``weight`` [out, in] is what the deployed GEMM multiplies by."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor | None, kind: str,
-                 qmax: int = QMAX, bf16_product: bool = False, a_zero: int | None = None):
+                 qmax: int = QMAX, bf16_product: bool = False, a_zero: int | None = None, asym_rows: bool = False):
         super().__init__()
         self.bf16_product = bf16_product  # the deployed GEMM returns its product in bf16 (torch._scaled_mm)
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("a_scale", None if a_scale is None else a_scale.detach().float().clone())
-        self.kind, self.qmax, self.a_zero = kind, qmax, a_zero  # a_zero: a static uint8 grid's zero point
+        # a_zero: a static uint8 grid's zero point; asym_rows: per token, each row on its own uint8 grid
+        self.kind, self.qmax, self.a_zero, self.asym_rows = kind, qmax, a_zero, asym_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        if self.kind == "int":
+        if self.kind == "int" and self.a_scale is None and self.asym_rows:
+            s, z = _row_grid(x.reshape(-1, x.shape[-1]))
+            s, z = s.reshape(*x.shape[:-1], 1), z.reshape(*x.shape[:-1], 1)
+            rounded = (torch.round(x / s) + z).clamp(0, 255).sub(z) * s
+        elif self.kind == "int":
             s = x.abs().amax(-1, keepdim=True).clamp_min(ops.EPS) / self.qmax if self.a_scale is None else \
                 self.a_scale
             if self.a_zero is None:
@@ -257,8 +302,9 @@ class Int8Linear(ScaledLinear):
     _vc_derived_buffers = ("w_half",)  # absent from artifacts before 2026-12-05: rebuilt from the codes on load
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
-                 device: torch.device | str | None = None, backend: str = "auto"):
+                 device: torch.device | str | None = None, backend: str = "auto", asym: bool = False):
         super().__init__(in_features, out_features, bias, per_token, device, backend)
+        self.asym = asym  # per token: each row on its own uint8 grid (the config's a_symmetric false, v7)
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_half", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8,
                                                    device=device))
@@ -284,17 +330,17 @@ class Int8Linear(ScaledLinear):
     @torch.no_grad()  # the codes and scales are buffers: no autograd history from the float weight
     def from_linear(cls, linear: nn.Linear, *, per_token: bool = True, a_absmax: float | None = None,
                     clip: float = 1.0, backend: str = "auto", a_range: tuple[float, float] | None = None,
-                    ) -> Int8Linear:
+                    asym: bool = False) -> Int8Linear:
         """Quantize ``linear``'s weight per output channel. Static activations: ``a_range`` (lo, hi) sets the
         asymmetric uint8 grid (scale (hi - lo) / 255, lo and hi widened to hold 0 exactly), or ``a_absmax`` the
-        symmetric one.
+        symmetric one. Per token, ``asym`` puts each row on its own uint8 grid (else symmetric, +-127).
 
         backend: ``triton`` (the fused int8 GEMM of :mod:`vitcompress.kernels.int8_gemm`), ``torch``
         (``torch._int_mm``), or ``auto`` (on CUDA, whichever of the two the per-architecture GEMM table measured
         faster at each shape: :mod:`vitcompress.kernels.tuned`; on a CPU, oneDNN's int8 linear).
         """
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, per_token, linear.weight.device,
-                  backend)
+                  backend, asym=asym)
         scale = ops.weight_scale(linear.weight, 8, clip=clip)  # [out, 1]
         mod.w_int8.copy_(ops.weight_codes(linear.weight, scale, 8))
         mod.w_half.copy_(half_bits(linear.weight, scale, mod.w_int8))
@@ -310,6 +356,10 @@ class Int8Linear(ScaledLinear):
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
 
+    def _row_sums(self) -> torch.Tensor:
+        """The weight codes' row sums times their scales [out]: what one activation code's shift adds to each output."""
+        return self.w_int8.sum(1, dtype=torch.int32).float() * self.w_scale
+
     def _static_bias(self) -> torch.Tensor | None:
         """The bias of the int8 GEMM's float epilogue on the static grid: codes - 128 run as int8, so the layer's
         bias gains a_scale * w_scale * (128 - a_zero) * (the weight codes' row sums) [out] (0 on the symmetric
@@ -317,7 +367,7 @@ class Int8Linear(ScaledLinear):
         shift = QMAX + 1 - int(self.a_zero)
         if shift == 0:
             return self.bias
-        extra = self.w_int8.sum(1, dtype=torch.int32).float() * (shift * self.a_scale * self.w_scale)
+        extra = self._row_sums() * (shift * self.a_scale)
         return extra if self.bias is None else self.bias + extra
 
     def gradient_twin(self) -> nn.Module:
@@ -328,7 +378,7 @@ class Int8Linear(ScaledLinear):
             w, scale = cpu_weight_codes(w, scale, self.w_half)
         a_scale = None if self.per_token else self.a_scale
         return TwinLinear(w.float() * scale[:, None].float(), self.bias, a_scale, "int", QMAX,
-                          a_zero=None if self.per_token else int(self.a_zero))
+                          a_zero=None if self.per_token else int(self.a_zero), asym_rows=self.per_token and self.asym)
 
     def export_form(self, form: QdqForm) -> nn.Module:
         """The ONNX form: a :class:`QDQLinear` with the same codes (per-token activations have none)."""
@@ -345,10 +395,15 @@ class Int8Linear(ScaledLinear):
         kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
         if not kernel and cpu_path(self.backend, x):
             out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
-                                                           self.per_token, self.w_half, int(self.a_zero))
+                                                           self.per_token, self.w_half, int(self.a_zero),
+                                                           self.per_token and self.asym)
             return out.reshape(*shape[:-1], self.out_features)
-        if self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference (which a
-            # compiled graph fuses into the LayerNorm / GELU before it, so it takes the reference there)
+        rows = None  # per token on asymmetric grids: each row's (128 - zero point) x scale [M]
+        if self.per_token and self.asym:
+            q, s, z = quantize_per_token_asym(x2)
+            rows = (QMAX + 1 - z) * s
+        elif self.per_token:  # codes int8 [M, in], scales fp32 [M]: the Triton kernel or its torch reference (which
+            # a compiled graph fuses into the LayerNorm / GELU before it, so it takes the reference there)
             fused = kernel and not torch.compiler.is_compiling()
             q, s = quantize_per_token(x2, backend="triton" if fused else "torch")
         else:  # the static uint8 grid's codes - 128, as int8; the zero point's share goes into the bias
@@ -359,9 +414,13 @@ class Int8Linear(ScaledLinear):
         if kernel:
             out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, bias, out_dtype=x.dtype,
                             backend="triton")
+            if rows is not None:
+                out = (out.float() + rows[:, None] * self._row_sums()).to(x.dtype)
             return out.reshape(*shape[:-1], self.out_features)
         acc = int_mm(q, self.w_int8.t())
         out = acc.float() * (s[:, None] * self.w_scale)
+        if rows is not None:
+            out = out + rows[:, None] * self._row_sums()
         if bias is not None:
             out = out + bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

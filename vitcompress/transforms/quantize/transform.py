@@ -107,7 +107,7 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     if rng is None:
         if kind == "int8":
             return Int8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device,
-                              backend=cfg.backend), 1.0
+                              backend=cfg.backend, asym=not cfg.a_symmetric), 1.0
         if kind == "fp8":
             return Fp8Linear(m.in_features, m.out_features, m.bias is not None, per_token, m.weight.device,
                              cfg.backend), 1.0
@@ -120,7 +120,7 @@ def _deployed(m: nn.Linear, cfg: QuantConfig, rng: dict[str, tuple[float, float]
     if kind == "int8":
         static = None if cfg.a_symmetric or per_token or "" not in rng else rng[""]
         return Int8Linear.from_linear(m, per_token=per_token, a_absmax=absmax, a_range=static, clip=clip,
-                                      backend=cfg.backend), clip
+                                      backend=cfg.backend, asym=not cfg.a_symmetric), clip
     if hessian is not None:
         w, scale = ops.gptq_quantize(m.weight, hessian, cfg.w_bits, cfg.group, cfg.gptq_damp, act_order=cfg.act_order)
         return WeightOnlyLinear.from_linear(m, cfg.w_bits, cfg.group, weight=w, scale=scale), 1.0
