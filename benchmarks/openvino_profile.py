@@ -60,7 +60,9 @@ BLOCK = re.compile(r"blocks[./_](\d+)")
 def role(exec_type: str, node_type: str, name: str) -> str:
     """What a node does: linear, attention matmul, softmax, norm, elementwise, merge ops, data movement, other."""
     t = node_type
-    if t == "Subgraph" and "/attn/" in name:  # OpenVINO's snippets fuse q.k^T, softmax and A.V into one kernel
+    # OpenVINO's snippets fuse q.k^T, softmax and A.V into one kernel, named after the attention's output transpose
+    # (under /attn/ in timm's own attention; in the block itself where token merging computes it)
+    if t == "Subgraph" and ("/attn/" in name or re.search(r"blocks\.\d+/Transpose_\d+$", name)):
         return "attention (fused)"
     if t in LINEAR or (t == "MatMul" and re.search(r"(qkv|proj|fc1|fc2|head)", name)):
         return "linear"
