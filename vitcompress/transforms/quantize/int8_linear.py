@@ -164,7 +164,7 @@ def packed_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, w_half: torch.Ten
 @torch.library.custom_op("vitcompress::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
                        bias: torch.Tensor | None, per_token: bool, w_half: torch.Tensor | None = None,
-                       a_zero: int = SYMMETRIC_ZERO, asym: bool = False) -> torch.Tensor:
+                       a_zero: torch.Tensor | None = None, asym: bool = False) -> torch.Tensor:
     """The CPU int8 engine torch ships (oneDNN; VNNI / AMX where present): x2 [M, in] -> [M, out] in x2's dtype
     (fp32 or bf16), for int8 weight codes [out, in] with scales [out]. One opaque op, so that a compiled graph
     keeps it whole (its fake implementation gives the shape). oneDNN takes uint8 activations with a zero point:
@@ -186,15 +186,16 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
                                                  torch.float32, "none", [], "").mul_(s)
         return (out if bias is None else out.add_(bias)).to(x2.dtype)
     a = float(a_scale)
-    qx, _ = _to_uint8(x2, a, qmax, a_zero)
+    zero = SYMMETRIC_ZERO if a_zero is None else int(a_zero)  # inside the opaque op: no graph break
+    qx, _ = _to_uint8(x2, a, qmax, zero)
     out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
     bias = None if bias is None else bias.to(out_dtype)
-    return torch.ops.onednn.qlinear_pointwise(qx, a, a_zero, packed, ws, zeros, bias, 1.0, 0,
+    return torch.ops.onednn.qlinear_pointwise(qx, a, zero, packed, ws, zeros, bias, 1.0, 0,
                                               out_dtype, "none", [], "").to(x2.dtype)
 
 
 @onednn_int8_linear.register_fake
-def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None, a_zero=SYMMETRIC_ZERO, asym=False):  # noqa: ANN001
+def _(x2, w_int8, w_scale, a_scale, bias, per_token, w_half=None, a_zero=None, asym=False):  # noqa: ANN001
     return x2.new_empty(x2.shape[0], w_int8.shape[0])
 
 
@@ -299,7 +300,9 @@ class Int8Linear(ScaledLinear):
     Parameter: bias [out] or None.
     """
 
-    _vc_derived_buffers = ("w_half",)  # absent from artifacts before 2026-12-05: rebuilt from the codes on load
+    # absent from older artifacts, rebuilt on load: w_half (before 2026-12-05) from the codes, a_zero (before
+    # 2026-12-08) as the symmetric grid they ran
+    _vc_derived_buffers = ("w_half", "a_zero")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_token: bool = True,
                  device: torch.device | str | None = None, backend: str = "auto", asym: bool = False):
@@ -364,10 +367,7 @@ class Int8Linear(ScaledLinear):
         """The bias of the int8 GEMM's float epilogue on the static grid: codes - 128 run as int8, so the layer's
         bias gains a_scale * w_scale * (128 - a_zero) * (the weight codes' row sums) [out] (0 on the symmetric
         grid)."""
-        shift = QMAX + 1 - int(self.a_zero)
-        if shift == 0:
-            return self.bias
-        extra = self._row_sums() * (shift * self.a_scale)
+        extra = self._row_sums() * ((SYMMETRIC_ZERO - self.a_zero) * self.a_scale)  # + 0.0 is exact when symmetric
         return extra if self.bias is None else self.bias + extra
 
     def gradient_twin(self) -> nn.Module:
@@ -395,7 +395,7 @@ class Int8Linear(ScaledLinear):
         kernel = runs_kernel(self.backend, x, shape=("int8", x2.shape[0], self.out_features, self.in_features))
         if not kernel and cpu_path(self.backend, x):
             out = torch.ops.vitcompress.onednn_int8_linear(x2, self.w_int8, self.w_scale, self.a_scale, self.bias,
-                                                           self.per_token, self.w_half, int(self.a_zero),
+                                                           self.per_token, self.w_half, self.a_zero,
                                                            self.per_token and self.asym)
             return out.reshape(*shape[:-1], self.out_features)
         rows = None  # per token on asymmetric grids: each row's (128 - zero point) x scale [M]
@@ -408,8 +408,10 @@ class Int8Linear(ScaledLinear):
             q, s = quantize_per_token(x2, backend="triton" if fused else "torch")
         else:  # the static uint8 grid's codes - 128, as int8; the zero point's share goes into the bias
             s = self.a_scale.expand(x2.shape[0])
-            z = int(self.a_zero)
-            q = (torch.round(x2.float() / self.a_scale) + z).clamp(lowest_code(z), 255).sub(QMAX + 1).to(torch.int8)
+            z = self.a_zero  # tensor ops only (a compiled graph must not read it back): lowest code 1 when symmetric
+            low = (z == SYMMETRIC_ZERO).float()
+            q = torch.maximum((torch.round(x2.float() / self.a_scale) + z).clamp(max=255), low)
+            q = q.sub(QMAX + 1).to(torch.int8)
         bias = self.bias if self.per_token else self._static_bias()
         if kernel:
             out = int8_gemm(q, self.w_int8.t(), s.contiguous(), self.w_scale, bias, out_dtype=x.dtype,
