@@ -104,3 +104,14 @@ def test_params_count_every_stored_weight_whatever_its_dtype(tiny_model):
     dense = count_params(tiny_model)
     compress_(tiny_model, QuantConfig(mode="deploy"), calib=_calib(tiny_model))
     assert count_params(tiny_model) == dense  # int8 codes count as the weights they are
+
+
+def test_the_activation_grid_benchmark_runs_on_a_tiny_model(tmp_path, trained_artifact):
+    import json
+
+    from benchmarks.activation_grids import main
+
+    main(["--model", str(trained_artifact), "--data", "digits", "--images", "32", "--calib-size", "8",
+          "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "activation_grids.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["logit_rel_l2_%"] > 0 for r in rows)
