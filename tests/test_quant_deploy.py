@@ -16,7 +16,7 @@ from vitcompress.kernels import fp8_gemm as f8
 from vitcompress.kernels.int8_gemm import quantize_per_token_ref
 from vitcompress.models import data_config
 from vitcompress.transforms import QuantConfig
-from vitcompress.transforms.quantize import int8_linear, ops
+from vitcompress.transforms.quantize import act_codes, int8_linear, ops
 from vitcompress.transforms.quantize.lowbit_linear import Fp8Linear, WeightOnlyLinear, pack_int4, unpack_int4
 from vitcompress.transforms.quantize.qdq import halve_codes, unpack_bits
 
@@ -182,12 +182,12 @@ def test_cpu_int8_leaves_the_input_alone_and_blocks_match_whole(monkeypatch):
     """The blocked activation quantizer never writes into an fp32 input and gives the codes of one whole pass."""
     x = torch.randn(37, 96) * 3
     keep = x.clone()
-    monkeypatch.setattr(int8_linear, "CHUNK", 96 * 5)  # 5 rows per block: several blocks and a ragged last one
-    q, s = int8_linear._to_uint8(x, None)
+    monkeypatch.setattr(act_codes, "CHUNK", 96 * 5)  # 5 rows per block: several blocks and a ragged last one
+    q, s = act_codes.to_uint8(x, None)
     assert torch.equal(x, keep)
     ref, ref_s = quantize_per_token_ref(x)
     assert torch.equal(q.int() - 128, ref.int()) and torch.equal(s[:, 0], ref_s)
-    q, _ = int8_linear._to_uint8(x.bfloat16(), 0.05)
+    q, _ = act_codes.to_uint8(x.bfloat16(), 0.05)
     assert torch.equal(q.int() - 128, torch.round(x.bfloat16().float() / 0.05).clamp(-127, 127).int())
 
 

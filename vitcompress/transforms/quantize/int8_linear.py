@@ -19,10 +19,10 @@ from ...errors import ConfigError
 from ...kernels._triton import runs_kernel
 from ...kernels.int8_gemm import int8_gemm, int_mm, quantize_per_token
 from . import ops
+from .act_codes import QMAX, SYMMETRIC_ZERO, lowest_code, quantize_per_token_asym, row_grid, to_uint8, to_uint8_rows
 from .qdq import QdqForm, half_bits, halve_codes, qdq_linear, unpack_bits
 from .qdq import pack_bits as qdq_pack
 
-QMAX = 127
 # torch's CPU int8 engine (oneDNN: VNNI / AMX kernels, prepacked weights); torch._int_mm on a CPU is a slow
 # reference loop (18x slower than fp32 on ViT-B), so backend auto on a CPU runs oneDNN wherever this torch has it,
 # and backend torch the reference (the one kernel preference decides; see ``cpu_path``)
@@ -37,78 +37,6 @@ ONEDNN_EXACT = onednn_int8_exact()
 # Prepacked weights, outside the modules (an opaque oneDNN tensor must not reach deepcopy, state_dict or a traced
 # graph): {(data_ptr, shape, version, 7-bit mode): (weakref to the int8 weight, packed, zero points, scales)}
 _PACKED: dict[tuple, tuple] = {}
-
-SYMMETRIC_ZERO = QMAX + 1  # the static grid's zero point that stands for the symmetric grid (codes 1..255 = +-127)
-
-
-def lowest_code(zero: int) -> int:
-    """The lowest uint8 code of a static grid: 1 on the symmetric one (+-127, as before zero points were stored and
-    as the per-token path), 0 on an asymmetric one."""
-    return 1 if zero == SYMMETRIC_ZERO else 0
-
-
-CHUNK = 1 << 18  # elements per row block of the activation quantizer: its float temporaries stay in cache
-
-
-def _to_uint8(x: torch.Tensor, scale: float | None, qmax: int = QMAX, zero: int = SYMMETRIC_ZERO,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (uint8 codes [M, K], per-row scales fp32 [M, 1] when ``scale`` is None).
-
-    Per row (``scale`` None): symmetric, round half to even, clamped to +-qmax and shifted by qmax + 1: at qmax 127
-    the codes of ``quantize_per_token_ref``; qmax 63 is the 7-bit grid of CPUs without VNNI. Static (one
-    ``scale``): round(x / scale) + ``zero``, clamped to [:func:`lowest_code`, 255] (zero 128: the symmetric grid).
-    Done in row blocks:
-    on whole [M, K] tensors the four elementwise passes go to memory (ViT-B fc2 at batch 16: 51 ms, against 9 ms
-    in blocks)."""
-    out = torch.empty(x.shape, dtype=torch.uint8)
-    scales = None if scale is not None else torch.empty(x.shape[0], 1)
-    rows = max(1, CHUNK // max(1, x.shape[1]))
-    own = x.dtype != torch.float32  # .float() made a copy we may overwrite; an fp32 input is the caller's
-    for i in range(0, x.shape[0], rows):
-        xi = x[i:i + rows].float()
-        if scale is None:
-            scales[i:i + rows] = si = xi.abs().amax(1, keepdim=True).clamp_min_(ops.EPS).div_(qmax)
-        else:
-            si = scale
-        xi = xi.div_(si) if own else xi.div(si)
-        if scale is None:
-            out[i:i + rows] = xi.round_().clamp_(-qmax, qmax).add_(qmax + 1)
-        else:
-            out[i:i + rows] = xi.round_().add_(zero).clamp_(lowest_code(zero), 255)
-    return out, scales
-
-
-def _to_uint8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (uint8 codes [M, K], scales fp32 [M, 1], zero points fp32 [M, 1]): each row on the uint8 grid over
-    its own range (widened to hold 0), as :func:`quantize_per_token_asym`; in row blocks like :func:`_to_uint8`."""
-    out = torch.empty(x.shape, dtype=torch.uint8)
-    scales, zeros = torch.empty(x.shape[0], 1), torch.empty(x.shape[0], 1)
-    rows = max(1, CHUNK // max(1, x.shape[1]))
-    own = x.dtype != torch.float32  # .float() made a copy we may overwrite; an fp32 input is the caller's
-    for i in range(0, x.shape[0], rows):
-        xi = x[i:i + rows].float()
-        si, zi = _row_grid(xi)
-        scales[i:i + rows], zeros[i:i + rows] = si, zi
-        out[i:i + rows] = (xi.div_(si) if own else xi.div(si)).round_().add_(zi).clamp_(0, 255)
-    return out, scales, zeros
-
-
-def _row_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of x [M, K]: (scale [M, 1], zero point [M, 1]) of the uint8 grid over [min(lo, 0), max(hi, 0)]."""
-    lo, hi = x.amin(1, keepdim=True).clamp_max(0), x.amax(1, keepdim=True).clamp_min(0)
-    s = (hi - lo).clamp_min(ops.EPS) / 255
-    return s, torch.round(-lo / s).clamp_(0, 255)
-
-
-def quantize_per_token_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes - 128 as int8 [M, K], scales fp32 [M], zero points fp32 [M]): each row on its own uint8
-    grid (scale (hi - lo) / 255, zero point round(-lo / scale)), round half to even. The int8 GEMM multiplies the
-    codes - 128; each row's zero point then adds (128 - z) x the weight codes' row sums."""
-    xf = x.float()
-    s, z = _row_grid(xf)
-    q = (torch.round(xf / s) + z).clamp(0, 255).sub(SYMMETRIC_ZERO).to(torch.int8)
-    return q, s[:, 0], z[:, 0]
-
 
 def _weight_key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), tuple(w.shape), -1 if w.is_inference() else w._version)  # inference: no version counter
@@ -175,19 +103,19 @@ def onednn_int8_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
     packed, zeros, ws, sums = packed_weight(w_int8, w_scale, w_half)
     qmax = QMAX
     if per_token and asym:  # oneDNN takes one zero point: 128, and each row's own adds (128 - z) x the row sums
-        qx, s, z = _to_uint8_rows(x2)
+        qx, s, z = to_uint8_rows(x2)
         out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, SYMMETRIC_ZERO, packed, ws, zeros, None, 1.0, 0,
                                                  torch.float32, "none", [], "")
         out.add_((SYMMETRIC_ZERO - z) * sums).mul_(s)
         return (out if bias is None else out.add_(bias)).to(x2.dtype)
     if per_token:
-        qx, s = _to_uint8(x2, None, qmax)
+        qx, s = to_uint8(x2, None, qmax)
         out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, qmax + 1, packed, ws, zeros, None, 1.0, 0,
                                                  torch.float32, "none", [], "").mul_(s)
         return (out if bias is None else out.add_(bias)).to(x2.dtype)
     a = float(a_scale)
     zero = SYMMETRIC_ZERO if a_zero is None else int(a_zero)  # inside the opaque op: no graph break
-    qx, _ = _to_uint8(x2, a, qmax, zero)
+    qx, _ = to_uint8(x2, a, qmax, zero)
     out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
     bias = None if bias is None else bias.to(out_dtype)
     return torch.ops.onednn.qlinear_pointwise(qx, a, zero, packed, ws, zeros, bias, 1.0, 0,
@@ -231,7 +159,7 @@ class TwinLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.kind == "int" and self.a_scale is None and self.asym_rows:
-            s, z = _row_grid(x.reshape(-1, x.shape[-1]))
+            s, z = row_grid(x.reshape(-1, x.shape[-1]))
             s, z = s.reshape(*x.shape[:-1], 1), z.reshape(*x.shape[:-1], 1)
             rounded = (torch.round(x / s) + z).clamp(0, 255).sub(z) * s
         elif self.kind == "int":
