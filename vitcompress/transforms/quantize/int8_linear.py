@@ -239,7 +239,7 @@ class Int8Linear(ScaledLinear):
         self.register_buffer("w_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_half", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8,
                                                    device=device))
-        self.register_buffer("a_zero", torch.tensor(QMAX + 1, dtype=torch.int32, device=device))
+        self.register_buffer("a_zero", torch.tensor(SYMMETRIC_ZERO, dtype=torch.int32, device=device))
 
     def _codes(self) -> torch.Tensor:
         return self.w_int8
@@ -253,7 +253,7 @@ class Int8Linear(ScaledLinear):
             even = torch.round(codes.float() / 2) > torch.floor(codes.float() / 2)
             state_dict[prefix + "w_half"] = qdq_pack(even)
         if codes is not None and prefix + "a_zero" not in state_dict:  # before 2026-12-08: the symmetric grid
-            state_dict[prefix + "a_zero"] = torch.tensor(QMAX + 1, dtype=torch.int32)
+            state_dict[prefix + "a_zero"] = torch.tensor(SYMMETRIC_ZERO, dtype=torch.int32)
         _forget_packed(getattr(self, "w_int8", None))  # new weights: repack on the next call
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -278,11 +278,10 @@ class Int8Linear(ScaledLinear):
         mod.w_scale.copy_(scale[:, 0])
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach().float())
-        if a_range is not None:
-            lo, hi = min(float(a_range[0]), 0.0), max(float(a_range[1]), 0.0)
-            scale = max(hi - lo, ops.EPS) / 255
-            mod.a_scale.fill_(scale)
-            mod.a_zero.fill_(min(max(round(-lo / scale), 0), 255))
+        if a_range is not None:  # the same grid a per-token row gets from its own range
+            a_scale, a_zero = row_grid(torch.tensor([[float(a_range[0]), float(a_range[1])]]))
+            mod.a_scale.fill_(float(a_scale))
+            mod.a_zero.fill_(int(a_zero))
         elif a_absmax is not None:
             mod.a_scale.fill_(max(a_absmax, ops.EPS) / QMAX)
         return mod
